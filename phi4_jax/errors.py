@@ -1,0 +1,21 @@
+"""The typed errors phi4_jax raises, so callers (and command lines) can tell bad input apart."""
+
+
+class Phi4Error(Exception):
+    """Base class of every error phi4_jax raises on purpose."""
+
+
+class ConfigError(Phi4Error, ValueError):
+    """A config.json (or config dict) that phi4_jax cannot honour; names the field."""
+
+
+class CheckpointError(Phi4Error):
+    """A model folder whose weights are missing, corrupt, or do not fit its config; names the file."""
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """The model path (or a file it needs, such as config.json or a shard) does not exist."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The folder only holds pickle weights (`pytorch_model.bin`), which phi4_jax never unpickles."""

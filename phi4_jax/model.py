@@ -1,0 +1,175 @@
+"""The Phi-3/Phi-4 causal LM in Flax NNX: RMSNorm, GQA attention, MLP, decoder layer, LM head.
+
+Parameter names follow Hugging Face's `Phi3ForCausalLM`. A parameter called `weight` has HF's
+layout; a `kernel` is laid out `(inputs..., outputs...)` with heads as their own axis (the fused
+`qkv_proj` / `gate_up_proj` are split into separate kernels). weights.py maps one onto the other.
+Every parameter carries the logical axis names of its dimensions in `axes`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phi4_jax.attention import attend, causal_mask
+from phi4_jax.config import Phi4Config
+from phi4_jax.rope import apply_rope, rope_tables
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU (XLA:CPU runs bf16 matmuls far slower), bfloat16 on GPU and TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class Linear(nnx.Module):
+    """A bias-free projection `einsum(spec, x, kernel)`; the kernel's axes are named in `axes`."""
+
+    def __init__(self, spec: str, shape, axes, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype):
+        init = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+        self.kernel = nnx.Param(init.astype(param_dtype), axes=axes)
+        self.spec = spec
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum(self.spec, x, self.kernel[...].astype(self.dtype))
+
+
+class VocabTable(nnx.Module):
+    """A `[vocab, embed]` table (HF layout): looks up token embeddings, or scores hidden states."""
+
+    def __init__(self, vocab: int, embed: int, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype):
+        init = stddev * jax.random.normal(rngs.params(), (vocab, embed), jnp.float32)
+        self.weight = nnx.Param(init.astype(param_dtype), axes=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self.weight[...][input_ids].astype(self.dtype)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        # einsum against the (vocab, embed) table: `h @ table.T` makes XLA copy a transpose.
+        return jnp.einsum("bte,ve->btv", h, self.weight[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32, back to the input dtype, *then* scale by w (not 1 + w).
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
+        e, n, kv, d = (config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, config.head_dim)
+        kw.update(rngs=rngs, stddev=config.initializer_range)
+        self.q_proj = Linear("bte,end->btnd", (e, n, d), ("embed", "q_heads", "head_dim"), **kw)
+        self.k_proj = Linear("bte,ekd->btkd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
+
+    def __call__(self, x, cos, sin, mask):
+        q = apply_rope(self.q_proj(x), cos, sin)
+        k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
+        return self.o_proj(attend(q, k, self.v_proj(x), mask))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
+        e, i = config.hidden_size, config.intermediate_size
+        kw.update(rngs=rngs, stddev=config.initializer_range)
+        self.gate_proj = Linear("bte,ei->bti", (e, i), ("embed", "mlp"), **kw)
+        self.up_proj = Linear("bte,ei->bti", (e, i), ("embed", "mlp"), **kw)
+        self.down_proj = Linear("bti,ie->bte", (i, e), ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(self.up_proj(x) * jax.nn.silu(self.gate_proj(x)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, rngs=rngs, **kw)
+
+    def __call__(self, h, cos, sin, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi4Model(nnx.Module):
+    """The decoder stack: embeddings, layers, final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
+        self.embed_tokens = VocabTable(config.vocab_size, config.hidden_size, rngs=rngs,
+                                       stddev=config.initializer_range, **kw)
+        # One module (own arrays) per layer, looped in Python so jit unrolls it: slicing stacked
+        # (layers, ...) weights in a scan copies every layer every step on XLA.
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, **kw)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.config = config
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(self.config, positions)
+        mask = causal_mask(positions, positions, self.config.window)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+
+class Phi4ForCausalLM(nnx.Module):
+    """Phi-3/Phi-4 causal LM; `model(input_ids)` gives `[batch, seq, vocab]` logits.
+
+    Args:
+      config: the hyper-parameters.
+      rngs: initialises the (random) parameters; loading replaces them.
+      param_dtype: storage dtype of the parameters (default: the backend's, see `default_dtype`).
+      dtype: compute dtype of activations (default: `param_dtype`). Norm statistics, rotary
+        angles and softmax are float32 whatever it is.
+    """
+
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, param_dtype=None, dtype=None):
+        param_dtype = jnp.dtype(param_dtype or default_dtype())
+        kw = dict(param_dtype=param_dtype, dtype=jnp.dtype(dtype or param_dtype))
+        self.model = Phi4Model(config, rngs=rngs, **kw)
+        if not config.tie_word_embeddings:
+            self.lm_head = VocabTable(config.vocab_size, config.hidden_size, rngs=rngs,
+                                      stddev=config.initializer_range, **kw)
+        self.config = config
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits `[batch, seq, vocab]` (compute dtype) for int `input_ids` `[batch, seq]`.
+
+        `positions` `[batch, seq]` default to 0..seq-1 in every row.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        h = self.model(input_ids, positions)
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return head.logits(h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
+            positions: jax.Array | None = None) -> jax.Array:
+    """The jitted forward as a pure function of split model state: `nnx.split(model)` once, then
+    call this as often as needed (far less dispatch overhead than `nnx.jit` per call)."""
+    return nnx.merge(graphdef, state)(input_ids, positions)
+
+
+def abstract_model(config: Phi4Config, param_dtype=None, dtype=None) -> Phi4ForCausalLM:
+    """The model with `ShapeDtypeStruct`s for parameters: shapes and dtypes, no memory."""
+    return nnx.eval_shape(lambda: Phi4ForCausalLM(
+        config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))

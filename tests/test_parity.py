@@ -1,0 +1,131 @@
+"""Logits of phi4_jax.load(folder) against transformers' Phi3ForCausalLM (float32, eager)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from flax import nnx
+
+import phi4_jax
+from conftest import TINY_SHAPES
+
+TOL = 1e-4  # max |Δlogit|, float32
+BATCH = 2
+
+
+def hf_logits(hf_model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(ids).long()).logits.numpy()
+
+
+def our_logits(model, ids: np.ndarray) -> np.ndarray:
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(model(ids.astype(np.int32)))
+
+
+def random_ids(seq_len: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(BATCH, seq_len))
+
+
+# (shape, sequence length): longrope shapes below and above original_max_position_embeddings (16),
+# the sliding-window shape past its window (7).
+CASES = [("phi-4", 24), ("phi-4-mini", 12), ("phi-4-mini", 40), ("phi-3.5-mini", 16),
+         ("phi-3.5-mini", 17), ("phi-3.5-mini", 40), ("phi-3-mini-4k", 24)]
+
+
+@pytest.mark.parametrize("shape,seq_len", CASES)
+def test_logits_match_transformers(tiny_checkpoint, shape, seq_len):
+    folder, hf_model = tiny_checkpoint(shape)
+    model, _ = phi4_jax.load(folder, dtype="float32")
+    ids = random_ids(seq_len)
+    got = our_logits(model, ids)
+    want = hf_logits(hf_model, ids)
+    assert got.shape == want.shape == (BATCH, seq_len, 256)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # Logits of this size make the tolerance meaningful: a wrong detail moves them by far more.
+    assert np.abs(want).max() > 1.0
+
+
+@pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
+def test_jitted_forward_matches_eager(tiny_checkpoint, shape):
+    model, _ = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32")
+    ids = random_ids(20, seed=1).astype(np.int32)
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision("highest"):
+        jitted = phi4_jax.forward(graphdef, state, ids)
+    np.testing.assert_allclose(np.asarray(jitted), our_logits(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
+def test_explicit_positions_are_the_default(tiny_checkpoint, shape):
+    model, _ = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32")
+    ids = random_ids(9, seed=2).astype(np.int32)
+    positions = np.broadcast_to(np.arange(9, dtype=np.int32), ids.shape)
+    np.testing.assert_array_equal(np.asarray(model(ids, positions)), np.asarray(model(ids)))
+
+
+def _legacy_config(v5: dict) -> dict:
+    """The same config as a pre-v5 transformers release wrote it (`rope_scaling` with `type`,
+    `rope_theta` and `partial_rotary_factor` at the top level)."""
+    legacy = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(v5["rope_parameters"])
+    legacy["rope_theta"] = rope.pop("rope_theta")
+    legacy["partial_rotary_factor"] = rope.pop("partial_rotary_factor", 1.0)
+    rope.pop("original_max_position_embeddings", None)
+    rope_type = rope.pop("rope_type")
+    rope.pop("type", None)
+    legacy["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    legacy["torch_dtype"] = "float32"
+    return legacy
+
+
+@pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
+def test_legacy_dialect_config_gives_identical_logits(tiny_checkpoint, tmp_path, shape):
+    folder, _ = tiny_checkpoint(shape)
+    v5 = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in v5 and "rope_scaling" not in v5  # the file is v5 dialect
+    legacy = _legacy_config(v5)
+    if legacy["rope_scaling"] is not None and shape == "phi-4-mini":
+        legacy["rope_scaling"]["type"] = "su"  # the oldest name of longrope
+    (tmp_path / "config.json").write_text(json.dumps(legacy, indent=2))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    ids = random_ids(40, seed=3)
+    v5_model, _ = phi4_jax.load(folder, dtype="float32")
+    legacy_model, _ = phi4_jax.load(tmp_path, dtype="float32")
+    assert legacy_model.config == v5_model.config
+    np.testing.assert_array_equal(our_logits(legacy_model, ids), our_logits(v5_model, ids))
+
+
+def test_swapped_longrope_factors_break_parity(tiny_checkpoint, tmp_path):
+    """The parity test can fail: using the short factors past the threshold is caught."""
+    folder, hf_model = tiny_checkpoint("phi-4-mini")
+    raw = json.loads((folder / "config.json").read_text())
+    rope = raw["rope_parameters"]
+    rope["long_factor"] = rope["short_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    model, _ = phi4_jax.load(tmp_path, dtype="float32")
+    ids = random_ids(40)
+    assert np.abs(our_logits(model, ids) - hf_logits(hf_model, ids)).max() > 100 * TOL
+
+
+def test_bfloat16_checkpoint_is_cast_on_load(tmp_path):
+    """A bf16 checkpoint loaded as float32 equals transformers running the same bf16 weights in f32."""
+    from conftest import make_hf_model
+
+    hf_model = make_hf_model("phi-4", seed=5)
+    with torch.no_grad():  # round the parameters only (`.to(bf16)` would round rope buffers too)
+        for p in hf_model.parameters():
+            p.copy_(p.bfloat16().float())
+    bf16 = {k: v.bfloat16().contiguous() for k, v in hf_model.state_dict().items()}
+    hf_model.save_pretrained(tmp_path, state_dict=bf16)
+    with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model, _ = phi4_jax.load(tmp_path, dtype="float32")
+    assert jax.tree.leaves(nnx.state(model))[0].dtype == np.float32
+    ids = random_ids(10)
+    np.testing.assert_allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=TOL, rtol=0)
