@@ -1,0 +1,30 @@
+"""The docs say what the code does: README's test command is what CI runs; its table is the results file."""
+
+import json
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_the_readme_test_command():
+    install_and_run, test = readme_commands()[:2]
+    assert "pytest" in test and "pip install" in install_and_run
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test in ci_lines
+    # torch's CPU build must be pinned before the test extra pulls an unpinned torch.
+    assert test.index("torch==2.13.0") < test.index(".[test]")
+
+
+def test_readme_compile_table_is_the_committed_result():
+    record = json.loads((ROOT / "bench" / "results" / "compile.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for row in record["results"]:
+        line = (f"| {row['layers']} | {row['cold_lower_s']:.2f} + {row['cold_compile_s']:.2f} s | "
+                f"{row['warm_lower_s']:.2f} + {row['warm_compile_s']:.2f} s | "
+                f"{row['compile_speedup']:.0f}× | {row['total_speedup']:.1f}× |")
+        assert re.sub(r"\s+", " ", line) in re.sub(r" +", " ", readme), line
