@@ -148,6 +148,8 @@ class Phi4Config:
         except FileNotFoundError:
             raise ModelNotFoundError(f"{path} does not exist; a model folder needs the config.json "
                                      "that came with its weights") from None
+        except OSError as e:
+            raise ConfigError(f"{path} cannot be read: {e}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
@@ -219,21 +221,30 @@ def _fields_from_hf(raw: dict) -> dict:
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         original_max_position_embeddings=original,
         rope_type=_ROPE_TYPE_ALIASES[rope_type],
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-        partial_rotary_factor=float(rope.get("partial_rotary_factor",
-                                             raw.get("partial_rotary_factor", 1.0))),
+        rope_theta=_number(rope, raw, "rope_theta", 10000.0),
+        partial_rotary_factor=_number(rope, raw, "partial_rotary_factor", 1.0),
         rope_short_factor=factors("short_factor"),
         rope_long_factor=factors("long_factor"),
-        rope_factor=rope.get("factor"),
-        rope_attention_factor=rope.get("attention_factor"),
+        rope_factor=_number(rope, {}, "factor", None),
+        rope_attention_factor=_number(rope, {}, "attention_factor", None),
         sliding_window=raw.get("sliding_window"),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rms_norm_eps=_number({}, raw, "rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        initializer_range=float(raw.get("initializer_range", 0.02)),
+        initializer_range=_number({}, raw, "initializer_range", 0.02),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos,
         pad_token_id=raw.get("pad_token_id"),
     )
+
+
+def _number(nested: dict, top: dict, key: str, default):
+    """A float from the nested rope dict, else the top level, else `default`; bad types named."""
+    value = nested.get(key, top.get(key, default))
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 # The released models, as their config.json files give them (legacy dialect; fields that do not

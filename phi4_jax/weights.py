@@ -119,6 +119,13 @@ def tensor_files(folder: str) -> dict[str, str]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path} is not a valid safetensors index "
                                   f"(JSON with a 'weight_map'): {e!r}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: its 'weight_map' "
+                                  "must map tensor names to shard file names")
+        outside = sorted({s for s in weight_map.values() if s in ("", ".", "..") or os.path.basename(s) != s})
+        if outside:
+            raise CheckpointError(f"{index_path} names shard(s) outside its folder: {_some(outside)}; "
+                                  "shards must be plain file names beside the index")
         files = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
         missing = sorted({os.path.basename(p) for p in files.values() if not os.path.exists(p)})
         if missing:
@@ -183,7 +190,7 @@ def read_hf_params(folder: str, config: Phi4Config, dtype) -> Iterator[tuple[str
                         raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
                     if tensor.dtype.name not in FLOAT_DTYPES:
                         raise CheckpointError(f"tensor {name} in {path} has dtype {tensor.dtype}; "
-                                              "phi4_jax reads float16/bfloat16/float32 weights")
+                                              f"phi4_jax reads {'/'.join(FLOAT_DTYPES)} weights")
                     for t in targets:
                         part = tensor if t.rows is None else tensor[t.rows]
                         yield t.path, np.ascontiguousarray(t.layout(part).astype(dtype))

@@ -100,6 +100,9 @@ def _with(name="phi-4-mini", rope=None, **changes):
     (_with(head_dim=64), "head_dim"),
     (_with(sliding_window=0), "sliding_window"),
     (_with(partial_rotary_factor=1.5), "partial_rotary_factor"),
+    (_with(rope_theta="x"), "rope_theta"),
+    (_with(rms_norm_eps=None), "rms_norm_eps"),
+    (_with(rope={"attention_factor": "big"}), "attention_factor"),
     ({k: v for k, v in PRESETS["phi-4"].items() if k != "vocab_size"}, "vocab_size"),
 ])
 def test_invalid_configs_raise_config_error_naming_the_field(raw, field):
@@ -117,6 +120,10 @@ def test_file_errors(tmp_path):
         Phi4Config.from_json(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
+        Phi4Config.from_json(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="cannot be read"):
         Phi4Config.from_json(tmp_path)
     with pytest.raises(ConfigError, match="unknown preset 'phi-5'"):
         Phi4Config.from_preset("phi-5")

@@ -170,6 +170,14 @@ def test_invalid_index(sharded_copy, text):
     load_fails(sharded_copy, CheckpointError, sharded_copy / INDEX)
 
 
+@pytest.mark.parametrize("shard", ["../model-00001-of-00011.safetensors", "/etc/passwd", "", "."])
+def test_index_naming_a_shard_outside_the_folder(sharded_copy, shard):
+    weight_map = _weight_map(sharded_copy)
+    weight_map[NORM] = shard
+    _write_weight_map(sharded_copy, weight_map)
+    load_fails(sharded_copy, CheckpointError, sharded_copy / INDEX, "outside its folder")
+
+
 def test_truncated_shard(sharded_copy):
     shard = sharded_copy / _weight_map(sharded_copy)[NORM]
     data = shard.read_bytes()
