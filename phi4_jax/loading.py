@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.errors import ModelNotFoundError
+from phi4_jax.errors import ConfigError, ModelNotFoundError
 from phi4_jax.model import Phi4ForCausalLM, abstract_model, default_dtype
 from phi4_jax.weights import load_hf_params
 
@@ -30,9 +30,22 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
     if not os.path.isdir(folder):
         raise ModelNotFoundError(f"{folder} is not a folder; pass a Hugging Face model folder "
                                  "(config.json and model*.safetensors)")
+    dtype = _float_dtype(dtype)
     config = Phi4Config.from_json(folder)
-    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     graphdef, abstract = nnx.split(abstract_model(config, param_dtype=dtype))
     params = load_hf_params(folder, config, nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), None
+
+
+def _float_dtype(dtype) -> jnp.dtype:
+    if dtype is None:
+        return jnp.dtype(default_dtype())
+    given = dtype
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(f"dtype={given!r} is not a floating-point type; use e.g. 'float32' or 'bfloat16'")
+    return dtype

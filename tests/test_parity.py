@@ -129,3 +129,21 @@ def test_bfloat16_checkpoint_is_cast_on_load(tmp_path):
     assert jax.tree.leaves(nnx.state(model))[0].dtype == np.float32
     ids = random_ids(10)
     np.testing.assert_allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=TOL, rtol=0)
+
+
+def test_bfloat16_parameters_and_compute(tiny_checkpoint):
+    """dtype="bfloat16": parameters and logits in bf16, close to the float32 run."""
+    folder, _ = tiny_checkpoint("phi-4-mini")
+    model, _ = phi4_jax.load(folder, dtype=jax.numpy.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model))} == {np.dtype(jax.numpy.bfloat16)}
+    ids = random_ids(12)
+    got = model(ids.astype(np.int32))
+    assert got.dtype == jax.numpy.bfloat16
+    want = our_logits(phi4_jax.load(folder, dtype="float32")[0], ids)
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.1 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float8", "nonsense", bool])
+def test_non_float_dtype_is_refused(tiny_checkpoint, dtype):
+    with pytest.raises(phi4_jax.ConfigError, match="floating-point"):
+        phi4_jax.load(tiny_checkpoint("phi-4")[0], dtype=dtype)
