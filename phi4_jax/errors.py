@@ -19,3 +19,11 @@ class ModelNotFoundError(CheckpointError, FileNotFoundError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The folder only holds pickle weights (`pytorch_model.bin`), which phi4_jax never unpickles."""
+
+
+class OutputExistsError(Phi4Error, FileExistsError):
+    """The output folder exists and overwriting it was not asked for."""
+
+
+class OutOfResourcesError(Phi4Error):
+    """Not enough disk space or memory to finish; nothing partial is left behind."""

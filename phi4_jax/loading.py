@@ -1,4 +1,4 @@
-"""`load(path)`: a model folder in, a ready model (and tokenizer) out."""
+"""`load(path)`: a model folder (Hugging Face or converted Orbax) in, a ready model (and tokenizer) out."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
+from phi4_jax import checkpoint
 from phi4_jax.config import Phi4Config
-from phi4_jax.errors import ConfigError, ModelNotFoundError
+from phi4_jax.errors import ConfigError
+from phi4_jax.hub import resolve
 from phi4_jax.model import Phi4ForCausalLM, abstract_model, default_dtype
 from phi4_jax.weights import load_hf_params
 
 
 def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
-    """Loads a Hugging Face model folder (config.json + safetensors weights).
+    """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
+    `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache.
 
     Args:
-      path: the folder.
+      path: the folder or repo id.
       dtype: parameter and compute dtype, a name such as "float32" or a jnp dtype; None picks the
         backend's default (float32 on CPU, bfloat16 on GPU/TPU). Weights are cast as they are read.
     Returns:
@@ -26,14 +29,14 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
       ModelNotFoundError, ConfigError, CheckpointError (all `phi4_jax.errors.Phi4Error`), naming
       the file at fault.
     """
-    folder = os.fspath(path)
-    if not os.path.isdir(folder):
-        raise ModelNotFoundError(f"{folder} is not a folder; pass a Hugging Face model folder "
-                                 "(config.json and model*.safetensors)")
     dtype = _float_dtype(dtype)
+    folder = resolve(path).folder
     config = Phi4Config.from_json(folder)
     graphdef, abstract = nnx.split(abstract_model(config, param_dtype=dtype))
-    params = load_hf_params(folder, config, nnx.to_pure_dict(abstract))
+    if checkpoint.is_orbax_folder(folder):
+        params = checkpoint.restore_params(folder, nnx.to_pure_dict(abstract))
+    else:
+        params = load_hf_params(folder, config, nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -28,77 +29,83 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Files that only a pickle loader can read: never opened (unpickling runs arbitrary code).
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+SAFETENSORS_FLOATS = {"F16": np.dtype("float16"), "BF16": np.dtype("bfloat16"),
+                      "F32": np.dtype("float32"), "F64": np.dtype("float64")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How HF `[out, in]` rows become one of our parameters, and back."""
+
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Layout(lambda w: w, lambda p: p)
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Where (part of) an HF tensor goes: our parameter path, the HF rows it takes, and how the
-    `[out, in]` rows are laid out as our kernel."""
+    """One of our parameters made from consecutive rows of an HF tensor (all rows if `rows` is None)."""
 
     path: str
-    rows: slice | None
-    layout: Callable[[np.ndarray], np.ndarray]
+    rows: int | None
+    layout: Layout
 
 
-def _layer_table(c: Phi4Config) -> dict[str, list[Target]]:
+def _layer_table(c: Phi4Config) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+    """Per-layer HF tensors: name -> (HF shape, the parameters its rows become, in row order)."""
     e, n, kv, d, i = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                       c.intermediate_size)
-    q_rows, kv_rows = n * d, kv * d
+    transpose = Layout(lambda w: w.T, lambda p: p.T)  # [out, in] <-> [in, out]
 
-    def in_heads(heads):  # [heads*d, e] -> [e, heads, d]
-        return lambda w: w.T.reshape(e, heads, d)
+    def in_heads(heads):  # [heads*d, e] <-> [e, heads, d]
+        return Layout(lambda w: w.T.reshape(e, heads, d), lambda p: p.reshape(e, heads * d).T)
 
-    def transpose(w):  # [out, in] -> [in, out]
-        return w.T
-
-    def same(w):
-        return w
-
+    out_heads = Layout(lambda w: w.T.reshape(n, d, e), lambda p: p.reshape(n * d, e).T)  # [e, n*d] <-> [n, d, e]
     return {
-        "self_attn.qkv_proj.weight": [
-            Target("self_attn.q_proj.kernel", slice(0, q_rows), in_heads(n)),
-            Target("self_attn.k_proj.kernel", slice(q_rows, q_rows + kv_rows), in_heads(kv)),
-            Target("self_attn.v_proj.kernel", slice(q_rows + kv_rows, q_rows + 2 * kv_rows), in_heads(kv)),
-        ],
-        "self_attn.o_proj.weight": [  # [e, n*d] -> [n, d, e]
-            Target("self_attn.o_proj.kernel", None, lambda w: w.T.reshape(n, d, e))],
-        "mlp.gate_up_proj.weight": [
-            Target("mlp.gate_proj.kernel", slice(0, i), transpose),
-            Target("mlp.up_proj.kernel", slice(i, 2 * i), transpose),
-        ],
-        "mlp.down_proj.weight": [Target("mlp.down_proj.kernel", None, transpose)],
-        "input_layernorm.weight": [Target("input_layernorm.weight", None, same)],
-        "post_attention_layernorm.weight": [Target("post_attention_layernorm.weight", None, same)],
+        "self_attn.qkv_proj.weight": (((n + 2 * kv) * d, e), [
+            Target("self_attn.q_proj.kernel", n * d, in_heads(n)),
+            Target("self_attn.k_proj.kernel", kv * d, in_heads(kv)),
+            Target("self_attn.v_proj.kernel", kv * d, in_heads(kv)),
+        ]),
+        "self_attn.o_proj.weight": ((e, n * d), [Target("self_attn.o_proj.kernel", None, out_heads)]),
+        "mlp.gate_up_proj.weight": ((2 * i, e), [
+            Target("mlp.gate_proj.kernel", i, transpose),
+            Target("mlp.up_proj.kernel", i, transpose),
+        ]),
+        "mlp.down_proj.weight": ((e, i), [Target("mlp.down_proj.kernel", None, transpose)]),
+        "input_layernorm.weight": ((e,), [Target("input_layernorm.weight", None, SAME)]),
+        "post_attention_layernorm.weight": ((e,), [Target("post_attention_layernorm.weight", None, SAME)]),
     }
 
 
 def hf_tensors(config: Phi4Config) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
-    """Every tensor an HF checkpoint of `config` holds: name -> (shape, where it goes)."""
+    """Every tensor an HF checkpoint of `config` holds, in HF's order: name -> (shape, targets)."""
     c = config
-    e, d = c.hidden_size, c.head_dim
-    layer_shapes = {
-        "self_attn.qkv_proj.weight": ((c.num_attention_heads + 2 * c.num_key_value_heads) * d, e),
-        "self_attn.o_proj.weight": (e, c.num_attention_heads * d),
-        "mlp.gate_up_proj.weight": (2 * c.intermediate_size, e),
-        "mlp.down_proj.weight": (e, c.intermediate_size),
-        "input_layernorm.weight": (e,),
-        "post_attention_layernorm.weight": (e,),
-    }
-    table = _layer_table(c)
-    same = lambda w: w  # noqa: E731
-    tensors = {
-        "model.embed_tokens.weight": ((c.vocab_size, e), [Target("model.embed_tokens.weight", None, same)]),
-        "model.norm.weight": ((e,), [Target("model.norm.weight", None, same)]),
-    }
-    if not c.tie_word_embeddings:
-        tensors["lm_head.weight"] = ((c.vocab_size, e), [Target("lm_head.weight", None, same)])
+    table = {"model.embed_tokens.weight": ((c.vocab_size, c.hidden_size), [Target("model.embed_tokens.weight", None, SAME)])}
     for layer in range(c.num_hidden_layers):
         prefix = f"model.layers.{layer}."
-        for name, targets in table.items():
-            tensors[prefix + name] = (layer_shapes[name], [
-                dataclasses.replace(t, path=prefix + t.path) for t in targets])
-    return tensors
+        for name, (shape, targets) in _layer_table(c).items():
+            table[prefix + name] = (shape, [dataclasses.replace(t, path=prefix + t.path) for t in targets])
+    table["model.norm.weight"] = ((c.hidden_size,), [Target("model.norm.weight", None, SAME)])
+    if not c.tie_word_embeddings:
+        table["lm_head.weight"] = ((c.vocab_size, c.hidden_size), [Target("lm_head.weight", None, SAME)])
+    return table
+
+
+def split_hf_tensor(tensor: np.ndarray, targets: list[Target]) -> dict[str, np.ndarray]:
+    """An HF tensor's rows as our parameters (views where the layout allows)."""
+    if len(targets) == 1:
+        return {targets[0].path: targets[0].layout.to_ours(tensor)}
+    bounds = np.cumsum([t.rows for t in targets])[:-1]
+    return {t.path: t.layout.to_ours(rows) for t, rows in zip(targets, np.split(tensor, bounds))}
+
+
+def fuse_hf_tensor(params: dict[str, np.ndarray], targets: list[Target]) -> np.ndarray:
+    """The inverse of `split_hf_tensor`: our parameters back into one HF tensor."""
+    parts = [t.layout.to_hf(params[t.path]) for t in targets]
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
 
 
 def _ignorable(name: str, config: Phi4Config) -> bool:
@@ -153,9 +160,24 @@ def _open(path: str):
                               f"download?): {e}") from None
 
 
-def read_hf_params(folder: str, config: Phi4Config, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Streams `(our parameter path, host array in dtype)` pairs from an HF folder, one source
-    tensor at a time, after checking that the tensor names and shapes are exactly the config's."""
+@dataclasses.dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of an HF checkpoint, as its file's header describes it."""
+
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    targets: list[Target]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def inspect_hf(folder: str, config: Phi4Config) -> list[SourceTensor]:
+    """Reads the safetensors headers (no weights) and checks that the tensors are exactly the
+    config's: names, shapes and float dtypes. Returns them grouped by file, in HF order within each."""
     files = tensor_files(folder)
     expected = hf_tensors(config)
     missing = sorted(set(expected) - set(files))
@@ -170,32 +192,47 @@ def read_hf_params(folder: str, config: Phi4Config, dtype) -> Iterator[tuple[str
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
+    sources = []
+    for path, names in sorted(by_file.items()):
+        with _open(path) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path} does not hold tensor {name}, although "
+                                          f"{INDEX_FILE} says it does")
+                shape, targets = expected[name]
+                header = f.get_slice(name)
+                found = tuple(header.get_shape())
+                if found != shape:
+                    raise CheckpointError(f"tensor {name} in {path} has shape {found}; "
+                                          f"config.json implies {shape}")
+                dtype = SAFETENSORS_FLOATS.get(header.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"tensor {name} in {path} has dtype {header.get_dtype()}; "
+                                          f"phi4_jax reads {'/'.join(SAFETENSORS_FLOATS)} weights")
+                sources.append(SourceTensor(name, path, shape, dtype, targets))
+    return sources
+
+
+def read_hf_params(sources: list[SourceTensor], dtype, progress: bool = True,
+                   ) -> Iterator[tuple[SourceTensor, dict[str, np.ndarray]]]:
+    """Streams the tensors `inspect_hf` found, one at a time, as `(source, {our path: host array
+    in dtype})`; only one source tensor (and its parts) is held at once."""
     dtype = np.dtype(dtype)
-    with tqdm(total=len(expected), desc="Loading weights", unit="tensor", disable=None) as bar:
-        for path, names in sorted(by_file.items()):
+    with tqdm(total=sum(s.nbytes for s in sources), desc="Reading weights", unit="B",
+              unit_scale=True, disable=None if progress else True) as bar:
+        for path, group in itertools.groupby(sources, key=lambda s: s.file):
             with _open(path) as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{path} does not hold tensor {name}, although "
-                                              f"{INDEX_FILE} says it does")
-                    shape, targets = expected[name]
-                    found = tuple(f.get_slice(name).get_shape())
-                    if found != shape:
-                        raise CheckpointError(f"tensor {name} in {path} has shape {found}; "
-                                              f"config.json implies {shape}")
+                for source in group:
                     try:
-                        tensor = f.get_tensor(name)
+                        tensor = f.get_tensor(source.name)
                     except (SafetensorError, TypeError, ValueError) as e:
-                        raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
-                    if tensor.dtype.name not in FLOAT_DTYPES:
-                        raise CheckpointError(f"tensor {name} in {path} has dtype {tensor.dtype}; "
-                                              f"phi4_jax reads {'/'.join(FLOAT_DTYPES)} weights")
-                    for t in targets:
-                        part = tensor if t.rows is None else tensor[t.rows]
-                        yield t.path, np.ascontiguousarray(t.layout(part).astype(dtype))
+                        raise CheckpointError(f"cannot read tensor {source.name} from {path}: {e}") from None
+                    parts = {p: np.ascontiguousarray(a.astype(dtype, copy=False))
+                             for p, a in split_hf_tensor(tensor, source.targets).items()}
                     del tensor
-                    bar.update()
+                    yield source, parts
+                    bar.update(source.nbytes)
 
 
 def _some(names: list[str], limit: int = 5) -> str:
@@ -211,10 +248,16 @@ def load_hf_params(folder: str, config: Phi4Config, abstract: dict) -> dict:
     if len(dtypes) != 1:
         raise ValueError(f"expected one parameter dtype, got {dtypes}")
     filled = {}
-    for path, array in read_hf_params(folder, config, dtypes.pop()):
-        key = tuple(int(part) if part.isdigit() else part for part in path.split("."))
-        # A mismatch here is a bug in the mapping table, not in the user's files.
-        assert array.shape == wanted[key].shape, (path, array.shape, wanted[key].shape)
-        filled[key] = jax.device_put(array)
+    for _, parts in read_hf_params(inspect_hf(folder, config), dtypes.pop()):
+        for path, array in parts.items():
+            key = param_key(path)
+            # A mismatch here is a bug in the mapping table, not in the user's files.
+            assert array.shape == wanted[key].shape, (path, array.shape, wanted[key].shape)
+            filled[key] = jax.device_put(array)
     assert filled.keys() == wanted.keys(), set(filled) ^ set(wanted)
     return traverse_util.unflatten_dict(filled)
+
+
+def param_key(path: str) -> tuple:
+    """"model.layers.3.mlp.up_proj.kernel" -> the key tuple of the pure-dict parameter tree."""
+    return tuple(int(part) if part.isdigit() else part for part in path.split("."))

@@ -294,12 +294,12 @@ def test_folder_without_weights(tiny_checkpoint, tmp_path):
 
 
 def test_path_that_does_not_exist(tmp_path):
-    load_fails(tmp_path / "nowhere", ModelNotFoundError, tmp_path / "nowhere", "not a folder")
+    load_fails(tmp_path / "nowhere", ModelNotFoundError, tmp_path / "nowhere", "does not exist")
 
 
 def test_path_that_is_a_file(tiny_checkpoint):
     path = tiny_checkpoint(SHAPE)[0] / WEIGHTS  # read, not changed
-    load_fails(path, ModelNotFoundError, path, "not a folder")
+    load_fails(path, ModelNotFoundError, path, "is a file")
 
 
 def test_missing_config(copy_of):

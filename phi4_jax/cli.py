@@ -1,0 +1,64 @@
+"""What phi4_jax's command lines share: exit codes for each kind of failure, and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from collections.abc import Callable
+
+from phi4_jax.errors import (CheckpointError, ConfigError, ModelNotFoundError, OutOfResourcesError,
+                             OutputExistsError)
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad flags or input: missing model/file, invalid config.json, output exists
+EXIT_CORRUPT = 3  # the model's files are broken: truncated, tensors missing or misshapen, pickle only
+EXIT_RESOURCES = 4  # out of disk space or memory
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    success
+  {EXIT_USAGE}    usage or input error: bad flags, model or file not found, invalid config.json,
+       output exists (without --overwrite)
+  {EXIT_CORRUPT}    corrupt model: unreadable or truncated safetensors, tensors missing, unexpected
+       or of the wrong shape/dtype, only pickle weights (never unpickled)
+  {EXIT_RESOURCES}    out of resources: not enough disk space or memory
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); nothing partial is left behind"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows each flag's default."""
+
+
+def flag(*names: str) -> list[str]:
+    """`--dry-run` plus its underscore spelling `--dry_run`, both accepted."""
+    spellings = []
+    for name in names:
+        spellings.append(name)
+        if name.startswith("--") and "-" in name[2:]:
+            spellings.append("--" + name[2:].replace("-", "_"))
+    return spellings
+
+
+def run(main: Callable[[], int | None]) -> int:
+    """Runs a command's body; maps phi4_jax's typed errors to exit codes and one-line messages."""
+    try:
+        return main() or EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ModelNotFoundError, ConfigError, OutputExistsError) as e:
+        return _fail(e, EXIT_USAGE)
+    except CheckpointError as e:
+        return _fail(e, EXIT_CORRUPT)
+    except (OutOfResourcesError, MemoryError) as e:
+        return _fail(e or "out of memory", EXIT_RESOURCES)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            return _fail(e, EXIT_RESOURCES)
+        raise
+
+
+def _fail(error, code: int) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return code
