@@ -11,16 +11,15 @@ abstract, so no weights are allocated: any preset at full width fits in a laptop
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 from phi4_jax.config import PRESETS
+from phi4_jax.runinfo import describe_run
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.json")
 
@@ -70,21 +69,6 @@ def run_child(args, layers: int, cache_dir: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def metadata() -> dict:
-    import jax
-    import jaxlib
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "git_commit": commit}
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
@@ -107,7 +91,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     record = {"benchmark": "compile", "schema": 1, "preset": args.preset, "batch": args.batch,
               "seq_len": args.seq_len, "dtype": args.dtype, "function": "phi4_jax.forward",
-              **metadata(), "results": rows}
+              **describe_run(), "results": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)

@@ -78,10 +78,15 @@ class ConversionPlan:
         return sum(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
 
     @property
+    def largest_output_bytes(self) -> int:
+        return max(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
+
+    @property
     def peak_ram_bytes(self) -> int:
-        """Largest tensor as read, as cast and as laid out, plus the runtime (~1 GB)."""
-        largest = max(self.tensors, key=lambda s: s.nbytes)
-        return largest.nbytes + 2 * int(np.prod(largest.shape)) * self.dtype.itemsize + 2**30
+        """A batch of tensors waiting to be written (up to the largest tensor's size), the tensor
+        being read and its cast/laid-out copy, plus the runtime (~1 GB)."""
+        largest_read = max(s.nbytes for s in self.tensors)
+        return largest_read + 2 * self.largest_output_bytes + 2**30
 
     def describe(self) -> str:
         rows = [f"source: {self.source.folder}" + (f" ({self.source.repo_id}@{self.source.revision})"
@@ -202,12 +207,21 @@ def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress
         copied = _copy_side_files(plan.source.folder, tmp)
         ocp = _ocp()
         params_dir = os.path.join(tmp, PARAMS)
+        # Each partial save costs more than the last (Orbax merges metadata), so tensors are
+        # written in batches of up to one largest tensor's bytes: peak RAM stays ~3 largest tensors.
+        budget = plan.largest_output_bytes
+        pending: dict[tuple, np.ndarray] = {}
         for source, parts in read_hf_params(plan.tensors, plan.dtype, progress):
-            ocp.partial.save(params_dir, traverse_util.unflatten_dict(
-                {param_key(path): array for path, array in parts.items()}))
+            pending.update((param_key(path), array) for path, array in parts.items())
             del parts
+            if sum(a.nbytes for a in pending.values()) >= budget:
+                ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
+                pending.clear()
             if on_tensor is not None:
                 on_tensor(source.name)
+        if pending:
+            ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
+        pending.clear()
         ocp.partial.finalize(params_dir)
         files = sorted({s.file for s in plan.tensors} | set(copied))
         index = os.path.join(plan.source.folder, INDEX_FILE)

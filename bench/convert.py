@@ -1,0 +1,151 @@
+"""Convert a real-size checkpoint and measure it: wall time, peak RSS and throughput against the I/O floor.
+
+Writes a random bfloat16 checkpoint with the real names, shapes and shard layout of a released model
+(from its `model.safetensors.index.json` in ../shared/fixtures; Phi-4-mini: 2 shards, 7.67 GB),
+evicts it from the page cache, times one plain read of the same files (the I/O floor), evicts it
+again, then runs `convert/hf_to_orbax.py` on it in a child process and records its wall time and
+peak RSS. The RSS target is 3 x the largest tensor + 1 GB.
+
+  python bench/convert.py --fixture ../shared/fixtures/phi-4-mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from phi4_jax.config import Phi4Config
+from phi4_jax.runinfo import describe_run
+from phi4_jax.weights import INDEX_FILE, hf_tensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "convert.json")
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fixture", default=os.path.join(ROOT, "..", "shared", "fixtures", "phi-4-mini"),
+                   help="folder with the model's config.json and model.safetensors.index.json")
+    p.add_argument("--workdir", default=None,
+                   help="where to write the source and output (needs twice the model's size; default: a temp folder)")
+    p.add_argument("--output", default=RESULTS, help="JSON file to write")
+    p.add_argument("--keep", action="store_true", help="keep the generated source and output folders")
+    return p
+
+
+def random_bf16(rng: np.random.Generator, shape) -> np.ndarray:
+    """Random bf16 values of either sign in [2^-15, 1), made from bits (fast; no NaN or Inf)."""
+    bits = rng.integers(0x3800, 0x3F80, size=shape, dtype=np.uint16)
+    bits |= (rng.integers(0, 2, size=shape, dtype=np.uint16) << 15)
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def write_source(fixture: str, folder: str) -> dict[str, list[str]]:
+    """Writes the random checkpoint shard by shard; returns {shard file: tensor names}."""
+    os.makedirs(folder)
+    for name in SIDE_FILES:
+        if os.path.exists(os.path.join(fixture, name)):
+            shutil.copyfile(os.path.join(fixture, name), os.path.join(folder, name))
+    shutil.copyfile(os.path.join(fixture, INDEX_FILE), os.path.join(folder, INDEX_FILE))
+    with open(os.path.join(fixture, INDEX_FILE), encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shapes = {name: shape for name, (shape, _) in hf_tensors(Phi4Config.from_json(fixture)).items()}
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    rng = np.random.default_rng(0)
+    for shard, names in sorted(shards.items()):
+        print(f"writing {shard} ({len(names)} tensors)", file=sys.stderr)
+        save_file({n: random_bf16(rng, shapes[n]) for n in names}, os.path.join(folder, shard),
+                  metadata={"format": "pt"})
+    return shards
+
+
+def evict(paths: list[str]) -> None:
+    """Drops the files' pages from the page cache, so the next read comes from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_floor(paths: list[str]) -> float:
+    """Seconds to read the files once, start to end, in 64 MB chunks."""
+    start = time.perf_counter()
+    buf = bytearray(64 << 20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    config = Phi4Config.from_json(args.fixture)
+    largest = max(int(np.prod(shape)) * 2 for shape, _ in hf_tensors(config).values())
+    workdir = args.workdir or tempfile.mkdtemp(prefix="phi4-jax-convert-bench-")
+    source, output = os.path.join(workdir, "source"), os.path.join(workdir, "output")
+    try:
+        shards = write_source(args.fixture, source)
+        paths = [os.path.join(source, s) for s in sorted(shards)]
+        source_bytes = sum(os.path.getsize(p) for p in paths)
+        evict(paths)
+        floor_s = read_floor(paths)
+        evict(paths)
+        cmd = [sys.executable, os.path.join(ROOT, "convert", "hf_to_orbax.py"), "--model", source,
+               "--output", output, "--quiet"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall_s = time.perf_counter() - start
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        target = 3 * largest + 2**30
+        record = {
+            "benchmark": "convert", "schema": 1, "model": os.path.basename(os.path.normpath(args.fixture)),
+            "source_dtype": "bfloat16", "shards": len(shards), "tensors": sum(map(len, shards.values())),
+            "source_bytes": source_bytes, "output_bytes": folder_bytes(output),
+            "largest_tensor_bytes": largest,
+            "read_floor_s": floor_s, "read_floor_gb_per_s": source_bytes / floor_s / 1e9,
+            "convert_wall_s": wall_s, "convert_gb_per_s": source_bytes / wall_s / 1e9,
+            "convert_vs_read_floor": wall_s / floor_s,
+            "convert_peak_rss_bytes": peak_rss, "rss_target_bytes": target,
+            "meets_rss_target": peak_rss <= target,
+            "page_cache": "source evicted (posix_fadvise DONTNEED) before the floor read and the conversion",
+            "convert_command": "python convert/hf_to_orbax.py --model SRC --output DIR --quiet",
+            **describe_run(),
+        }
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{record['model']}: {source_bytes / 1e9:.2f} GB in {wall_s:.1f} s ({record['convert_gb_per_s']:.2f} GB/s); "
+          f"read floor {floor_s:.1f} s ({record['read_floor_gb_per_s']:.2f} GB/s), {record['convert_vs_read_floor']:.1f}x it; "
+          f"peak RSS {peak_rss / 1e9:.2f} GB (target {target / 1e9:.2f} GB: "
+          f"{'met' if record['meets_rss_target'] else 'MISSED'})", file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Where a measurement was taken: software versions, device, machine and commit, for result records."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+
+
+def describe_run() -> dict:
+    """A flat dict to merge into every benchmark record."""
+    import jax
+    import jaxlib
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "git_commit": commit}
