@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     def body():
         source = resolve(args.model, revision=args.revision, offline=args.offline or None)
         plan = checkpoint.plan_conversion(source, args.dtype)
+        checkpoint.check_output(args.output, args.overwrite, source=source.folder, clean=not args.dry_run)
         if args.dry_run:
             print(plan.describe())
             return 0

@@ -128,14 +128,8 @@ def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh hidden sibling of `output` to write into; renames it onto `output` when the
     block finishes, and removes it when the block raises. With `overwrite`, a previous `output`
     is kept until the new one is complete."""
-    output = os.path.abspath(output)
+    output = check_output(output, overwrite)
     parent, name = os.path.split(output)
-    if not os.path.isdir(parent):
-        raise ModelNotFoundError(f"the parent folder of {output} does not exist")
-    _remove_leftovers(parent, name)
-    if os.path.lexists(output) and not overwrite:
-        raise OutputExistsError(f"{output} exists; pass --overwrite to replace it (it is kept "
-                                "until the new one is complete)")
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
     old = os.path.join(parent, f".{name}.old-{os.getpid()}")
     os.mkdir(tmp)
@@ -149,13 +143,35 @@ def atomic_folder(output: str, overwrite: bool = False) -> Iterator[str]:
         if os.path.lexists(old) and not os.path.lexists(output):
             os.rename(old, output)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def check_output(output: str, overwrite: bool, source: str | None = None, clean: bool = True) -> str:
+    """The absolute output path, once it is known that it can be written (and would not replace
+    or sit inside `source`). With `clean`, first removes what killed runs left beside it (putting
+    back an old output that one had moved aside)."""
+    output = os.path.abspath(output)
+    parent, name = os.path.split(output)
+    if not os.path.isdir(parent):
+        raise ModelNotFoundError(f"the parent folder of {output} does not exist")
+    if clean:
+        _remove_leftovers(parent, name)
+    if source is not None:
+        src = os.path.realpath(source)
+        real = os.path.realpath(output)
+        if real == src or real.startswith(src + os.sep) or src.startswith(real + os.sep):
+            raise OutputExistsError(f"{output} would overwrite or nest in the source {source}; "
+                                    "choose another output folder")
+    if os.path.lexists(output) and not overwrite:
+        raise OutputExistsError(f"{output} exists; pass --overwrite to replace it (it is kept "
+                                "until the new one is complete)")
+    return output
 
 
 def _remove_leftovers(parent: str, name: str) -> None:
     """Removes what runs killed mid-way left beside `name` (their process is gone)."""
     pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-(\d+)$")
-    for entry in sorted(os.listdir(parent), key=lambda e: not e.endswith("old")):
+    for entry in sorted(os.listdir(parent)):
         match = pattern.match(entry)
         if not match or _alive(int(match.group(2))):
             continue
@@ -163,7 +179,16 @@ def _remove_leftovers(parent: str, name: str) -> None:
         if match.group(1) == "old" and not os.path.lexists(os.path.join(parent, name)):
             os.rename(path, os.path.join(parent, name))  # killed between the two renames
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path: str) -> None:
+    """Removes a folder tree, or the file or link an overwritten OUTPUT was (never a link's target)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _alive(pid: int) -> bool:
@@ -202,6 +227,7 @@ def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress
     `verify` checks, before the output takes its name, that it gives the source's logits.
     `on_tensor(name)` is called after each source tensor is written (progress reporting).
     """
+    check_output(output, overwrite, source=plan.source.folder)
     with atomic_folder(output, overwrite) as tmp, _disk_full_is_typed(output):
         _check_space(tmp, int(plan.output_bytes * 1.05) + 2**20)
         copied = _copy_side_files(plan.source.folder, tmp)
@@ -337,6 +363,7 @@ def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_byte
     ocp = _ocp()
     abstract = _abstract_params(config, dtype)
     weight_map = {}
+    check_output(output, overwrite, source=folder)
     with atomic_folder(output, overwrite) as tmp, _disk_full_is_typed(output):
         _check_space(tmp, int(config.num_parameters * dtype.itemsize * 1.05))
         _copy_side_files(folder, tmp)

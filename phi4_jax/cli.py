@@ -52,7 +52,7 @@ def run(main: Callable[[], int | None]) -> int:
     except CheckpointError as e:
         return _fail(e, EXIT_CORRUPT)
     except (OutOfResourcesError, MemoryError) as e:
-        return _fail(e or "out of memory", EXIT_RESOURCES)
+        return _fail(str(e) or "out of memory", EXIT_RESOURCES)  # MemoryError() has no message
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
             return _fail(e, EXIT_RESOURCES)
