@@ -13,6 +13,7 @@ interrupted run leaves DIR absent (or the previous DIR intact); the next run rem
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
@@ -243,6 +244,7 @@ def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress
             if sum(a.nbytes for a in pending.values()) >= budget:
                 ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
                 pending.clear()
+                _return_freed_memory()
             if on_tensor is not None:
                 on_tensor(source.name)
         if pending:
@@ -284,6 +286,16 @@ def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: in
         diff = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
         raise CheckpointError(f"verification failed: the converted logits differ from {reference}'s "
                               f"by up to {diff:g}")
+
+
+def _return_freed_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc only). Without it, glibc keeps the buffers of
+    each written batch and RSS grows by about a batch per save (measured: 5.3 GB instead of 4.0 GB
+    peak converting Phi-4-mini)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _copy_side_files(src: str, dst: str) -> list[str]:

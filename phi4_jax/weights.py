@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -221,18 +220,19 @@ def read_hf_params(sources: list[SourceTensor], dtype, progress: bool = True,
     dtype = np.dtype(dtype)
     with tqdm(total=sum(s.nbytes for s in sources), desc="Reading weights", unit="B",
               unit_scale=True, disable=None if progress else True) as bar:
-        for path, group in itertools.groupby(sources, key=lambda s: s.file):
-            with _open(path) as f:
-                for source in group:
-                    try:
-                        tensor = f.get_tensor(source.name)
-                    except (SafetensorError, TypeError, ValueError) as e:
-                        raise CheckpointError(f"cannot read tensor {source.name} from {path}: {e}") from None
-                    parts = {p: np.ascontiguousarray(a.astype(dtype, copy=False))
-                             for p, a in split_hf_tensor(tensor, source.targets).items()}
-                    del tensor
-                    yield source, parts
-                    bar.update(source.nbytes)
+        for source in sources:
+            # One open per tensor: the file is memory-mapped, and every page read stays in this
+            # process's RSS until it is unmapped.
+            with _open(source.file) as f:
+                try:
+                    tensor = f.get_tensor(source.name)
+                except (SafetensorError, TypeError, ValueError) as e:
+                    raise CheckpointError(f"cannot read tensor {source.name} from {source.file}: {e}") from None
+            parts = {p: np.ascontiguousarray(a.astype(dtype, copy=False))
+                     for p, a in split_hf_tensor(tensor, source.targets).items()}
+            del tensor
+            yield source, parts
+            bar.update(source.nbytes)
 
 
 def _some(names: list[str], limit: int = 5) -> str:
