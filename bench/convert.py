@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the source and output (needs twice the model's size; default: a temp folder)")
     p.add_argument("--output", default=RESULTS, help="JSON file to write")
     p.add_argument("--keep", action="store_true", help="keep the generated source and output folders")
+    p.add_argument("--write-source", default=None, help=argparse.SUPPRESS)  # child: only generate
     return p
 
 
@@ -52,8 +52,8 @@ def random_bf16(rng: np.random.Generator, shape) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16)
 
 
-def write_source(fixture: str, folder: str) -> dict[str, list[str]]:
-    """Writes the random checkpoint shard by shard; returns {shard file: tensor names}."""
+def write_source(fixture: str, folder: str) -> None:
+    """Writes the random checkpoint shard by shard."""
     os.makedirs(folder)
     for name in SIDE_FILES:
         if os.path.exists(os.path.join(fixture, name)):
@@ -70,7 +70,6 @@ def write_source(fixture: str, folder: str) -> dict[str, list[str]]:
         print(f"writing {shard} ({len(names)} tensors)", file=sys.stderr)
         save_file({n: random_bf16(rng, shapes[n]) for n in names}, os.path.join(folder, shard),
                   metadata={"format": "pt"})
-    return shards
 
 
 def evict(paths: list[str]) -> None:
@@ -101,13 +100,21 @@ def folder_bytes(folder: str) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.write_source:
+        write_source(args.fixture, args.write_source)
+        return 0
     config = Phi4Config.from_json(args.fixture)
     largest = max(int(np.prod(shape)) * 2 for shape, _ in hf_tensors(config).values())
     workdir = args.workdir or tempfile.mkdtemp(prefix="phi4-jax-convert-bench-")
     source, output = os.path.join(workdir, "source"), os.path.join(workdir, "output")
     try:
-        shards = write_source(args.fixture, source)
-        paths = [os.path.join(source, s) for s in sorted(shards)]
+        # Generated in a child: a forked child's peak RSS starts at its parent's, so the parent
+        # must stay small for the converter's peak RSS to be its own.
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--fixture", args.fixture,
+                        "--write-source", source], check=True)
+        with open(os.path.join(source, INDEX_FILE), encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(source, s) for s in shards]
         source_bytes = sum(os.path.getsize(p) for p in paths)
         evict(paths)
         floor_s = read_floor(paths)
@@ -115,13 +122,16 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.join(ROOT, "convert", "hf_to_orbax.py"), "--model", source,
                "--output", output, "--quiet"]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        child = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
         wall_s = time.perf_counter() - start
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        if os.waitstatus_to_exitcode(status):
+            sys.exit(f"conversion failed: {' '.join(cmd)}")
+        peak_rss = usage.ru_maxrss * 1024  # KiB on Linux
         target = 3 * largest + 2**30
         record = {
             "benchmark": "convert", "schema": 1, "model": os.path.basename(os.path.normpath(args.fixture)),
-            "source_dtype": "bfloat16", "shards": len(shards), "tensors": sum(map(len, shards.values())),
+            "source_dtype": "bfloat16", "shards": len(shards), "tensors": len(hf_tensors(config)),
             "source_bytes": source_bytes, "output_bytes": folder_bytes(output),
             "largest_tensor_bytes": largest,
             "read_floor_s": floor_s, "read_floor_gb_per_s": source_bytes / floor_s / 1e9,

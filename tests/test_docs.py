@@ -28,3 +28,12 @@ def test_readme_compile_table_is_the_committed_result():
                 f"{row['warm_lower_s']:.2f} + {row['warm_compile_s']:.2f} s | "
                 f"{row['compile_speedup']:.0f}× | {row['total_speedup']:.1f}× |")
         assert re.sub(r"\s+", " ", line) in re.sub(r" +", " ", readme), line
+
+
+def test_readme_convert_table_is_the_committed_result():
+    r = json.loads((ROOT / "bench" / "results" / "convert.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert (f"| `hf_to_orbax.py` | {r['convert_wall_s']:.1f} s | {r['convert_gb_per_s']:.2f} GB/s | "
+            f"{r['convert_peak_rss_bytes'] / 1e9:.2f} GB") in readme
+    assert f"| {r['read_floor_s']:.1f} s | {r['read_floor_gb_per_s']:.2f} GB/s |" in readme
+    assert f"{r['convert_vs_read_floor']:.1f}× the read floor" in readme
