@@ -27,3 +27,11 @@ class OutputExistsError(Phi4Error, FileExistsError):
 
 class OutOfResourcesError(Phi4Error):
     """Not enough disk space or memory to finish; nothing partial is left behind."""
+
+
+class SamplingError(Phi4Error, ValueError):
+    """An invalid sampling parameter; names it."""
+
+
+class TokenizerError(Phi4Error, ValueError):
+    """Tokenizer files that are missing or unreadable, or a chat template that fails; names the file."""

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi4_jax.attention import attend, causal_mask
+from phi4_jax.cache import KVCache
+from phi4_jax.cache import write as cache_write
 from phi4_jax.config import Phi4Config
 from phi4_jax.rope import apply_rope, rope_tables
 
@@ -76,10 +78,20 @@ class Attention(nnx.Module):
         self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, starts=None, attend_cache=False):
+        """Without `kv_cache`, attends over the new tokens. With it (a `(keys, values)` pair of
+        `[B, KV, L, D]`), writes the new keys/values at each row's slots `starts[b] + t`, attends
+        over the whole cache if `attend_cache` (else over the new tokens), and returns
+        `(out, kv_cache)`."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
-        return self.o_proj(attend(q, k, self.v_proj(x), mask))
+        v = self.v_proj(x)
+        if kv_cache is None:
+            return self.o_proj(attend(q, k, v, mask))
+        kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
+        if attend_cache:
+            k, v = kv_cache
+        return self.o_proj(attend(q, k, v, mask)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -101,9 +113,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, h, cos, sin, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, h, cos, sin, mask, kv_cache=None, starts=None, attend_cache=False):
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, starts, attend_cache)
+        if kv_cache is not None:
+            attn, kv_cache = attn
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h if kv_cache is None else (h, kv_cache)
 
 
 class Phi4Model(nnx.Module):
@@ -119,13 +135,30 @@ class Phi4Model(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.config = config
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
+                 cache: KVCache | None = None, attend_cache: bool = False):
+        """Final hidden states `[B, T, E]` of tokens at `positions` `[B, T]`; with a `cache`, also
+        the cache with their keys/values written at slots = positions (`(h, cache)`).
+
+        `lengths` `[B]`: each row's sequence length so far (for LongRoPE's switch; default from
+        positions). `attend_cache`: attend over the whole cache (decoding, or continuing a
+        sequence) rather than over the new tokens only (a prefill from position 0).
+        """
         h = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.config, positions)
-        mask = causal_mask(positions, positions, self.config.window)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
-        return self.norm(h)
+        cos, sin = rope_tables(self.config, positions, lengths)
+        if cache is None:
+            mask = causal_mask(positions, positions, self.config.window)
+            for layer in self.layers:
+                h = layer(h, cos, sin, mask)
+            return self.norm(h)
+        key_positions = jnp.broadcast_to(jnp.arange(cache.length), (h.shape[0], cache.length))
+        mask = causal_mask(positions, key_positions if attend_cache else positions, self.config.window)
+        keys, values = [], []
+        for layer, k, v in zip(self.layers, cache.keys, cache.values):
+            h, (k, v) = layer(h, cos, sin, mask, (k, v), positions[:, 0], attend_cache)
+            keys.append(k)
+            values.append(v)
+        return self.norm(h), KVCache(tuple(keys), tuple(values))
 
 
 class Phi4ForCausalLM(nnx.Module):
@@ -156,7 +189,22 @@ class Phi4ForCausalLM(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        h = self.model(input_ids, positions)
+        return self._head(self.model(input_ids, positions))
+
+    def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts `[B, T]` of `lengths` `[B]` from position 0, filling the cache;
+        returns the logits `[B, vocab]` at each row's last prompt token, and the cache."""
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        h, cache = self.model(input_ids, positions, lengths, cache)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+        return self._head(last)[:, 0], cache
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`."""
+        h, cache = self.model(tokens[:, None], positions[:, None], positions + 1, cache, attend_cache=True)
+        return self._head(h)[:, 0], cache
+
+    def _head(self, h: jax.Array) -> jax.Array:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return head.logits(h)
 

@@ -26,18 +26,22 @@ def inverse_frequencies(config: Phi4Config, long: bool = False) -> np.ndarray:
     return (np.float32(1.0) / base).astype(np.float32)
 
 
-def rope_tables(config: Phi4Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(config: Phi4Config, positions: jax.Array,
+                lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos and sin, `[batch, seq, rotary_dim]` float32, for integer `positions` `[batch, seq]`.
 
-    LongRoPE picks the long factors for the whole call iff `max(positions) + 1` exceeds
-    `original_max_position_embeddings` (as transformers does per forward), and scales cos and sin
-    by the constant attention factor at every length.
+    LongRoPE picks the long factors for a row iff its sequence length exceeds
+    `original_max_position_embeddings`, as transformers does per forward of one sequence; the
+    length is `lengths[b]` when given (padding excluded), else `max(positions[b]) + 1`. cos and sin
+    are scaled by the constant attention factor at every length.
     """
-    inv_freq = jnp.asarray(inverse_frequencies(config))
+    inv_freq = jnp.asarray(inverse_frequencies(config))[None]  # [1 or B, rotary_dim/2]
     if config.rope_type == "longrope":
-        use_long = jnp.max(positions) + 1 > config.original_max_position_embeddings
+        if lengths is None:
+            lengths = jnp.max(positions, axis=-1) + 1
+        use_long = (lengths > config.original_max_position_embeddings)[:, None]
         inv_freq = jnp.where(use_long, jnp.asarray(inverse_frequencies(config, long=True)), inv_freq)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rotary_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[:, None, :]  # [B, T, rotary_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     factor = config.attention_factor
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor

@@ -60,9 +60,13 @@ def test_longrope_switch_and_attention_factor(fixtures_dir):
     angle = (orig - 1) * inverse_frequencies(config)
     np.testing.assert_allclose(np.asarray(short_cos)[0, 0, :48], np.cos(angle) * config.attention_factor, atol=1e-6)
     assert np.abs(np.asarray(long_cos)[0, 0] - np.asarray(short_cos)[0, 0]).max() > 0.1
-    # The switch looks at the whole call: a second row past the threshold flips the first row too.
-    both, _ = rope_tables(config, jnp.asarray(np.array([[orig - 1], [orig]])))
-    np.testing.assert_array_equal(np.asarray(both)[0, 0], np.asarray(long_cos)[0, 0])
+    # The switch is per row (each row as transformers runs it alone), and `lengths` overrides the
+    # positions' own length (right padding past the threshold must not flip a short row).
+    both, _ = rope_tables(config, jnp.asarray(np.array([[orig - 1, orig - 1], [orig - 1, orig]])))
+    np.testing.assert_array_equal(np.asarray(both)[0, 0], np.asarray(short_cos)[0, 0])
+    np.testing.assert_array_equal(np.asarray(both)[1, 0], np.asarray(long_cos)[0, 0])
+    padded, _ = rope_tables(config, jnp.asarray(np.array([[orig - 1, orig]])), lengths=jnp.array([orig]))
+    np.testing.assert_array_equal(np.asarray(padded)[0, 0], np.asarray(short_cos)[0, 0])
 
 
 def test_partial_rotary_passes_trailing_channels_through():

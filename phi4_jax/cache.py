@@ -1,0 +1,56 @@
+"""The KV cache: preallocated per layer as `[batch, kv_heads, length, head_dim]`, keys after RoPE.
+
+Slot j of a row holds the token at position j of that row, so rows of different lengths share one
+cache without padding bookkeeping: a query at position p sees slots <= p (within the sliding
+window), and a slot past a row's length is either never read or overwritten before it is.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from phi4_jax.config import Phi4Config
+from phi4_jax.errors import ConfigError
+
+MIN_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
+
+
+class KVCache(NamedTuple):
+    keys: tuple[jax.Array, ...]  # per layer [batch, kv_heads, length, head_dim]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def create(cls, config: Phi4Config, batch: int, length: int, dtype) -> KVCache:
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
+        return cls(zeros(), zeros())
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+
+def cache_length(needed: int, max_context: int) -> int:
+    """The cache length for `needed` tokens: the next power of two (at least MIN_LENGTH), at most
+    `max_context`. Raises ConfigError when `needed` does not fit in `max_context`."""
+    if needed > max_context:
+        raise ConfigError(f"{needed} tokens do not fit in the context of {max_context} tokens")
+    length = MIN_LENGTH
+    while length < needed:
+        length *= 2
+    return min(length, max_context)
+
+
+def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`."""
+    def one_row(row, piece, start):
+        return jax.lax.dynamic_update_slice(row, piece.astype(row.dtype), (0, start, 0))
+
+    return jax.vmap(one_row)(cache_layer, new, starts)

@@ -1,0 +1,236 @@
+"""Token generation on device: bucketed prefill, then a decode loop compiled once.
+
+The decode loop is one jitted `lax.while_loop` with the sampler inside it; it runs up to k steps
+per call, so the host only looks in every k tokens (to stream text and check stop strings). Rows
+generate in lockstep; each row keeps its own positions (cache slot = position), stop tokens,
+limits and sampling parameters, so a batch gives the tokens each prompt gives alone.
+
+LongRoPE: when a row's sequence grows past `original_max_position_embeddings`, transformers drops
+its cache and re-encodes the whole sequence with the long table, once; so does `_cross`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi4_jax.cache import KVCache, cache_length
+from phi4_jax.errors import ConfigError
+from phi4_jax.model import Phi4ForCausalLM
+from phi4_jax.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
+
+MIN_PROMPT_BUCKET = 16
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries (a pytree; arrays only)."""
+
+    step: jax.Array  # int32: tokens generated so far (the same in every row)
+    tokens: jax.Array  # [B, max_new] int32: generated tokens
+    last: jax.Array  # [B] int32: the newest token, input of the next step
+    positions: jax.Array  # [B] int32: position of `last`
+    done: jax.Array  # [B] bool
+    stopped_by_token: jax.Array  # [B] bool: finished on a stop token (else on its limit)
+    generated: jax.Array  # [B] int32: tokens generated when the row finished (or so far)
+    limit: jax.Array  # [B] int32: max new tokens of the row
+    stop_ids: jax.Array  # [B, S] int32 stop tokens, padded with -1
+    history: jax.Array  # [B, L] int32: every token by position (for re-encoding)
+    seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
+    counts: jax.Array  # [B, V] int32: tokens in the output (presence/frequency penalties)
+    sampler: SamplerState
+    cache: KVCache
+
+
+def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
+    """The power of two >= n (at least `smallest`): prompt lengths that share a compile."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return size
+
+
+class Engine:
+    """Generates token ids with a model; holds its split state and the compiled steps.
+
+    Args:
+      model: the model (split once here; later changes to it are not seen).
+      max_context: the longest sequence (prompt + generation) a request may have; default the
+        config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
+    """
+
+    def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None):
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.max_context = max_context or self.config.max_position_embeddings
+        self.dtype = model.model.embed_tokens.dtype
+        self._longrope = self.config.rope_type == "longrope"
+
+    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+              stop_ids: Sequence[Sequence[int]]) -> Generation:
+        """Prefills `prompts` (token ids) and samples each row's first token.
+
+        `stop_ids[b]`: the token ids that end row b (its EOS set, unless ignored, plus its
+        `stop_token_ids`).
+        """
+        batch = len(prompts)
+        params = [params] * batch if isinstance(params, SamplingParams) else list(params)
+        if not prompts or len(params) != batch or len(stop_ids) != batch:
+            raise ValueError("need one SamplingParams and one stop set per prompt")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if lengths.min() < 1:
+            raise ConfigError("a prompt is empty: give at least one token")
+        longest = int(lengths.max())
+        if longest >= self.max_context:
+            raise ConfigError(f"the prompt has {longest} tokens; the context holds {self.max_context} "
+                              "(prompt + generated tokens): shorten the prompt or raise --max-context")
+        # Generation stops at the context's end: a row may get fewer than max_tokens ("length").
+        max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
+        limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
+        length = cache_length(longest + max_new, self.max_context)
+        width = bucket(longest)
+        ids = np.zeros((batch, width), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        stops = np.full((batch, max(1, max(len(s) for s in stop_ids))), -1, np.int32)
+        for b, s in enumerate(stop_ids):
+            stops[b, :len(s)] = sorted(s)
+        state = _start(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(lengths),
+                       jnp.asarray(limits), jnp.asarray(stops),
+                       # Rows without a seed differ from call to call, as in vLLM.
+                       sampler_state(params, batch, default_seed=int(np.random.SeedSequence().entropy % 2**63)),
+                       length=length, max_new=max_new, dtype=self.dtype)
+        return Generation(self, state, max_new)
+
+
+class Generation:
+    """One batch being generated. `advance(k)` runs up to k decode steps on device and returns the
+    tokens they produced; `stop(rows)` ends rows the host decided to end (stop strings)."""
+
+    def __init__(self, engine: Engine, state: DecodeState, max_new: int):
+        self.engine, self.state, self.max_new = engine, state, max_new
+        self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
+        self._done = np.asarray(state.done)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._done.all())
+
+    def advance(self, k: int) -> list[list[int]]:
+        """Runs up to `k` more steps (fewer when every row finishes); returns each row's new tokens."""
+        engine, state = self.engine, self.state
+        target = min(int(state.step) + k, self.max_new)
+        while not bool(jnp.all(state.done)) and int(state.step) < target:
+            state = _decode(engine.graphdef, engine.params, state, jnp.int32(target))
+            if engine._longrope and int(state.step) < target and bool(jnp.any(_crossing(engine.config, state))):
+                state = _cross(engine.graphdef, engine.params, state,
+                               reencode_length=cache_length(engine.config.original_max_position_embeddings + 1,
+                                                            state.cache.length))
+        self.state = state
+        return self._collect()
+
+    def stop(self, rows: Sequence[int]) -> None:
+        """Ends these rows now (their tokens so far stand; finish reason "stop")."""
+        mask = np.zeros(self._done.shape, bool)
+        mask[list(rows)] = True
+        mask &= ~np.asarray(self.state.done)
+        s = self.state
+        self.state = s._replace(done=s.done | mask, stopped_by_token=s.stopped_by_token | mask)
+        self._done = np.asarray(self.state.done)
+
+    def finish_reasons(self) -> list[str | None]:
+        """"stop" (a stop token or string), "length" (its limit), or None while running."""
+        done, by_token = np.asarray(self.state.done), np.asarray(self.state.stopped_by_token)
+        return [("stop" if t else "length") if d else None for d, t in zip(done, by_token)]
+
+    def _collect(self) -> list[list[int]]:
+        generated = np.asarray(self.state.generated)
+        tokens = np.asarray(self.state.tokens)
+        new = [tokens[b, self._read[b]:generated[b]].tolist() for b in range(len(generated))]
+        self._read = generated.copy()
+        self._done = np.asarray(self.state.done)
+        return new
+
+
+def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeState:
+    """Samples the next token of every row from `logits` [B, V] and records it."""
+    token = sample(logits, state.sampler, state.step, state.seen, state.counts)
+    active = ~state.done
+    step = state.step
+    tokens = state.tokens.at[:, step].set(jnp.where(active, token, 0))
+    positions = state.positions + 1
+    rows = jnp.arange(token.shape[0])
+    history = state.history.at[rows, jnp.minimum(positions, state.history.shape[1] - 1)].set(token)
+    seen, counts = update_history(state.seen, state.counts, jnp.where(active, token, -1))
+    is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
+    generated = jnp.where(active, step + 1, state.generated)
+    finished = active & (is_stop | (generated >= state.limit))
+    return state._replace(
+        step=step + 1, tokens=tokens, last=token, positions=positions, history=history,
+        seen=seen, counts=counts, cache=cache, generated=generated,
+        done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop))
+
+
+@functools.partial(jax.jit, static_argnames=("length", "max_new", "dtype"))
+def _start(graphdef, params, ids, lengths, limits, stop_ids, sampler, *, length, max_new, dtype) -> DecodeState:
+    model = nnx.merge(graphdef, params)
+    config = model.config
+    batch, width = ids.shape
+    cache = KVCache.create(config, batch, length, dtype)
+    logits, cache = model.prefill(ids, lengths, cache)
+    valid = jnp.arange(width)[None] < lengths[:, None]
+    history = jnp.zeros((batch, length), jnp.int32).at[:, :width].set(jnp.where(valid, ids, 0))
+    seen = jnp.zeros((batch, config.vocab_size), bool).at[
+        jnp.arange(batch)[:, None], ids].max(valid)
+    state = DecodeState(
+        step=jnp.int32(0), tokens=jnp.zeros((batch, max_new), jnp.int32), last=jnp.zeros(batch, jnp.int32),
+        positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
+        generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
+        seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler, cache=cache)
+    return _advance(state, logits, cache)
+
+
+def _crossing(config, state: DecodeState) -> jax.Array:
+    """[B] bool: rows whose next step processes position `original_max_position_embeddings`, where
+    transformers re-encodes the sequence with LongRoPE's long table."""
+    return (~state.done) & (state.positions == config.original_max_position_embeddings)
+
+
+@functools.partial(jax.jit, donate_argnums=(2,))
+def _decode(graphdef, params, state: DecodeState, target: jax.Array) -> DecodeState:
+    """Decode steps until `target` tokens, every row done, or a row at the LongRoPE crossing."""
+    model = nnx.merge(graphdef, params)
+    longrope = model.config.rope_type == "longrope"
+
+    def running(s):
+        go = (s.step < target) & ~jnp.all(s.done)
+        return go & ~jnp.any(_crossing(model.config, s)) if longrope else go
+
+    def step(s):
+        logits, cache = model.decode(s.last, s.positions, s.cache)
+        return _advance(s, logits, cache)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length",))
+def _cross(graphdef, params, state: DecodeState, *, reencode_length: int) -> DecodeState:
+    """One step where crossing rows re-encode their whole sequence with the long table (fresh
+    keys/values for its slots) and the other rows decode as usual."""
+    model = nnx.merge(graphdef, params)
+    crossing = _crossing(model.config, state)
+    logits, cache = model.decode(state.last, state.positions, state.cache)
+    ids = state.history[:, :reencode_length]
+    fresh = KVCache.create(model.config, ids.shape[0], reencode_length, cache.keys[0].dtype)
+    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh)
+    pick = lambda new, old: jnp.where(crossing[:, None, None, None], new, old)  # noqa: E731
+    cache = KVCache(*(tuple(old.at[:, :, :reencode_length].set(pick(new, old[:, :, :reencode_length]))
+                            for new, old in zip(fresh_part, cache_part))
+                      for fresh_part, cache_part in zip(fresh, cache)))
+    logits = jnp.where(crossing[:, None], re_logits, logits)
+    return _advance(state, logits, cache)
