@@ -1,0 +1,144 @@
+"""The decode engine against transformers' generate(do_sample=False), batches, LongRoPE crossing, stops."""
+
+import numpy as np
+import pytest
+import torch
+
+import phi4_jax
+from phi4_jax.engine import Engine
+from phi4_jax.errors import ConfigError
+from phi4_jax.sampling import SamplingParams
+
+NEW = 32
+LENGTHS = (5, 11, 3)  # different lengths in one batch; with 32 new tokens all cross 16
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint):
+    made = {}
+
+    def get(shape):
+        if shape not in made:
+            folder, hf = tiny_checkpoint(shape)
+            made[shape] = (Engine(phi4_jax.load(folder, dtype="float32")[0]), hf)
+        return made[shape]
+
+    return get
+
+
+def prompts(seed=0, lengths=LENGTHS):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 256, n).tolist() for n in lengths]
+
+
+def run(engine, batch, params=SamplingParams(max_tokens=NEW), stop_ids=None, chunk=8):
+    gen = engine.start(batch, params, stop_ids or [[] for _ in batch])
+    out = [[] for _ in batch]
+    while not gen.finished:
+        for row, new in zip(out, gen.advance(chunk)):
+            row += new
+    return out, gen.finish_reasons()
+
+
+def hf_greedy(hf, prompt, drop_cache_at_crossing=True):
+    """transformers alone on one prompt, no EOS (so exactly NEW tokens)."""
+    kwargs = dict(do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        if drop_cache_at_crossing:
+            out = hf.generate(torch.tensor([prompt]), **kwargs)
+        else:  # the generic path, which keeps short-table keys in the cache past the threshold
+            from transformers import GenerationMixin
+            cls = type(hf)
+            own = cls.prepare_inputs_for_generation
+            cls.prepare_inputs_for_generation = GenerationMixin.prepare_inputs_for_generation
+            try:
+                out = hf.generate(torch.tensor([prompt]), **kwargs)
+            finally:
+                cls.prepare_inputs_for_generation = own
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("shape", ["phi-4", "phi-4-mini", "phi-3-mini-4k"])
+def test_greedy_batch_equals_transformers_per_prompt(engines, shape):
+    """phi-4: GQA 4:1; Phi-4-mini: LongRoPE crossing original_max_position_embeddings (16)
+    during generation; Phi-3-mini-4k: sliding window (7) shorter than the sequences."""
+    engine, hf = engines(shape)
+    batch = prompts()
+    got, reasons = run(engine, batch)
+    assert reasons == ["length"] * len(batch)
+    for prompt, tokens in zip(batch, got):
+        assert tokens == hf_greedy(hf, prompt)
+        assert run(engine, [prompt])[0][0] == tokens  # alone == in the batch
+
+
+def test_crossing_matters(engines):
+    """Without transformers' re-encoding at the threshold the tokens differ: the test can fail."""
+    engine, hf = engines("phi-4-mini")
+    batch = prompts()
+    got, _ = run(engine, batch)
+    stale = [hf_greedy(hf, p, drop_cache_at_crossing=False) for p in batch]
+    assert any(g != s for g, s in zip(got, stale))
+
+
+def test_a_prompt_past_the_threshold_needs_no_crossing(engines):
+    engine, hf = engines("phi-4-mini")
+    batch = prompts(seed=1, lengths=(20, 17))
+    got, _ = run(engine, batch)
+    assert got == [hf_greedy(hf, p) for p in batch]
+
+
+def test_chunk_size_does_not_change_tokens(engines):
+    engine, _ = engines("phi-4-mini")
+    batch = prompts(seed=2)
+    assert run(engine, batch, chunk=1)[0] == run(engine, batch, chunk=NEW)[0]
+
+
+def test_stop_tokens_and_limits_per_row(engines):
+    engine, _ = engines("phi-4")
+    batch = prompts(seed=3)
+    free, _ = run(engine, batch)
+    stop = free[0][5]
+    first = free[0].index(stop)  # the stop token may occur earlier than step 5
+    params = [SamplingParams(max_tokens=NEW), SamplingParams(max_tokens=4), SamplingParams(max_tokens=NEW)]
+    got, reasons = run(engine, batch, params, stop_ids=[[stop], [], []])
+    assert got[0] == free[0][:first + 1] and reasons[0] == "stop"  # the stop token ends the row, included
+    assert got[1] == free[1][:4] and reasons[1] == "length"
+    assert got[2] == free[2] and reasons[2] == "length"
+
+
+def test_host_stop_ends_rows(engines):
+    engine, _ = engines("phi-4")
+    batch = prompts(seed=4)
+    gen = engine.start(batch, SamplingParams(max_tokens=NEW), [[] for _ in batch])
+    first = gen.advance(3)
+    gen.stop([1])
+    rest = gen.advance(NEW)
+    assert rest[1] == [] and len(first[1]) == 4  # the prefill's token plus three steps
+    assert gen.finish_reasons()[1] == "stop"
+    while not gen.finished:
+        gen.advance(NEW)
+    assert gen.finish_reasons()[0] == "length"
+
+
+def test_seeded_sampling_reproduces_and_rows_are_independent(engines):
+    engine, _ = engines("phi-4-mini")
+    batch = prompts(seed=5)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=NEW),
+              SamplingParams(temperature=0.8, top_k=20, seed=8, max_tokens=NEW),
+              SamplingParams(max_tokens=NEW)]
+    first, _ = run(engine, batch, params)
+    assert run(engine, batch, params)[0] == first
+    assert run(engine, batch[:1], params[:1])[0][0] == first[0]
+    other = [SamplingParams(temperature=1.0, top_p=0.9, seed=9, max_tokens=NEW)]
+    assert run(engine, batch[:1], other)[0][0] != first[0]
+
+
+def test_context_limits(engines):
+    engine, _ = engines("phi-4")  # max_position_embeddings 64
+    with pytest.raises(ConfigError, match="64 tokens.*64"):
+        engine.start([[5] * 64], SamplingParams(), [[]])
+    with pytest.raises(ConfigError, match="empty"):
+        engine.start([[]], SamplingParams(), [[]])
+    # Generation stops at the end of the context: 60 + 4 = 64.
+    got, reasons = run(engine, [[5] * 60], SamplingParams(max_tokens=NEW))
+    assert len(got[0]) == 4 and reasons == ["length"]
