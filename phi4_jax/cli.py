@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from phi4_jax.errors import (CheckpointError, ConfigError, ModelNotFoundError, OutOfResourcesError,
-                             OutputExistsError)
+                             OutputExistsError, SamplingError, TokenizerError)
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad flags or input: missing model/file, invalid config.json, output exists
@@ -18,8 +18,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}    success
-  {EXIT_USAGE}    usage or input error: bad flags, model or file not found, invalid config.json,
-       output exists (without --overwrite)
+  {EXIT_USAGE}    usage or input error: bad flags or sampling values, model or file not found,
+       invalid config.json or tokenizer, prompt empty or longer than the context, output exists
+       (without --overwrite)
   {EXIT_CORRUPT}    corrupt model: unreadable or truncated safetensors, tensors missing, unexpected
        or of the wrong shape/dtype, only pickle weights (never unpickled)
   {EXIT_RESOURCES}    out of resources: not enough disk space or memory
@@ -47,7 +48,7 @@ def run(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ModelNotFoundError, ConfigError, OutputExistsError) as e:
+    except (ModelNotFoundError, ConfigError, OutputExistsError, SamplingError, TokenizerError) as e:
         return _fail(e, EXIT_USAGE)
     except CheckpointError as e:
         return _fail(e, EXIT_CORRUPT)

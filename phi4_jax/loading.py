@@ -12,10 +12,11 @@ from phi4_jax.config import Phi4Config
 from phi4_jax.errors import ConfigError
 from phi4_jax.hub import resolve
 from phi4_jax.model import Phi4ForCausalLM, abstract_model, default_dtype
+from phi4_jax.tokenizer import Tokenizer
 from phi4_jax.weights import load_hf_params
 
 
-def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
+def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, Tokenizer | None]:
     """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
     `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache.
 
@@ -24,7 +25,7 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
       dtype: parameter and compute dtype, a name such as "float32" or a jnp dtype; None picks the
         backend's default (float32 on CPU, bfloat16 on GPU/TPU). Weights are cast as they are read.
     Returns:
-      `(model, tokenizer)`; the tokenizer is None until phi4_jax ships one.
+      `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
     Raises:
       ModelNotFoundError, ConfigError, CheckpointError (all `phi4_jax.errors.Phi4Error`), naming
       the file at fault.
@@ -38,7 +39,8 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Phi4ForCausalLM, None]:
     else:
         params = load_hf_params(folder, config, nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract), None
+    has_tokenizer = any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    return nnx.merge(graphdef, abstract), Tokenizer(folder) if has_tokenizer else None
 
 
 def _float_dtype(dtype) -> jnp.dtype:

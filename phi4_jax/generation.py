@@ -1,0 +1,166 @@
+"""Text in, text out: `generate` and `stream_generate` over the engine, tokenizer and sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+
+from phi4_jax.engine import Engine
+from phi4_jax.errors import ConfigError
+from phi4_jax.model import Phi4ForCausalLM
+from phi4_jax.sampling import SamplingParams
+from phi4_jax.tokenizer import Tokenizer
+
+Prompt = str | list[dict]  # raw text, or chat messages rendered with the model's chat template
+STREAM_CHUNK = 8  # decode steps per device call while streaming; the host looks in between
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResponse:
+    """One piece of a streamed generation."""
+
+    text: str  # the new text (may be empty while a character or a possible stop string is held back)
+    token: int | None  # the newest token (None for the final flush)
+    finish_reason: str | None  # "stop" (stop token or string), "length", or None while running
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float  # prompt tokens per second of the prefill
+    generation_tps: float  # generated tokens per second of decoding
+    compile_seconds: float  # XLA compilation spent in this request (0 once compiled)
+    peak_memory_gb: float | None  # the device's peak, where the backend reports it
+
+
+class _CompileClock:
+    """Seconds JAX spends compiling, summed from its monitoring events."""
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+    def __init__(self):
+        self.total = 0.0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_):
+        if event in self.EVENTS:
+            with self._lock:
+                self.total += duration
+
+
+_compile_clock = _CompileClock()
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of raw text, or of chat messages through the chat template (generation prompt added)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    else:
+        raise ConfigError(f"a prompt is a string or a list of chat messages (dicts), got {type(prompt).__name__}")
+    if not ids:
+        raise ConfigError("the prompt is empty")
+    return ids
+
+
+def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> set[int]:
+    eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
+    return eos | set(params.stop_token_ids)
+
+
+def _peak_memory_gb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
+
+
+def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt,
+                    sampling: SamplingParams | None = None, max_tokens: int | None = None,
+                    chunk: int = STREAM_CHUNK) -> Iterator[GenerationResponse]:
+    """Generates from one prompt, yielding a response per token with the text that became safe to
+    show (whole characters, no part of a stop string; often empty). A last response (token None)
+    flushes held-back text and carries the finish reason.
+
+    Args:
+      model: the model, or an `Engine` over it (reuse one to skip re-splitting the model).
+      prompt: raw text, or chat messages (the chat template is applied).
+      sampling: the sampling parameters (default greedy); `max_tokens` overrides its max_tokens.
+      chunk: decode steps per device call (the host looks in every `chunk` tokens).
+    """
+    engine = model if isinstance(model, Engine) else Engine(model)
+    params = sampling or SamplingParams()
+    if max_tokens is not None:
+        params = dataclasses.replace(params, max_tokens=max_tokens)
+    ids = prompt_ids(tokenizer, prompt)
+    stops = _stop_ids(tokenizer, params)
+    decoder = tokenizer.stream(stop=params.stop)
+    compile_before = _compile_clock.total
+    start = time.perf_counter()
+    gen = engine.start([ids], params, [sorted(stops)])
+    new = gen.advance(0)[0]  # the prefill's token
+    prefill_s = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    count = 0
+
+    def response(text, token, reason):
+        decode_s = max(time.perf_counter() - decode_start, 1e-9)
+        return GenerationResponse(
+            text=text, token=token, finish_reason=reason, prompt_tokens=len(ids), generation_tokens=count,
+            prompt_tps=len(ids) / prefill_s, generation_tps=count / decode_s,
+            compile_seconds=_compile_clock.total - compile_before, peak_memory_gb=_peak_memory_gb())
+
+    while True:
+        for token in new:
+            count += 1
+            text = "" if token in stops else decoder.add(token)
+            if decoder.stopped:
+                gen.stop([0])
+                break
+            yield response(text, token, None)
+        if gen.finished:
+            break
+        new = gen.advance(chunk)[0]
+    yield response(decoder.finish(), None, gen.finish_reasons()[0])
+
+
+def generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt],
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+             max_tokens: int | None = None) -> str | list[str]:
+    """The generated text of a prompt (raw text or chat messages), or of a batch (a list of
+    prompts, each with its own SamplingParams if a list is given): rows generate together."""
+    single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                         and all(isinstance(m, dict) for m in prompt))
+    prompts = [prompt] if single else list(prompt)
+    if not prompts:
+        raise ConfigError("no prompts given")
+    params = sampling or SamplingParams()
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if max_tokens is not None:
+        params = [dataclasses.replace(p, max_tokens=max_tokens) for p in params]
+    engine = model if isinstance(model, Engine) else Engine(model)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    stops = [_stop_ids(tokenizer, p) for p in params]
+    decoders = [tokenizer.stream(stop=p.stop) for p in params]
+    gen = engine.start(ids, params, [sorted(s) for s in stops])
+    new = gen.advance(0)
+    while True:
+        for b, tokens in enumerate(new):
+            for token in tokens:
+                if token not in stops[b]:
+                    decoders[b].add(token)
+                if decoders[b].stopped:
+                    gen.stop([b])
+                    break
+        if gen.finished:
+            break
+        # Stop strings are only seen by the host: look in every few steps when there are any.
+        new = gen.advance(STREAM_CHUNK if any(p.stop for p in params) else max(p.max_tokens for p in params))
+    texts = []
+    for decoder in decoders:
+        decoder.finish()
+        texts.append(decoder.text)
+    return texts[0] if single else texts

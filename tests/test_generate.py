@@ -1,0 +1,178 @@
+"""Text generation: the Python API (generate / stream_generate) and `python -m phi4_jax.generate`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import phi4_jax
+from conftest import make_hf_model
+from phi4_jax import cli
+from phi4_jax.engine import Engine
+from phi4_jax.sampling import SamplingParams
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def chat_model(fixtures_dir, tmp_path_factory):
+    """A tiny random Phi-3.5-shaped model (vocab 32064) with Phi-3.5-mini's real tokenizer and chat template."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from conftest import TINY_SHAPES
+
+    config = Phi3Config(vocab_size=32064, num_hidden_layers=2, rms_norm_eps=1e-5, bos_token_id=1,
+                        eos_token_id=32000, pad_token_id=32000, **TINY_SHAPES["phi-3.5-mini"])
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config)
+    folder = tmp_path_factory.mktemp("chat-model")
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(fixtures_dir / "phi-3.5-mini" / name, folder / name)
+    loaded, tokenizer = phi4_jax.load(folder, dtype="float32")
+    return folder, loaded, tokenizer
+
+
+def greedy_ids(model, ids, n):
+    engine = Engine(model)
+    gen = engine.start([ids], SamplingParams(max_tokens=n, ignore_eos=True), [[]])
+    out = []
+    while not gen.finished:
+        out += gen.advance(n)[0]
+    return out
+
+
+def test_generate_is_the_decoded_greedy_tokens(chat_model):
+    _, model, tokenizer = chat_model
+    text = phi4_jax.generate(model, tokenizer, "Hello there", SamplingParams(max_tokens=12, ignore_eos=True))
+    assert text == tokenizer.decode(greedy_ids(model, tokenizer.encode("Hello there"), 12))
+
+
+def test_generate_batch_and_chat_messages(chat_model):
+    _, model, tokenizer = chat_model
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    single = phi4_jax.generate(model, tokenizer, messages, params)
+    assert single == tokenizer.decode(greedy_ids(model, tokenizer.apply_chat_template(messages), 8))
+    batch = phi4_jax.generate(model, tokenizer, [messages, "Hello there", "x"], params)
+    assert isinstance(batch, list) and batch[0] == single
+    assert batch[1] == phi4_jax.generate(model, tokenizer, "Hello there", params)
+
+
+def test_generate_module_is_callable_after_importing_it(chat_model):
+    """`phi4_jax.generate` is the function and the CLI module; both spellings generate."""
+    import phi4_jax.generate  # noqa: F401  (rebinds the package attribute to the module)
+
+    _, model, tokenizer = chat_model
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert phi4_jax.generate(model, tokenizer, "hi", params) == \
+        phi4_jax.generation.generate(model, tokenizer, "hi", params)
+
+
+def test_stream_pieces_add_up_and_report(chat_model):
+    _, model, tokenizer = chat_model
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    responses = list(phi4_jax.stream_generate(model, tokenizer, "Hello there", params))
+    assert "".join(r.text for r in responses) == phi4_jax.generate(model, tokenizer, "Hello there", params)
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.token is None
+    assert [r.finish_reason for r in responses[:-1]] == [None] * 10
+    assert last.generation_tokens == 10 and last.prompt_tokens == len(tokenizer.encode("Hello there"))
+    assert last.prompt_tps > 0 and last.generation_tps > 0
+
+
+def test_stop_string_spanning_tokens(chat_model):
+    _, model, tokenizer = chat_model
+    ids = greedy_ids(model, tokenizer.encode("Hello there"), 16)
+    full = tokenizer.decode(ids)
+    pieces = [tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
+    # A stop string starting inside one token's text and ending in a later one.
+    start = next(i for i in range(1, len(ids) - 2) if len(pieces[i]) > len(pieces[i - 1]) + 1)
+    stop = full[len(pieces[start]) - 1: len(pieces[start + 1]) + 1]
+    assert stop and stop in full
+    text = phi4_jax.generate(model, tokenizer, "Hello there", SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))
+    assert text == full[:full.index(stop)]
+    responses = list(phi4_jax.stream_generate(model, tokenizer, "Hello there",
+                                              SamplingParams(max_tokens=16, ignore_eos=True, stop=(stop,))))
+    assert "".join(r.text for r in responses) == text and responses[-1].finish_reason == "stop"
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def run_cli(capsys, *argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        import io
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    from phi4_jax.generate import main
+
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json(chat_model, capsys):
+    folder, model, tokenizer = chat_model
+    code, out, err = run_cli(capsys, "--model", folder, "--prompt", "What is 2+2?", "--max-tokens", 6,
+                             "--ignore-eos", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) == {"text", "tokens", "prompt_tokens", "finish_reason", "stats"}
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    assert result["prompt_tokens"] == len(prompt) and result["finish_reason"] == "length"
+    assert result["tokens"] == greedy_ids(model, prompt, 6)
+    assert result["text"] == tokenizer.decode(result["tokens"])
+    assert {"prompt_tps", "generation_tps", "compile_seconds"} <= set(result["stats"])
+    assert "Prompt: " in err and "tokens-per-sec" in err and "Generation: 6 tokens" in err
+
+
+def test_cli_streams_text_and_reads_stdin(chat_model, capsys, monkeypatch):
+    folder, _, _ = chat_model
+    code, out, err = run_cli(capsys, "--model", folder, "-p", "-", "-m", 5, "--ignore-eos",
+                             "--ignore-chat-template", stdin="Hello there", monkeypatch=monkeypatch)
+    assert code == 0
+    assert out.rstrip("\n") == phi4_jax.generate(*phi4_jax.load(folder, dtype="float32"), "Hello there",
+                                                 SamplingParams(max_tokens=5, ignore_eos=True))
+    assert "Generation: 5 tokens" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--temp", "-1"], "--temp"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--max-context", "8"], "context"),
+    (["--prompt", "   "], "empty"),
+    (["--extra-eos-token", "<|nope|>"], "--extra-eos-token"),
+])
+def test_cli_errors_exit_2_naming_the_problem(chat_model, capsys, argv, needle):
+    folder, _, _ = chat_model
+    args = ["--model", folder, *argv] if "--prompt" in argv else ["--model", folder, "-p", "What is 2+2?", *argv]
+    code, _, err = run_cli(capsys, *args)
+    assert code == cli.EXIT_USAGE and needle in err, err
+
+
+def test_cli_missing_model_and_missing_prompt(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--model", tmp_path / "nothing", "-p", "hi")
+    assert code == cli.EXIT_USAGE and "nothing" in err
+    code, _, err = run_cli(capsys, "--model", tmp_path)
+    assert code == cli.EXIT_USAGE and "--prompt" in err
+
+
+def test_cli_in_a_real_process(chat_model):
+    folder, _, _ = chat_model
+    env = dict(os.environ, XLA_FLAGS="", PHI4_JAX_COMPILATION_CACHE="off")
+    out = subprocess.run([sys.executable, "-m", "phi4_jax.generate", "--model", str(folder), "--prompt", "Hi",
+                          "--max-tokens", "3", "--ignore-eos", "--json"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert len(result["tokens"]) == 3 and "Generation: 3 tokens" in out.stderr
+    assert "RuntimeWarning" not in out.stderr
+    code = subprocess.run([sys.executable, "-m", "phi4_jax.generate", "--model", str(folder), "--temp", "-2",
+                           "-p", "x"], capture_output=True, text=True, env=env, timeout=300)
+    assert code.returncode == cli.EXIT_USAGE and "--temp" in code.stderr
