@@ -115,7 +115,7 @@ class Generation:
     def __init__(self, engine: Engine, state: DecodeState, max_new: int):
         self.engine, self.state, self.max_new = engine, state, max_new
         self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
-        self._done = np.asarray(state.done)
+        self._sync()
 
     @property
     def finished(self) -> bool:
@@ -123,38 +123,43 @@ class Generation:
 
     def advance(self, k: int) -> list[list[int]]:
         """Runs up to `k` more steps (fewer when every row finishes); returns each row's new tokens."""
-        engine, state = self.engine, self.state
-        target = min(int(state.step) + k, self.max_new)
-        while not bool(jnp.all(state.done)) and int(state.step) < target:
-            state = _decode(engine.graphdef, engine.params, state, jnp.int32(target))
-            if engine._longrope and int(state.step) < target and bool(jnp.any(_crossing(engine.config, state))):
-                state = _cross(engine.graphdef, engine.params, state,
-                               reencode_length=cache_length(engine.config.original_max_position_embeddings + 1,
-                                                            state.cache.length))
-        self.state = state
-        return self._collect()
+        engine = self.engine
+        target = min(self._step + k, self.max_new)
+        while not self._done.all() and self._step < target:
+            self.state = _decode(engine.graphdef, engine.params, self.state, jnp.int32(target))
+            self._sync()
+            if self._step < target and self._crossing.any():
+                length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
+                self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length)
+                self._sync()
+        new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
+        self._read = self._generated.copy()
+        return new
 
     def stop(self, rows: Sequence[int]) -> None:
         """Ends these rows now (their tokens so far stand; finish reason "stop")."""
         mask = np.zeros(self._done.shape, bool)
         mask[list(rows)] = True
-        mask &= ~np.asarray(self.state.done)
+        mask &= ~self._done
         s = self.state
         self.state = s._replace(done=s.done | mask, stopped_by_token=s.stopped_by_token | mask)
-        self._done = np.asarray(self.state.done)
+        self._sync()
 
     def finish_reasons(self) -> list[str | None]:
         """"stop" (a stop token or string), "length" (its limit), or None while running."""
-        done, by_token = np.asarray(self.state.done), np.asarray(self.state.stopped_by_token)
-        return [("stop" if t else "length") if d else None for d, t in zip(done, by_token)]
+        return [("stop" if t else "length") if d else None for d, t in zip(self._done, self._by_token)]
 
-    def _collect(self) -> list[list[int]]:
-        generated = np.asarray(self.state.generated)
-        tokens = np.asarray(self.state.tokens)
-        new = [tokens[b, self._read[b]:generated[b]].tolist() for b in range(len(generated))]
-        self._read = generated.copy()
-        self._done = np.asarray(self.state.done)
-        return new
+    def _sync(self) -> None:
+        """Copies what the host looks at to host memory, in one transfer."""
+        s = self.state
+        step, self._done, self._by_token, self._generated, self._tokens, positions = jax.device_get(
+            (s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions))
+        self._step = int(step)
+        # Rows whose next step processes position `original_max_position_embeddings`: transformers
+        # re-encodes them there with LongRoPE's long table (`_cross`).
+        self._crossing = np.zeros_like(self._done)
+        if self.engine._longrope:
+            self._crossing = ~self._done & (positions == self.engine.config.original_max_position_embeddings)
 
 
 def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeState:

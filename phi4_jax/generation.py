@@ -16,7 +16,7 @@ from phi4_jax.sampling import SamplingParams
 from phi4_jax.tokenizer import Tokenizer
 
 Prompt = str | list[dict]  # raw text, or chat messages rendered with the model's chat template
-STREAM_CHUNK = 8  # decode steps per device call while streaming; the host looks in between
+STREAM_CHUNK = 16  # decode steps per device call while streaming; the host looks in between
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class GenerationResponse:
     prompt_tps: float  # prompt tokens per second of the prefill
     generation_tps: float  # generated tokens per second of decoding
     compile_seconds: float  # XLA compilation spent in this request (0 once compiled)
-    peak_memory_gb: float | None  # the device's peak, where the backend reports it
+    peak_memory_gb: float | None  # the device's peak where the backend reports it (last response only)
 
 
 class _CompileClock:
@@ -111,7 +111,8 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
         return GenerationResponse(
             text=text, token=token, finish_reason=reason, prompt_tokens=len(ids), generation_tokens=count,
             prompt_tps=len(ids) / prefill_s, generation_tps=count / decode_s,
-            compile_seconds=_compile_clock.total - compile_before, peak_memory_gb=_peak_memory_gb())
+            compile_seconds=_compile_clock.total - compile_before,
+            peak_memory_gb=_peak_memory_gb() if reason else None)  # asked of the device once, at the end
 
     while True:
         for token in new:
