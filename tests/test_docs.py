@@ -37,3 +37,17 @@ def test_readme_convert_table_is_the_committed_result():
             f"{r['convert_peak_rss_bytes'] / 1e9:.2f} GB") in readme
     assert f"| {r['read_floor_s']:.1f} s | {r['read_floor_gb_per_s']:.2f} GB/s |" in readme
     assert f"{r['convert_vs_read_floor']:.1f}× the read floor" in readme
+
+
+def test_readme_decode_table_is_the_committed_result():
+    record = json.loads((ROOT / "bench" / "results" / "decode.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for r in record["results"]:
+        assert (f"| {r['batch']} | {r['streaming_tokens_per_s']:.1f} | {r['device_tokens_per_s']:.1f} | "
+                f"{r['step_ms']:.2f} ms | {100 * r['host_share']:.1f}% |") in readme
+
+
+def test_every_generate_flag_is_documented():
+    flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', (ROOT / "phi4_jax" / "generate.py").read_text()))
+    readme = (ROOT / "README.md").read_text()
+    assert flags and not {f for f in flags if f not in readme}
