@@ -137,10 +137,10 @@ class Generation:
         return new
 
     def stop(self, rows: Sequence[int]) -> None:
-        """Ends these rows now (their tokens so far stand; finish reason "stop")."""
+        """Ends these rows now, with finish reason "stop" (a stop string the host found: it wins
+        over the row's limit even when both came in the same chunk)."""
         mask = np.zeros(self._done.shape, bool)
         mask[list(rows)] = True
-        mask &= ~self._done
         s = self.state
         self.state = s._replace(done=s.done | mask, stopped_by_token=s.stopped_by_token | mask)
         self._sync()
