@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from phi4_jax.config import PRESETS
-from phi4_jax.runinfo import describe_run
+from phi4_jax.runinfo import describe_run, write_record
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.json")
 
@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "compile", "schema": 1, "preset": args.preset, "batch": args.batch,
               "seq_len": args.seq_len, "dtype": args.dtype, "function": "phi4_jax.forward",
               **describe_run(), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    write_record(args.output, record)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.runinfo import describe_run
+from phi4_jax.runinfo import describe_run, write_record
 from phi4_jax.weights import INDEX_FILE, hf_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,10 +150,7 @@ def main(argv=None) -> int:
           f"read floor {floor_s:.1f} s ({record['read_floor_gb_per_s']:.2f} GB/s), {record['convert_vs_read_floor']:.1f}x it; "
           f"peak RSS {peak_rss / 1e9:.2f} GB (target {target / 1e9:.2f} GB: "
           f"{'met' if record['meets_rss_target'] else 'MISSED'})", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    write_record(args.output, record)
     return 0
 
 

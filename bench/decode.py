@@ -14,7 +14,6 @@ The host share is 1 - device / streaming.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
 
     from phi4_jax import Phi4Config, Phi4ForCausalLM, load_tokenizer, stream_generate
     from phi4_jax.engine import Engine
-    from phi4_jax.runinfo import describe_run
+    from phi4_jax.runinfo import describe_run, write_record
     from phi4_jax.sampling import SamplingParams
 
     config = Phi4Config.from_dict(dict(
@@ -111,10 +110,7 @@ def main(argv=None) -> int:
               "hidden": args.hidden, "intermediate": args.intermediate, "vocab": 32064,
               "prompt_len": args.prompt_len, "streaming_api": "stream_generate at batch 1, Generation.advance above",
               **describe_run(), "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    write_record(args.output, record)
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Where a measurement was taken: software versions, device, machine and commit, for result records."""
+"""Benchmark records: where a measurement was taken (versions, device, machine, commit), and writing them."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -22,3 +23,11 @@ def describe_run() -> dict:
             "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git_commit": commit}
+
+
+def write_record(path: str, record: dict) -> None:
+    """Writes one benchmark record as indented JSON, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
