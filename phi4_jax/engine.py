@@ -93,7 +93,7 @@ class Engine:
         max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
         limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
         length = cache_length(longest + max_new, self.max_context)
-        width = bucket(longest)
+        width = min(bucket(longest), length)  # a capped context can be shorter than the bucket
         ids = np.zeros((batch, width), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p

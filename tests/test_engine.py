@@ -142,3 +142,13 @@ def test_context_limits(engines):
     # Generation stops at the end of the context: 60 + 4 = 64.
     got, reasons = run(engine, [[5] * 60], SamplingParams(max_tokens=NEW))
     assert len(got[0]) == 4 and reasons == ["length"]
+
+
+def test_prompt_bucket_wider_than_a_capped_context(tiny_checkpoint):
+    """A 40-token prompt is padded to 64, past a 50-token context: the prompt still fits."""
+    folder, hf = tiny_checkpoint("phi-4")
+    engine = Engine(phi4_jax.load(folder, dtype="float32")[0], max_context=50)
+    prompt = prompts(seed=6, lengths=(40,))[0]
+    got, reasons = run(engine, [prompt], SamplingParams(max_tokens=NEW))
+    assert len(got[0]) == 10 and reasons == ["length"]
+    assert got[0] == hf_greedy(hf, prompt)[:10]
