@@ -72,11 +72,13 @@ class Engine:
         self._longrope = self.config.rope_type == "longrope"
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-              stop_ids: Sequence[Sequence[int]]) -> Generation:
+              stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None) -> Generation:
         """Prefills `prompts` (token ids) and samples each row's first token.
 
         `stop_ids[b]`: the token ids that end row b (its EOS set, unless ignored, plus its
-        `stop_token_ids`).
+        `stop_token_ids`). `continuing`: a finished one-prompt generation whose sequence the one
+        prompt extends (a chat's next turn): its KV cache is reused (and consumed) for the common
+        prefix, so only the new tokens are prefilled; `reused_tokens` says how many were reused.
         """
         batch = len(prompts)
         params = [params] * batch if isinstance(params, SamplingParams) else list(params)
@@ -93,19 +95,48 @@ class Engine:
         max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
         limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
         length = cache_length(longest + max_new, self.max_context)
-        width = min(bucket(longest), length)  # a capped context can be shorter than the bucket
-        ids = np.zeros((batch, width), np.int32)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = p
         stops = np.full((batch, max(1, max(len(s) for s in stop_ids))), -1, np.int32)
         for b, s in enumerate(stop_ids):
             stops[b, :len(s)] = sorted(s)
-        state = _start(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(lengths),
+        reused = self._reusable(continuing, prompts, longest + max_new)
+        starts = np.array([reused], np.int32) if reused else np.zeros(batch, np.int32)
+        if reused:
+            history, cache = continuing.state.history, continuing.state.cache
+            length = cache.length
+        else:
+            history = jnp.zeros((batch, length), jnp.int32)
+            cache = KVCache.create(self.config, batch, length, self.dtype)
+        width = min(bucket(int((lengths - starts).max())), length - int(starts.max()))
+        ids = np.zeros((batch, width), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p) - starts[b]] = p[starts[b]:]
+        state = _start(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(starts), jnp.asarray(lengths),
                        jnp.asarray(limits), jnp.asarray(stops),
                        # Rows without a seed differ from call to call, as in vLLM.
                        sampler_state(params, batch, default_seed=int(np.random.SeedSequence().entropy % 2**63)),
-                       length=length, max_new=max_new, dtype=self.dtype)
-        return Generation(self, state, max_new)
+                       history, cache, max_new=max_new, continuing=bool(reused))
+        gen = Generation(self, state, max_new)
+        gen.reused_tokens = reused
+        return gen
+
+    def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
+        """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
+        usable): the sequence must extend the cached one, fit in its cache, and, for LongRoPE,
+        stay on the same side of the threshold (transformers re-encodes across it)."""
+        if previous is None or len(prompts) != 1 or previous.state.tokens.shape[0] != 1:
+            return 0
+        if needed > previous.state.cache.length:
+            return 0
+        cached = int(previous._positions[0])  # slots 0 .. position of the last token - 1 hold keys
+        prompt = prompts[0]
+        known = np.asarray(previous.state.history[0, :cached])
+        n = min(cached, len(prompt) - 1)  # at least one new token makes the next logits
+        same = np.nonzero(known[:n] != np.asarray(prompt[:n]))[0]
+        common = int(same[0]) if same.size else n
+        orig = self.config.original_max_position_embeddings
+        if self._longrope and (cached > orig) != (len(prompt) > orig):
+            return 0
+        return common
 
 
 class Generation:
@@ -114,6 +145,7 @@ class Generation:
 
     def __init__(self, engine: Engine, state: DecodeState, max_new: int):
         self.engine, self.state, self.max_new = engine, state, max_new
+        self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
         self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
         self._sync()
 
@@ -154,7 +186,7 @@ class Generation:
         s = self.state
         step, self._done, self._by_token, self._generated, self._tokens, positions = jax.device_get(
             (s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions))
-        self._step = int(step)
+        self._step, self._positions = int(step), positions
         # Rows whose next step processes position `original_max_position_embeddings`: transformers
         # re-encodes them there with LongRoPE's long table (`_cross`).
         self._crossing = np.zeros_like(self._done)
@@ -181,17 +213,21 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeSta
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop))
 
 
-@functools.partial(jax.jit, static_argnames=("length", "max_new", "dtype"))
-def _start(graphdef, params, ids, lengths, limits, stop_ids, sampler, *, length, max_new, dtype) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("max_new", "continuing"))
+def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
+           continuing) -> DecodeState:
+    """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
+    else from 0 into a fresh cache) and samples the first token."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    cache = KVCache.create(config, batch, length, dtype)
-    logits, cache = model.prefill(ids, lengths, cache)
-    valid = jnp.arange(width)[None] < lengths[:, None]
-    history = jnp.zeros((batch, length), jnp.int32).at[:, :width].set(jnp.where(valid, ids, 0))
-    seen = jnp.zeros((batch, config.vocab_size), bool).at[
-        jnp.arange(batch)[:, None], ids].max(valid)
+    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None)
+    rows = jnp.arange(batch)[:, None]
+    slots = starts[:, None] + jnp.arange(width)
+    # Pad columns go to slot L, which mode="drop" discards.
+    history = history.at[rows, jnp.where(slots < lengths[:, None], slots, history.shape[1])].set(ids, mode="drop")
+    seen = jnp.zeros((batch, config.vocab_size), bool).at[rows, history].max(
+        jnp.arange(history.shape[1])[None] < lengths[:, None])
     state = DecodeState(
         step=jnp.int32(0), tokens=jnp.zeros((batch, max_new), jnp.int32), last=jnp.zeros(batch, jnp.int32),
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),

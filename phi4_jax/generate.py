@@ -22,7 +22,7 @@ from absl.flags import argparse_flags
 from phi4_jax import cli
 from phi4_jax.errors import ConfigError, SamplingError
 from phi4_jax.generation import generate as _generate
-from phi4_jax.generation import stream_generate
+from phi4_jax.generation import PromptCache, stream_generate
 from phi4_jax.sampling import SamplingParams
 
 # Sampling fields -> the flags that set them, so a bad value names the flag the user typed.
@@ -107,12 +107,12 @@ def _print_stats(last) -> None:
     print(f"Compile: {last.compile_seconds:.2f} s", file=sys.stderr)
 
 
-def _run_once(args, engine, tokenizer, sampling, prompt) -> tuple[str, object]:
+def _run_once(args, engine, tokenizer, sampling, prompt, prompt_cache=None) -> tuple[str, object]:
     if args.verbose:
         shown = prompt if isinstance(prompt, str) else tokenizer.render_chat_template(prompt)
         print(f"==========\n{shown}\n==========", file=sys.stderr)
     pieces, tokens, last = [], [], None
-    for response in stream_generate(engine, tokenizer, prompt, sampling):
+    for response in stream_generate(engine, tokenizer, prompt, sampling, prompt_cache=prompt_cache):
         pieces.append(response.text)
         if response.token is not None:
             tokens.append(response.token)
@@ -132,6 +132,7 @@ def _run_once(args, engine, tokenizer, sampling, prompt) -> tuple[str, object]:
 
 def _chat(args, engine, tokenizer, sampling) -> None:
     history: list[dict] = []
+    cache = PromptCache()  # each turn prefills only what the conversation added
     print("chat: 'q' quits, 'r' resets the conversation", file=sys.stderr)
     for line in sys.stdin:
         line = line.rstrip("\n")
@@ -139,12 +140,13 @@ def _chat(args, engine, tokenizer, sampling) -> None:
             break
         if line.strip() == "r":
             history = []
+            cache.reset()
             print("(conversation reset)", file=sys.stderr)
             continue
         if not line.strip():
             continue
         prompt = _prompt(args, tokenizer, line, history)
-        text, _ = _run_once(args, engine, tokenizer, sampling, prompt)
+        text, _ = _run_once(args, engine, tokenizer, sampling, prompt, cache)
         if not isinstance(prompt, str):
             history = prompt + [{"role": "assistant", "content": text}]
 

@@ -34,6 +34,17 @@ class GenerationResponse:
     peak_memory_gb: float | None  # the device's peak where the backend reports it (last response only)
 
 
+class PromptCache:
+    """Carries the KV cache from one `stream_generate` call to the next: when the next prompt
+    extends the last sequence (a chat's next turn), only its new tokens are prefilled."""
+
+    def __init__(self):
+        self.generation = None  # the last finished Generation (its cache is reused, then consumed)
+
+    def reset(self) -> None:
+        self.generation = None
+
+
 class _CompileClock:
     """Seconds JAX spends compiling, summed from its monitoring events."""
 
@@ -80,7 +91,8 @@ def _peak_memory_gb() -> float | None:
 
 def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt,
                     sampling: SamplingParams | None = None, max_tokens: int | None = None,
-                    chunk: int = STREAM_CHUNK) -> Iterator[GenerationResponse]:
+                    chunk: int = STREAM_CHUNK, prompt_cache: PromptCache | None = None,
+                    ) -> Iterator[GenerationResponse]:
     """Generates from one prompt, yielding a response per token with the text that became safe to
     show (whole characters, no part of a stop string; often empty). A last response (token None)
     flushes held-back text and carries the finish reason.
@@ -90,6 +102,8 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
       prompt: raw text, or chat messages (the chat template is applied).
       sampling: the sampling parameters (default greedy); `max_tokens` overrides its max_tokens.
       chunk: decode steps per device call (the host looks in every `chunk` tokens).
+      prompt_cache: reuse the KV cache of the previous call through the same PromptCache for the
+        prefix this prompt shares with that sequence (use one Engine for all such calls).
     """
     engine = model if isinstance(model, Engine) else Engine(model)
     params = sampling or SamplingParams()
@@ -100,7 +114,10 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
     decoder = tokenizer.stream(stop=params.stop)
     compile_before = _compile_clock.total
     start = time.perf_counter()
-    gen = engine.start([ids], params, [sorted(stops)])
+    previous = prompt_cache.generation if prompt_cache is not None else None
+    if prompt_cache is not None:
+        prompt_cache.generation = None  # its cache is consumed by the next start
+    gen = engine.start([ids], params, [sorted(stops)], continuing=previous)
     new = gen.advance(0)[0]  # the prefill's token
     prefill_s = time.perf_counter() - start
     decode_start = time.perf_counter()
@@ -125,6 +142,8 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
         if gen.finished:
             break
         new = gen.advance(chunk)[0]
+    if prompt_cache is not None:
+        prompt_cache.generation = gen
     yield response(decoder.finish(), None, gen.finish_reasons()[0])
 
 

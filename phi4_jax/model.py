@@ -191,13 +191,24 @@ class Phi4ForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         return self._head(self.model(input_ids, positions))
 
-    def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Runs right-padded prompts `[B, T]` of `lengths` `[B]` from position 0, filling the cache;
-        returns the logits `[B, vocab]` at each row's last prompt token, and the cache."""
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        h, cache = self.model(input_ids, positions, lengths, cache)
-        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
-        return self._head(last)[:, 0], cache
+    def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache,
+                starts: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts `[B, T]` into the cache; returns the logits `[B, vocab]` at each
+        row's last prompt token (position `lengths[b] - 1`), and the cache.
+
+        Without `starts` the prompts start at position 0 and attend among themselves; with
+        `starts` `[B]` they continue sequences whose first `starts[b]` positions are cached (a
+        chat's next turn) and attend over the cache.
+        """
+        offsets = jnp.arange(input_ids.shape[1])
+        if starts is None:
+            h, cache = self.model(input_ids, jnp.broadcast_to(offsets, input_ids.shape), lengths, cache)
+            last = lengths - 1
+        else:
+            h, cache = self.model(input_ids, starts[:, None] + offsets, lengths, cache, attend_cache=True)
+            last = lengths - starts - 1
+        h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, E]
+        return self._head(h)[:, 0], cache
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`."""

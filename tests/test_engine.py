@@ -152,3 +152,26 @@ def test_prompt_bucket_wider_than_a_capped_context(tiny_checkpoint):
     got, reasons = run(engine, [prompt], SamplingParams(max_tokens=NEW))
     assert len(got[0]) == 10 and reasons == ["length"]
     assert got[0] == hf_greedy(hf, prompt)[:10]
+
+
+@pytest.mark.parametrize("shape,first,second", [
+    ("phi-4", 6, 5),  # the next turn extends the cached sequence
+    ("phi-4-mini", 5, 4),  # stays under original_max_position_embeddings (16): reused
+    ("phi-4-mini", 10, 9),  # crosses it: transformers re-encodes, so no reuse
+])
+def test_next_turn_reuses_the_cache_and_gives_the_same_tokens(engines, shape, first, second):
+    engine, _ = engines(shape)
+    turn1 = prompts(seed=7, lengths=(first,))[0]
+    params = SamplingParams(max_tokens=4)
+    gen = engine.start([turn1], params, [[]])
+    reply = []
+    while not gen.finished:
+        reply += gen.advance(4)[0]
+    turn2 = turn1 + reply + prompts(seed=8, lengths=(second,))[0]
+    fresh = engine.start([turn2], params, [[]])
+    want = fresh.advance(4)[0]
+    again = engine.start([turn2], params, [[]], continuing=gen)
+    assert again.advance(4)[0] == want
+    crosses = len(turn2) > 16 and shape == "phi-4-mini"
+    # The reply's last token was never fed to the model, so the cache holds one token less.
+    assert again.reused_tokens == (0 if crosses else len(turn1) + len(reply) - 1)

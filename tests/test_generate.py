@@ -176,3 +176,29 @@ def test_cli_in_a_real_process(chat_model):
     code = subprocess.run([sys.executable, "-m", "phi4_jax.generate", "--model", str(folder), "--temp", "-2",
                            "-p", "x"], capture_output=True, text=True, env=env, timeout=300)
     assert code.returncode == cli.EXIT_USAGE and "--temp" in code.stderr
+
+
+def test_cli_chat_reuses_the_cache_across_turns(chat_model, capsys, monkeypatch):
+    folder, model, tokenizer = chat_model
+    code, out, err = run_cli(capsys, "--model", folder, "--chat", "-m", 6, "--ignore-eos", "--quiet",
+                             stdin="What is 2+2?\nAnd 3+3?\nq\n", monkeypatch=monkeypatch)
+    assert code == 0, err
+    first, second = out.splitlines()[:2]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    turn1 = [{"role": "user", "content": "What is 2+2?"}]
+    assert first == phi4_jax.generate(model, tokenizer, turn1, params)
+    turn2 = turn1 + [{"role": "assistant", "content": first}, {"role": "user", "content": "And 3+3?"}]
+    assert second == phi4_jax.generate(model, tokenizer, turn2, params)
+
+
+def test_prompt_cache_reports_reuse(chat_model):
+    _, model, tokenizer = chat_model
+    engine = Engine(model)
+    cache = phi4_jax.generation.PromptCache()
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    turn1 = [{"role": "user", "content": "Hello"}]
+    reply = "".join(r.text for r in phi4_jax.stream_generate(engine, tokenizer, turn1, params, prompt_cache=cache))
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "More"}]
+    text = "".join(r.text for r in phi4_jax.stream_generate(engine, tokenizer, turn2, params, prompt_cache=cache))
+    assert cache.generation.reused_tokens >= len(tokenizer.apply_chat_template(turn1))
+    assert text == phi4_jax.generate(model, tokenizer, turn2, params)
