@@ -24,13 +24,13 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from phi4_jax.checkpoint import SIDE_FILES
 from phi4_jax.config import Phi4Config
 from phi4_jax.runinfo import describe_run, write_record
 from phi4_jax.weights import INDEX_FILE, hf_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "convert.json")
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:

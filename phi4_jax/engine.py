@@ -184,14 +184,10 @@ class Generation:
     def _sync(self) -> None:
         """Copies what the host looks at to host memory, in one transfer."""
         s = self.state
-        step, self._done, self._by_token, self._generated, self._tokens, positions = jax.device_get(
-            (s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions))
-        self._step, self._positions = int(step), positions
-        # Rows whose next step processes position `original_max_position_embeddings`: transformers
-        # re-encodes them there with LongRoPE's long table (`_cross`).
-        self._crossing = np.zeros_like(self._done)
-        if self.engine._longrope:
-            self._crossing = ~self._done & (positions == self.engine.config.original_max_position_embeddings)
+        crossing = _crossing(self.engine.config, s) if self.engine._longrope else jnp.zeros_like(s.done)
+        step, self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing = (
+            jax.device_get((s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing)))
+        self._step = int(step)
 
 
 def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeState:

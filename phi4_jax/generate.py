@@ -11,7 +11,6 @@ examples:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import types

@@ -6,11 +6,9 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import phi4_jax
-from conftest import make_hf_model
 from phi4_jax import cli
 from phi4_jax.engine import Engine
 from phi4_jax.sampling import SamplingParams
