@@ -23,9 +23,11 @@ class KVCache(NamedTuple):
     values: tuple[jax.Array, ...]
 
     @classmethod
-    def create(cls, config: Phi4Config, batch: int, length: int, dtype) -> KVCache:
+    def create(cls, config: Phi4Config, batch: int, length: int, dtype, sharding=None) -> KVCache:
+        """Zeros; `sharding` (one for every layer's keys and values) lays them out on a mesh."""
         shape = (batch, config.num_key_value_heads, length, config.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
+        zeros = lambda: tuple(jnp.zeros(shape, dtype, device=sharding)  # noqa: E731
+                              for _ in range(config.num_hidden_layers))
         return cls(zeros(), zeros())
 
     @property

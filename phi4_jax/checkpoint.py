@@ -340,7 +340,8 @@ def _abstract_with_sharding(abstract: dict) -> dict:
 
 
 def restore_params(folder: str, abstract: dict) -> dict:
-    """The parameter tree of an Orbax folder, restored into `abstract`'s shapes and dtypes."""
+    """The parameter tree of an Orbax folder, restored into `abstract`'s shapes and dtypes, and
+    onto its shardings when it has them (each device reads its own block; default: device 0)."""
     params_dir = os.path.join(folder, PARAMS)
     if not os.path.isdir(params_dir):
         raise ModelNotFoundError(f"{params_dir} is missing; the folder is not a complete phi4_jax checkpoint")

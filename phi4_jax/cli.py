@@ -41,6 +41,30 @@ def flag(*names: str) -> list[str]:
     return spellings
 
 
+def add_mesh_flags(p: argparse.ArgumentParser) -> None:
+    """--mesh, and the flags that join a multi-host run (see `join_multihost`)."""
+    p.add_argument("--mesh", default=None,
+                   help="shard over a device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (axes data, "
+                        "fsdp, tensor, seq; sizes multiply to the device count of all hosts); default: one device")
+    group = p.add_argument_group("multi-host (one process per host, same command on each)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-host run; on TPU pod slices, Slurm and Open MPI nothing else is needed")
+    group.add_argument(*flag("--coordinator-address"), default=None,
+                       help="process 0's HOST:PORT (implies --distributed; env JAX_COORDINATOR_ADDRESS)")
+    group.add_argument(*flag("--num-processes"), type=int, default=None,
+                       help="how many processes in all (env JAX_NUM_PROCESSES)")
+    group.add_argument(*flag("--process-id"), type=int, default=None,
+                       help="this process's index, 0 .. num-processes - 1 (env JAX_PROCESS_ID)")
+
+
+def join_multihost(args) -> None:
+    """Joins the multi-host run the flags of `add_mesh_flags` ask for (before any device is used)."""
+    if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
+        from phi4_jax import distributed
+
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def run(main: Callable[[], int | None]) -> int:
     """Runs a command's body; maps phi4_jax's typed errors to exit codes and one-line messages."""
     try:

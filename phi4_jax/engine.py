@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from phi4_jax import sharding
 from phi4_jax.cache import KVCache, cache_length
 from phi4_jax.errors import ConfigError
 from phi4_jax.model import Phi4ForCausalLM
@@ -70,6 +71,22 @@ class Engine:
         self.max_context = max_context or self.config.max_position_embeddings
         self.dtype = model.model.embed_tokens.dtype
         self._longrope = self.config.rope_type == "longrope"
+        # On a mesh (the model was loaded with one): the cache follows the rules table; what the
+        # host reads is replicated, so every process of a multi-host run can read it.
+        self.mesh = sharding.mesh_of(self.params)
+        self._replicated = None if self.mesh is None else sharding.replicated(self.mesh)
+
+    def cache_sharding(self, batch: int, length: int) -> jax.sharding.NamedSharding | None:
+        if self.mesh is None:
+            return None
+        shape = (batch, self.config.num_key_value_heads, length, self.config.head_dim)
+        return sharding.sharding(self.mesh, sharding.CACHE_AXES, shape)
+
+    def put(self, tree):
+        """Host values as device arrays; on a mesh, global arrays replicated on every device."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: sharding.put(x, self._replicated), tree)
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
               stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None) -> Generation:
@@ -104,17 +121,18 @@ class Engine:
             history, cache = continuing.state.history, continuing.state.cache
             length = cache.length
         else:
-            history = jnp.zeros((batch, length), jnp.int32)
-            cache = KVCache.create(self.config, batch, length, self.dtype)
+            history = self.put(np.zeros((batch, length), np.int32))
+            cache = KVCache.create(self.config, batch, length, self.dtype, self.cache_sharding(batch, length))
         width = min(bucket(int((lengths - starts).max())), length - int(starts.max()))
         ids = np.zeros((batch, width), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p) - starts[b]] = p[starts[b]:]
-        state = _start(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(starts), jnp.asarray(lengths),
-                       jnp.asarray(limits), jnp.asarray(stops),
-                       # Rows without a seed differ from call to call, as in vLLM.
-                       sampler_state(params, batch, default_seed=int(np.random.SeedSequence().entropy % 2**63)),
-                       history, cache, max_new=max_new, continuing=bool(reused))
+        # Rows without a seed differ from call to call, as in vLLM (on every process alike).
+        seed = int(np.random.SeedSequence().entropy % 2**63) if self.mesh is None else _shared_seed()
+        sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
+        state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
+                       history, cache, max_new=max_new, continuing=bool(reused),
+                       layout=self.cache_sharding(batch, length))
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -147,6 +165,7 @@ class Generation:
         self.engine, self.state, self.max_new = engine, state, max_new
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
         self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
+        self._layout = engine.cache_sharding(state.tokens.shape[0], state.cache.length)
         self._sync()
 
     @property
@@ -158,11 +177,13 @@ class Generation:
         engine = self.engine
         target = min(self._step + k, self.max_new)
         while not self._done.all() and self._step < target:
-            self.state = _decode(engine.graphdef, engine.params, self.state, jnp.int32(target))
+            self.state = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(target)),
+                                 layout=self._layout)
             self._sync()
             if self._step < target and self._crossing.any():
                 length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
-                self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length)
+                self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length,
+                                    layout=self._layout)
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()
@@ -174,6 +195,7 @@ class Generation:
         mask = np.zeros(self._done.shape, bool)
         mask[list(rows)] = True
         s = self.state
+        mask = self.engine.put(mask)
         self.state = s._replace(done=s.done | mask, stopped_by_token=s.stopped_by_token | mask)
         self._sync()
 
@@ -190,7 +212,26 @@ class Generation:
         self._step = int(step)
 
 
-def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeState:
+def _shared_seed() -> int:
+    """A fresh seed that every process of a multi-host run agrees on (process 0's)."""
+    from jax.experimental import multihost_utils
+
+    seed = np.random.SeedSequence().entropy % 2**62
+    return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+
+
+def _laid_out(state: DecodeState, layout) -> DecodeState:
+    """On a mesh (`layout`: the cache's sharding), pins the cache to it and everything else to
+    replicated, so the host of every process can read what it needs."""
+    if layout is None:
+        return state
+    replicated = sharding.replicated(layout.mesh)
+    rest = {f: jax.lax.with_sharding_constraint(getattr(state, f), replicated)
+            for f in DecodeState._fields if f != "cache"}
+    return DecodeState(**rest, cache=jax.lax.with_sharding_constraint(state.cache, layout))
+
+
+def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None) -> DecodeState:
     """Samples the next token of every row from `logits` [B, V] and records it."""
     token = sample(logits, state.sampler, state.step, state.seen, state.counts)
     active = ~state.done
@@ -203,15 +244,15 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeSta
     is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
     generated = jnp.where(active, step + 1, state.generated)
     finished = active & (is_stop | (generated >= state.limit))
-    return state._replace(
+    return _laid_out(state._replace(
         step=step + 1, tokens=tokens, last=token, positions=positions, history=history,
         seen=seen, counts=counts, cache=cache, generated=generated,
-        done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop))
+        done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("max_new", "continuing"))
+@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("max_new", "continuing", "layout"))
 def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
-           continuing) -> DecodeState:
+           continuing, layout) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token."""
     model = nnx.merge(graphdef, params)
@@ -229,7 +270,7 @@ def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, hi
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
         seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler, cache=cache)
-    return _advance(state, logits, cache)
+    return _advance(state, logits, cache, layout)
 
 
 def _crossing(config, state: DecodeState) -> jax.Array:
@@ -238,8 +279,8 @@ def _crossing(config, state: DecodeState) -> jax.Array:
     return (~state.done) & (state.positions == config.original_max_position_embeddings)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,))
-def _decode(graphdef, params, state: DecodeState, target: jax.Array) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout",))
+def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=None) -> DecodeState:
     """Decode steps until `target` tokens, every row done, or a row at the LongRoPE crossing."""
     model = nnx.merge(graphdef, params)
     longrope = model.config.rope_type == "longrope"
@@ -250,13 +291,13 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array) -> DecodeSt
 
     def step(s):
         logits, cache = model.decode(s.last, s.positions, s.cache)
-        return _advance(s, logits, cache)
+        return _advance(s, logits, cache, layout)
 
-    return jax.lax.while_loop(running, step, state)
+    return _laid_out(jax.lax.while_loop(running, step, state), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length",))
-def _cross(graphdef, params, state: DecodeState, *, reencode_length: int) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout"))
+def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None) -> DecodeState:
     """One step where crossing rows re-encode their whole sequence with the long table (fresh
     keys/values for its slots) and the other rows decode as usual."""
     model = nnx.merge(graphdef, params)
@@ -270,4 +311,4 @@ def _cross(graphdef, params, state: DecodeState, *, reencode_length: int) -> Dec
                             for new, old in zip(fresh_part, cache_part))
                       for fresh_part, cache_part in zip(fresh, cache)))
     logits = jnp.where(crossing[:, None], re_logits, logits)
-    return _advance(state, logits, cache)
+    return _advance(state, logits, cache, layout)

@@ -11,7 +11,9 @@ examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import types
 
@@ -59,10 +61,12 @@ def build_parser() -> argparse_flags.ArgumentParser:
                    help="longest prompt + generation (default: the model's max_position_embeddings)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    cli.add_mesh_flags(p)
     p.add_argument("--json", action="store_true",
                    help='print one JSON object: {"text", "tokens", "prompt_tokens", "finish_reason", "stats"}')
     verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("--verbose", action="store_true", help="also print the prompt as the model sees it")
+    verbosity.add_argument("--verbose", action="store_true",
+                           help="also print the prompt as the model sees it, and the mesh layout of the weights")
     verbosity.add_argument("--quiet", action="store_true", help="no statistics on stderr")
     return p
 
@@ -168,18 +172,32 @@ def _main(args) -> int:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not text.strip():
             raise ConfigError("the prompt is empty")
+    cli.join_multihost(args)
+    from phi4_jax import distributed, sharding
     from phi4_jax.engine import Engine
     from phi4_jax.loading import load
 
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    main_process = distributed.is_main_process()
+    if args.chat and not main_process:
+        raise ConfigError("--chat reads stdin on one host; give multi-host runs a --prompt")
+    model, tokenizer = load(args.model, dtype=args.dtype, mesh=args.mesh, progress=main_process)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
+    if args.verbose and args.mesh and main_process:
+        from flax import nnx
+
+        print(sharding.describe(nnx.to_pure_dict(nnx.state(model))), file=sys.stderr)
     sampling = sampling_from(args, tokenizer)
     engine = Engine(model, max_context=args.max_context)
     if args.chat:
         _chat(args, engine, tokenizer, sampling)
-    else:
-        _run_once(args, engine, tokenizer, sampling, _prompt(args, tokenizer, text, []))
+        return cli.EXIT_OK
+    prompt = _prompt(args, tokenizer, text, [])
+    if main_process:
+        _run_once(args, engine, tokenizer, sampling, prompt)
+    else:  # every process runs the same steps; only process 0 prints
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            _run_once(args, engine, tokenizer, sampling, prompt)
     return cli.EXIT_OK
 
 

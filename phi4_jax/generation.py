@@ -84,9 +84,10 @@ def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> set[int]:
 
 
 def _peak_memory_gb() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 1e9
+    """The peak of this process's fullest device (None where the backend does not say, as on CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) / 1e9 if peaks else None
 
 
 def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt,

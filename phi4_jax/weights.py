@@ -32,15 +32,56 @@ SAFETENSORS_FLOATS = {"F16": np.dtype("float16"), "BF16": np.dtype("bfloat16"),
                       "F32": np.dtype("float32"), "F64": np.dtype("float64")}
 
 
+Index = tuple[slice, ...]  # a block of an array: one `slice(start, stop)` per dimension
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How HF `[out, in]` rows become one of our parameters, and back."""
+    """How HF `[out, in]` rows become one of our parameters, and back.
 
-    to_ours: Callable[[np.ndarray], np.ndarray]
+    `read(get, index)` makes the block `index` of our parameter from `get(hf_index)`, which reads a
+    block of the HF rows, so a device can load its shard without the whole tensor being read.
+    """
+
+    read: Callable[[Callable[[Index], np.ndarray], Index], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-SAME = Layout(lambda w: w, lambda p: p)
+SAME = Layout(lambda get, index: get(index), lambda p: p)
+TRANSPOSE = Layout(lambda get, index: get(index[::-1]).T, lambda p: p.T)  # [out, in] <-> [in, out]
+
+
+def _in_heads(d: int, repeat: int) -> Layout:
+    """[heads*d, e] <-> [e, heads*repeat, d]: each head repeated `repeat` times in a row (GQA on a
+    mesh whose tensor axis does not divide the KV heads; see sharding.kv_repeat)."""
+    def read(get, index):
+        e, h, dim = index
+        first, last = h.start // repeat, (h.stop - 1) // repeat + 1  # the stored heads covering h
+        rows = get((slice(first * d, last * d), e)).T.reshape(e.stop - e.start, last - first, d)
+        if repeat == 1:
+            return rows[:, :, dim]
+        skip = h.start - first * repeat
+        return np.repeat(rows, repeat, axis=1)[:, skip:skip + h.stop - h.start, dim]
+
+    def to_hf(p):
+        e, heads, _ = p.shape
+        return p[:, ::repeat].reshape(e, heads // repeat * d).T
+
+    return Layout(read, to_hf)
+
+
+def _out_heads(d: int) -> Layout:
+    """[e, n*d] <-> [n, d, e]."""
+    def read(get, index):
+        n, dim, e = index
+        cols = get((e, slice(n.start * d, n.stop * d)))
+        return cols.T.reshape(n.stop - n.start, d, e.stop - e.start)[:, dim]
+
+    return Layout(read, lambda p: p.reshape(p.shape[0] * d, p.shape[2]).T)
+
+
+def full_index(shape: tuple[int, ...]) -> Index:
+    return tuple(slice(0, n) for n in shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,55 +91,61 @@ class Target:
     path: str
     rows: int | None
     layout: Layout
+    shape: tuple[int, ...]  # of our parameter
 
 
-def _layer_table(c: Phi4Config) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+def _layer_table(c: Phi4Config, kv_repeat: int) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
     """Per-layer HF tensors: name -> (HF shape, the parameters its rows become, in row order)."""
     e, n, kv, d, i = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                       c.intermediate_size)
-    transpose = Layout(lambda w: w.T, lambda p: p.T)  # [out, in] <-> [in, out]
-
-    def in_heads(heads):  # [heads*d, e] <-> [e, heads, d]
-        return Layout(lambda w: w.T.reshape(e, heads, d), lambda p: p.reshape(e, heads * d).T)
-
-    out_heads = Layout(lambda w: w.T.reshape(n, d, e), lambda p: p.reshape(n * d, e).T)  # [e, n*d] <-> [n, d, e]
+    kv_out = kv * kv_repeat
     return {
         "self_attn.qkv_proj.weight": (((n + 2 * kv) * d, e), [
-            Target("self_attn.q_proj.kernel", n * d, in_heads(n)),
-            Target("self_attn.k_proj.kernel", kv * d, in_heads(kv)),
-            Target("self_attn.v_proj.kernel", kv * d, in_heads(kv)),
+            Target("self_attn.q_proj.kernel", n * d, _in_heads(d, 1), (e, n, d)),
+            Target("self_attn.k_proj.kernel", kv * d, _in_heads(d, kv_repeat), (e, kv_out, d)),
+            Target("self_attn.v_proj.kernel", kv * d, _in_heads(d, kv_repeat), (e, kv_out, d)),
         ]),
-        "self_attn.o_proj.weight": ((e, n * d), [Target("self_attn.o_proj.kernel", None, out_heads)]),
+        "self_attn.o_proj.weight": ((e, n * d), [Target("self_attn.o_proj.kernel", None, _out_heads(d), (n, d, e))]),
         "mlp.gate_up_proj.weight": ((2 * i, e), [
-            Target("mlp.gate_proj.kernel", i, transpose),
-            Target("mlp.up_proj.kernel", i, transpose),
+            Target("mlp.gate_proj.kernel", i, TRANSPOSE, (e, i)),
+            Target("mlp.up_proj.kernel", i, TRANSPOSE, (e, i)),
         ]),
-        "mlp.down_proj.weight": ((e, i), [Target("mlp.down_proj.kernel", None, transpose)]),
-        "input_layernorm.weight": ((e,), [Target("input_layernorm.weight", None, SAME)]),
-        "post_attention_layernorm.weight": ((e,), [Target("post_attention_layernorm.weight", None, SAME)]),
+        "mlp.down_proj.weight": ((e, i), [Target("mlp.down_proj.kernel", None, TRANSPOSE, (i, e))]),
+        "input_layernorm.weight": ((e,), [Target("input_layernorm.weight", None, SAME, (e,))]),
+        "post_attention_layernorm.weight": ((e,), [Target("post_attention_layernorm.weight", None, SAME, (e,))]),
     }
 
 
-def hf_tensors(config: Phi4Config) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
-    """Every tensor an HF checkpoint of `config` holds, in HF's order: name -> (shape, targets)."""
+def hf_tensors(config: Phi4Config, kv_repeat: int = 1) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+    """Every tensor an HF checkpoint of `config` holds, in HF's order: name -> (shape, targets).
+    `kv_repeat` > 1 makes the k/v kernels with each KV head repeated (a model on a mesh)."""
     c = config
-    table = {"model.embed_tokens.weight": ((c.vocab_size, c.hidden_size), [Target("model.embed_tokens.weight", None, SAME)])}
+    vocab = (c.vocab_size, c.hidden_size)
+    table = {"model.embed_tokens.weight": (vocab, [Target("model.embed_tokens.weight", None, SAME, vocab)])}
     for layer in range(c.num_hidden_layers):
         prefix = f"model.layers.{layer}."
-        for name, (shape, targets) in _layer_table(c).items():
+        for name, (shape, targets) in _layer_table(c, kv_repeat).items():
             table[prefix + name] = (shape, [dataclasses.replace(t, path=prefix + t.path) for t in targets])
-    table["model.norm.weight"] = ((c.hidden_size,), [Target("model.norm.weight", None, SAME)])
+    table["model.norm.weight"] = ((c.hidden_size,), [Target("model.norm.weight", None, SAME, (c.hidden_size,))])
     if not c.tie_word_embeddings:
-        table["lm_head.weight"] = ((c.vocab_size, c.hidden_size), [Target("lm_head.weight", None, SAME)])
+        table["lm_head.weight"] = (vocab, [Target("lm_head.weight", None, SAME, vocab)])
     return table
 
 
+def row_blocks(shape: tuple[int, ...], targets: list[Target]) -> list[tuple[Target, int, int]]:
+    """Each target with the first and last + 1 rows of the HF tensor it is made from."""
+    blocks, start = [], 0
+    for t in targets:
+        stop = shape[0] if t.rows is None else start + t.rows
+        blocks.append((t, start, stop))
+        start = stop
+    return blocks
+
+
 def split_hf_tensor(tensor: np.ndarray, targets: list[Target]) -> dict[str, np.ndarray]:
-    """An HF tensor's rows as our parameters (views where the layout allows)."""
-    if len(targets) == 1:
-        return {targets[0].path: targets[0].layout.to_ours(tensor)}
-    bounds = np.cumsum([t.rows for t in targets])[:-1]
-    return {t.path: t.layout.to_ours(rows) for t, rows in zip(targets, np.split(tensor, bounds))}
+    """An HF tensor's rows as our parameters."""
+    return {t.path: t.layout.read(lambda index, rows=tensor[start:stop]: rows[index], full_index(t.shape))
+            for t, start, stop in row_blocks(tensor.shape, targets)}
 
 
 def fuse_hf_tensor(params: dict[str, np.ndarray], targets: list[Target]) -> np.ndarray:
@@ -240,22 +287,60 @@ def _some(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_hf_params(folder: str, config: Phi4Config, abstract: dict) -> dict:
+def load_hf_params(folder: str, config: Phi4Config, abstract: dict, shardings: dict | None = None,
+                   kv_repeat: int = 1, progress: bool = True) -> dict:
     """Fills a pure-dict parameter tree of `ShapeDtypeStruct`s (`nnx.to_pure_dict` of the abstract
-    model's state) with the folder's weights, each put on the default device as soon as it is read."""
+    model's state) with the folder's weights, tensor by tensor.
+
+    `shardings` (a pure dict of `Sharding`s; default: everything on the first device) places each
+    parameter as it is read: every device reads only its own block of the safetensors file
+    (`jax.make_array_from_callback`), so no process holds more than one tensor on the host.
+    `kv_repeat`: repeat each KV head this many times (`sharding.kv_repeat`).
+    """
     wanted = traverse_util.flatten_dict(abstract)
-    dtypes = {leaf.dtype for leaf in wanted.values()}
-    if len(dtypes) != 1:
-        raise ValueError(f"expected one parameter dtype, got {dtypes}")
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placed = dict.fromkeys(wanted, device)
+    else:
+        placed = traverse_util.flatten_dict(shardings)
+    sources = inspect_hf(folder, config)
+    table = hf_tensors(config, kv_repeat)
     filled = {}
-    for _, parts in read_hf_params(inspect_hf(folder, config), dtypes.pop()):
-        for path, array in parts.items():
-            key = param_key(path)
-            # A mismatch here is a bug in the mapping table, not in the user's files.
-            assert array.shape == wanted[key].shape, (path, array.shape, wanted[key].shape)
-            filled[key] = jax.device_put(array)
+    with tqdm(total=sum(s.nbytes for s in sources), desc="Loading weights", unit="B", unit_scale=True,
+              disable=None if progress else True) as bar:
+        for source in sources:
+            targets = table[source.name][1]
+            with _open(source.file) as f:  # one open per tensor: see read_hf_params
+                rows = f.get_slice(source.name)
+                for target, start, _ in row_blocks(source.shape, targets):
+                    key = param_key(target.path)
+                    # A mismatch here is a bug in the mapping table, not in the user's files.
+                    assert target.shape == wanted[key].shape, (target.path, target.shape, wanted[key].shape)
+                    filled[key] = _place(source, rows, start, target, wanted[key].dtype, placed[key])
+            bar.update(source.nbytes)
     assert filled.keys() == wanted.keys(), set(filled) ^ set(wanted)
     return traverse_util.unflatten_dict(filled)
+
+
+def _place(source: SourceTensor, rows, start: int, target: Target, dtype, sharding) -> jax.Array:
+    """One parameter on its devices; devices holding the same block share one read of it."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def get(hf_index: Index) -> np.ndarray:
+        first = hf_index[0]
+        try:
+            return rows[(slice(start + first.start, start + first.stop), *hf_index[1:])]
+        except (SafetensorError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {source.name} from {source.file}: {e}") from None
+
+    def block(index: Index) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, target.shape))
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in blocks:
+            blocks[key] = np.ascontiguousarray(target.layout.read(get, index).astype(dtype, copy=False))
+        return blocks[key]
+
+    return jax.make_array_from_callback(target.shape, sharding, block)
 
 
 def param_key(path: str) -> tuple:

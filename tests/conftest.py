@@ -28,19 +28,20 @@ def _factors(n, start, step):
 
 
 TINY_SHAPES = {
-    # full rotary, theta 250000, GQA 4:1, untied head
-    "phi-4": dict(hidden_size=128, intermediate_size=160, num_attention_heads=8, num_key_value_heads=2,
+    # full rotary, theta 250000, GQA 4:1 with phi-4's 40 query / 10 KV heads, untied head
+    "phi-4": dict(hidden_size=160, intermediate_size=192, num_attention_heads=40, num_key_value_heads=10,
                   max_position_embeddings=64, original_max_position_embeddings=64,
                   rope_parameters=dict(rope_type="default", rope_theta=250000.0),
                   tie_word_embeddings=False, sliding_window=None),
-    # partial rotary 0.75, longrope with distinct short/long factors, GQA 3:1, tied head
-    "phi-4-mini": dict(hidden_size=96, intermediate_size=128, num_attention_heads=6, num_key_value_heads=2,
+    # partial rotary 0.75, longrope with distinct short/long factors, Phi-4-mini's 24 query / 8 KV
+    # heads, tied head
+    "phi-4-mini": dict(hidden_size=192, intermediate_size=256, num_attention_heads=24, num_key_value_heads=8,
                        max_position_embeddings=256, original_max_position_embeddings=16,
                        partial_rotary_factor=0.75,
                        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
                                             partial_rotary_factor=0.75,
-                                            short_factor=_factors(6, 1.0, 0.05),
-                                            long_factor=_factors(6, 1.5, 4.0)),
+                                            short_factor=_factors(3, 1.0, 0.15),
+                                            long_factor=_factors(3, 1.5, 8.0)),
                        tie_word_embeddings=True, sliding_window=262144),
     # MHA, longrope, untied head
     "phi-3.5-mini": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,

@@ -243,11 +243,11 @@ def test_tensor_with_wrong_shape(copy_of, name, change):
 def test_config_that_does_not_fit_the_weights(copy_of):
     folder = copy_of()
     raw = json.loads((folder / "config.json").read_text())
-    raw["intermediate_size"] = 192  # the weights have 160
+    raw["intermediate_size"] = 224  # the weights have 192
     (folder / "config.json").write_text(json.dumps(raw))
     err = load_fails(folder, CheckpointError, folder / WEIGHTS, "config.json implies")
-    assert re.search(r"model\.layers\.\d\.mlp\.gate_up_proj\.weight .* \(320, 128\);.*\(384, 128\)"
-                     r"|model\.layers\.\d\.mlp\.down_proj\.weight .* \(128, 160\);.*\(128, 192\)",
+    assert re.search(r"model\.layers\.\d\.mlp\.gate_up_proj\.weight .* \(384, 160\);.*\(448, 160\)"
+                     r"|model\.layers\.\d\.mlp\.down_proj\.weight .* \(160, 192\);.*\(160, 224\)",
                      str(err)), err
 
 

@@ -1,0 +1,400 @@
+"""Meshes, the rules table, GQA KV-head repeats, loading onto a mesh, and sharded generation
+against the single-device run (8 simulated CPU devices; meshes smaller than 8 use the first ones)."""
+
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+import phi4_jax
+from phi4_jax import checkpoint, sharding, weights
+from phi4_jax.config import Phi4Config
+from phi4_jax.engine import Engine
+from phi4_jax.model import abstract_model
+from phi4_jax.sampling import SamplingParams
+from phi4_jax.sharding import MeshError
+
+MESHES = ("tensor=2", "tensor=4", "tensor=8", "fsdp=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2")
+SHAPES = ("phi-4", "phi-4-mini")  # tiny, with the real models' 40 q / 10 kv and 24 q / 8 kv heads
+LENGTHS = (5, 11, 3, 7)  # phi-4-mini's tiny LongRoPE threshold is 16: its rows cross it while decoding
+
+
+def mesh(spec: str):
+    sizes = sharding.parse_mesh(spec)
+    return sharding.make_mesh(spec, jax.devices()[:math.prod(sizes.values())])
+
+
+# --- mesh specs ------------------------------------------------------------------------------------
+
+def test_mesh_spec_fills_missing_axes_with_one():
+    assert sharding.parse_mesh("data=2, tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4, "seq": 1}
+    m = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    assert m.axis_names == ("data", "fsdp", "tensor", "seq") and tuple(m.shape.values()) == (2, 2, 2, 1)
+    assert sharding.make_mesh(m) is m
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("tensor=4", ["4 devices", "there are 8", "multiply to 8"]),
+    ("tensor=four", ["AXIS=SIZE"]),
+    ("model=8", ["unknown axis 'model'", "data, fsdp, tensor, seq"]),
+    ("tensor=2,tensor=4", ["given twice"]),
+    ("tensor=0,data=8", ["at least 1"]),
+])
+def test_bad_mesh_specs_say_what_is_wrong(spec, words):
+    with pytest.raises(MeshError) as info:
+        sharding.make_mesh(spec)
+    for word in words:
+        assert word in str(info.value), info.value
+
+
+# --- GQA: the minimal KV-head repeat ----------------------------------------------------------------
+
+def brute_force_repeat(n, kv, tensor):
+    return min((r for r in range(1, n + 1) if (kv * r) % tensor == 0 and n % (kv * r) == 0), default=None)
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("phi-4", {1: 1, 2: 1, 4: 2, 8: 4}),
+    ("phi-4-mini", {1: 1, 2: 1, 4: 1, 8: 1}),
+    ("phi-3.5-mini", {1: 1, 2: 1, 4: 1, 8: 1}),
+])
+def test_kv_repeat_of_the_real_models(fixtures_dir, model, expected):
+    config = Phi4Config.from_json(fixtures_dir / model)
+    n, kv = config.num_attention_heads, config.num_key_value_heads
+    assert {t: sharding.kv_repeat(config, t) for t in expected} == expected
+    for tensor in range(1, 2 * n + 1):  # the rule of DESIGN §5, everywhere
+        want = brute_force_repeat(n, kv, tensor)
+        if want is None:
+            with pytest.raises(MeshError, match="tensor sizes that work"):
+                sharding.kv_repeat(config, tensor)
+        else:
+            assert sharding.kv_repeat(config, tensor) == want
+
+
+def test_impossible_tensor_size_lists_the_ones_that_work(fixtures_dir):
+    with pytest.raises(MeshError) as info:
+        sharding.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4"), 16)
+    assert "40 query / 10 KV heads" in str(info.value)
+    assert "1, 2, 4, 5, 8, 10, 20, 40" in str(info.value)
+    with pytest.raises(MeshError, match="1, 2, 3, 4, 6, 8, 12, 24"):
+        sharding.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4-mini"), 16)
+
+
+# --- the rules table --------------------------------------------------------------------------------
+
+def test_rules_give_the_designed_layout(fixtures_dir):
+    """DESIGN §5: embed -> fsdp, heads/mlp/vocab -> tensor, batch -> (data, fsdp), sequence -> seq."""
+    m = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    config = sharding.config_for_mesh(Phi4Config.from_json(fixtures_dir / "phi-4"), m)
+    state = nnx.state(abstract_model(config))
+    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(
+        m, nnx.to_pure_dict(state), sharding.logical_axes(state)))
+    layer = specs["model"]["layers"][0]
+    assert layer["self_attn"]["q_proj"]["kernel"] == ("fsdp", "tensor", None)
+    assert layer["self_attn"]["k_proj"]["kernel"] == ("fsdp", "tensor", None)
+    assert layer["self_attn"]["o_proj"]["kernel"] == ("tensor", None, "fsdp")
+    assert layer["mlp"]["gate_proj"]["kernel"] == ("fsdp", "tensor")
+    assert layer["mlp"]["down_proj"]["kernel"] == ("tensor", "fsdp")
+    assert layer["input_layernorm"]["weight"] == ("fsdp",)
+    assert specs["lm_head"]["weight"] == ("tensor", "fsdp")
+    cache = sharding.spec(sharding.make_mesh("data=2,tensor=2,seq=2"), sharding.CACHE_AXES, (4, 10, 256, 128))
+    assert tuple(cache) == ("data", "tensor", "seq", None)
+
+
+def test_axes_the_mesh_does_not_divide_stay_whole():
+    m = sharding.make_mesh("data=2,tensor=4")
+    assert tuple(sharding.spec(m, ("batch", "kv_heads"), (1, 10))) == (None, None)
+    assert tuple(sharding.spec(m, ("batch", "kv_heads"), (6, 12))) == ("data", "tensor")
+
+
+@pytest.mark.parametrize("spec", ["tensor=8", "fsdp=8", "data=2,fsdp=2,tensor=2"])
+def test_per_device_weights_of_real_phi4_are_total_over_fsdp_times_tensor(fixtures_dir, spec):
+    """From the shardings of the real phi-4's parameters (shapes only): each device holds
+    1/(fsdp*tensor) of the weights, plus its share of the repeated KV heads."""
+    m = sharding.make_mesh(spec)
+    config = Phi4Config.from_json(fixtures_dir / "phi-4")
+    repeated = sharding.config_for_mesh(config, m)
+    state = nnx.state(abstract_model(repeated, param_dtype="bfloat16"))
+    abstract = nnx.to_pure_dict(state)
+    placed = sharding.param_shardings(m, abstract, sharding.logical_axes(state))
+    per_device = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                     for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(placed)))
+    extra_kv = 2 * config.num_hidden_layers * config.hidden_size * config.head_dim * 2 * (
+        repeated.num_key_value_heads - config.num_key_value_heads)
+    want = (config.num_parameters * 2 + extra_kv) / (m.shape["fsdp"] * m.shape["tensor"])
+    assert per_device == pytest.approx(want, rel=0.005)
+
+
+# --- loading onto a mesh ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """Single-device logits and greedy tokens per shape."""
+    made = {}
+
+    def get(shape):
+        if shape not in made:
+            folder, _ = tiny_checkpoint(shape)
+            model = phi4_jax.load(folder, dtype="float32", progress=False)[0]
+            made[shape] = (np.asarray(model(IDS)), greedy(Engine(model)))
+        return made[shape]
+
+    return get
+
+
+IDS = np.random.default_rng(0).integers(3, 256, (2, 12))
+
+
+def greedy(engine):
+    prompts = [np.random.default_rng(1).integers(3, 256, n).tolist() for n in LENGTHS]
+    gen = engine.start(prompts, SamplingParams(max_tokens=24), [[] for _ in prompts])
+    out = [[] for _ in prompts]
+    while not gen.finished:
+        for row, new in zip(out, gen.advance(8)):
+            row += new
+    return out, gen
+
+
+@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, reference, shape, spec):
+    folder, _ = tiny_checkpoint(shape)
+    m = mesh(spec)
+    model, _ = phi4_jax.load(folder, dtype="float32", mesh=m, progress=False)
+    params = nnx.to_pure_dict(nnx.state(model))
+    assert all(a.sharding.mesh == m for a in jax.tree.leaves(params))
+    want_logits, (want_tokens, _) = reference(shape)
+    logits = phi4_jax.forward(*nnx.split(model), IDS)
+    assert logits.shape == (2, 12, 256) and logits.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=0, atol=1e-5)
+
+    tokens, gen = greedy(Engine(model))
+    assert tokens == want_tokens
+    cache = gen.state.cache.keys[0]  # laid out by the rules table
+    assert cache.sharding.is_equivalent_to(sharding.sharding(m, sharding.CACHE_AXES, cache.shape), cache.ndim)
+    # Per-device weights: 1/(fsdp*tensor) of the whole (the tiny models' norms stay whole on tensor).
+    total = sum(a.nbytes for a in jax.tree.leaves(params))
+    assert sharding.device_bytes(params) == pytest.approx(total / (m.shape["fsdp"] * m.shape["tensor"]), rel=0.02)
+
+
+def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("phi-4")
+    model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("tensor=8"), progress=False)
+    assert model.config.num_key_value_heads == 40
+    plain, _ = phi4_jax.load(folder, dtype="float32", progress=False)
+    k = np.asarray(model.model.layers[0].self_attn.k_proj.kernel[...])
+    np.testing.assert_array_equal(k, np.repeat(np.asarray(plain.model.layers[0].self_attn.k_proj.kernel[...]), 4, 1))
+
+
+@pytest.mark.parametrize("spec", ["tensor=4", "data=2,fsdp=2,tensor=2"])
+def test_orbax_checkpoints_restore_onto_the_mesh(tiny_checkpoint, reference, tmp_path, spec):
+    folder, _ = tiny_checkpoint("phi-4")
+    orbax = str(tmp_path / "orbax")
+    checkpoint.convert(checkpoint.plan_conversion(phi4_jax.hub.resolve(str(folder)), "float32"), orbax,
+                       progress=False)
+    m = mesh(spec)
+    model, _ = phi4_jax.load(orbax, mesh=m, progress=False)
+    placed = sharding.param_shardings(m, nnx.to_pure_dict(nnx.state(model)), sharding.logical_axes(nnx.state(model)))
+    for array, want in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(placed)):
+        assert array.sharding.is_equivalent_to(want, array.ndim)
+    np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), reference("phi-4")[0],
+                               rtol=0, atol=1e-5)
+
+
+class RecordingSlice:
+    """A safetensors slice that records the size of every block read from it."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+
+    def __getitem__(self, index):
+        block = self.inner[index]
+        self.log.append(block.nbytes)
+        return block
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("spec, biggest_share", [("fsdp=8", 1 / 8), ("tensor=2", 1 / 2), ("tensor=8", 1 / 2)])
+def test_each_device_reads_only_its_block(tiny_checkpoint, monkeypatch, spec, biggest_share):
+    """Devices read their own blocks from the file (never the whole tensor on a sharded mesh), and
+    devices that hold the same block share one read: every tensor is read about once in all."""
+    folder, _ = tiny_checkpoint("phi-4")
+    reads: dict[str, list[int]] = {}
+    opened = weights._open
+
+    class Recording:
+        def __init__(self, path):
+            self.f = opened(path)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_slice(self, name):
+            return RecordingSlice(self.inner.get_slice(name), reads.setdefault(name, []))
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(weights, "_open", Recording)
+    phi4_jax.load(folder, dtype="float32", mesh=mesh(spec), progress=False)
+    sizes = {s.name: s.nbytes for s in weights.inspect_hf(str(folder), Phi4Config.from_json(folder))}
+    for name, log in reads.items():
+        if "norm" in name:  # vectors: replicated over tensor
+            continue
+        # tensor=8 splits the 10 KV heads into 40 repeated ones: a device reads 1-2 stored heads.
+        assert max(log) <= sizes[name] * biggest_share, (name, log)
+        assert sum(log) <= sizes[name] * 1.25, (name, log)
+
+
+def test_host_memory_stays_near_one_tensor(tiny_checkpoint):
+    """Loading holds about one tensor on the host beyond what stays on the devices (on CPU, the
+    devices' buffers are host memory too, and may be the very blocks that were read)."""
+    import tracemalloc
+
+    folder, _ = tiny_checkpoint("phi-4")
+    sizes = [s.nbytes for s in weights.inspect_hf(str(folder), Phi4Config.from_json(folder))]
+    tracemalloc.start()
+    try:
+        model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("data=2,tensor=4"), progress=False)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(sizes) > 5 * max(sizes)
+    assert kept < sum(sizes)  # on CPU: the devices' blocks (the model / 4, twice over data)
+    assert peak - kept < 2 * max(sizes), (peak, kept, max(sizes), sum(sizes))
+
+
+def test_a_mesh_that_cannot_split_the_heads_is_refused(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("phi-3.5-mini")  # 4 query / 4 KV heads
+    with pytest.raises(MeshError, match="tensor=8 cannot split .* tensor sizes that work: 1, 2, 4"):
+        phi4_jax.load(folder, dtype="float32", mesh="tensor=8", progress=False)
+
+
+def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("phi-4")
+    model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("data=2,tensor=4"), progress=False)
+    text = sharding.describe(nnx.to_pure_dict(nnx.state(model)))
+    assert "mesh: data=2, fsdp=1, tensor=4, seq=1" in text
+    keys = {".".join("*" if isinstance(k, int) else k for k in key)
+            for key in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))}
+    for key in keys:
+        assert key in text
+    assert re.search(r"model\.layers\.\*\.self_attn\.k_proj\.kernel +\(160, 20, 4\) +\(None, 'tensor', None\) "
+                     r"+per device \(160, 5, 4\)", text), text
+    assert "1.68 MB in all, 0.42 MB on the fullest device" in text
+
+
+# --- the command line, and several processes -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phi4_with_tokenizer(fixtures_dir, tmp_path_factory):
+    """A tiny phi-4-shaped model (40 q / 10 kv heads, vocab 32064) with Phi-3.5-mini's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from conftest import TINY_SHAPES
+
+    config = Phi3Config(vocab_size=32064, num_hidden_layers=2, rms_norm_eps=1e-5, bos_token_id=1,
+                        eos_token_id=32000, pad_token_id=32000, **TINY_SHAPES["phi-4"])
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("phi4-tok")
+    Phi3ForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        shutil.copyfile(fixtures_dir / "phi-3.5-mini" / name, folder / name)
+    return folder
+
+
+GENERATE = ["--prompt", "Hello there", "--ignore-chat-template", "--max-tokens", "8", "--json"]
+
+
+def cli_json(capsys, *flags):
+    from phi4_jax import cli
+    from phi4_jax.generate import main
+
+    assert main(list(flags)) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    return __import__("json").loads(out.strip().splitlines()[-1]), err
+
+
+def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_with_tokenizer, capsys):
+    one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet")
+    sharded, err = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=8",
+                            "--verbose")
+    assert sharded["tokens"] == one["tokens"] and len(one["tokens"]) == 8
+    assert "mesh: data=1, fsdp=1, tensor=8, seq=1" in err
+    assert re.search(r"self_attn\.k_proj\.kernel +\(160, 40, 4\)", err), err  # 10 KV heads, repeated 4x
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--mesh", "tensor=3"], ["3 devices", "there are 8"]),
+    (["--mesh", "tensor=16"], ["has 16 devices"]),
+    (["--mesh", "data=2,tensor=4,"], None),
+    (["--mesh", "heads=8"], ["unknown axis 'heads'"]),
+    (["--process-id", "2", "--num-processes", "2", "--coordinator-address", "127.0.0.1:1"],
+     ["process id 2 is not in 0..1"]),
+])
+def test_cli_bad_mesh_is_a_usage_error(phi4_with_tokenizer, capsys, flags, words):
+    from phi4_jax import cli
+    from phi4_jax.generate import main
+
+    code = main(["--model", str(phi4_with_tokenizer), *GENERATE, *flags])
+    out, err = capsys.readouterr()
+    if words is None:  # a trailing comma is fine
+        assert code == cli.EXIT_OK
+        return
+    assert code == cli.EXIT_USAGE and out == ""
+    for word in words:
+        assert word in err, err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
+    """Two processes x 4 CPU devices (jax.distributed on loopback, gloo collectives), one tensor=8
+    mesh across both: the same greedy tokens as one process with 8 devices; only process 0 prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet", "--mesh", "tensor=8")
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}  # never listen beyond loopback
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "phi4_jax.generate", "--model", str(phi4_with_tokenizer), *GENERATE,
+         "--mesh", "tensor=8", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    results = []
+    for p in procs:
+        try:
+            results.append(p.communicate(timeout=240))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a process of the two-process run hung")
+    for p, (out, err) in zip(procs, results):
+        # 134 (SIGABRT): JAX's heartbeat ended a process whose peer died.
+        assert p.returncode == 0, (p.returncode, err[-3000:])
+    ours = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in results]
+    assert len(ours[0]) == 1 and ours[1] == []  # gloo's own "[Gloo] ..." lines aside, process 1 is silent
+    assert json.loads(ours[0][0])["tokens"] == one["tokens"]
