@@ -27,6 +27,7 @@ from phi4_jax.model import Phi4ForCausalLM
 from phi4_jax.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
 
 MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 2048  # longer prompts prefill in pieces: attention temporaries ~ chunk x context
 
 
 class DecodeState(NamedTuple):
@@ -63,12 +64,17 @@ class Engine:
       model: the model (split once here; later changes to it are not seen).
       max_context: the longest sequence (prompt + generation) a request may have; default the
         config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
+      prefill_chunk: prompts longer than this many tokens are prefilled in pieces of it.
     """
 
-    def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None):
+    def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.max_context = max_context or self.config.max_position_embeddings
+        if prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.dtype = model.model.embed_tokens.dtype
         self._longrope = self.config.rope_type == "longrope"
         # On a mesh (the model was loaded with one): the cache follows the rules table; what the
@@ -132,7 +138,7 @@ class Engine:
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
                        history, cache, max_new=max_new, continuing=bool(reused),
-                       layout=self.cache_sharding(batch, length))
+                       layout=self.cache_sharding(batch, length), chunk=self.prefill_chunk)
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -183,7 +189,7 @@ class Generation:
             if self._step < target and self._crossing.any():
                 length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
                 self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length,
-                                    layout=self._layout)
+                                    layout=self._layout, chunk=engine.prefill_chunk)
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()
@@ -250,15 +256,16 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("max_new", "continuing", "layout"))
+@functools.partial(jax.jit, donate_argnums=(8, 9),
+                   static_argnames=("max_new", "continuing", "layout", "chunk"))
 def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
-           continuing, layout) -> DecodeState:
+           continuing, layout=None, chunk=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None)
+    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None, chunk)
     rows = jnp.arange(batch)[:, None]
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.
@@ -296,8 +303,9 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=N
     return _laid_out(jax.lax.while_loop(running, step, state), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout"))
-def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout", "chunk"))
+def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None,
+           chunk=None) -> DecodeState:
     """One step where crossing rows re-encode their whole sequence with the long table (fresh
     keys/values for its slots) and the other rows decode as usual."""
     model = nnx.merge(graphdef, params)
@@ -305,7 +313,7 @@ def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout
     logits, cache = model.decode(state.last, state.positions, state.cache)
     ids = state.history[:, :reencode_length]
     fresh = KVCache.create(model.config, ids.shape[0], reencode_length, cache.keys[0].dtype)
-    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh)
+    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh, chunk=chunk)
     pick = lambda new, old: jnp.where(crossing[:, None, None, None], new, old)  # noqa: E731
     cache = KVCache(*(tuple(old.at[:, :, :reencode_length].set(pick(new, old[:, :, :reencode_length]))
                             for new, old in zip(fresh_part, cache_part))

@@ -192,21 +192,42 @@ class Phi4ForCausalLM(nnx.Module):
         return self._head(self.model(input_ids, positions))
 
     def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache,
-                starts: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                starts: jax.Array | None = None, chunk: int | None = None) -> tuple[jax.Array, KVCache]:
         """Runs right-padded prompts `[B, T]` into the cache; returns the logits `[B, vocab]` at each
         row's last prompt token (position `lengths[b] - 1`), and the cache.
 
         Without `starts` the prompts start at position 0 and attend among themselves; with
         `starts` `[B]` they continue sequences whose first `starts[b]` positions are cached (a
-        chat's next turn) and attend over the cache.
+        chat's next turn) and attend over the cache. `chunk`: prompts longer than this run in
+        pieces of `chunk` tokens, each attending over the cache, so attention's temporaries grow
+        with `chunk * T` rather than `T * T`.
         """
-        offsets = jnp.arange(input_ids.shape[1])
-        if starts is None:
-            h, cache = self.model(input_ids, jnp.broadcast_to(offsets, input_ids.shape), lengths, cache)
-            last = lengths - 1
-        else:
-            h, cache = self.model(input_ids, starts[:, None] + offsets, lengths, cache, attend_cache=True)
-            last = lengths - starts - 1
+        batch, width = input_ids.shape
+        if chunk is None or width <= chunk:
+            if starts is None:
+                return self._prefill_block(input_ids, lengths, cache, jnp.zeros(batch, jnp.int32), False)
+            return self._prefill_block(input_ids, lengths, cache, starts, True)
+        starts = jnp.zeros(batch, jnp.int32) if starts is None else starts
+
+        def piece(offset, size, logits, cache):
+            ids = jax.lax.dynamic_slice_in_dim(input_ids, offset, size, axis=1)
+            new, cache = self._prefill_block(ids, lengths, cache, starts + offset, True)
+            holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
+            return jnp.where(holds_last[:, None], new, logits), cache
+
+        logits = jnp.zeros((batch, self.config.vocab_size), self.model.embed_tokens.dtype)
+        logits, cache = jax.lax.fori_loop(0, width // chunk, lambda i, c: piece(i * chunk, chunk, *c),
+                                          (logits, cache))
+        if width % chunk:  # a last, shorter piece (a cache shorter than the power-of-two bucket)
+            logits, cache = piece(width - width % chunk, width % chunk, logits, cache)
+        return logits, cache
+
+    def _prefill_block(self, input_ids, lengths, cache, starts, attend_cache):
+        """Tokens `[B, W]` at positions `starts[b]` on; logits at each row's last prompt token
+        (clipped to the block: only meaningful for rows whose last token lies in it)."""
+        positions = starts[:, None] + jnp.arange(input_ids.shape[1])
+        h, cache = self.model(input_ids, positions, lengths, cache, attend_cache=attend_cache)
+        last = jnp.clip(lengths - starts - 1, 0, input_ids.shape[1] - 1)
         h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, E]
         return self._head(h)[:, 0], cache
 

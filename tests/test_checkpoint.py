@@ -20,6 +20,8 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from conftest import TINY_SHAPES
+
 import phi4_jax
 from phi4_jax import checkpoint, cli
 from phi4_jax.hub import ModelSource
@@ -555,8 +557,9 @@ def _unexpected_tensor(folder):
 
 
 def _wrong_shape(folder):
+    hidden = TINY_SHAPES[UNTIED]["hidden_size"]
     rewrite_tensors(folder, lambda t: t.update({NORM: t[NORM][:-1].copy()}))
-    return [NORM, "(127,)", "(128,)"]
+    return [NORM, f"({hidden - 1},)", f"({hidden},)"]
 
 
 def _pickle_only(folder):

@@ -71,6 +71,17 @@ def test_greedy_batch_equals_transformers_per_prompt(engines, shape):
         assert run(engine, [prompt])[0][0] == tokens  # alone == in the batch
 
 
+@pytest.mark.parametrize("shape, prefill_chunk", [("phi-4-mini", 4), ("phi-4-mini", 6), ("phi-3-mini-4k", 3)])
+def test_prefill_in_pieces_equals_transformers(tiny_checkpoint, shape, prefill_chunk):
+    """Prompts (and Phi-4-mini's re-encode at the threshold) prefilled `prefill_chunk` tokens at a
+    time, each piece attending over the cache; 6 and 3 leave a shorter last piece of the bucket."""
+    folder, hf = tiny_checkpoint(shape)
+    engine = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0], prefill_chunk=prefill_chunk)
+    batch = prompts(seed=5)
+    got, _ = run(engine, batch)
+    assert got == [hf_greedy(hf, p) for p in batch]
+
+
 def test_crossing_matters(engines):
     """Without transformers' re-encoding at the threshold the tokens differ: the test can fail."""
     engine, hf = engines("phi-4-mini")

@@ -1,0 +1,111 @@
+"""Will it fit? Per-device weights, KV cache and temporaries of the real prefill and decode steps of
+a model on a target mesh, and the collectives in each step, from XLA compiling them on fake CPU
+devices with abstract inputs (no weights are read; a 14B model plans on a laptop).
+
+The prefill step fills a --context-slot cache with a --context-token prompt (in pieces of
+--prefill-chunk tokens); the decode step is one token per row against that cache. Results are
+merged into bench/results/plan.json (one record per model, mesh, context, batch and dtype).
+
+  python bench/plan.py --model phi-4 --mesh tensor=8 --context 16k --batch 8
+  python bench/plan.py --model phi-4-mini --mesh tensor=1 tensor=8 seq=8 --context 128k --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "plan.json")
+
+
+def tokens(text: str) -> int:
+    """"16k" -> 16384, "128K" -> 131072, "4096" -> 4096."""
+    text = text.strip().lower()
+    try:
+        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count such as 4096 or 16k") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/plan.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a preset (phi-4, phi-4-mini, phi-3.5-mini) or a folder with a config.json")
+    p.add_argument("--mesh", nargs="+", default=["tensor=1"],
+                   help="target mesh(es), e.g. 'tensor=8' 'data=2,tensor=4' (each planned on as many fake devices)")
+    p.add_argument("--context", type=tokens, default=tokens("16k"), help="KV-cache slots per row (16k = 16384)")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="parameter, KV-cache and compute dtype")
+    p.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
+                   help="prompt tokens per prefill piece (default: the engine's)")
+    p.add_argument("--output", default=RESULTS, help="JSON file the records are merged into")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+
+    from phi4_jax import sharding
+
+    sizes = [math.prod(sharding.parse_mesh(m).values()) for m in args.mesh]
+    jax.config.update("jax_platforms", "cpu")  # planning compiles for fake CPU devices, even on a GPU host
+    jax.config.update("jax_num_cpu_devices", max(sizes))
+
+    from phi4_jax import engine, plan
+    from phi4_jax.config import PRESETS, Phi4Config
+    from phi4_jax.runinfo import describe_run, write_record
+
+    config = Phi4Config.from_preset(args.model) if args.model in PRESETS else Phi4Config.from_json(args.model)
+    chunk = args.prefill_chunk or engine.PREFILL_CHUNK
+    records = _existing(args.output)
+    for spec, n in zip(args.mesh, sizes):
+        mesh = sharding.make_mesh(spec, jax.devices()[:n])
+        result = plan.plan(config, mesh, args.context, args.batch, args.dtype, chunk)
+        result = {"name": args.model, "mesh_spec": spec, **result, "fits_on": plan.fits_on(
+            result["per_device"]["needed_bytes"])}
+        _print(result)
+        key = _key(result)
+        records = [r for r in records if _key(r) != key] + [result]
+    records.sort(key=lambda r: (r["name"], r["context"], r["batch"], r["devices"], r["mesh_spec"]))
+    write_record(args.output, {"benchmark": "plan", "schema": 1, **describe_run(), "records": records})
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _key(r: dict) -> tuple:
+    return r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"]
+
+
+def _existing(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["records"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _print(r: dict) -> None:
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    d = r["per_device"]
+    print(f"{r['name']} on {r['mesh_spec']} ({r['devices']} devices), context {r['context']}, batch {r['batch']}, "
+          f"{r['dtype']}:", file=sys.stderr)
+    print(f"  per device: weights {gb(d['weights_bytes'])}, KV cache {gb(d['kv_cache_bytes'])}, "
+          f"needed {gb(d['needed_bytes'])}", file=sys.stderr)
+    for name, s in r["steps"].items():
+        collectives = ", ".join(f"{k} {v}" for k, v in s["collectives"].items() if v) or "none"
+        print(f"  {name}: temporaries {gb(s['temp_bytes'])} (float32 bound; the CPU bf16 compile: "
+              f"{gb(s['temp_bytes_cpu_compile'])}, of which CPU-only upcasts {gb(s['cpu_only_upcast_bytes'])}); "
+              f"collectives: {collectives}", file=sys.stderr)
+    print(f"  fits on: {', '.join(r['fits_on']) or 'none of ' + ', '.join(__import__('phi4_jax.plan').plan.ACCELERATORS)}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

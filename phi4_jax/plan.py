@@ -1,0 +1,126 @@
+"""Will it fit? Per-device memory and collectives of the real prefill and decode steps on a target
+mesh, from XLA compiling them with abstract inputs (shapes and shardings; no weights, no memory).
+
+Run it on CPU with as many fake devices as the mesh has. The engine's own jitted steps are
+compiled, so what is reported is what `Engine` runs. Weights and the KV cache per device are
+XLA's argument sizes (and agree with the shardings); temporaries are XLA's temp allocation.
+
+One CPU artefact: XLA:CPU rewrites every bfloat16 dot as float32 and materialises float32 copies
+of its bf16 operands (weights, KV cache), which GPU and TPU compiles do not. So each step is also
+compiled entirely in float32, whose temporaries bound the accelerator's from above (activations
+are at most twice their bf16 size; attention scores are float32 either way). Both are reported,
+with the CPU-only upcasts found in the bf16 program's HLO.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from phi4_jax import engine, sharding
+from phi4_jax.cache import KVCache
+from phi4_jax.config import Phi4Config
+from phi4_jax.model import abstract_model
+from phi4_jax.sampling import SamplingParams, sampler_state
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\]\) -> f32\[")
+
+
+def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
+         prefill_chunk: int = engine.PREFILL_CHUNK, new_tokens: int = 256) -> dict:
+    """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_chunk`) into a
+    `context`-slot cache, and one decode step against it, for `batch` rows on `mesh`. Returns
+    per-device bytes and collective counts (a JSON-ready dict)."""
+    model_config = sharding.config_for_mesh(config, mesh)
+    steps = {}
+    for name in ("prefill", "decode"):
+        real = _compile(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_chunk, new_tokens)
+        upper = real if jnp.dtype(dtype) == jnp.float32 else _compile(
+            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_chunk, new_tokens)
+        steps[name] = _report(real, upper)
+    weights, cache = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
+    need = weights + cache + max(s["temp_bytes"] for s in steps.values())
+    return {
+        "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                  "kv_heads_on_mesh": model_config.num_key_value_heads, "parameters": config.num_parameters},
+        "mesh": dict(mesh.shape), "devices": mesh.devices.size, "context": context, "batch": batch,
+        "dtype": str(jnp.dtype(dtype)), "prefill_chunk": prefill_chunk,
+        "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need},
+        "steps": steps,
+    }
+
+
+def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, chunk: int,
+             new_tokens: int):
+    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype))
+    abstract = nnx.to_pure_dict(state)
+    placed = sharding.param_shardings(mesh, abstract, sharding.logical_axes(state))
+    nnx.replace_by_pure_dict(state, jax.tree.map(_sds, abstract, placed))
+    replicated = sharding.replicated(mesh)
+    cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
+    layout = sharding.sharding(mesh, sharding.CACHE_AXES, cache_shape)
+    layers = tuple(jax.ShapeDtypeStruct(cache_shape, dtype, sharding=layout) for _ in range(config.num_hidden_layers))
+    ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=replicated)
+    sampler = jax.tree.map(lambda a: _sds(a, replicated), sampler_state(SamplingParams(), batch))
+    start_args = (ints((batch, context)), ints((batch,)), ints((batch,)), ints((batch,)), ints((batch, 1)),
+                  sampler, ints((batch, context)), KVCache(layers, layers))
+    start = functools.partial(engine._start, graphdef, max_new=new_tokens, continuing=False, layout=layout,
+                              chunk=chunk)
+    if step == "prefill":
+        return engine._start.lower(graphdef, state, *start_args, max_new=new_tokens, continuing=False,
+                                   layout=layout, chunk=chunk).compile()
+    decoded = jax.eval_shape(start, state, *start_args)  # the DecodeState the prefill hands over
+    decoded = jax.tree.map(lambda a: _sds(a, replicated), decoded)._replace(cache=KVCache(layers, layers))
+    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout).compile()
+
+
+def _sds(a, s) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+
+def _report(real, upper) -> dict:
+    memory = real.memory_analysis()
+    text = real.as_text()
+    upcasts = sum(math.prod(map(int, filter(None, dims.split(",")))) * 4 for dims in _CONVERT.findall(text))
+    counts = collections.Counter(re.findall(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", text))
+    return {
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "temp_bytes": upper.memory_analysis().temp_size_in_bytes,  # the float32 upper bound
+        "temp_bytes_cpu_compile": memory.temp_size_in_bytes,
+        "cpu_only_upcast_bytes": upcasts,
+        "collectives": {c: counts.get(c, 0) for c in COLLECTIVES},
+    }
+
+
+def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int]:
+    """Per-device bytes of the weights and of the KV cache, from their shardings (the fullest device)."""
+    state = nnx.state(abstract_model(config, param_dtype=dtype))
+    abstract = nnx.to_pure_dict(state)
+    placed = sharding.param_shardings(mesh, abstract, sharding.logical_axes(state))
+    weights = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(placed)))
+    shape = (batch, config.num_key_value_heads, context, config.head_dim)
+    layer = math.prod(sharding.sharding(mesh, sharding.CACHE_AXES, shape).shard_shape(shape)) * dtype.itemsize
+    return weights, 2 * config.num_hidden_layers * layer
+
+
+# Memory per device of accelerators people rent, as sold (GB = 1e9 bytes).
+ACCELERATORS = {"L4": 24e9, "A100-40GB": 40e9, "A100-80GB / H100": 80e9, "H200": 141e9,
+                "TPU v5e": 16e9, "TPU v6e": 32e9, "TPU v5p": 95e9}
+USABLE = 0.9  # the runtime, XLA's workspace and fragmentation take the rest
+
+
+def fits_on(needed_bytes: int) -> list[str]:
+    """The accelerators whose memory holds `needed_bytes` per device, with `USABLE` headroom."""
+    return [name for name, size in ACCELERATORS.items() if needed_bytes <= USABLE * size]
