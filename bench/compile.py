@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size of the compiled forward (default 1)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=128, help="tokens per row (default 128)")
     p.add_argument("--dtype", default="float32", help="parameter and compute dtype (default float32)")
+    p.add_argument("--mesh", default=None,
+                   help="compile for this mesh, e.g. tensor=8 (on fake CPU devices; default: one device)")
     p.add_argument("--output", default=RESULTS, help=f"JSON file to write (default {os.path.relpath(RESULTS)})")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one timed compile
     return p
@@ -40,16 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def compile_once(args) -> dict:
     """Runs in a child process: lowers and compiles the forward once, returns the seconds."""
+    import math
+
     import jax
     import jax.numpy as jnp
-    from flax import nnx
+    from phi4_jax import sharding
 
+    mesh_spec = args.mesh or "tensor=1"
+    jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(mesh_spec).values()))
     from phi4_jax import Phi4Config, forward
-    from phi4_jax.model import abstract_model
 
     config = Phi4Config.from_preset(args.preset).replace(num_hidden_layers=args.layers[0])
-    graphdef, state = nnx.split(abstract_model(config, param_dtype=jnp.dtype(args.dtype)))
-    ids = jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32)
+    mesh = sharding.make_mesh(mesh_spec)
+    graphdef, state = sharding.abstract_on_mesh(config, mesh, jnp.dtype(args.dtype))
+    ids = jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32, sharding=sharding.replicated(mesh))
     start = time.perf_counter()
     lowered = forward.lower(graphdef, state, ids)
     lowered_at = time.perf_counter()
@@ -61,7 +67,7 @@ def compile_once(args) -> dict:
 def run_child(args, layers: int, cache_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--preset", args.preset,
            "--layers", str(layers), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype] + (["--mesh", args.mesh] if args.mesh else [])
     env = dict(os.environ, PHI4_JAX_COMPILATION_CACHE=cache_dir)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
               f" | warm lower {row['warm_lower_s']:.2f}s compile {row['warm_compile_s']:.3f}s"
               f" | compile {row['compile_speedup']:.0f}x, lower+compile {row['total_speedup']:.1f}x faster",
               file=sys.stderr)
-    record = {"benchmark": "compile", "schema": 1, "preset": args.preset, "batch": args.batch,
+    record = {"benchmark": "compile", "schema": 1, "preset": args.preset, "mesh": args.mesh, "batch": args.batch,
               "seq_len": args.seq_len, "dtype": args.dtype, "function": "phi4_jax.forward",
               **describe_run(), "results": rows}
     write_record(args.output, record)

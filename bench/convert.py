@@ -6,7 +6,13 @@ evicts it from the page cache, times one plain read of the same files (the I/O f
 again, then runs `convert/hf_to_orbax.py` on it in a child process and records its wall time and
 peak RSS. The RSS target is 3 x the largest tensor + 1 GB.
 
+With --mesh, a child process with that many (fake CPU) devices then loads the HF source and the
+converted output onto the mesh (bfloat16) and records each load's wall time and peak RSS: on CPU
+the devices' memory is the process's, so a peak near the model's size (not devices x size) shows
+that each device got only its shards and no host copy of the whole model was made.
+
   python bench/convert.py --fixture ../shared/fixtures/phi-4-mini
+  python bench/convert.py --fixture ../shared/fixtures/phi-4-mini --mesh tensor=8
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the source and output (needs twice the model's size; default: a temp folder)")
     p.add_argument("--output", default=RESULTS, help="JSON file to write")
     p.add_argument("--keep", action="store_true", help="keep the generated source and output folders")
+    p.add_argument("--mesh", default=None,
+                   help="also time loading the source and the output onto this mesh of fake CPU devices, e.g. tensor=8")
     p.add_argument("--write-source", default=None, help=argparse.SUPPRESS)  # child: only generate
+    p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)  # child: only load onto --mesh
     return p
 
 
@@ -98,10 +107,40 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Runs a child; returns its wall seconds and its own peak RSS in bytes."""
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
+    wall_s = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"failed: {' '.join(cmd)}")
+    return wall_s, usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def load_onto_mesh(folder: str, spec: str) -> None:
+    import math
+
+    import jax
+
+    from phi4_jax import sharding
+
+    jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(spec).values()))
+    from flax import nnx
+
+    import phi4_jax
+
+    model, _ = phi4_jax.load(folder, dtype="bfloat16", mesh=spec, progress=False)
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.write_source:
         write_source(args.fixture, args.write_source)
+        return 0
+    if args.load_child:
+        load_onto_mesh(args.load_child, args.mesh)
         return 0
     config = Phi4Config.from_json(args.fixture)
     largest = max(int(np.prod(shape)) * 2 for shape, _ in hf_tensors(config).values())
@@ -121,13 +160,7 @@ def main(argv=None) -> int:
         evict(paths)
         cmd = [sys.executable, os.path.join(ROOT, "convert", "hf_to_orbax.py"), "--model", source,
                "--output", output, "--quiet"]
-        start = time.perf_counter()
-        child = subprocess.Popen(cmd)
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
-        wall_s = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status):
-            sys.exit(f"conversion failed: {' '.join(cmd)}")
-        peak_rss = usage.ru_maxrss * 1024  # KiB on Linux
+        wall_s, peak_rss = run_measured(cmd)
         target = 3 * largest + 2**30
         record = {
             "benchmark": "convert", "schema": 1, "model": os.path.basename(os.path.normpath(args.fixture)),
@@ -143,6 +176,14 @@ def main(argv=None) -> int:
             "convert_command": "python convert/hf_to_orbax.py --model SRC --output DIR --quiet",
             **describe_run(),
         }
+        if args.mesh:
+            record["mesh"] = args.mesh
+            for name, folder in (("hf", source), ("orbax", output)):
+                load_s, load_rss = run_measured([sys.executable, os.path.abspath(__file__), "--load-child", folder,
+                                                 "--mesh", args.mesh])
+                record[f"load_{name}_wall_s"], record[f"load_{name}_peak_rss_bytes"] = load_s, load_rss
+                print(f"loading the {name} folder onto {args.mesh}: {load_s:.1f} s, peak RSS {load_rss / 1e9:.2f} GB",
+                      file=sys.stderr)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

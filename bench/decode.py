@@ -14,6 +14,7 @@ The host share is 1 - device / streaming.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -36,15 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=16, help="decode steps per device call while streaming")
     p.add_argument("--tokenizer", default=TOKENIZER, help="a tokenizer folder with a 32064-token vocabulary")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the best counts)")
+    p.add_argument("--mesh", default=None,
+                   help="shard the model over this mesh, e.g. tensor=4 (on CPU: that many fake devices)")
     p.add_argument("--output", default=RESULTS, help="JSON file to write")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from phi4_jax import sharding
+
+    if args.mesh:  # a CPU host splits into as many devices as the mesh has (GPU/TPU hosts: ignored)
+        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
     from phi4_jax import Phi4Config, Phi4ForCausalLM, load_tokenizer, stream_generate
     from phi4_jax.engine import Engine
     from phi4_jax.runinfo import describe_run, write_record
@@ -54,7 +62,12 @@ def main(argv=None) -> int:
         model_type="phi3", vocab_size=32064, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
         max_position_embeddings=4096, original_max_position_embeddings=4096))
-    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    if args.mesh:
+        mesh = sharding.make_mesh(args.mesh)
+        model = sharding.place(Phi4ForCausalLM(sharding.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
+                                               param_dtype=jnp.float32), mesh)
+    else:
+        model = Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
     engine = Engine(model)
     tokenizer = load_tokenizer(args.tokenizer)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
@@ -108,7 +121,7 @@ def main(argv=None) -> int:
               f"host share {100 * row['host_share']:.1f}%", file=sys.stderr)
     record = {"benchmark": "decode", "schema": 1, "dtype": "float32", "layers": args.layers,
               "hidden": args.hidden, "intermediate": args.intermediate, "vocab": 32064,
-              "prompt_len": args.prompt_len, "streaming_api": "stream_generate at batch 1, Generation.advance above",
+              "prompt_len": args.prompt_len, "mesh": args.mesh, "streaming_api": "stream_generate at batch 1, Generation.advance above",
               **describe_run(), "results": rows}
     write_record(args.output, record)
     return 0

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="parameter, KV-cache and compute dtype")
     p.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
-                   help="prompt tokens per prefill piece (default: the engine's)")
+                   help="prompt tokens per row in one prefill piece (default: the engine's, 2048 tokens "
+                        "shared by the rows)")
     p.add_argument("--output", default=RESULTS, help="JSON file the records are merged into")
     return p
 
@@ -58,16 +59,15 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")  # planning compiles for fake CPU devices, even on a GPU host
     jax.config.update("jax_num_cpu_devices", max(sizes))
 
-    from phi4_jax import engine, plan
+    from phi4_jax import plan
     from phi4_jax.config import PRESETS, Phi4Config
     from phi4_jax.runinfo import describe_run, write_record
 
     config = Phi4Config.from_preset(args.model) if args.model in PRESETS else Phi4Config.from_json(args.model)
-    chunk = args.prefill_chunk or engine.PREFILL_CHUNK
     records = _existing(args.output)
     for spec, n in zip(args.mesh, sizes):
         mesh = sharding.make_mesh(spec, jax.devices()[:n])
-        result = plan.plan(config, mesh, args.context, args.batch, args.dtype, chunk)
+        result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_chunk)
         result = {"name": args.model, "mesh_spec": spec, **result, "fits_on": plan.fits_on(
             result["per_device"]["needed_bytes"])}
         _print(result)
@@ -75,8 +75,22 @@ def main(argv=None) -> int:
         records = [r for r in records if _key(r) != key] + [result]
     records.sort(key=lambda r: (r["name"], r["context"], r["batch"], r["devices"], r["mesh_spec"]))
     write_record(args.output, {"benchmark": "plan", "schema": 1, **describe_run(), "records": records})
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {args.output}; README's table:\n{README_HEADER}", file=sys.stderr)
+    print("\n".join(readme_row(r) for r in records), file=sys.stderr)
     return 0
+
+
+def readme_row(r: dict) -> str:
+    """The record as a row of README's table (tests/test_docs.py checks that the README has it)."""
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    d, s = r["per_device"], r["steps"]
+    return (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
+            f"{gb(d['weights_bytes'])} | {gb(d['kv_cache_bytes'])} | {gb(s['prefill']['temp_bytes'])} / "
+            f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
+
+
+README_HEADER = ("| model | mesh | context × batch | weights | KV cache | temporaries: prefill / decode | "
+                 "needed | fits on (that many of) |\n|---|---|---|---|---|---|---|---|")
 
 
 def _key(r: dict) -> tuple:
@@ -103,8 +117,9 @@ def _print(r: dict) -> None:
         print(f"  {name}: temporaries {gb(s['temp_bytes'])} (float32 bound; the CPU bf16 compile: "
               f"{gb(s['temp_bytes_cpu_compile'])}, of which CPU-only upcasts {gb(s['cpu_only_upcast_bytes'])}); "
               f"collectives: {collectives}", file=sys.stderr)
-    print(f"  fits on: {', '.join(r['fits_on']) or 'none of ' + ', '.join(__import__('phi4_jax.plan').plan.ACCELERATORS)}",
-          file=sys.stderr)
+    from phi4_jax.plan import ACCELERATORS
+
+    print(f"  fits on: {', '.join(r['fits_on']) or 'none of ' + ', '.join(ACCELERATORS)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from phi4_jax.model import Phi4ForCausalLM
 from phi4_jax.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
 
 MIN_PROMPT_BUCKET = 16
-PREFILL_CHUNK = 2048  # longer prompts prefill in pieces: attention temporaries ~ chunk x context
+# Long prompts prefill in pieces of about this many tokens over all rows (vLLM's chunked prefill
+# budget): attention temporaries grow with rows x piece x context rather than rows x prompt^2.
+PREFILL_TOKENS = 2048
 
 
 class DecodeState(NamedTuple):
@@ -57,6 +59,15 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
     return size
 
 
+def prefill_chunk_for(batch: int) -> int:
+    """Prompt tokens per row in one prefill piece: `PREFILL_TOKENS` shared by the rows, rounded
+    down to a power of two (so prompt buckets split evenly), at least `MIN_PROMPT_BUCKET`."""
+    chunk = MIN_PROMPT_BUCKET
+    while chunk * 2 * batch <= PREFILL_TOKENS:
+        chunk *= 2
+    return chunk
+
+
 class Engine:
     """Generates token ids with a model; holds its split state and the compiled steps.
 
@@ -64,15 +75,16 @@ class Engine:
       model: the model (split once here; later changes to it are not seen).
       max_context: the longest sequence (prompt + generation) a request may have; default the
         config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
-      prefill_chunk: prompts longer than this many tokens are prefilled in pieces of it.
+      prefill_chunk: prompts longer than this many tokens are prefilled in pieces of it; default
+        `prefill_chunk_for(batch)`.
     """
 
     def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.max_context = max_context or self.config.max_position_embeddings
-        if prefill_chunk < 1:
+        if prefill_chunk is not None and prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.dtype = model.model.embed_tokens.dtype
@@ -138,7 +150,8 @@ class Engine:
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
                        history, cache, max_new=max_new, continuing=bool(reused),
-                       layout=self.cache_sharding(batch, length), chunk=self.prefill_chunk)
+                       layout=self.cache_sharding(batch, length),
+                       chunk=self.prefill_chunk or prefill_chunk_for(batch))
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -189,7 +202,8 @@ class Generation:
             if self._step < target and self._crossing.any():
                 length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
                 self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length,
-                                    layout=self._layout, chunk=engine.prefill_chunk)
+                                    layout=self._layout,
+                                    chunk=engine.prefill_chunk or prefill_chunk_for(len(self._done)))
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()

@@ -47,8 +47,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None,
     model_config = config if mesh is None else sharding.config_for_mesh(config, mesh)
     repeat = model_config.num_key_value_heads // config.num_key_value_heads
     graphdef, abstract = nnx.split(abstract_model(model_config, param_dtype=dtype))
-    placed = None if mesh is None else sharding.param_shardings(
-        mesh, nnx.to_pure_dict(abstract), sharding.logical_axes(abstract))
+    placed = None if mesh is None else sharding.param_shardings(mesh, abstract)
     if checkpoint.is_orbax_folder(folder):
         params = _restore(folder, config, dtype, mesh, repeat, placed)
     else:
@@ -64,8 +63,8 @@ def _restore(folder: str, config: Phi4Config, dtype, mesh: Mesh | None, repeat: 
     stored = nnx.state(abstract_model(config, param_dtype=dtype))
     abstract = nnx.to_pure_dict(stored)
     if mesh is not None:
-        shardings = sharding.param_shardings(mesh, abstract, sharding.logical_axes(stored))
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                sharding.param_shardings(mesh, stored))
     params = checkpoint.restore_params(folder, abstract)
     if repeat > 1:
         params = sharding.repeat_kv_heads(params, repeat, placed)

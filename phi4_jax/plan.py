@@ -21,13 +21,11 @@ import re
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh
 
 from phi4_jax import engine, sharding
 from phi4_jax.cache import KVCache
 from phi4_jax.config import Phi4Config
-from phi4_jax.model import abstract_model
 from phi4_jax.sampling import SamplingParams, sampler_state
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -35,11 +33,13 @@ _CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\
 
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
-         prefill_chunk: int = engine.PREFILL_CHUNK, new_tokens: int = 256) -> dict:
-    """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_chunk`) into a
+         prefill_chunk: int | None = None, new_tokens: int = 256) -> dict:
+    """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_chunk` tokens per row;
+    default the engine's `prefill_chunk_for(batch)`) into a
     `context`-slot cache, and one decode step against it, for `batch` rows on `mesh`. Returns
     per-device bytes and collective counts (a JSON-ready dict)."""
     model_config = sharding.config_for_mesh(config, mesh)
+    prefill_chunk = prefill_chunk or engine.prefill_chunk_for(batch)
     steps = {}
     for name in ("prefill", "decode"):
         real = _compile(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_chunk, new_tokens)
@@ -61,10 +61,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, chunk: int,
              new_tokens: int):
-    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype))
-    abstract = nnx.to_pure_dict(state)
-    placed = sharding.param_shardings(mesh, abstract, sharding.logical_axes(state))
-    nnx.replace_by_pure_dict(state, jax.tree.map(_sds, abstract, placed))
+    graphdef, state = sharding.abstract_on_mesh(config, mesh, dtype)
     replicated = sharding.replicated(mesh)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
     layout = sharding.sharding(mesh, sharding.CACHE_AXES, cache_shape)
@@ -105,11 +102,8 @@ def _report(real, upper) -> dict:
 
 def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int]:
     """Per-device bytes of the weights and of the KV cache, from their shardings (the fullest device)."""
-    state = nnx.state(abstract_model(config, param_dtype=dtype))
-    abstract = nnx.to_pure_dict(state)
-    placed = sharding.param_shardings(mesh, abstract, sharding.logical_axes(state))
-    weights = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-                  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(placed)))
+    weights = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                  for a in jax.tree.leaves(sharding.abstract_on_mesh(config, mesh, dtype)[1]))
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
     layer = math.prod(sharding.sharding(mesh, sharding.CACHE_AXES, shape).shard_shape(shape)) * dtype.itemsize
     return weights, 2 * config.num_hidden_layers * layer

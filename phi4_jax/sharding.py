@@ -20,10 +20,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import ConfigError
+from phi4_jax.model import abstract_model
 
 MESH_AXES = ("data", "fsdp", "tensor", "seq")
 
@@ -108,16 +110,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def logical_axes(state) -> dict:
     """The `axes` metadata of every parameter of an `nnx.State`, as a pure dict of tuples."""
-    from flax import nnx
-
     return nnx.to_pure_dict(jax.tree.map(lambda v: v.replace(v.get_metadata()["axes"]), state,
                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def param_shardings(mesh: Mesh, abstract: dict, axes: dict) -> dict:
-    """Pure dicts in, pure dict out: the `NamedSharding` of each parameter (abstract shapes + axes)."""
-    return jax.tree.map(lambda a, names: sharding(mesh, names, a.shape), abstract, axes,
-                        is_leaf=lambda x: isinstance(x, tuple))
+def param_shardings(mesh: Mesh, state) -> dict:
+    """The `NamedSharding` of each parameter of an `nnx.State` (of arrays or shapes), as a pure dict."""
+    return jax.tree.map(lambda a, names: sharding(mesh, names, a.shape), nnx.to_pure_dict(state),
+                        logical_axes(state), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def abstract_on_mesh(config: Phi4Config, mesh: Mesh, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model split into its graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh` (the
+    KV heads repeated as needed): what `jit(...).lower` takes to compile for a mesh without weights."""
+    graphdef, state = nnx.split(abstract_model(config_for_mesh(config, mesh), param_dtype=dtype))
+    placed = param_shardings(mesh, state)
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), placed))
+    return graphdef, state
+
+
+def place(model, mesh: Mesh):
+    """A model in memory (random weights, say) moved onto `mesh` by the rules table. Its config must
+    already suit the mesh (build it from `config_for_mesh`): heads are not repeated here."""
+    if config_for_mesh(model.config, mesh) != model.config:
+        raise MeshError(f"tensor={mesh.shape['tensor']} needs the KV heads repeated; build the model from "
+                        "sharding.config_for_mesh(config, mesh), or load it with phi4_jax.load(..., mesh=)")
+    graphdef, state = nnx.split(model)
+    placed = param_shardings(mesh, state)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.device_put, nnx.to_pure_dict(state), placed))
+    return nnx.merge(graphdef, state)
 
 
 def mesh_of(tree) -> Mesh | None:

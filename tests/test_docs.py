@@ -47,7 +47,23 @@ def test_readme_decode_table_is_the_committed_result():
                 f"{r['step_ms']:.2f} ms | {100 * r['host_share']:.1f}% |") in readme
 
 
+def test_readme_plan_table_is_the_committed_result():
+    record = json.loads((ROOT / "bench" / "results" / "plan.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    wanted = {("phi-4", f"tensor={t}", 16384) for t in (1, 2, 4, 8)} | {
+        ("phi-4-mini", spec, 131072) for spec in ("tensor=1", "tensor=8", "seq=8")}
+    assert wanted <= {(r["name"], r["mesh_spec"], r["context"]) for r in record["records"]}
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    for r in record["records"]:
+        d, s = r["per_device"], r["steps"]
+        line = (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
+                f"{gb(d['weights_bytes'])} | {gb(d['kv_cache_bytes'])} | {gb(s['prefill']['temp_bytes'])} / "
+                f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
+        assert line in readme, line
+
+
 def test_every_generate_flag_is_documented():
-    flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', (ROOT / "phi4_jax" / "generate.py").read_text()))
+    source = (ROOT / "phi4_jax" / "generate.py").read_text() + (ROOT / "phi4_jax" / "cli.py").read_text()
+    flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))
     readme = (ROOT / "README.md").read_text()
     assert flags and not {f for f in flags if f not in readme}

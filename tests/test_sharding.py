@@ -13,7 +13,7 @@ import phi4_jax
 from phi4_jax import checkpoint, sharding, weights
 from phi4_jax.config import Phi4Config
 from phi4_jax.engine import Engine
-from phi4_jax.model import abstract_model
+from phi4_jax.model import Phi4ForCausalLM, abstract_model
 from phi4_jax.sampling import SamplingParams
 from phi4_jax.sharding import MeshError
 
@@ -90,8 +90,7 @@ def test_rules_give_the_designed_layout(fixtures_dir):
     m = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     config = sharding.config_for_mesh(Phi4Config.from_json(fixtures_dir / "phi-4"), m)
     state = nnx.state(abstract_model(config))
-    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(
-        m, nnx.to_pure_dict(state), sharding.logical_axes(state)))
+    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(m, state))
     layer = specs["model"]["layers"][0]
     assert layer["self_attn"]["q_proj"]["kernel"] == ("fsdp", "tensor", None)
     assert layer["self_attn"]["k_proj"]["kernel"] == ("fsdp", "tensor", None)
@@ -117,11 +116,8 @@ def test_per_device_weights_of_real_phi4_are_total_over_fsdp_times_tensor(fixtur
     m = sharding.make_mesh(spec)
     config = Phi4Config.from_json(fixtures_dir / "phi-4")
     repeated = sharding.config_for_mesh(config, m)
-    state = nnx.state(abstract_model(repeated, param_dtype="bfloat16"))
-    abstract = nnx.to_pure_dict(state)
-    placed = sharding.param_shardings(m, abstract, sharding.logical_axes(state))
-    per_device = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-                     for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(placed)))
+    _, state = sharding.abstract_on_mesh(config, m, "bfloat16")
+    per_device = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
     extra_kv = 2 * config.num_hidden_layers * config.hidden_size * config.head_dim * 2 * (
         repeated.num_key_value_heads - config.num_key_value_heads)
     want = (config.num_parameters * 2 + extra_kv) / (m.shape["fsdp"] * m.shape["tensor"])
@@ -197,7 +193,7 @@ def test_orbax_checkpoints_restore_onto_the_mesh(tiny_checkpoint, reference, tmp
                        progress=False)
     m = mesh(spec)
     model, _ = phi4_jax.load(orbax, mesh=m, progress=False)
-    placed = sharding.param_shardings(m, nnx.to_pure_dict(nnx.state(model)), sharding.logical_axes(nnx.state(model)))
+    placed = sharding.param_shardings(m, nnx.state(model))
     for array, want in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(placed)):
         assert array.sharding.is_equivalent_to(want, array.ndim)
     np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), reference("phi-4")[0],
@@ -277,6 +273,18 @@ def test_a_mesh_that_cannot_split_the_heads_is_refused(tiny_checkpoint):
     folder, _ = tiny_checkpoint("phi-3.5-mini")  # 4 query / 4 KV heads
     with pytest.raises(MeshError, match="tensor=8 cannot split .* tensor sizes that work: 1, 2, 4"):
         phi4_jax.load(folder, dtype="float32", mesh="tensor=8", progress=False)
+
+
+def test_place_moves_a_model_in_memory_onto_the_mesh(tiny_checkpoint, reference):
+    folder, _ = tiny_checkpoint("phi-4-mini")
+    model = phi4_jax.load(folder, dtype="float32", progress=False)[0]
+    placed = sharding.place(model, mesh("data=2,tensor=4"))
+    assert sharding.mesh_of(nnx.state(placed)).shape["tensor"] == 4
+    np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(placed), IDS)), reference("phi-4-mini")[0],
+                               rtol=0, atol=1e-5)
+    random = Phi4ForCausalLM(Phi4Config.from_json(tiny_checkpoint("phi-4")[0]), rngs=nnx.Rngs(0))
+    with pytest.raises(MeshError, match="config_for_mesh"):
+        sharding.place(random, mesh("tensor=4"))  # 10 KV heads: needs repeating
 
 
 def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):

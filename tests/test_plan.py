@@ -1,0 +1,57 @@
+"""The planner: per-device bytes and collectives of the real steps, compiled for a mesh without weights."""
+
+import math
+
+import jax
+import pytest
+
+from phi4_jax import plan, sharding
+from phi4_jax.config import Phi4Config
+
+from conftest import TINY_COMMON, TINY_SHAPES
+
+
+def tiny(shape):
+    raw = {**TINY_COMMON, **TINY_SHAPES[shape], "model_type": "phi3"}
+    raw.update(raw.pop("rope_parameters"))
+    return Phi4Config.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def plans():
+    config = tiny("phi-4")  # 40 q / 10 kv heads: tensor=4 repeats each KV head twice
+    return {spec: plan.plan(config, sharding.make_mesh(spec, jax.devices()[:n]), context=64, batch=4,
+                            dtype="float32", prefill_chunk=16)
+            for spec, n in (("tensor=1", 1), ("tensor=4", 4))}
+
+
+def test_one_device_holds_everything_and_talks_to_no_one(plans):
+    config = tiny("phi-4")
+    p = plans["tensor=1"]
+    assert p["per_device"]["weights_bytes"] == config.num_parameters * 4
+    assert p["per_device"]["kv_cache_bytes"] == 2 * 2 * 4 * 10 * 64 * 4 * 4  # k+v, layers, B, KV, L, D, f32
+    assert all(n == 0 for step in p["steps"].values() for n in step["collectives"].values())
+    # XLA's arguments: the weights and the cache (and a few small per-row arrays).
+    for step in p["steps"].values():
+        resident = p["per_device"]["weights_bytes"] + p["per_device"]["kv_cache_bytes"]
+        assert resident <= step["argument_bytes"] < resident * 1.1
+
+
+def test_tensor_parallel_splits_weights_and_cache_and_all_reduces(plans):
+    one, four = plans["tensor=1"], plans["tensor=4"]
+    assert four["model"]["kv_heads_on_mesh"] == 20
+    # the cache: twice the heads (repeated), a quarter of them per device
+    assert four["per_device"]["kv_cache_bytes"] == one["per_device"]["kv_cache_bytes"] * 2 // 4
+    assert four["per_device"]["weights_bytes"] < one["per_device"]["weights_bytes"] / 3
+    for step in four["steps"].values():
+        assert step["collectives"]["all-reduce"] >= 2  # attention and MLP outputs, per layer
+        assert step["argument_bytes"] < one["steps"]["decode"]["argument_bytes"] / 2
+    assert four["per_device"]["needed_bytes"] == (four["per_device"]["weights_bytes"]
+                                                  + four["per_device"]["kv_cache_bytes"]
+                                                  + max(s["temp_bytes"] for s in four["steps"].values()))
+
+
+def test_fits_on_uses_the_headroom():
+    assert "H200" in plan.fits_on(int(0.9 * 141e9)) and "H200" not in plan.fits_on(int(0.91 * 141e9))
+    assert plan.fits_on(10**15) == []
+    assert math.isclose(plan.USABLE, 0.9)
