@@ -48,12 +48,13 @@ def compile_once(args) -> dict:
     import jax.numpy as jnp
     from phi4_jax import sharding
 
-    mesh_spec = args.mesh or "tensor=1"
-    jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(mesh_spec).values()))
+    if args.mesh:  # compile for the mesh on as many fake CPU devices, whatever this machine has
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
     from phi4_jax import Phi4Config, forward
 
     config = Phi4Config.from_preset(args.preset).replace(num_hidden_layers=args.layers[0])
-    mesh = sharding.make_mesh(mesh_spec)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else sharding.make_mesh("", jax.devices()[:1])
     graphdef, state = sharding.abstract_on_mesh(config, mesh, jnp.dtype(args.dtype))
     ids = jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32, sharding=sharding.replicated(mesh))
     start = time.perf_counter()

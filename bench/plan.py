@@ -4,7 +4,7 @@ devices with abstract inputs (no weights are read; a 14B model plans on a laptop
 
 The prefill step fills a --context-slot cache with a --context-token prompt (in pieces of
 --prefill-chunk tokens); the decode step is one token per row against that cache. Results are
-merged into bench/results/plan.json (one record per model, mesh, context, batch and dtype).
+merged into bench/results/plan.json (one record per model, mesh, context, batch, dtype and chunk).
 
   python bench/plan.py --model phi-4 --mesh tensor=8 --context 16k --batch 8
   python bench/plan.py --model phi-4-mini --mesh tensor=1 tensor=8 seq=8 --context 128k --batch 1
@@ -94,7 +94,7 @@ README_HEADER = ("| model | mesh | context × batch | weights | KV cache | tempo
 
 
 def _key(r: dict) -> tuple:
-    return r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"]
+    return r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"], r["prefill_chunk"]
 
 
 def _existing(path: str) -> list[dict]:

@@ -48,21 +48,30 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
                         "fsdp, tensor, seq; sizes multiply to the device count of all hosts); default: one device")
     group = p.add_argument_group("multi-host (one process per host, same command on each)")
     group.add_argument("--distributed", action="store_true",
-                       help="join a multi-host run; on TPU pod slices, Slurm and Open MPI nothing else is needed")
+                       help="join a multi-host run (needs --mesh over all hosts' devices); on TPU pod slices, "
+                            "Slurm and Open MPI nothing else is needed")
     group.add_argument(*flag("--coordinator-address"), default=None,
-                       help="process 0's HOST:PORT (implies --distributed; env JAX_COORDINATOR_ADDRESS)")
+                       help="process 0's HOST:PORT, the same on every process (implies --distributed; or set "
+                            "JAX_COORDINATOR_ADDRESS)")
     group.add_argument(*flag("--num-processes"), type=int, default=None,
-                       help="how many processes in all (env JAX_NUM_PROCESSES)")
+                       help="how many processes in all (implies --distributed; or set JAX_NUM_PROCESSES)")
     group.add_argument(*flag("--process-id"), type=int, default=None,
-                       help="this process's index, 0 .. num-processes - 1 (env JAX_PROCESS_ID)")
+                       help="this process's index, 0 .. num-processes - 1 (implies --distributed; or set "
+                            "JAX_PROCESS_ID)")
 
 
-def join_multihost(args) -> None:
-    """Joins the multi-host run the flags of `add_mesh_flags` ask for (before any device is used)."""
-    if args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None:
-        from phi4_jax import distributed
+def join_multihost(args) -> bool:
+    """Joins the multi-host run that the flags of `add_mesh_flags`, or the environment variables
+    they name, ask for (before any device is used). Returns whether it did."""
+    import os
 
+    from phi4_jax import distributed
+
+    asked = (args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None
+             or any(os.environ.get(var) for var in distributed.ENV.values()))
+    if asked:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    return bool(asked)
 
 
 def run(main: Callable[[], int | None]) -> int:

@@ -166,20 +166,20 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if args.chat and args.prompt is not None:
         raise ConfigError("--chat reads its prompts from stdin; drop --prompt")
+    if not args.chat and args.prompt is None:
+        raise ConfigError("give a prompt: --prompt TEXT, or --prompt - to read stdin (or --chat)")
+    if cli.join_multihost(args) and (args.chat or args.prompt == "-"):
+        # Only one host's terminal (or srun task 0) has stdin; every process needs the prompt.
+        raise ConfigError("a multi-host run reads no stdin: give every process the same --prompt TEXT")
     if not args.chat:
-        if args.prompt is None:
-            raise ConfigError("give a prompt: --prompt TEXT, or --prompt - to read stdin (or --chat)")
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not text.strip():
             raise ConfigError("the prompt is empty")
-    cli.join_multihost(args)
     from phi4_jax import distributed, sharding
     from phi4_jax.engine import Engine
     from phi4_jax.loading import load
 
     main_process = distributed.is_main_process()
-    if args.chat and not main_process:
-        raise ConfigError("--chat reads stdin on one host; give multi-host runs a --prompt")
     model, tokenizer = load(args.model, dtype=args.dtype, mesh=args.mesh, progress=main_process)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")

@@ -43,6 +43,10 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None,
     dtype = _float_dtype(dtype)
     folder = resolve(path).folder
     config = Phi4Config.from_json(folder)
+    if mesh is None and jax.process_count() > 1:
+        raise sharding.MeshError(f"this is one of {jax.process_count()} processes of a multi-host run: give a "
+                                 "mesh over all their devices (--mesh, or load(..., mesh=)), e.g. "
+                                 f"'data={jax.process_count()},tensor={jax.local_device_count()}'")
     mesh = None if mesh is None else sharding.make_mesh(mesh)
     model_config = config if mesh is None else sharding.config_for_mesh(config, mesh)
     repeat = model_config.num_key_value_heads // config.num_key_value_heads

@@ -78,10 +78,10 @@ class Attention(nnx.Module):
         self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, starts=None, attend_cache=False):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, starts=None, attend_slots=None):
         """Without `kv_cache`, attends over the new tokens. With it (a `(keys, values)` pair of
         `[B, KV, L, D]`), writes the new keys/values at each row's slots `starts[b] + t`, attends
-        over the whole cache if `attend_cache` (else over the new tokens), and returns
+        over the first `attend_slots` slots of the cache (None: over the new tokens), and returns
         `(out, kv_cache)`."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
@@ -89,8 +89,8 @@ class Attention(nnx.Module):
         if kv_cache is None:
             return self.o_proj(attend(q, k, v, mask))
         kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
-        if attend_cache:
-            k, v = kv_cache
+        if attend_slots is not None:
+            k, v = (c[:, :, :attend_slots] for c in kv_cache)
         return self.o_proj(attend(q, k, v, mask)), kv_cache
 
 
@@ -113,8 +113,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, h, cos, sin, mask, kv_cache=None, starts=None, attend_cache=False):
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, starts, attend_cache)
+    def __call__(self, h, cos, sin, mask, kv_cache=None, starts=None, attend_slots=None):
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, starts, attend_slots)
         if kv_cache is not None:
             attn, kv_cache = attn
         h = h + attn
@@ -136,13 +136,14 @@ class Phi4Model(nnx.Module):
         self.config = config
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
-                 cache: KVCache | None = None, attend_cache: bool = False):
+                 cache: KVCache | None = None, attend_slots: int | None = None):
         """Final hidden states `[B, T, E]` of tokens at `positions` `[B, T]`; with a `cache`, also
         the cache with their keys/values written at slots = positions (`(h, cache)`).
 
         `lengths` `[B]`: each row's sequence length so far (for LongRoPE's switch; default from
-        positions). `attend_cache`: attend over the whole cache (decoding, or continuing a
-        sequence) rather than over the new tokens only (a prefill from position 0).
+        positions). `attend_slots`: attend over the cache's first `attend_slots` slots (decoding,
+        continuing a sequence, a prefill piece) rather than over the new tokens only (None: a
+        prefill from position 0 in one piece).
         """
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
@@ -151,11 +152,14 @@ class Phi4Model(nnx.Module):
             for layer in self.layers:
                 h = layer(h, cos, sin, mask)
             return self.norm(h)
-        key_positions = jnp.broadcast_to(jnp.arange(cache.length), (h.shape[0], cache.length))
-        mask = causal_mask(positions, key_positions if attend_cache else positions, self.config.window)
+        if attend_slots is None:
+            mask = causal_mask(positions, positions, self.config.window)
+        else:
+            key_positions = jnp.broadcast_to(jnp.arange(attend_slots), (h.shape[0], attend_slots))
+            mask = causal_mask(positions, key_positions, self.config.window)
         keys, values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            h, (k, v) = layer(h, cos, sin, mask, (k, v), positions[:, 0], attend_cache)
+            h, (k, v) = layer(h, cos, sin, mask, (k, v), positions[:, 0], attend_slots)
             keys.append(k)
             values.append(v)
         return self.norm(h), KVCache(tuple(keys), tuple(values))
@@ -199,19 +203,21 @@ class Phi4ForCausalLM(nnx.Module):
         Without `starts` the prompts start at position 0 and attend among themselves; with
         `starts` `[B]` they continue sequences whose first `starts[b]` positions are cached (a
         chat's next turn) and attend over the cache. `chunk`: prompts longer than this run in
-        pieces of `chunk` tokens, each attending over the cache, so attention's temporaries grow
-        with `chunk * T` rather than `T * T`.
+        pieces of `chunk` tokens, each attending over the cache slots the prompt may reach (its
+        first T from position 0, else all), so attention's temporaries grow with `chunk * T`
+        rather than `T * T`.
         """
         batch, width = input_ids.shape
         if chunk is None or width <= chunk:
             if starts is None:
-                return self._prefill_block(input_ids, lengths, cache, jnp.zeros(batch, jnp.int32), False)
-            return self._prefill_block(input_ids, lengths, cache, starts, True)
+                return self._prefill_block(input_ids, lengths, cache, jnp.zeros(batch, jnp.int32), None)
+            return self._prefill_block(input_ids, lengths, cache, starts, cache.length)
+        slots = width if starts is None else cache.length
         starts = jnp.zeros(batch, jnp.int32) if starts is None else starts
 
         def piece(offset, size, logits, cache):
             ids = jax.lax.dynamic_slice_in_dim(input_ids, offset, size, axis=1)
-            new, cache = self._prefill_block(ids, lengths, cache, starts + offset, True)
+            new, cache = self._prefill_block(ids, lengths, cache, starts + offset, slots)
             holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
             return jnp.where(holds_last[:, None], new, logits), cache
 
@@ -222,18 +228,19 @@ class Phi4ForCausalLM(nnx.Module):
             logits, cache = piece(width - width % chunk, width % chunk, logits, cache)
         return logits, cache
 
-    def _prefill_block(self, input_ids, lengths, cache, starts, attend_cache):
+    def _prefill_block(self, input_ids, lengths, cache, starts, attend_slots):
         """Tokens `[B, W]` at positions `starts[b]` on; logits at each row's last prompt token
         (clipped to the block: only meaningful for rows whose last token lies in it)."""
         positions = starts[:, None] + jnp.arange(input_ids.shape[1])
-        h, cache = self.model(input_ids, positions, lengths, cache, attend_cache=attend_cache)
+        h, cache = self.model(input_ids, positions, lengths, cache, attend_slots=attend_slots)
         last = jnp.clip(lengths - starts - 1, 0, input_ids.shape[1] - 1)
         h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, E]
         return self._head(h)[:, 0], cache
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`."""
-        h, cache = self.model(tokens[:, None], positions[:, None], positions + 1, cache, attend_cache=True)
+        h, cache = self.model(tokens[:, None], positions[:, None], positions + 1, cache,
+                              attend_slots=cache.length)
         return self._head(h)[:, 0], cache
 
     def _head(self, h: jax.Array) -> jax.Array:

@@ -2,8 +2,9 @@
 mesh, from XLA compiling them with abstract inputs (shapes and shardings; no weights, no memory).
 
 Run it on CPU with as many fake devices as the mesh has. The engine's own jitted steps are
-compiled, so what is reported is what `Engine` runs. Weights and the KV cache per device are
-XLA's argument sizes (and agree with the shardings); temporaries are XLA's temp allocation.
+compiled, so what is reported is what `Engine` runs. Weights and the KV cache per device come from
+their shardings (XLA's argument sizes, also reported, hold them plus a few small inputs);
+temporaries are XLA's temp allocation.
 
 One CPU artefact: XLA:CPU rewrites every bfloat16 dot as float32 and materialises float32 copies
 of its bf16 operands (weights, KV cache), which GPU and TPU compiles do not. So each step is also

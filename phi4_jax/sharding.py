@@ -72,6 +72,9 @@ def make_mesh(spec: str | Mapping[str, int] | Mesh, devices=None) -> Mesh:
     """A `Mesh` with the axes data, fsdp, tensor, seq (in that order) over `devices` (default: all
     devices of all processes). Its size must be the device count; a `Mesh` passes through."""
     if isinstance(spec, Mesh):
+        if tuple(spec.axis_names) != MESH_AXES:
+            raise MeshError(f"the mesh has axes {tuple(spec.axis_names)}; phi4_jax's rules need exactly "
+                            f"{MESH_AXES} (sizes of 1 are fine): build it with sharding.make_mesh")
         return spec
     sizes = parse_mesh(spec) if isinstance(spec, str) else {**dict.fromkeys(MESH_AXES, 1), **spec}
     devices = jax.devices() if devices is None else list(devices)

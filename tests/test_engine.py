@@ -186,3 +186,20 @@ def test_next_turn_reuses_the_cache_and_gives_the_same_tokens(engines, shape, fi
     crosses = len(turn2) > 16 and shape == "phi-4-mini"
     # The reply's last token was never fed to the model, so the cache holds one token less.
     assert again.reused_tokens == (0 if crosses else len(turn1) + len(reply) - 1)
+
+
+@pytest.mark.parametrize("shape", ["phi-4", "phi-3-mini-4k"])
+def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_checkpoint, shape):
+    """A chat's next turn (starts > 0) prefilled 3 tokens at a time over the cached sequence."""
+    model = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32", progress=False)[0]
+    engine, whole = Engine(model, prefill_chunk=3), Engine(model)
+    turn1 = prompts(seed=9, lengths=(7,))[0]
+    params = SamplingParams(max_tokens=4)
+    gen = engine.start([turn1], params, [[]])
+    reply = []
+    while not gen.finished:
+        reply += gen.advance(4)[0]
+    turn2 = turn1 + reply + prompts(seed=10, lengths=(9,))[0]
+    again = engine.start([turn2], SamplingParams(max_tokens=8), [[]], continuing=gen)
+    assert again.reused_tokens == len(turn1) + len(reply) - 1
+    assert again.advance(8)[0] == whole.start([turn2], SamplingParams(max_tokens=8), [[]]).advance(8)[0]

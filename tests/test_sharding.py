@@ -36,6 +36,12 @@ def test_mesh_spec_fills_missing_axes_with_one():
     assert sharding.make_mesh(m) is m
 
 
+def test_a_mesh_with_other_axes_is_refused():
+    other = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "tp"))
+    with pytest.raises(MeshError, match="data.*fsdp.*tensor.*seq"):
+        sharding.make_mesh(other)
+
+
 @pytest.mark.parametrize("spec, words", [
     ("tensor=4", ["4 devices", "there are 8", "multiply to 8"]),
     ("tensor=four", ["AXIS=SIZE"]),
@@ -215,7 +221,7 @@ class RecordingSlice:
         return getattr(self.inner, name)
 
 
-@pytest.mark.parametrize("spec, biggest_share", [("fsdp=8", 1 / 8), ("tensor=2", 1 / 2), ("tensor=8", 1 / 2)])
+@pytest.mark.parametrize("spec, biggest_share", [("fsdp=8", 1 / 8), ("tensor=2", 1 / 2), ("tensor=8", 1 / 8)])
 def test_each_device_reads_only_its_block(tiny_checkpoint, monkeypatch, spec, biggest_share):
     """Devices read their own blocks from the file (never the whole tensor on a sharded mesh), and
     devices that hold the same block share one read: every tensor is read about once in all."""
@@ -246,7 +252,7 @@ def test_each_device_reads_only_its_block(tiny_checkpoint, monkeypatch, spec, bi
     for name, log in reads.items():
         if "norm" in name:  # vectors: replicated over tensor
             continue
-        # tensor=8 splits the 10 KV heads into 40 repeated ones: a device reads 1-2 stored heads.
+        # (tensor=8 repeats the 10 KV heads to 40: a device reads 1-2 stored heads of its 5.)
         assert max(log) <= sizes[name] * biggest_share, (name, log)
         assert sum(log) <= sizes[name] * 1.25, (name, log)
 
@@ -258,6 +264,7 @@ def test_host_memory_stays_near_one_tensor(tiny_checkpoint):
 
     folder, _ = tiny_checkpoint("phi-4")
     sizes = [s.nbytes for s in weights.inspect_hf(str(folder), Phi4Config.from_json(folder))]
+    phi4_jax.load(folder, dtype="float32", mesh=mesh("data=2,tensor=4"), progress=False)  # one-time caches
     tracemalloc.start()
     try:
         model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("data=2,tensor=4"), progress=False)
@@ -366,6 +373,40 @@ def test_cli_bad_mesh_is_a_usage_error(phi4_with_tokenizer, capsys, flags, words
         assert word in err, err
 
 
+def run_processes(n: int, args: list[str], port: int, stdin: str | None = None) -> list[tuple[int, str, str]]:
+    """Runs `python -m phi4_jax.generate ARGS` as processes 0..n-1 of one run on loopback (4 CPU
+    devices each); returns each one's (exit code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}  # never listen beyond loopback
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "phi4_jax.generate", *args, "--coordinator-address", f"127.0.0.1:{port}",
+         "--num-processes", str(n), "--process-id", str(i)], env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(stdin, timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a process of the multi-process run hung")
+        results.append((p.returncode, out, err))
+    return results
+
+
+def test_multihost_runs_refuse_stdin_prompts(phi4_with_tokenizer):
+    """Only one host has the terminal: `--prompt -` and `--chat` are refused once a run is joined
+    (here a run of one process, which joins at once)."""
+    for flags in (["--prompt", "-"], ["--chat"]):
+        [(code, out, err)] = run_processes(1, ["--model", str(phi4_with_tokenizer), *flags, "--mesh", "tensor=4"],
+                                           free_port(), stdin="Hello\n")
+        assert code == 2 and "reads no stdin" in err and out.strip() == "", (code, err[-2000:])
+
+
 def free_port() -> int:
     import socket
 
@@ -379,30 +420,15 @@ def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
     """Two processes x 4 CPU devices (jax.distributed on loopback, gloo collectives), one tensor=8
     mesh across both: the same greedy tokens as one process with 8 devices; only process 0 prints."""
     import json
-    import os
-    import subprocess
-    import sys
 
     one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet", "--mesh", "tensor=8")
-    port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}  # never listen beyond loopback
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "phi4_jax.generate", "--model", str(phi4_with_tokenizer), *GENERATE,
-         "--mesh", "tensor=8", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-         "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    results = []
-    for p in procs:
-        try:
-            results.append(p.communicate(timeout=240))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a process of the two-process run hung")
-    for p, (out, err) in zip(procs, results):
+    results = run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=8"], free_port())
+    for code, _, err in results:
         # 134 (SIGABRT): JAX's heartbeat ended a process whose peer died.
-        assert p.returncode == 0, (p.returncode, err[-3000:])
-    ours = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in results]
+        assert code == 0, (code, err[-3000:])
+    ours = [[line for line in out.splitlines() if line.startswith("{")] for _, out, _ in results]
     assert len(ours[0]) == 1 and ours[1] == []  # gloo's own "[Gloo] ..." lines aside, process 1 is silent
     assert json.loads(ours[0][0])["tokens"] == one["tokens"]
+    # Without --mesh each process would hold its own model: refused on every process, with the fix.
+    for code, out, err in run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE], free_port()):
+        assert code == 2 and "give a mesh over all their devices" in err and "data=2,tensor=4" in err, err[-2000:]
