@@ -7,6 +7,7 @@ examples:
   python -m phi4_jax.generate --model ~/models/Phi-4-mini-instruct --prompt "Write a haiku about JAX"
   echo "What is 2+2?" | python -m phi4_jax.generate --model microsoft/phi-4 -p - --json
   python -m phi4_jax.generate --model ~/ckpt/phi-4-mini --chat
+  python -m phi4_jax.generate --model ~/models/phi-4 --prompt "Hello" --mesh tensor=8 --verbose
 """
 
 from __future__ import annotations
