@@ -431,7 +431,7 @@ def test_out_of_memory_exits_4_and_leaves_nothing(tiny_checkpoint, tmp_path, cap
 
 
 SIGNAL_SCRIPT = """
-import os, signal, sys
+import signal, sys
 from phi4_jax import checkpoint, cli
 from phi4_jax.hub import resolve
 
@@ -441,7 +441,9 @@ seen = []
 def on_tensor(name):
     seen.append(name)
     if len(seen) == int(after):
-        os.kill(os.getpid(), getattr(signal, signame))
+        # In this thread, now: with os.kill the interrupt once surfaced later, inside Orbax's
+        # saving, and was lost (the conversion finished).
+        signal.raise_signal(getattr(signal, signame))
 
 def body():
     plan = checkpoint.plan_conversion(resolve(source))

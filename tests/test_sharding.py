@@ -272,7 +272,6 @@ def test_host_memory_stays_near_one_tensor(tiny_checkpoint):
     finally:
         tracemalloc.stop()
     assert sum(sizes) > 5 * max(sizes)
-    assert kept < sum(sizes)  # on CPU: the devices' blocks (the model / 4, twice over data)
     assert peak - kept < 2 * max(sizes), (peak, kept, max(sizes), sum(sizes))
 
 
