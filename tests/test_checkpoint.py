@@ -437,13 +437,14 @@ from phi4_jax.hub import resolve
 
 source, output, after, signame = sys.argv[1:]
 seen = []
+# As at a terminal: a background job of a non-interactive shell (a CI runner's, say) starts with
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def on_tensor(name):
     seen.append(name)
     if len(seen) == int(after):
-        # In this thread, now: with os.kill the interrupt once surfaced later, inside Orbax's
-        # saving, and was lost (the conversion finished).
-        signal.raise_signal(getattr(signal, signame))
+        signal.raise_signal(getattr(signal, signame))  # in this thread, now
 
 def body():
     plan = checkpoint.plan_conversion(resolve(source))
