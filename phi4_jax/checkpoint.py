@@ -362,6 +362,43 @@ def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_byte
         manifest = json.load(f)
     config = Phi4Config.from_json(folder)
     dtype = np.dtype(dtype or manifest["dtype"])
+    ocp = _ocp()
+    abstract = _abstract_params(config, dtype)
+
+    def read(wanted: set) -> dict:  # only these parameters, from the Orbax checkpoint
+        partial = {k: (v if k in wanted else ocp.PLACEHOLDER) for k, v in abstract.items()}
+        restored = traverse_util.flatten_dict(ocp.load(os.path.join(folder, PARAMS),
+                                                       traverse_util.unflatten_dict(partial)))
+        return {k: v for k, v in restored.items() if k in wanted}
+
+    check_output(output, overwrite, source=folder)
+    with atomic_folder(output, overwrite) as tmp, _disk_full_is_typed(output):
+        _check_space(tmp, int(config.num_parameters * dtype.itemsize * 1.05))
+        _copy_side_files(folder, tmp)
+        _write_hf_weights(tmp, config, dtype, max_shard_bytes, read, progress)
+    return os.path.abspath(output)
+
+
+def save_hf(params: dict, files: dict[str, str], output: str, dtype=None, overwrite: bool = False) -> str:
+    """Writes an HF folder from parameters in memory (a pure-dict tree, `nnx.to_pure_dict` of the
+    model's state) and side files given as text (`files["config.json"]` is required), atomically.
+    Weights go to one `model.safetensors`; `dtype` (default: the parameters') is what is stored."""
+    config = Phi4Config.from_dict(json.loads(files["config.json"]))
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    dtype = np.dtype(dtype or next(iter(flat.values())).dtype)
+    check_output(output, overwrite)
+    with atomic_folder(output, overwrite) as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        _write_hf_weights(tmp, config, dtype, float("inf"), lambda wanted: {k: flat[k] for k in wanted}, False)
+    return os.path.abspath(output)
+
+
+def _write_hf_weights(tmp: str, config: Phi4Config, dtype, max_shard_bytes, read: Callable[[set], dict],
+                      progress: bool) -> None:
+    """The HF safetensors of `config`'s tensors in `dtype`, shard by shard; `read(keys)` returns the
+    parameters (pure-dict keys -> arrays) that a shard needs."""
     tensors = hf_tensors(config)
     shards, size = [[]], 0
     for name, (shape, _) in tensors.items():
@@ -373,29 +410,19 @@ def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_byte
         size += nbytes
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    ocp = _ocp()
-    abstract = _abstract_params(config, dtype)
     weight_map = {}
-    check_output(output, overwrite, source=folder)
-    with atomic_folder(output, overwrite) as tmp, _disk_full_is_typed(output):
-        _check_space(tmp, int(config.num_parameters * dtype.itemsize * 1.05))
-        _copy_side_files(folder, tmp)
-        for shard, file_name in zip(tqdm(shards, desc="Writing shards", disable=None if progress else True), names):
-            wanted = {param_key(t.path) for name in shard for t in tensors[name][1]}
-            partial = {k: (v if k in wanted else ocp.PLACEHOLDER) for k, v in abstract.items()}
-            restored = traverse_util.flatten_dict(ocp.load(os.path.join(folder, PARAMS),
-                                                           traverse_util.unflatten_dict(partial)))
-            params = {".".join(map(str, k)): np.asarray(v) for k, v in restored.items() if k in wanted}
-            arrays = {name: fuse_hf_tensor(params, tensors[name][1]) for name in shard}
-            del restored, params
-            save_file(arrays, os.path.join(tmp, file_name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file_name))
-        if len(shards) > 1:
-            total = sum(int(np.prod(shape)) * dtype.itemsize for shape, _ in tensors.values())
-            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-                f.write("\n")
-    return os.path.abspath(output)
+    for shard, file_name in zip(tqdm(shards, desc="Writing shards", disable=None if progress else True), names):
+        wanted = {param_key(t.path) for name in shard for t in tensors[name][1]}
+        params = {".".join(map(str, k)): np.asarray(v).astype(dtype, copy=False) for k, v in read(wanted).items()}
+        arrays = {name: fuse_hf_tensor(params, tensors[name][1]) for name in shard}
+        del params
+        save_file(arrays, os.path.join(tmp, file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+    if len(shards) > 1:
+        total = sum(int(np.prod(shape)) * dtype.itemsize for shape, _ in tensors.values())
+        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")
 
 
 def _abstract_params(config: Phi4Config, dtype) -> dict:

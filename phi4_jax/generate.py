@@ -4,6 +4,7 @@ The prompt goes through the model's chat template (as a user message, after --sy
 unless --ignore-chat-template; text streams to stdout, statistics go to stderr.
 
 examples:
+  python -m phi4_jax.generate --prompt "What is 482+37?"          # the built-in demo model
   python -m phi4_jax.generate --model ~/models/Phi-4-mini-instruct --prompt "Write a haiku about JAX"
   echo "What is 2+2?" | python -m phi4_jax.generate --model microsoft/phi-4 -p - --json
   python -m phi4_jax.generate --model ~/ckpt/phi-4-mini --chat
@@ -36,8 +37,9 @@ _FLAG_OF = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k", "mi
 def build_parser() -> argparse_flags.ArgumentParser:
     p = argparse_flags.ArgumentParser(prog="python -m phi4_jax.generate", description=__doc__,
                                       epilog=cli.EXIT_CODES_HELP, formatter_class=cli.HelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="an HF folder, a folder from convert/hf_to_orbax.py, or a repo id in the local HF cache")
+    p.add_argument("--model", default="demo",
+                   help="an HF folder, a folder from convert/hf_to_orbax.py, a repo id in the local HF cache, or "
+                        "'demo': the built-in demo model (tiny; it does 1-3 digit addition and subtraction)")
     p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' reads it from stdin")
     p.add_argument(*cli.flag("--system-prompt"), default=None, help="a system message before the prompt")
     p.add_argument(*cli.flag("--max-tokens"), "-m", type=int, default=256, help="most tokens to generate")
@@ -214,6 +216,9 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 def _app_main(args) -> int:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # not JAX's INFO lines, such as probing for a TPU
     return cli.run(lambda: _main(args))
 
 

@@ -1,4 +1,5 @@
-"""Model names to local folders: a path as it is, or a Hugging Face repo id through the HF cache."""
+"""Model names to local folders: a path as it is, "demo" (the model shipped in the package), or a
+Hugging Face repo id through the HF cache."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from phi4_jax.errors import ModelNotFoundError
 # What a model folder needs; never pickle weights (*.bin, *.pt), never remote code (*.py).
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEMO = "demo"  # a model name: the built-in demo model (phi4_jax/demo.py), shipped in the package
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +27,8 @@ class ModelSource:
 
 def resolve(model: str | os.PathLike, revision: str | None = None,
             offline: bool | None = None) -> ModelSource:
-    """Finds the folder of `model`: an existing path, or an HF repo id (`microsoft/phi-4`).
+    """Finds the folder of `model`: an existing path, "demo" (the built-in demo model, see
+    phi4_jax/demo.py), or an HF repo id (`microsoft/phi-4`).
 
     A repo id is looked up in the local HF cache (`HF_HUB_CACHE`); missing files are downloaded
     unless `offline` (default: the `HF_HUB_OFFLINE` environment variable) is set.
@@ -35,6 +39,11 @@ def resolve(model: str | os.PathLike, revision: str | None = None,
             raise ModelNotFoundError(f"{name} is a file; pass the model's folder (config.json and "
                                      "model*.safetensors)")
         return ModelSource(folder=name)
+    if name == DEMO:
+        if not os.path.isfile(os.path.join(DEMO_FOLDER, "config.json")):
+            raise ModelNotFoundError(f"the demo model is missing from {DEMO_FOLDER}; reinstall phi4_jax, or "
+                                     "make it again with `python train/demo.py`")
+        return ModelSource(folder=DEMO_FOLDER)
     if not _REPO_ID.match(name):
         raise ModelNotFoundError(f"{name} does not exist: pass a Hugging Face model folder or a "
                                  "repo id such as microsoft/Phi-4-mini-instruct")

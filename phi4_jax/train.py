@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from phi4_jax import sharding
+from phi4_jax.errors import ConfigError
 from phi4_jax.model import Phi4ForCausalLM
 
 
@@ -33,6 +34,11 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.98
     clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be at least 0 and below "
+                              f"total_steps={self.total_steps}")
 
     def optimizer(self) -> optax.GradientTransformation:
         schedule = optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,

@@ -65,6 +65,14 @@ def test_readme_plan_table_is_the_committed_result():
         assert line in readme, line
 
 
+def test_readme_demo_accuracy_is_the_shipped_models():
+    record = json.loads((ROOT / "phi4_jax" / "demo_model" / "training.json").read_text())
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    assert (f"it answers {100 * record['held_out_accuracy']:.1f}% of {record['held_out_problems']} held-out "
+            f"problems exactly (greedy), after {record['steps']} training steps "
+            f"({record['train_seconds'] / 60:.0f} minutes on this project's 2-core CPU machine)") in readme
+
+
 def test_every_generate_flag_is_documented():
     source = (ROOT / "phi4_jax" / "generate.py").read_text() + (ROOT / "phi4_jax" / "cli.py").read_text()
     flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))

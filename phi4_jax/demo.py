@@ -1,0 +1,139 @@
+"""The built-in demo model: a tiny Phi-4-mini-architecture model that does arithmetic in Phi-4-mini's
+chat format. This module makes its synthetic chat data, tokenizer and config, and trains it;
+`train/demo.py` is the command line, and the result ships in `phi4_jax/demo_model/`.
+
+A problem is `<|user|>What is 482+37?<|end|><|assistant|>519<|end|>`: addition or subtraction of
+whole numbers of 1 to 3 digits (subtraction never goes below zero). The tokenizer is a byte-level
+BPE with every digit its own token, Phi-4-mini's special tokens and its chat template.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from phi4_jax.hub import DEMO_FOLDER
+
+FOLDER = DEMO_FOLDER  # where the demo model ships
+
+# Phi-4-mini's special tokens (ids 0..11 here) and chat template.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>",
+                  "<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+    "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + "
+    "message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + "
+    "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+VOCAB_SIZE = 320  # at most: 256 bytes, 12 special tokens, merges for the words of the questions
+LENGTH = 20  # tokens of the longest problem (3 + 3 digits, a 4-digit answer) and a pad
+
+
+def problem(rng: np.random.Generator) -> tuple[str, str]:
+    """A random question and its answer: ("What is 482+37?", "519")."""
+    a, b = (int(rng.integers(0, 10 ** int(rng.integers(1, 4)))) for _ in range(2))
+    if rng.random() < 0.5:
+        return f"What is {a}+{b}?", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a}-{b}?", str(a - b)
+
+
+def held_out(n: int = 500, seed: int = 1234) -> list[tuple[str, str]]:
+    """`n` distinct problems that training never sees (training skips them)."""
+    rng, seen = np.random.default_rng(seed), {}
+    while len(seen) < n:
+        question, answer = problem(rng)
+        seen.setdefault(question, answer)
+    return list(seen.items())
+
+
+def chat_text(question: str, answer: str | None = None) -> str:
+    """The chat-formatted problem (rendered as the chat template renders one user turn)."""
+    prompt = f"<|user|>{question}<|end|><|assistant|>"
+    return prompt if answer is None else f"{prompt}{answer}<|end|>"
+
+
+def train_tokenizer(seed: int = 0):
+    """A byte-level BPE `tokenizers.Tokenizer` over the questions' text, digits split one by one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(problem(rng)) for _ in range(2000)] + ["What is the answer?"]
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def config(vocab_size: int) -> dict:
+    """config.json of the demo model (Phi-4-mini's architecture, scaled down)."""
+    return {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": vocab_size,
+        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "original_max_position_embeddings": 64,
+        "partial_rotary_factor": 0.75, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [1.0 + 0.5 * i for i in range(6)]},
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "sliding_window": None, "hidden_act": "silu",
+        "initializer_range": 0.02, "bos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
+        "eos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"), "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
+        "torch_dtype": "float32",
+    }
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and generation_config.json, as text."""
+    end = SPECIAL_TOKENS.index("<|end|>")
+    eot = SPECIAL_TOKENS.index("<|endoftext|>")
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
+                        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                        "unk_token": None, "clean_up_tokenization_spaces": False, "model_max_length": 256,
+                        "chat_template": CHAT_TEMPLATE}
+    generation_config = {"bos_token_id": eot, "eos_token_id": [end, eot], "pad_token_id": eot}
+    return {"tokenizer.json": tokenizer.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",
+            "generation_config.json": json.dumps(generation_config, indent=2) + "\n"}
+
+
+def batches(tokenizer, batch: int, length: int, seed: int, skip: set[str]):
+    """Endless training batches `(ids [batch, length], weights)`; weights mark the answer and its
+    closing <|end|>, the tokens the model learns to produce."""
+    rng = np.random.default_rng(seed)
+    pad = SPECIAL_TOKENS.index("<|endoftext|>")
+    while True:
+        problems = []
+        while len(problems) < batch:
+            question, answer = problem(rng)
+            if question not in skip:
+                problems.append((question, answer))
+        prompts = tokenizer.encode_batch([chat_text(q) for q, _ in problems])
+        answers = tokenizer.encode_batch([a + "<|end|>" for _, a in problems])
+        ids = np.full((batch, length), pad, np.int32)
+        weights = np.zeros((batch, length), np.float32)
+        for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+            full = prompt.ids + answer.ids
+            ids[row, :len(full)] = full
+            weights[row, len(prompt.ids):len(full)] = 1.0
+        yield ids, weights
+
+
+def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 100) -> float:
+    """Exact-match share of greedy answers through the chat template (`phi4_jax.generate`)."""
+    from phi4_jax.engine import Engine
+    from phi4_jax.generation import generate
+    from phi4_jax.sampling import SamplingParams
+
+    engine = Engine(model, max_context=64)
+    params = SamplingParams(max_tokens=6)  # answers have at most 4 digits, then <|end|>
+    right = 0
+    for start in range(0, len(problems), batch):
+        chunk = problems[start:start + batch]
+        answers = generate(engine, tokenizer, [[{"role": "user", "content": q}] for q, _ in chunk], params)
+        right += sum(got.strip() == want for got, (_, want) in zip(answers, chunk))
+    return right / len(problems)
