@@ -13,11 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from phi4_jax.attention import attend, causal_mask
 from phi4_jax.cache import KVCache
 from phi4_jax.cache import write as cache_write
 from phi4_jax.config import Phi4Config
+from phi4_jax.ring_attention import ring_attend
 from phi4_jax.rope import apply_rope, rope_tables
 
 
@@ -78,20 +80,20 @@ class Attention(nnx.Module):
         self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, starts=None, attend_slots=None):
-        """Without `kv_cache`, attends over the new tokens. With it (a `(keys, values)` pair of
-        `[B, KV, L, D]`), writes the new keys/values at each row's slots `starts[b] + t`, attends
-        over the first `attend_slots` slots of the cache (None: over the new tokens), and returns
-        `(out, kv_cache)`."""
+    def __call__(self, x, cos, sin, attention, kv_cache=None, starts=None, attend_slots=None):
+        """`attention(q, k, v)` is the attention to use (masks included). Without `kv_cache`,
+        attends over the new tokens. With it (a `(keys, values)` pair of `[B, KV, L, D]`), writes
+        the new keys/values at each row's slots `starts[b] + t`, attends over the first
+        `attend_slots` slots of the cache (None: over the new tokens), and returns `(out, kv_cache)`."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
         v = self.v_proj(x)
         if kv_cache is None:
-            return self.o_proj(attend(q, k, v, mask))
+            return self.o_proj(attention(q, k, v))
         kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
         if attend_slots is not None:
             k, v = (c[:, :, :attend_slots] for c in kv_cache)
-        return self.o_proj(attend(q, k, v, mask)), kv_cache
+        return self.o_proj(attention(q, k, v)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -113,8 +115,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, h, cos, sin, mask, kv_cache=None, starts=None, attend_slots=None):
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache, starts, attend_slots)
+    def __call__(self, h, cos, sin, attention, kv_cache=None, starts=None, attend_slots=None):
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, attention, kv_cache, starts, attend_slots)
         if kv_cache is not None:
             attn, kv_cache = attn
         h = h + attn
@@ -136,30 +138,36 @@ class Phi4Model(nnx.Module):
         self.config = config
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
-                 cache: KVCache | None = None, attend_slots: int | None = None):
+                 cache: KVCache | None = None, attend_slots: int | None = None, ring: Mesh | None = None):
         """Final hidden states `[B, T, E]` of tokens at `positions` `[B, T]`; with a `cache`, also
         the cache with their keys/values written at slots = positions (`(h, cache)`).
 
         `lengths` `[B]`: each row's sequence length so far (for LongRoPE's switch; default from
         positions). `attend_slots`: attend over the cache's first `attend_slots` slots (decoding,
         continuing a sequence, a prefill piece) rather than over the new tokens only (None: a
-        prefill from position 0 in one piece).
+        prefill from position 0 in one piece). `ring` (no cache): the sequence is split over this
+        mesh's seq axis and attended with ring attention (`ring_attention.zigzag` it first).
         """
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
-        if cache is None:
-            mask = causal_mask(positions, positions, self.config.window)
-            for layer in self.layers:
-                h = layer(h, cos, sin, mask)
-            return self.norm(h)
-        if attend_slots is None:
-            mask = causal_mask(positions, positions, self.config.window)
+        window = self.config.window
+        if ring is not None:
+            def attention(q, k, v):
+                return ring_attend(ring, q, k, v, positions, positions, window)
         else:
-            key_positions = jnp.broadcast_to(jnp.arange(attend_slots), (h.shape[0], attend_slots))
-            mask = causal_mask(positions, key_positions, self.config.window)
+            key_positions = positions if attend_slots is None else jnp.broadcast_to(
+                jnp.arange(attend_slots), (h.shape[0], attend_slots))
+            mask = causal_mask(positions, key_positions, window)
+
+            def attention(q, k, v):
+                return attend(q, k, v, mask)
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h, cos, sin, attention)
+            return self.norm(h)
         keys, values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            h, (k, v) = layer(h, cos, sin, mask, (k, v), positions[:, 0], attend_slots)
+            h, (k, v) = layer(h, cos, sin, attention, (k, v), positions[:, 0], attend_slots)
             keys.append(k)
             values.append(v)
         return self.norm(h), KVCache(tuple(keys), tuple(values))
@@ -185,15 +193,18 @@ class Phi4ForCausalLM(nnx.Module):
                                       stddev=config.initializer_range, **kw)
         self.config = config
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 ring: Mesh | None = None) -> jax.Array:
         """Logits `[batch, seq, vocab]` (compute dtype) for int `input_ids` `[batch, seq]`.
 
-        `positions` `[batch, seq]` default to 0..seq-1 in every row.
+        `positions` `[batch, seq]` default to 0..seq-1 in every row. `ring`: split the sequence over
+        this mesh's seq axis and use ring attention (lay the sequence and its positions out with
+        `ring_attention.zigzag` first, for balanced work, and undo it on the logits).
         """
         input_ids = jnp.asarray(input_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        return self._head(self.model(input_ids, positions))
+        return self._head(self.model(input_ids, positions, ring=ring))
 
     def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache,
                 starts: jax.Array | None = None, chunk: int | None = None) -> tuple[jax.Array, KVCache]:
@@ -248,12 +259,12 @@ class Phi4ForCausalLM(nnx.Module):
         return head.logits(h)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("ring",))
 def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
-            positions: jax.Array | None = None) -> jax.Array:
+            positions: jax.Array | None = None, ring: Mesh | None = None) -> jax.Array:
     """The jitted forward as a pure function of split model state: `nnx.split(model)` once, then
     call this as often as needed (far less dispatch overhead than `nnx.jit` per call)."""
-    return nnx.merge(graphdef, state)(input_ids, positions)
+    return nnx.merge(graphdef, state)(input_ids, positions, ring)
 
 
 def abstract_model(config: Phi4Config, param_dtype=None, dtype=None) -> Phi4ForCausalLM:
