@@ -56,3 +56,10 @@ def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
         return jax.lax.dynamic_update_slice(row, piece.astype(row.dtype), (0, start, 0))
 
     return jax.vmap(one_row)(cache_layer, new, starts)
+
+
+def write_at(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Writes `new` `[batch, kv_heads, T, head_dim]` at slots `positions[b, t]` (any order, as in a
+    zig-zagged ring prefill)."""
+    rows = jnp.arange(new.shape[0])[:, None]
+    return cache_layer.at[rows, :, positions].set(new.transpose(0, 2, 1, 3).astype(cache_layer.dtype))

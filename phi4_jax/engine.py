@@ -59,6 +59,14 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
     return size
 
 
+def ring_mesh(mesh, width: int):
+    """The mesh to prefill a fresh `width`-token bucket with ring attention over, or None (dense):
+    one with seq > 1 whose 2·seq zig-zag chunks split the bucket evenly (powers of two do)."""
+    if mesh is None or mesh.shape["seq"] == 1 or width % (2 * mesh.shape["seq"]):
+        return None
+    return mesh
+
+
 def prefill_chunk_for(batch: int) -> int:
     """Prompt tokens per row in one prefill piece: `PREFILL_TOKENS` shared by the rows, rounded
     down to a power of two (so prompt buckets split evenly), at least `MIN_PROMPT_BUCKET`."""
@@ -151,7 +159,7 @@ class Engine:
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
                        history, cache, max_new=max_new, continuing=bool(reused),
                        layout=self.cache_sharding(batch, length),
-                       chunk=self.prefill_chunk or prefill_chunk_for(batch))
+                       chunk=self.prefill_chunk or prefill_chunk_for(batch), ring=None if reused else ring_mesh(self.mesh, width))
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -271,15 +279,15 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
 
 
 @functools.partial(jax.jit, donate_argnums=(8, 9),
-                   static_argnames=("max_new", "continuing", "layout", "chunk"))
+                   static_argnames=("max_new", "continuing", "layout", "chunk", "ring"))
 def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
-           continuing, layout=None, chunk=None) -> DecodeState:
+           continuing, layout=None, chunk=None, ring=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None, chunk)
+    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None, chunk, ring)
     rows = jnp.arange(batch)[:, None]
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.

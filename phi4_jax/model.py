@@ -18,8 +18,9 @@ from jax.sharding import Mesh
 from phi4_jax.attention import attend, causal_mask
 from phi4_jax.cache import KVCache
 from phi4_jax.cache import write as cache_write
+from phi4_jax.cache import write_at as cache_write_at
 from phi4_jax.config import Phi4Config
-from phi4_jax.ring_attention import ring_attend
+from phi4_jax.ring_attention import ring_attend, unzigzag, zigzag
 from phi4_jax.rope import apply_rope, rope_tables
 
 
@@ -83,14 +84,18 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, attention, kv_cache=None, starts=None, attend_slots=None):
         """`attention(q, k, v)` is the attention to use (masks included). Without `kv_cache`,
         attends over the new tokens. With it (a `(keys, values)` pair of `[B, KV, L, D]`), writes
-        the new keys/values at each row's slots `starts[b] + t`, attends over the first
+        the new keys/values at each row's slots `starts[b] + t` (or at `starts[b, t]` given
+        `[B, T]`), attends over the first
         `attend_slots` slots of the cache (None: over the new tokens), and returns `(out, kv_cache)`."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
         v = self.v_proj(x)
         if kv_cache is None:
             return self.o_proj(attention(q, k, v))
-        kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
+        if starts.ndim == 2:  # each token's slot (not contiguous: a ring prefill's zig-zag order)
+            kv_cache = (cache_write_at(kv_cache[0], k, starts), cache_write_at(kv_cache[1], v, starts))
+        else:
+            kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
         if attend_slots is not None:
             k, v = (c[:, :, :attend_slots] for c in kv_cache)
         return self.o_proj(attention(q, k, v)), kv_cache
@@ -166,8 +171,9 @@ class Phi4Model(nnx.Module):
                 h = layer(h, cos, sin, attention)
             return self.norm(h)
         keys, values = [], []
+        slots = positions if ring is not None else positions[:, 0]  # ring: tokens in zig-zag order
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            h, (k, v) = layer(h, cos, sin, attention, (k, v), positions[:, 0], attend_slots)
+            h, (k, v) = layer(h, cos, sin, attention, (k, v), slots, attend_slots)
             keys.append(k)
             values.append(v)
         return self.norm(h), KVCache(tuple(keys), tuple(values))
@@ -207,7 +213,8 @@ class Phi4ForCausalLM(nnx.Module):
         return self._head(self.model(input_ids, positions, ring=ring))
 
     def prefill(self, input_ids: jax.Array, lengths: jax.Array, cache: KVCache,
-                starts: jax.Array | None = None, chunk: int | None = None) -> tuple[jax.Array, KVCache]:
+                starts: jax.Array | None = None, chunk: int | None = None,
+                ring: Mesh | None = None) -> tuple[jax.Array, KVCache]:
         """Runs right-padded prompts `[B, T]` into the cache; returns the logits `[B, vocab]` at each
         row's last prompt token (position `lengths[b] - 1`), and the cache.
 
@@ -216,9 +223,16 @@ class Phi4ForCausalLM(nnx.Module):
         chat's next turn) and attend over the cache. `chunk`: prompts longer than this run in
         pieces of `chunk` tokens, each attending over the cache slots the prompt may reach (its
         first T from position 0, else all), so attention's temporaries grow with `chunk * T`
-        rather than `T * T`.
+        rather than `T * T`. `ring` (a prefill from position 0): split the prompt over this mesh's
+        seq axis and attend with ring attention instead (T divisible by twice the seq size).
         """
         batch, width = input_ids.shape
+        if ring is not None and starts is None:
+            n = ring.shape["seq"]
+            positions = zigzag(jnp.broadcast_to(jnp.arange(width), input_ids.shape), n, 1)
+            h, cache = self.model(zigzag(input_ids, n, 1), positions, lengths, cache, ring=ring)
+            h = jnp.take_along_axis(unzigzag(h, n, 1), (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+            return self._head(h)[:, 0], cache
         if chunk is None or width <= chunk:
             if starts is None:
                 return self._prefill_block(input_ids, lengths, cache, jnp.zeros(batch, jnp.int32), None)

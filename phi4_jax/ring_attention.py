@@ -22,10 +22,11 @@ from jax.sharding import Mesh, PartitionSpec
 from phi4_jax.attention import causal_mask
 
 AXIS = "seq"
+Q_CHUNK = 2048  # queries per piece within a block: scores take q_chunk x block, not block x block
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-                   *, axis_name: str = AXIS, window: int | None = None) -> jax.Array:
+                   *, axis_name: str = AXIS, window: int | None = None, q_chunk: int = Q_CHUNK) -> jax.Array:
     """Causal attention of this device's queries over the keys/values of every device on the axis.
 
     Args:
@@ -34,6 +35,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       q_positions, k_positions: `[batch, q_len]`, `[batch, k_len]` int: the tokens' global positions.
       axis_name: the mesh axis the sequence is split over.
       window: sliding window (see `attention.causal_mask`), or None.
+      q_chunk: fold the queries into each block this many at a time (when that divides q_len), so
+        the float32 scores take q_chunk x k_len, not q_len x k_len.
     Returns:
       `[batch, q_len, heads, head_dim]` in q's dtype. Query head h reads KV head h // (heads/kv_heads);
       KV heads are never repeated.
@@ -49,13 +52,26 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
         jnp.zeros((*shape, head_dim), jnp.float32)))
     ring = [(i, (i + 1) % n) for i in range(n)]
 
+    pieces = q_len // q_chunk if q_len > q_chunk and q_len % q_chunk == 0 else 1
+
+    def fold(block, q, q_positions, m, l, acc):
+        k, v, k_positions = block
+        return _fold(q, k, v, causal_mask(q_positions, k_positions, window), m, l, acc)
+
     def step(carry, _):
-        block, (m, l, acc) = carry
+        block, stats = carry
         # The next block leaves first: the transfer is in flight while this block is computed.
         following = jax.lax.ppermute(block, axis_name, ring)
-        k, v, k_positions = block
-        mask = causal_mask(q_positions, k_positions, window)  # [B, q, k]
-        return (following, _fold(q, k, v, mask, m, l, acc)), None
+        if pieces == 1:
+            return (following, fold(block, q, q_positions, *stats)), None
+        # Query pieces one after another (queries are independent; each keeps its own statistics).
+        split = lambda x, axis: jnp.moveaxis(  # noqa: E731
+            x.reshape(*x.shape[:axis], pieces, q_chunk, *x.shape[axis + 1:]), axis, 0)
+        merge = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(*x.shape[1:axis + 1], q_len,  # noqa: E731
+                                                                 *x.shape[axis + 2:])
+        m, l, acc = jax.lax.map(lambda a: fold(block, *a), (split(q, 1), split(q_positions, 1),
+                                                            *(split(x, 3) for x in stats)))
+        return (following, (merge(m, 3), merge(l, 3), merge(acc, 3))), None
 
     (_, (m, l, acc)), _ = jax.lax.scan(step, ((k, v, k_positions), stats), length=n)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees no key (padding) gets zeros
@@ -94,12 +110,12 @@ def unzigzag(x: jax.Array, n: int, axis: int) -> jax.Array:
 
 
 def ring_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                k_positions: jax.Array, window: int | None = None) -> jax.Array:
+                k_positions: jax.Array, window: int | None = None, q_chunk: int = Q_CHUNK) -> jax.Array:
     """`ring_attention` over `mesh`'s seq axis for whole arrays (shapes as there, sequence axes of
     the same length divisible by the seq size): each device gets its contiguous block of the
     sequence as laid out (`zigzag` it first for balanced causal work)."""
     seq = PartitionSpec(None, AXIS)
     kv = PartitionSpec(None, None, AXIS)
-    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window)
+    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, q_chunk=q_chunk)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(seq, kv, kv, seq, seq), out_specs=seq,
                          check_vma=True)(q, k, v, q_positions, k_positions)

@@ -13,7 +13,7 @@ from phi4_jax.ring_attention import ring_attend, unzigzag, zigzag
 PAD_POSITION = 10**6  # padding sits after every real token: no real query sees it
 
 
-def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed=0):
+def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed=0, q_chunk=2048):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
     k, v = (rng.standard_normal((batch, kv_heads, length, head_dim)).astype(np.float32) for _ in range(2))
@@ -25,7 +25,7 @@ def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed
     seq_axis = lambda x, axis: zigzag(jnp.asarray(np.pad(x, [(0, pad) if a == axis else (0, 0)  # noqa: E731
                                                             for a in range(x.ndim)])), n, axis)
     out = ring_attend(mesh, seq_axis(q, 1), seq_axis(k, 2), seq_axis(v, 2), zigzag(jnp.asarray(padded), n, 1),
-                      zigzag(jnp.asarray(padded), n, 1), window)
+                      zigzag(jnp.asarray(padded), n, 1), window, q_chunk)
     return np.asarray(unzigzag(out, n, 1)[:, :length]), np.asarray(dense)
 
 
@@ -36,6 +36,12 @@ def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed
 def test_ring_equals_dense_causal_attention(n, length, heads, kv_heads, window):
     ring, dense = ring_vs_dense(n, length, heads, kv_heads, window)
     assert ring.shape == dense.shape == (2, length, heads, 16) and ring.dtype == np.float32
+    np.testing.assert_allclose(ring, dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, q_chunk", [(2, 4), (4, 2)])
+def test_queries_folded_in_pieces_give_the_same(n, q_chunk):
+    ring, dense = ring_vs_dense(n, 64, 8, 2, 7, q_chunk=q_chunk)
     np.testing.assert_allclose(ring, dense, rtol=0, atol=1e-5)
 
 
@@ -101,3 +107,37 @@ def test_model_with_ring_attention_gives_the_one_device_logits(tiny_checkpoint, 
     got = np.asarray(unzigzag(logits, n, 1))
     assert got.shape == (2, 40, 256)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["seq=4", "tensor=2,seq=4"])
+def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_checkpoint, monkeypatch, spec):
+    """A seq mesh: fresh prompts are prefilled with ring attention (here a 20-token prompt past
+    the LongRoPE threshold of 16, in a batch), the KV cache is split over seq, and greedy decoding
+    (crossing the threshold too) gives the single-device tokens."""
+    import phi4_jax
+    from phi4_jax import model as model_module
+    from phi4_jax.engine import Engine
+    from phi4_jax.sampling import SamplingParams
+
+    folder, _ = tiny_checkpoint("phi-4-mini")
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (5, 20, 3)]
+
+    def greedy(engine):
+        gen = engine.start(prompts, SamplingParams(max_tokens=24), [[] for _ in prompts])
+        out = [[] for _ in prompts]
+        while not gen.finished:
+            for row, new in zip(out, gen.advance(8)):
+                row += new
+        return out, gen
+
+    want, _ = greedy(Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0]))
+    calls = []
+    traced = model_module.ring_attend
+    monkeypatch.setattr(model_module, "ring_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))
+    n_devices = int(np.prod(list(sharding.parse_mesh(spec).values())))
+    mesh = sharding.make_mesh(spec, jax.devices()[:n_devices])
+    got, gen = greedy(Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0]))
+    assert calls  # the prefill went through the ring
+    assert got == want
+    assert gen.state.cache.keys[0].sharding.spec[2] == "seq"
