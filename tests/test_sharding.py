@@ -417,7 +417,8 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
     """Two processes x 4 CPU devices (jax.distributed on loopback, gloo collectives), one tensor=8
-    mesh across both: the same greedy tokens as one process with 8 devices; only process 0 prints."""
+    mesh across both, then a seq=8 one (ring prefill): the same greedy tokens as one process with 8
+    devices; only process 0 prints."""
     import json
 
     one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet", "--mesh", "tensor=8")
@@ -428,6 +429,11 @@ def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
     ours = [[line for line in out.splitlines() if line.startswith("{")] for _, out, _ in results]
     assert len(ours[0]) == 1 and ours[1] == []  # gloo's own "[Gloo] ..." lines aside, process 1 is silent
     assert json.loads(ours[0][0])["tokens"] == one["tokens"]
+    # The same over seq=8: the prompt is prefilled with ring attention across both processes.
+    ring = run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "seq=8"], free_port())
+    assert [code for code, _, _ in ring] == [0, 0], ring[0][2][-3000:]
+    [line] = [line for line in ring[0][1].splitlines() if line.startswith("{")]
+    assert json.loads(line)["tokens"] == one["tokens"]
     # Without --mesh each process would hold its own model: refused on every process, with the fix.
     for code, out, err in run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE], free_port()):
         assert code == 2 and "give a mesh over all their devices" in err and "data=2,tensor=4" in err, err[-2000:]
