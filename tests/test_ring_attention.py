@@ -1,5 +1,7 @@
 """Ring attention over the seq axis against dense causal attention (8 simulated CPU devices)."""
 
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -9,6 +11,8 @@ import pytest
 from phi4_jax import sharding
 from phi4_jax.attention import attend, causal_mask
 from phi4_jax.ring_attention import ring_attend, unzigzag, zigzag
+
+from conftest import greedy_run
 
 PAD_POSITION = 10**6  # padding sits after every real token: no real query sees it
 
@@ -117,19 +121,10 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     import phi4_jax
     from phi4_jax import model as model_module
     from phi4_jax.engine import Engine
-    from phi4_jax.sampling import SamplingParams
-
     folder, _ = tiny_checkpoint("phi-4-mini")
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 20, 3)]
-
-    def greedy(engine):
-        gen = engine.start(prompts, SamplingParams(max_tokens=24), [[] for _ in prompts])
-        out = [[] for _ in prompts]
-        while not gen.finished:
-            for row, new in zip(out, gen.advance(8)):
-                row += new
-        return out, gen
+    greedy = functools.partial(greedy_run, prompts=prompts)
 
     want, _ = greedy(Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0]))
     calls = []

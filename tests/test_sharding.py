@@ -14,8 +14,9 @@ from phi4_jax import checkpoint, sharding, weights
 from phi4_jax.config import Phi4Config
 from phi4_jax.engine import Engine
 from phi4_jax.model import Phi4ForCausalLM, abstract_model
-from phi4_jax.sampling import SamplingParams
 from phi4_jax.sharding import MeshError
+
+from conftest import greedy_run
 
 MESHES = ("tensor=2", "tensor=4", "tensor=8", "fsdp=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2")
 SHAPES = ("phi-4", "phi-4-mini")  # tiny, with the real models' 40 q / 10 kv and 24 q / 8 kv heads
@@ -151,13 +152,7 @@ IDS = np.random.default_rng(0).integers(3, 256, (2, 12))
 
 
 def greedy(engine):
-    prompts = [np.random.default_rng(1).integers(3, 256, n).tolist() for n in LENGTHS]
-    gen = engine.start(prompts, SamplingParams(max_tokens=24), [[] for _ in prompts])
-    out = [[] for _ in prompts]
-    while not gen.finished:
-        for row, new in zip(out, gen.advance(8)):
-            row += new
-    return out, gen
+    return greedy_run(engine, [np.random.default_rng(1).integers(3, 256, n).tolist() for n in LENGTHS])
 
 
 @pytest.mark.parametrize("spec", MESHES)
