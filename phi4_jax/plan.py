@@ -71,12 +71,13 @@ def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int
     sampler = jax.tree.map(lambda a: _sds(a, replicated), sampler_state(SamplingParams(), batch))
     start_args = (ints((batch, context)), ints((batch,)), ints((batch,)), ints((batch,)), ints((batch, 1)),
                   sampler, ints((batch, context)), KVCache(layers, layers))
-    start = functools.partial(engine._start, graphdef, max_new=new_tokens, continuing=False, layout=layout,
-                              chunk=chunk, ring=engine.ring_mesh(mesh, context))
-    if step == "prefill":  # as the engine runs it: ring attention on a seq mesh, else in pieces
-        return engine._start.lower(graphdef, state, *start_args, max_new=new_tokens, continuing=False,
-                                   layout=layout, chunk=chunk, ring=engine.ring_mesh(mesh, context)).compile()
-    decoded = jax.eval_shape(start, state, *start_args)  # the DecodeState the prefill hands over
+    # As the engine runs it: ring attention on a seq mesh, else in pieces of `chunk`.
+    options = dict(max_new=new_tokens, continuing=False, layout=layout, chunk=chunk,
+                   ring=engine.ring_mesh(mesh, context))
+    if step == "prefill":
+        return engine._start.lower(graphdef, state, *start_args, **options).compile()
+    # The DecodeState the prefill hands over.
+    decoded = jax.eval_shape(functools.partial(engine._start, graphdef, **options), state, *start_args)
     decoded = jax.tree.map(lambda a: _sds(a, replicated), decoded)._replace(cache=KVCache(layers, layers))
     return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout).compile()
 
