@@ -18,17 +18,10 @@ import math
 import os
 import sys
 
+from phi4_jax.cli import token_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "plan.json")
-
-
-def tokens(text: str) -> int:
-    """"16k" -> 16384, "128K" -> 131072, "4096" -> 4096."""
-    text = text.strip().lower()
-    try:
-        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count such as 4096 or 16k") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a preset (phi-4, phi-4-mini, phi-3.5-mini) or a folder with a config.json")
     p.add_argument("--mesh", nargs="+", default=["tensor=1"],
                    help="target mesh(es), e.g. 'tensor=8' 'data=2,tensor=4' (each planned on as many fake devices)")
-    p.add_argument("--context", type=tokens, default=tokens("16k"), help="KV-cache slots per row (16k = 16384)")
+    p.add_argument("--context", type=token_count, default=token_count("16k"), help="KV-cache slots per row (16k = 16384)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="parameter, KV-cache and compute dtype")

@@ -1,9 +1,25 @@
-"""Causal grouped-query attention over position-tagged keys (the XLA reference implementation)."""
+"""Causal grouped-query attention over position-tagged keys, through one block interface.
+
+Every attention path (dense, ring blocks, a split KV cache) asks an implementation for the same
+thing: the attention of some queries over a block of keys under a boolean mask, as the normalised
+output and the log-sum-exp of each query's scores. Results over different key blocks then combine
+exactly (`merge`). Implementations:
+
+- "xla": the reference, einsums and a float32 softmax, on every backend (CPU and the tests use it);
+- "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
+  bfloat16/float16).
+
+"auto" picks cuDNN on a GPU for 16-bit compute and XLA otherwise.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from phi4_jax.errors import ConfigError
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
@@ -18,22 +34,84 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
     return mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with KV heads shared by groups of query heads, without repeating K/V.
+def check(implementation: str, dtype) -> None:
+    """Raises ConfigError when `implementation` is unknown or cannot run here with `dtype`."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"unknown attention implementation {implementation!r}; "
+                          f"choose one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ConfigError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is "
+                              f"{jax.default_backend()!r}: use --attention xla (or auto)")
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ConfigError(f"attention 'cudnn' computes in bfloat16 or float16, not {jnp.dtype(dtype)}: "
+                              "use --dtype bfloat16, or --attention xla")
+
+
+def resolve(implementation: str, dtype) -> str:
+    """The implementation "auto" stands for with this backend and compute dtype."""
+    if implementation != "auto":
+        return implementation
+    cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if cudnn else "xla"
+
+
+def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                 implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """Attention of queries over one block of keys, KV heads shared by groups of query heads.
 
     Args:
       q: `[batch, q_len, heads, head_dim]`, already rotated.
       k, v: `[batch, kv_heads, k_len, head_dim]` (the KV-cache layout).
       mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
+      implementation: "xla", "cudnn" or "auto" (see the module doc).
     Returns:
-      `[batch, q_len, heads, head_dim]` in q's dtype. Query head h reads KV head h // (heads/kv_heads).
+      `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
+      `[batch, q_len, heads]` float32, the log-sum-exp of the query's scaled scores over it. A query
+      that sees no key gets zeros and -inf. Query head h reads KV head h // (heads/kv_heads).
     """
+    implementation = resolve(implementation, q.dtype)
+    if implementation == "cudnn":
+        return _jax_nn_block(q, k, v, mask, "cudnn")
+    return _xla_block(q, k, v, mask)
+
+
+def _jax_nn_block(q, k, v, mask, kernel):
+    """`attend_block` by `jax.nn.dot_product_attention` with `implementation=kernel`."""
+    out, lse = jax.nn.dot_product_attention(
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
+        scale=q.shape[-1] ** -0.5, implementation=kernel, return_residual=True)
+    # A query that sees nothing: the kernels average the values; this interface says zeros, -inf.
+    seen = mask.any(-1)[..., None]
+    return jnp.where(seen[..., None], out.astype(jnp.float32), 0.0), jnp.where(seen, lse.astype(jnp.float32), -jnp.inf)
+
+
+def _xla_block(q, k, v, mask):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    top = scores.max(-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing visible: exp(-inf - 0) = 0, no NaN
+    p = jnp.exp(scores - top)
+    total = p.sum(-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(total > 0, total, 1.0)  # normalised after the values: [.., T, D], not [.., T, S]
+    lse = (top + jnp.log(total))[..., 0]  # [B, KV, G, T]; log(0) = -inf where nothing is visible
+    return (out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim),
+            lse.transpose(0, 3, 1, 2).reshape(batch, q_len, heads))
+
+
+def merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Two `attend_block` results of the same queries over disjoint key blocks -> the result over both."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # neither block visible: both weights exp(-inf) = 0
+    weight = lambda x: jnp.exp(x - safe)[..., None]  # noqa: E731
+    return out_a * weight(lse_a) + out_b * weight(lse_b), lse
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla") -> jax.Array:
+    """Softmax attention over all of `k`/`v` (shapes as in `attend_block`), in q's dtype."""
+    return attend_block(q, k, v, mask, implementation)[0].astype(q.dtype)

@@ -58,8 +58,8 @@ def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
     return jax.vmap(one_row)(cache_layer, new, starts)
 
 
-def write_at(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes `new` `[batch, kv_heads, T, head_dim]` at slots `positions[b, t]` (any order, as in a
-    zig-zagged ring prefill)."""
+def write_at(cache_layer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes `new` `[batch, kv_heads, T, head_dim]` at `slots[b, t]` (any order, as in a zig-zagged
+    ring prefill); a slot past the cache's end is dropped."""
     rows = jnp.arange(new.shape[0])[:, None]
-    return cache_layer.at[rows, :, positions].set(new.transpose(0, 2, 1, 3).astype(cache_layer.dtype))
+    return cache_layer.at[rows, :, slots].set(new.transpose(0, 2, 1, 3).astype(cache_layer.dtype), mode="drop")

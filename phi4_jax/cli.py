@@ -31,6 +31,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keeps the description's line breaks and shows each flag's default."""
 
 
+def token_count(text: str) -> int:
+    """An argparse type: "16k" -> 16384, "128K" -> 131072, "4096" -> 4096."""
+    text = text.strip().lower()
+    try:
+        return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count such as 4096 or 16k") from None
+
+
 def flag(*names: str) -> list[str]:
     """`--dry-run` plus its underscore spelling `--dry_run`, both accepted."""
     spellings = []

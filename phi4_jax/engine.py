@@ -59,10 +59,10 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
     return size
 
 
-def ring_mesh(mesh, width: int):
-    """The mesh to prefill a fresh `width`-token bucket with ring attention over, or None (dense):
-    one with seq > 1 whose 2·seq zig-zag chunks split the bucket evenly (powers of two do)."""
-    if mesh is None or mesh.shape["seq"] == 1 or width % (2 * mesh.shape["seq"]):
+def seq_mesh(mesh, length: int):
+    """The mesh whose seq axis splits a `length`-slot cache and the attention over it (ring prefill,
+    split-cache decode), or None (dense): one with seq > 1 that divides `length` (powers of two do)."""
+    if mesh is None or mesh.shape["seq"] == 1 or length % mesh.shape["seq"]:
         return None
     return mesh
 
@@ -159,7 +159,7 @@ class Engine:
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
                        history, cache, max_new=max_new, continuing=bool(reused),
                        layout=self.cache_sharding(batch, length),
-                       chunk=self.prefill_chunk or prefill_chunk_for(batch), ring=None if reused else ring_mesh(self.mesh, width))
+                       chunk=self.prefill_chunk or prefill_chunk_for(batch), ring=seq_mesh(self.mesh, length))
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -193,6 +193,7 @@ class Generation:
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
         self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
         self._layout = engine.cache_sharding(state.tokens.shape[0], state.cache.length)
+        self._ring = seq_mesh(engine.mesh, state.cache.length)
         self._sync()
 
     @property
@@ -205,12 +206,12 @@ class Generation:
         target = min(self._step + k, self.max_new)
         while not self._done.all() and self._step < target:
             self.state = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(target)),
-                                 layout=self._layout)
+                                 layout=self._layout, ring=self._ring)
             self._sync()
             if self._step < target and self._crossing.any():
                 length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
                 self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length,
-                                    layout=self._layout,
+                                    layout=self._layout, ring=self._ring,
                                     chunk=engine.prefill_chunk or prefill_chunk_for(len(self._done)))
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
@@ -308,8 +309,8 @@ def _crossing(config, state: DecodeState) -> jax.Array:
     return (~state.done) & (state.positions == config.original_max_position_embeddings)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout",))
-def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=None) -> DecodeState:
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout", "ring"))
+def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=None, ring=None) -> DecodeState:
     """Decode steps until `target` tokens, every row done, or a row at the LongRoPE crossing."""
     model = nnx.merge(graphdef, params)
     longrope = model.config.rope_type == "longrope"
@@ -319,23 +320,24 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=N
         return go & ~jnp.any(_crossing(model.config, s)) if longrope else go
 
     def step(s):
-        logits, cache = model.decode(s.last, s.positions, s.cache)
+        logits, cache = model.decode(s.last, s.positions, s.cache, ring)
         return _advance(s, logits, cache, layout)
 
     return _laid_out(jax.lax.while_loop(running, step, state), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout", "chunk"))
-def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None,
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout", "ring", "chunk"))
+def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None, ring=None,
            chunk=None) -> DecodeState:
     """One step where crossing rows re-encode their whole sequence with the long table (fresh
     keys/values for its slots) and the other rows decode as usual."""
     model = nnx.merge(graphdef, params)
     crossing = _crossing(model.config, state)
-    logits, cache = model.decode(state.last, state.positions, state.cache)
+    logits, cache = model.decode(state.last, state.positions, state.cache, ring)
     ids = state.history[:, :reencode_length]
     fresh = KVCache.create(model.config, ids.shape[0], reencode_length, cache.keys[0].dtype)
-    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh, chunk=chunk)
+    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh, chunk=chunk,
+                                     ring=seq_mesh(ring, reencode_length))
     pick = lambda new, old: jnp.where(crossing[:, None, None, None], new, old)  # noqa: E731
     cache = KVCache(*(tuple(old.at[:, :, :reencode_length].set(pick(new, old[:, :, :reencode_length]))
                             for new, old in zip(fresh_part, cache_part))

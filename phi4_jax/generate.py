@@ -23,6 +23,7 @@ from absl import app
 from absl.flags import argparse_flags
 
 from phi4_jax import cli
+from phi4_jax.attention import IMPLEMENTATIONS
 from phi4_jax.errors import ConfigError, SamplingError
 from phi4_jax.generation import generate as _generate
 from phi4_jax.generation import PromptCache, stream_generate
@@ -65,6 +66,9 @@ def build_parser() -> argparse_flags.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     cli.add_mesh_flags(p)
+    p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
+                   help="attention kernel: 'auto' (cuDNN flash attention on an NVIDIA GPU in bfloat16/float16, "
+                        "else XLA), 'xla' (the reference, any backend) or 'cudnn'")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object: {"text", "tokens", "prompt_tokens", "finish_reason", "stats"}')
     verbosity = p.add_mutually_exclusive_group()
@@ -183,7 +187,8 @@ def _main(args) -> int:
     from phi4_jax.loading import load
 
     main_process = distributed.is_main_process()
-    model, tokenizer = load(args.model, dtype=args.dtype, mesh=args.mesh, progress=main_process)
+    model, tokenizer = load(args.model, dtype=args.dtype, mesh=args.mesh, progress=main_process,
+                            attention=args.attention)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     if args.verbose and args.mesh and main_process:

@@ -18,8 +18,8 @@ from phi4_jax.tokenizer import Tokenizer
 from phi4_jax.weights import load_hf_params
 
 
-def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None,
-         progress: bool = True) -> tuple[Phi4ForCausalLM, Tokenizer | None]:
+def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, progress: bool = True,
+         attention: str = "auto") -> tuple[Phi4ForCausalLM, Tokenizer | None]:
     """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
     `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache.
 
@@ -33,6 +33,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None,
         heads they are repeated (`sharding.kv_repeat`), and `model.config` says how many there are.
         None: everything on the first device.
       progress: show a progress bar while reading HF weights.
+      attention: the attention implementation: "auto" (cuDNN on a GPU in 16 bits, else XLA),
+        "xla" or "cudnn" (see `phi4_jax.attention`).
     Returns:
       `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
     Raises:
@@ -50,7 +52,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None,
     mesh = None if mesh is None else sharding.make_mesh(mesh)
     model_config = config if mesh is None else sharding.config_for_mesh(config, mesh)
     repeat = model_config.num_key_value_heads // config.num_key_value_heads
-    graphdef, abstract = nnx.split(abstract_model(model_config, param_dtype=dtype))
+    graphdef, abstract = nnx.split(abstract_model(model_config, param_dtype=dtype, attention=attention))
     placed = None if mesh is None else sharding.param_shardings(mesh, abstract)
     if checkpoint.is_orbax_folder(folder):
         params = _restore(folder, config, dtype, mesh, repeat, placed)

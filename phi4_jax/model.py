@@ -12,15 +12,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from phi4_jax.attention import attend, causal_mask
+from phi4_jax.attention import check as check_attention
 from phi4_jax.cache import KVCache
 from phi4_jax.cache import write as cache_write
-from phi4_jax.cache import write_at as cache_write_at
 from phi4_jax.config import Phi4Config
-from phi4_jax.ring_attention import ring_attend, unzigzag, zigzag
+from phi4_jax.ring_attention import cache_attend, ring_attend, zigzag_order
 from phi4_jax.rope import apply_rope, rope_tables
 
 
@@ -81,24 +82,14 @@ class Attention(nnx.Module):
         self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, attention, kv_cache=None, starts=None, attend_slots=None):
-        """`attention(q, k, v)` is the attention to use (masks included). Without `kv_cache`,
-        attends over the new tokens. With it (a `(keys, values)` pair of `[B, KV, L, D]`), writes
-        the new keys/values at each row's slots `starts[b] + t` (or at `starts[b, t]` given
-        `[B, T]`), attends over the first
-        `attend_slots` slots of the cache (None: over the new tokens), and returns `(out, kv_cache)`."""
+    def __call__(self, x, cos, sin, attention, kv_cache=None):
+        """`attention(q, k, v, kv_cache) -> (out, kv_cache)` attends (masks included) and writes the
+        new keys/values into `kv_cache` (a `(keys, values)` pair of `[B, KV, L, D]`, or None)."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
         v = self.v_proj(x)
-        if kv_cache is None:
-            return self.o_proj(attention(q, k, v))
-        if starts.ndim == 2:  # each token's slot (not contiguous: a ring prefill's zig-zag order)
-            kv_cache = (cache_write_at(kv_cache[0], k, starts), cache_write_at(kv_cache[1], v, starts))
-        else:
-            kv_cache = (cache_write(kv_cache[0], k, starts), cache_write(kv_cache[1], v, starts))
-        if attend_slots is not None:
-            k, v = (c[:, :, :attend_slots] for c in kv_cache)
-        return self.o_proj(attention(q, k, v)), kv_cache
+        out, kv_cache = attention(q, k, v, kv_cache)
+        return self.o_proj(out), kv_cache
 
 
 class MLP(nnx.Module):
@@ -120,19 +111,17 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, h, cos, sin, attention, kv_cache=None, starts=None, attend_slots=None):
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, attention, kv_cache, starts, attend_slots)
-        if kv_cache is not None:
-            attn, kv_cache = attn
+    def __call__(self, h, cos, sin, attention, kv_cache=None):
+        attn, kv_cache = self.self_attn(self.input_layernorm(h), cos, sin, attention, kv_cache)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
-        return h if kv_cache is None else (h, kv_cache)
+        return h, kv_cache
 
 
 class Phi4Model(nnx.Module):
     """The decoder stack: embeddings, layers, final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, attention: str = "auto", **kw):
         self.embed_tokens = VocabTable(config.vocab_size, config.hidden_size, rngs=rngs,
                                        stddev=config.initializer_range, **kw)
         # One module (own arrays) per layer, looped in Python so jit unrolls it: slicing stacked
@@ -141,6 +130,7 @@ class Phi4Model(nnx.Module):
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.config = config
+        self.attention = attention  # the implementation (`attention.IMPLEMENTATIONS`)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
                  cache: KVCache | None = None, attend_slots: int | None = None, ring: Mesh | None = None):
@@ -150,33 +140,44 @@ class Phi4Model(nnx.Module):
         `lengths` `[B]`: each row's sequence length so far (for LongRoPE's switch; default from
         positions). `attend_slots`: attend over the cache's first `attend_slots` slots (decoding,
         continuing a sequence, a prefill piece) rather than over the new tokens only (None: a
-        prefill from position 0 in one piece). `ring` (no cache): the sequence is split over this
-        mesh's seq axis and attended with ring attention (`ring_attention.zigzag` it first).
+        prefill from position 0 in one piece). `ring`: a mesh whose seq axis splits the sequence
+        (and the cache, in contiguous shards): new sequences (no `attend_slots`) are attended with
+        ring attention (`ring_attention.zigzag` them first), other tokens over the split cache.
         """
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
-        window = self.config.window
-        if ring is not None:
-            def attention(q, k, v):
-                return ring_attend(ring, q, k, v, positions, positions, window)
-        else:
-            key_positions = positions if attend_slots is None else jnp.broadcast_to(
-                jnp.arange(attend_slots), (h.shape[0], attend_slots))
-            mask = causal_mask(positions, key_positions, window)
-
-            def attention(q, k, v):
-                return attend(q, k, v, mask)
+        attention = self._attention(positions, attend_slots, ring)
+        layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
+        written = []
+        for layer, kv_cache in zip(self.layers, layer_caches):
+            h, kv_cache = layer(h, cos, sin, attention, kv_cache)
+            written.append(kv_cache)
         if cache is None:
-            for layer in self.layers:
-                h = layer(h, cos, sin, attention)
             return self.norm(h)
-        keys, values = [], []
-        slots = positions if ring is not None else positions[:, 0]  # ring: tokens in zig-zag order
-        for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            h, (k, v) = layer(h, cos, sin, attention, (k, v), slots, attend_slots)
-            keys.append(k)
-            values.append(v)
-        return self.norm(h), KVCache(tuple(keys), tuple(values))
+        return self.norm(h), KVCache(*(tuple(part) for part in zip(*written)))
+
+    def _attention(self, positions, attend_slots, ring):
+        """`attention(q, k, v, kv_cache) -> (out, kv_cache)` for the tokens at `positions`."""
+        window, implementation = self.config.window, self.attention
+        if ring is not None and attend_slots is None:
+            def ring_attention(q, k, v, kv_cache):
+                out = ring_attend(ring, q, k, v, positions, positions, window, cache=kv_cache,
+                                  implementation=implementation)
+                return (out, None) if kv_cache is None else out
+            return ring_attention
+        if ring is not None:
+            return lambda q, k, v, kv_cache: cache_attend(ring, q, k, v, positions, kv_cache, window, implementation)
+        key_positions = positions if attend_slots is None else jnp.broadcast_to(
+            jnp.arange(attend_slots), (positions.shape[0], attend_slots))
+        mask = causal_mask(positions, key_positions, window)
+
+        def dense_attention(q, k, v, kv_cache):
+            if kv_cache is not None:  # the tokens are contiguous: row b from slot positions[b, 0]
+                kv_cache = tuple(cache_write(c, x, positions[:, 0]) for c, x in zip(kv_cache, (k, v)))
+                if attend_slots is not None:
+                    k, v = (c[:, :, :attend_slots] for c in kv_cache)
+            return attend(q, k, v, mask, implementation), kv_cache
+        return dense_attention
 
 
 class Phi4ForCausalLM(nnx.Module):
@@ -188,12 +189,16 @@ class Phi4ForCausalLM(nnx.Module):
       param_dtype: storage dtype of the parameters (default: the backend's, see `default_dtype`).
       dtype: compute dtype of activations (default: `param_dtype`). Norm statistics, rotary
         angles and softmax are float32 whatever it is.
+      attention: the attention implementation, "auto", "xla" or "cudnn" (see `attention.py`;
+        ConfigError when it cannot run here).
     """
 
-    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, param_dtype=None, dtype=None):
+    def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, param_dtype=None, dtype=None,
+                 attention: str = "auto"):
         param_dtype = jnp.dtype(param_dtype or default_dtype())
         kw = dict(param_dtype=param_dtype, dtype=jnp.dtype(dtype or param_dtype))
-        self.model = Phi4Model(config, rngs=rngs, **kw)
+        check_attention(attention, kw["dtype"])
+        self.model = Phi4Model(config, rngs=rngs, attention=attention, **kw)
         if not config.tie_word_embeddings:
             self.lm_head = VocabTable(config.vocab_size, config.hidden_size, rngs=rngs,
                                       stddev=config.initializer_range, **kw)
@@ -223,26 +228,29 @@ class Phi4ForCausalLM(nnx.Module):
         chat's next turn) and attend over the cache. `chunk`: prompts longer than this run in
         pieces of `chunk` tokens, each attending over the cache slots the prompt may reach (its
         first T from position 0, else all), so attention's temporaries grow with `chunk * T`
-        rather than `T * T`. `ring` (a prefill from position 0): split the prompt over this mesh's
-        seq axis and attend with ring attention instead (T divisible by twice the seq size).
+        rather than `T * T`. `ring`: a mesh whose seq axis splits the cache (in contiguous shards)
+        and the work: a prompt from position 0 whose T divides into 2·seq chunks runs with ring
+        attention; other prompts and pieces attend over the split cache.
         """
         batch, width = input_ids.shape
-        if ring is not None and starts is None:
-            n = ring.shape["seq"]
-            positions = zigzag(jnp.broadcast_to(jnp.arange(width), input_ids.shape), n, 1)
-            h, cache = self.model(zigzag(input_ids, n, 1), positions, lengths, cache, ring=ring)
-            h = jnp.take_along_axis(unzigzag(h, n, 1), (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+        fresh = starts is None
+        if ring is not None and fresh and width % (2 * ring.shape["seq"]) == 0:
+            order = zigzag_order(width, ring.shape["seq"])
+            positions = jnp.broadcast_to(order, input_ids.shape)
+            h, cache = self.model(jnp.take(input_ids, order, axis=1), positions, lengths, cache, ring=ring)
+            last = jnp.asarray(np.argsort(order))[lengths - 1]  # where each row's last token went
+            h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, E]
             return self._head(h)[:, 0], cache
-        if chunk is None or width <= chunk:
-            if starts is None:
-                return self._prefill_block(input_ids, lengths, cache, jnp.zeros(batch, jnp.int32), None)
-            return self._prefill_block(input_ids, lengths, cache, starts, cache.length)
-        slots = width if starts is None else cache.length
-        starts = jnp.zeros(batch, jnp.int32) if starts is None else starts
+        # The cache slots a piece may attend over: the prompt's own (from position 0), else all.
+        slots = width if fresh else cache.length
+        starts = jnp.zeros(batch, jnp.int32) if fresh else starts
+        if chunk is None or width <= chunk:  # one piece: a fresh one attends among its own tokens
+            return self._prefill_block(input_ids, lengths, cache, starts,
+                                       None if fresh and ring is None else slots, ring)
 
         def piece(offset, size, logits, cache):
             ids = jax.lax.dynamic_slice_in_dim(input_ids, offset, size, axis=1)
-            new, cache = self._prefill_block(ids, lengths, cache, starts + offset, slots)
+            new, cache = self._prefill_block(ids, lengths, cache, starts + offset, slots, ring)
             holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
             return jnp.where(holds_last[:, None], new, logits), cache
 
@@ -253,19 +261,21 @@ class Phi4ForCausalLM(nnx.Module):
             logits, cache = piece(width - width % chunk, width % chunk, logits, cache)
         return logits, cache
 
-    def _prefill_block(self, input_ids, lengths, cache, starts, attend_slots):
+    def _prefill_block(self, input_ids, lengths, cache, starts, attend_slots, ring):
         """Tokens `[B, W]` at positions `starts[b]` on; logits at each row's last prompt token
         (clipped to the block: only meaningful for rows whose last token lies in it)."""
         positions = starts[:, None] + jnp.arange(input_ids.shape[1])
-        h, cache = self.model(input_ids, positions, lengths, cache, attend_slots=attend_slots)
+        h, cache = self.model(input_ids, positions, lengths, cache, attend_slots=attend_slots, ring=ring)
         last = jnp.clip(lengths - starts - 1, 0, input_ids.shape[1] - 1)
         h = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, E]
         return self._head(h)[:, 0], cache
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`."""
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               ring: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+        """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`.
+        `ring`: the mesh whose seq axis splits the cache (see `prefill`)."""
         h, cache = self.model(tokens[:, None], positions[:, None], positions + 1, cache,
-                              attend_slots=cache.length)
+                              attend_slots=cache.length, ring=ring)
         return self._head(h)[:, 0], cache
 
     def _head(self, h: jax.Array) -> jax.Array:
@@ -281,7 +291,7 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
     return nnx.merge(graphdef, state)(input_ids, positions, ring)
 
 
-def abstract_model(config: Phi4Config, param_dtype=None, dtype=None) -> Phi4ForCausalLM:
+def abstract_model(config: Phi4Config, param_dtype=None, dtype=None, attention: str = "auto") -> Phi4ForCausalLM:
     """The model with `ShapeDtypeStruct`s for parameters: shapes and dtypes, no memory."""
     return nnx.eval_shape(lambda: Phi4ForCausalLM(
-        config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
+        config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, attention=attention))

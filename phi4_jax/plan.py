@@ -72,14 +72,14 @@ def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int
     start_args = (ints((batch, context)), ints((batch,)), ints((batch,)), ints((batch,)), ints((batch, 1)),
                   sampler, ints((batch, context)), KVCache(layers, layers))
     # As the engine runs it: ring attention on a seq mesh, else in pieces of `chunk`.
-    options = dict(max_new=new_tokens, continuing=False, layout=layout, chunk=chunk,
-                   ring=engine.ring_mesh(mesh, context))
+    ring = engine.seq_mesh(mesh, context)
+    options = dict(max_new=new_tokens, continuing=False, layout=layout, chunk=chunk, ring=ring)
     if step == "prefill":
         return engine._start.lower(graphdef, state, *start_args, **options).compile()
     # The DecodeState the prefill hands over.
     decoded = jax.eval_shape(functools.partial(engine._start, graphdef, **options), state, *start_args)
     decoded = jax.tree.map(lambda a: _sds(a, replicated), decoded)._replace(cache=KVCache(layers, layers))
-    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout).compile()
+    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring).compile()
 
 
 def _sds(a, s) -> jax.ShapeDtypeStruct:

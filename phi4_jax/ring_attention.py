@@ -1,14 +1,23 @@
-"""Ring attention over the `seq` mesh axis: causal GQA attention when the sequence is split across devices.
+"""Attention with the sequence split over the `seq` mesh axis: ring attention for prompts, and
+attention over a KV cache split across devices for decoding.
 
-Each device holds a block of queries and a block of keys/values. For n steps (n devices on the
-axis) it attends its queries to the K/V block it holds, folding the result into an online softmax
-(running max, denominator and accumulator, in float32), while the block travels on to the next
-device with `ppermute`; the transfer is issued before the block's compute, so the two can overlap.
-Masks use the tokens' global positions, so any layout of the sequence works; `zigzag` gives device
-i the chunks i and 2n-1-i, so every device does the same causal work (DESIGN §6).
+Ring attention: each device holds a block of queries and a block of keys/values. For n steps (n
+devices on the axis) it attends its queries to the K/V block it holds (`attention.attend_block`,
+any implementation) and merges the result into what it has so far by the log-sum-exps (online
+softmax, float32), while the block travels on to the next device with `ppermute`; the transfer is
+issued before the block's compute, so the two can overlap. Masks use the tokens' global positions, so any layout of the sequence works; `zigzag`
+gives device i the chunks i and 2n-1-i, so every device does the same causal work (DESIGN §6).
+Every block passes every device, so each device also keeps the keys/values its shard of the cache
+owns as they go by: the cache is filled with no communication of its own.
 
-`ring_attention` is the per-device kernel (call it inside `shard_map`); `ring_attend` wraps it for
-arrays on a mesh.
+The cache is split over `seq` in contiguous shards (slot = position, as everywhere). New tokens
+(a decode step, a chat's next turn) are on every device alike: each writes the ones whose slots it
+owns, attends over its shard, and the partial results are combined with a log-sum-exp reduction
+across the axis (`cache_attention`).
+
+`ring_attention` and `cache_attention` are the per-device kernels (call them inside `shard_map`);
+`ring_attend` and `cache_attend` wrap them for arrays on a mesh. Only `seq` is manual in the maps:
+batch and heads stay split over data/fsdp/tensor as the rest of the model has them.
 """
 
 from __future__ import annotations
@@ -17,105 +26,151 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from phi4_jax.attention import causal_mask
+from phi4_jax.attention import attend_block, causal_mask, merge
+from phi4_jax.cache import write_at
 
 AXIS = "seq"
 Q_CHUNK = 2048  # queries per piece within a block: scores take q_chunk x block, not block x block
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-                   *, axis_name: str = AXIS, window: int | None = None, q_chunk: int = Q_CHUNK) -> jax.Array:
+                   cache=None, *, axis_name: str = AXIS, window: int | None = None, q_chunk: int = Q_CHUNK,
+                   implementation: str = "xla"):
     """Causal attention of this device's queries over the keys/values of every device on the axis.
 
     Args:
       q: `[batch, q_len, heads, head_dim]`, already rotated: this device's queries.
       k, v: `[batch, kv_heads, k_len, head_dim]` (the cache layout): this device's block.
       q_positions, k_positions: `[batch, q_len]`, `[batch, k_len]` int: the tokens' global positions.
+      cache: None, or this device's shard `(keys, values)` `[batch, kv_heads, slots, head_dim]` of a
+        cache split contiguously over the axis: the keys/values of every block whose positions
+        fall in the shard are written into it as the blocks pass.
       axis_name: the mesh axis the sequence is split over.
       window: sliding window (see `attention.causal_mask`), or None.
       q_chunk: fold the queries into each block this many at a time (when that divides q_len), so
         the float32 scores take q_chunk x k_len, not q_len x k_len.
+      implementation: of each block's attention (`attention.attend_block`).
     Returns:
-      `[batch, q_len, heads, head_dim]` in q's dtype. Query head h reads KV head h // (heads/kv_heads);
-      KV heads are never repeated.
+      `[batch, q_len, heads, head_dim]` in v's dtype (and the cache shard, given one). Query head
+      h reads KV head h // (heads/kv_heads); KV heads are never repeated.
     """
     n = jax.lax.axis_size(axis_name)
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
-    shape = (batch, kv_heads, heads // kv_heads, q_len)
-    # Running max, denominator and accumulator; marked as varying over the axis like the blocks.
-    stats = jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), (
-        jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-        jnp.zeros((*shape, head_dim), jnp.float32)))
+    # The output and log-sum-exp so far (nothing seen yet), varying over the axis like the blocks.
+    seen = tuple(jax.lax.pcast(x, axis_name, to="varying") for x in (
+        jnp.zeros(q.shape, jnp.float32), jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)))
     ring = [(i, (i + 1) % n) for i in range(n)]
-
     pieces = q_len // q_chunk if q_len > q_chunk and q_len % q_chunk == 0 else 1
 
-    def fold(block, q, q_positions, m, l, acc):
+    def fold(block, q, q_positions, seen):
         k, v, k_positions = block
-        return _fold(q, k, v, causal_mask(q_positions, k_positions, window), m, l, acc)
+        return merge(seen, attend_block(q, k, v, causal_mask(q_positions, k_positions, window), implementation))
 
     def step(carry, _):
-        block, stats = carry
+        block, seen, cache = carry
         # The next block leaves first: the transfer is in flight while this block is computed.
         following = jax.lax.ppermute(block, axis_name, ring)
         if pieces == 1:
-            return (following, fold(block, q, q_positions, *stats)), None
-        # Query pieces one after another (queries are independent; each keeps its own statistics).
-        split = lambda x, axis: jnp.moveaxis(  # noqa: E731
-            x.reshape(*x.shape[:axis], pieces, q_chunk, *x.shape[axis + 1:]), axis, 0)
-        merge = lambda x, axis: jnp.moveaxis(x, 0, axis).reshape(*x.shape[1:axis + 1], q_len,  # noqa: E731
-                                                                 *x.shape[axis + 2:])
-        m, l, acc = jax.lax.map(lambda a: fold(block, *a), (split(q, 1), split(q_positions, 1),
-                                                            *(split(x, 3) for x in stats)))
-        return (following, (merge(m, 3), merge(l, 3), merge(acc, 3))), None
+            seen = fold(block, q, q_positions, seen)
+        else:  # query pieces one after another (queries are independent; each keeps its own results)
+            split = lambda x: jnp.moveaxis(x.reshape(batch, pieces, q_chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+            merged = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, q_len, *x.shape[3:])  # noqa: E731
+            seen = jax.lax.map(lambda a: fold(block, *a), jax.tree.map(split, (q, q_positions, seen)))
+            seen = jax.tree.map(merged, seen)
+        if cache is not None:
+            cache = _keep(cache, *block, axis_name)
+        return (following, seen, cache), None
 
-    (_, (m, l, acc)), _ = jax.lax.scan(step, ((k, v, k_positions), stats), length=n)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees no key (padding) gets zeros
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(v.dtype)
+    (_, (out, _), cache), _ = jax.lax.scan(step, ((k, v, k_positions), seen, cache), length=n)
+    out = out.astype(v.dtype)
+    return out if cache is None else (out, cache)
 
 
-def _fold(q, k, v, mask, m, l, acc):
-    """One K/V block into the online softmax. q `[B, q, KV, G, D]` (scaled), k/v `[B, KV, k, D]`,
-    mask `[B, q, k]`; m, l `[B, KV, G, q]` and acc `[B, KV, G, q, D]` float32."""
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    new_m = jnp.maximum(m, scores.max(-1))
-    # Where nothing has been visible yet the max is -inf: shift by 0 instead (exp(-inf) = 0, no NaN).
-    shift = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-    p = jnp.exp(scores - shift[..., None])
-    scale = jnp.exp(m - shift)
-    l = l * scale + p.sum(-1)
-    acc = acc * scale[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32)
-    return new_m, l, acc
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache, *,
+                    axis_name: str = AXIS, window: int | None = None, implementation: str = "xla"):
+    """New tokens (the same on every device) over a cache split contiguously over the axis.
+
+    Args:
+      q: `[batch, q_len, heads, head_dim]`, rotated; k, v: `[batch, kv_heads, q_len, head_dim]`:
+        the new tokens' queries, keys and values.
+      positions: `[batch, q_len]` int: their positions (= cache slots).
+      cache: this device's shard `(keys, values)` `[batch, kv_heads, slots, head_dim]`; shard i holds
+        slots i*slots .. (i+1)*slots - 1.
+      implementation: of the attention over the shard (`attention.attend_block`).
+    Returns:
+      `([batch, q_len, heads, head_dim]` in v's dtype, the cache shard with the new keys/values
+      written where it owns their slots). Each device attends over its own shard; the partial
+      results are combined across the axis by their log-sum-exp.
+    """
+    keys, values = _keep(cache, k, v, positions, axis_name)
+    batch, slots = keys.shape[0], keys.shape[2]
+    key_positions = jnp.broadcast_to(jax.lax.axis_index(axis_name) * slots + jnp.arange(slots), (batch, slots))
+    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation)
+    top = jax.lax.pmax(lse, axis_name)
+    weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # a shard that sees nothing: 0
+    out, total = jax.lax.psum((out * weight[..., None], weight), axis_name)
+    return (out / jnp.where(total > 0, total, 1.0)[..., None]).astype(v.dtype), (keys, values)
+
+
+def _keep(cache, k, v, positions, axis_name):
+    """Writes the keys/values `[B, KV, T, D]` whose positions `[B, T]` fall in this device's shard
+    of the cache into it; the rest are dropped."""
+    keys, values = cache
+    slots = keys.shape[2]
+    local = positions - jax.lax.axis_index(axis_name) * slots
+    local = jnp.where((local >= 0) & (local < slots), local, slots)  # out of range: dropped
+    return write_at(keys, k, local), write_at(values, v, local)
+
+
+def zigzag_order(length: int, n: int) -> np.ndarray:
+    """The positions in zig-zag order: `length` (divisible by 2n) in 2n chunks, block i of n holding
+    chunks i and 2n-1-i. A constant, so reordering with it is a local gather on every device."""
+    chunks = np.arange(length).reshape(2 * n, -1)
+    return np.concatenate([chunks[c] for i in range(n) for c in (i, 2 * n - 1 - i)])
 
 
 def zigzag(x: jax.Array, n: int, axis: int) -> jax.Array:
     """Reorders `axis` (length divisible by 2n) into n device blocks, block i = chunks (i, 2n-1-i)."""
-    chunks = jnp.split(x, 2 * n, axis=axis)
-    return jnp.concatenate([c for i in range(n) for c in (chunks[i], chunks[2 * n - 1 - i])], axis=axis)
+    return jnp.take(x, zigzag_order(x.shape[axis], n), axis=axis)
 
 
 def unzigzag(x: jax.Array, n: int, axis: int) -> jax.Array:
     """The inverse of `zigzag`."""
-    chunks = jnp.split(x, 2 * n, axis=axis)
-    order = [0] * (2 * n)
-    for i in range(n):
-        order[i], order[2 * n - 1 - i] = chunks[2 * i], chunks[2 * i + 1]
-    return jnp.concatenate(order, axis=axis)
+    return jnp.take(x, np.argsort(zigzag_order(x.shape[axis], n)), axis=axis)
 
 
 def ring_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                k_positions: jax.Array, window: int | None = None, q_chunk: int = Q_CHUNK) -> jax.Array:
+                k_positions: jax.Array, window: int | None = None, q_chunk: int = Q_CHUNK, cache=None,
+                implementation: str = "xla"):
     """`ring_attention` over `mesh`'s seq axis for whole arrays (shapes as there, sequence axes of
-    the same length divisible by the seq size): each device gets its contiguous block of the
-    sequence as laid out (`zigzag` it first for balanced causal work)."""
-    seq = PartitionSpec(None, AXIS)
-    kv = PartitionSpec(None, None, AXIS)
-    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, q_chunk=q_chunk)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(seq, kv, kv, seq, seq), out_specs=seq,
-                         check_vma=True)(q, k, v, q_positions, k_positions)
+    the same length divisible by the seq size; `cache` a `(keys, values)` pair of whole cache
+    layers): each device gets its contiguous block of the sequence as laid out (`zigzag` it first
+    for balanced causal work) and its contiguous shard of the cache."""
+    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, q_chunk=q_chunk,
+                               implementation=implementation)
+    if cache is None:
+        return _on_seq(mesh, kernel, (_SEQ, _KV, _KV, _SEQ, _SEQ), _SEQ)(q, k, v, q_positions, k_positions)
+    return _on_seq(mesh, kernel, (_SEQ, _KV, _KV, _SEQ, _SEQ, _KV), (_SEQ, _KV))(
+        q, k, v, q_positions, k_positions, cache)
+
+
+def cache_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache,
+                 window: int | None = None, implementation: str = "xla"):
+    """`cache_attention` over `mesh`'s seq axis for whole arrays: the new tokens on every device,
+    the cache layers `(keys, values)` split over seq. Returns `(out, cache)`."""
+    kernel = functools.partial(cache_attention, axis_name=AXIS, window=window, implementation=implementation)
+    whole = PartitionSpec()
+    return _on_seq(mesh, kernel, (whole, whole, whole, whole, _KV), (whole, _KV))(q, k, v, positions, cache)
+
+
+_SEQ = PartitionSpec(None, AXIS)  # [batch, sequence, ...]
+_KV = PartitionSpec(None, None, AXIS)  # [batch, kv_heads, sequence, head_dim]
+
+
+def _on_seq(mesh, kernel, in_specs, out_specs):
+    # Manual over seq only: data/fsdp/tensor shardings of batch and heads are left to the compiler.
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={AXIS},
+                         check_vma=True)

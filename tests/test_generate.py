@@ -146,6 +146,7 @@ def test_cli_streams_text_and_reads_stdin(chat_model, capsys, monkeypatch):
     (["--max-context", "8"], "context"),
     (["--prompt", "   "], "empty"),
     (["--extra-eos-token", "<|nope|>"], "--extra-eos-token"),
+    (["--attention", "cudnn"], "--attention xla"),  # cuDNN needs an NVIDIA GPU; this is a CPU
 ])
 def test_cli_errors_exit_2_naming_the_problem(chat_model, capsys, argv, needle):
     folder, _, _ = chat_model

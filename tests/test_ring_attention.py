@@ -136,3 +136,114 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     assert calls  # the prefill went through the ring
     assert got == want
     assert gen.state.cache.keys[0].sharding.spec[2] == "seq"
+
+
+def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=16, seed=0):
+    """New tokens at positions starts[b].. of rows whose earlier slots are filled, attended over a
+    cache split over seq=n, against the dense write and attention."""
+    from phi4_jax.cache import write
+    from phi4_jax.ring_attention import cache_attend
+
+    rng = np.random.default_rng(seed)
+    starts = np.array([14, 37])  # row 0's new tokens cross a shard boundary at seq=4 (16 slots each)
+    batch = len(starts)
+    q = rng.standard_normal((batch, q_len, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, q_len, head_dim)).astype(np.float32) for _ in range(2))
+    cache = tuple(rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32) for _ in range(2))
+    positions = starts[:, None] + np.arange(q_len)
+    dense_cache = tuple(write(jnp.asarray(c), jnp.asarray(x), jnp.asarray(starts)) for c, x in zip(cache, (k, v)))
+    mask = causal_mask(positions, np.broadcast_to(np.arange(slots), (batch, slots)), window)
+    dense = attend(q, *dense_cache, mask)
+    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "seq"))
+    out, got_cache = jax.jit(cache_attend, static_argnums=(0, 6))(
+        mesh, q, k, v, positions, tuple(jax.device_put(c, split) for c in cache), window)
+    return out, got_cache, dense, dense_cache
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 2)])
+@pytest.mark.parametrize("q_len", [1, 5])  # a decode step; a chat turn's new tokens
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_attention_over_a_split_cache_equals_dense(n, q_len, heads, kv_heads, window):
+    """Each device attends over its shard; log-sum-exp combined, the result is dense attention's,
+    and the new keys/values land in the shards that own their slots, as the dense write puts them."""
+    out, cache, dense, dense_cache = split_cache_vs_dense(n, q_len, heads, kv_heads, window)
+    assert out.shape == dense.shape == (2, q_len, heads, 16) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), rtol=0, atol=1e-5)
+    for got, want in zip(cache, dense_cache):
+        assert got.sharding.spec[2] == "seq"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_ring_prefill_fills_each_devices_cache_shard_as_the_blocks_pass(n):
+    """A zig-zagged 64-token prompt into a 128-slot cache split over seq=n (half the shards get no
+    prompt token): every slot ends up holding its position's keys/values, as the dense write does."""
+    from phi4_jax.cache import write
+
+    rng = np.random.default_rng(1)
+    batch, length, slots, heads, kv_heads, d = 2, 64, 128, 4, 2, 8
+    q = rng.standard_normal((batch, length, heads, d)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, length, d)).astype(np.float32) for _ in range(2))
+    positions = np.broadcast_to(np.arange(length), (batch, length))
+    empty = np.zeros((batch, kv_heads, slots, d), np.float32)
+    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    zig = lambda x, axis: zigzag(jnp.asarray(x), n, axis)  # noqa: E731
+    out, cache = ring_attend(mesh, zig(q, 1), zig(k, 2), zig(v, 2), zig(positions, 1), zig(positions, 1),
+                             cache=(empty, empty))
+    np.testing.assert_allclose(np.asarray(unzigzag(out, n, 1)),
+                               np.asarray(attend(q, k, v, causal_mask(positions, positions, None))), atol=1e-5)
+    for got, new in zip(cache, (k, v)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(write(empty, new, jnp.zeros(batch, jnp.int32))))
+
+
+def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
+    """Compiled steps on seq=8 (tiny Phi-4-mini, 2 layers): the ring prefill sends K, V and their
+    positions around the ring (3 collective-permutes per layer) and fills the cache without any
+    other collective; each decode step combines the shards' softmaxes with 2 all-reduces per
+    layer (max, then denominator and accumulator) and nothing else."""
+    from phi4_jax import plan
+
+    from test_plan import tiny
+
+    config = tiny("phi-4-mini")
+    layers = config.num_hidden_layers
+    p = plan.plan(config, sharding.make_mesh("seq=8"), context=64, batch=1, dtype="float32")
+    prefill, decode = (p["steps"][s]["collectives"] for s in ("prefill", "decode"))
+    assert prefill["collective-permute"] == 3 * layers
+    assert prefill["all-gather"] == prefill["all-to-all"] == prefill["reduce-scatter"] == 0
+    assert prefill["all-reduce"] <= 1  # the last token's hidden state, from the device holding it
+    assert decode == {"all-reduce": 2 * layers, "all-gather": 0, "reduce-scatter": 0,
+                      "collective-permute": 0, "all-to-all": 0}
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_next_chat_turn_on_a_seq_mesh_reuses_the_split_cache(tiny_checkpoint, monkeypatch, prefill_chunk):
+    """A chat's next turn on seq=4: its new tokens (in pieces of 3, too) attend over the split cache
+    of the first turn, and decoding continues over it; the tokens equal one device's fresh run."""
+    import phi4_jax
+    from phi4_jax import model as model_module
+    from phi4_jax.engine import Engine
+    from phi4_jax.sampling import SamplingParams
+
+    folder, _ = tiny_checkpoint("phi-4")
+    rng = np.random.default_rng(5)
+    turn1, more = rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 9).tolist()
+    one = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0])
+    mesh = sharding.make_mesh("seq=4", jax.devices()[:4])
+    split = Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0], prefill_chunk=prefill_chunk)
+    calls = []
+    traced = model_module.cache_attend
+    monkeypatch.setattr(model_module, "cache_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))
+    params = SamplingParams(max_tokens=6)
+    first, _ = greedy_run(split, [turn1], max_tokens=6)
+    assert first == greedy_run(one, [turn1], max_tokens=6)[0]
+    gen = split.start([turn1], params, [[]])
+    while not gen.finished:
+        gen.advance(6)
+    turn2 = turn1 + first[0] + more
+    again = split.start([turn2], SamplingParams(max_tokens=8), [[]], continuing=gen)
+    assert again.reused_tokens == len(turn1) + len(first[0]) - 1
+    assert calls  # decode and the continuation went through the split-cache attention
+    assert again.advance(8)[0] == greedy_run(one, [turn2], max_tokens=8)[0][0]
