@@ -7,7 +7,7 @@ The prefill step fills a --context-slot cache with a --context-token prompt (in 
 merged into bench/results/plan.json (one record per model, mesh, context, batch, dtype and chunk).
 
   python bench/plan.py --model phi-4 --mesh tensor=8 --context 16k --batch 8
-  python bench/plan.py --model phi-4-mini --mesh tensor=1 tensor=8 seq=8 --context 128k --batch 1
+  python bench/plan.py --model phi-4-mini --mesh tensor=1 tensor=8 seq=2 seq=4 seq=8 --context 128k --batch 1
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Two parts (--parts):
         weights): per-device weights, KV cache and prefill/decode temporaries (bench/plan.py's).
 
   python bench/ring.py                                   # both parts, the committed defaults
-  python bench/ring.py --parts time --lengths 8k 32k --seq 1 8 --layers 32 --vocab 200064 --dtype bfloat16
+  python bench/ring.py --parts time --seq 1 --lengths 32k --layers 32 --intermediate 8192 --vocab 200064 \
+      --dtype bfloat16 --attention cudnn --output bench/results/ring-h100-cudnn.json   # one GPU; then xla
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def main(argv=None) -> int:
         record["planned"] = [_plan(config, args.plan_model, n, args.plan_context) for n in args.seq]
     write_record(args.output, record)
     print(f"wrote {args.output}", file=sys.stderr)
+    if "timed" in record:
+        print(f"README's timed table:\n{TIMED_HEADER}\n" + "\n".join(map(timed_row, record["timed"])),
+              file=sys.stderr)
     if "planned" in record:
-        print(f"README's table:\n{README_HEADER}\n" + "\n".join(readme_row(r) for r in record["planned"]),
+        print(f"README's table:\n{README_HEADER}\n" + "\n".join(map(readme_row, record["planned"])),
               file=sys.stderr)
     return 0
 
@@ -161,6 +165,16 @@ def readme_row(r: dict) -> str:
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     return (f"| {r['seq']} | {gb(r['weights_bytes'])} | {gb(r['kv_cache_bytes'])} | {gb(r['prefill_temp_bytes'])} | "
             f"{gb(r['decode_temp_bytes'])} | {gb(r['needed_bytes'])} |")
+
+
+TIMED_HEADER = ("| prompt slots | seq | prefill | tokens/s | temporaries per device |\n"
+                "|---|---|---|---|---|")
+
+
+def timed_row(r: dict) -> str:
+    """A timed record as a row of README's table (tests/test_docs.py checks the README has it)."""
+    return (f"| {r['length']} | {r['seq']} | {r['prefill_seconds']:.2f} s | {r['prefill_tokens_per_s']:.0f} | "
+            f"{r['per_device']['prefill_temp_bytes'] / 1e6:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -96,11 +96,13 @@ def _xla_block(q, k, v, mask):
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing visible: exp(-inf - 0) = 0, no NaN
     p = jnp.exp(scores - top)
     total = p.sum(-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.where(total > 0, total, 1.0)  # normalised after the values: [.., T, D], not [.., T, S]
+    # Straight to [B, T, KV, G, D]: an output in the scores' order makes XLA copy V transposed. In
+    # v's dtype (a bf16 x bf16 -> f32 dot of this shape fails on XLA:CPU), then float32.
+    out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v).astype(jnp.float32)
+    # Normalised after the values (T x D divisions, not T x S).
+    out = out / jnp.where(total > 0, total, 1.0).transpose(0, 3, 1, 2, 4)
     lse = (top + jnp.log(total))[..., 0]  # [B, KV, G, T]; log(0) = -inf where nothing is visible
-    return (out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim),
-            lse.transpose(0, 3, 1, 2).reshape(batch, q_len, heads))
+    return (out.reshape(batch, q_len, heads, head_dim), lse.transpose(0, 3, 1, 2).reshape(batch, q_len, heads))
 
 
 def merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -33,7 +33,7 @@ from phi4_jax.attention import attend_block, causal_mask, merge
 from phi4_jax.cache import write_at
 
 AXIS = "seq"
-Q_CHUNK = 2048  # queries per piece within a block: scores take q_chunk x block, not block x block
+Q_CHUNK = 1024  # queries per piece within a block: scores take q_chunk x block, not block x block
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
@@ -58,7 +58,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       h reads KV head h // (heads/kv_heads); KV heads are never repeated.
     """
     n = jax.lax.axis_size(axis_name)
-    batch, q_len, heads, head_dim = q.shape
+    batch, q_len, heads, _ = q.shape
     # The output and log-sum-exp so far (nothing seen yet), varying over the axis like the blocks.
     seen = tuple(jax.lax.pcast(x, axis_name, to="varying") for x in (
         jnp.zeros(q.shape, jnp.float32), jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)))
@@ -75,11 +75,14 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
         following = jax.lax.ppermute(block, axis_name, ring)
         if pieces == 1:
             seen = fold(block, q, q_positions, seen)
-        else:  # query pieces one after another (queries are independent; each keeps its own results)
-            split = lambda x: jnp.moveaxis(x.reshape(batch, pieces, q_chunk, *x.shape[2:]), 1, 0)  # noqa: E731
-            merged = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, q_len, *x.shape[3:])  # noqa: E731
-            seen = jax.lax.map(lambda a: fold(block, *a), jax.tree.map(split, (q, q_positions, seen)))
-            seen = jax.tree.map(merged, seen)
+        else:  # query pieces one after another (queries are independent; each keeps its own results),
+            # updated in place: no split or stacked copies of the queries and results.
+            def piece(i, seen):
+                take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * q_chunk, q_chunk, axis=1)  # noqa: E731
+                new = fold(block, take(q), take(q_positions), jax.tree.map(take, seen))
+                return jax.tree.map(lambda x, part: jax.lax.dynamic_update_slice_in_dim(x, part, i * q_chunk, 1),
+                                    seen, new)
+            seen = jax.lax.fori_loop(0, pieces, piece, seen)
         if cache is not None:
             cache = _keep(cache, *block, axis_name)
         return (following, seen, cache), None

@@ -78,3 +78,18 @@ def test_every_generate_flag_is_documented():
     flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))
     readme = (ROOT / "README.md").read_text()
     assert flags and not {f for f in flags if f not in readme}
+
+
+def test_readme_ring_table_is_the_committed_result():
+    """bench/ring.py's plan of the real Phi-4-mini prefill at 128K tokens on seq = 1, 2, 4, 8."""
+    record = json.loads((ROOT / "bench" / "results" / "ring.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    planned = {r["seq"]: r for r in record["planned"] if r["name"] == "phi-4-mini" and r["context"] == 131072}
+    assert set(planned) == {1, 2, 4, 8}
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    for r in planned.values():
+        line = (f"| {r['seq']} | {gb(r['weights_bytes'])} | {gb(r['kv_cache_bytes'])} | "
+                f"{gb(r['prefill_temp_bytes'])} | {gb(r['decode_temp_bytes'])} | {gb(r['needed_bytes'])} |")
+        assert line in readme, line
+    for r in record["timed"]:
+        assert f"| {r['length']} | {r['seq']} | {r['prefill_seconds']:.2f} s |" in readme
