@@ -58,10 +58,11 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       h reads KV head h // (heads/kv_heads); KV heads are never repeated.
     """
     n = jax.lax.axis_size(axis_name)
-    batch, q_len, heads, _ = q.shape
-    # The output and log-sum-exp so far (nothing seen yet), varying over the axis like the blocks.
-    seen = tuple(jax.lax.pcast(x, axis_name, to="varying") for x in (
-        jnp.zeros(q.shape, jnp.float32), jnp.full((batch, q_len, heads), -jnp.inf, jnp.float32)))
+    q_len = q.shape[1]
+    # The output and log-sum-exp so far (nothing seen yet). Computed from q, not as constants: XLA
+    # schedules a constant's broadcast at the start, so every layer's would be alive at once.
+    zero = q.astype(jnp.float32) * 0.0
+    seen = (zero, zero[..., 0] - jnp.inf)
     ring = [(i, (i + 1) % n) for i in range(n)]
     pieces = q_len // q_chunk if q_len > q_chunk and q_len % q_chunk == 0 else 1
 
