@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", max(sizes))
 
     from phi4_jax import plan
-    from phi4_jax.config import PRESETS, Phi4Config
+    from phi4_jax.config import Phi4Config
     from phi4_jax.runinfo import describe_run, write_record
 
-    config = Phi4Config.from_preset(args.model) if args.model in PRESETS else Phi4Config.from_json(args.model)
+    config = Phi4Config.from_name(args.model)
     records = _existing(args.output)
     for spec, n in zip(args.mesh, sizes):
         mesh = sharding.make_mesh(spec, jax.devices()[:n])

@@ -64,12 +64,12 @@ def main(argv=None) -> int:
 
     # Fake CPU devices for the plan (on any host) and for timing on a CPU host; before any device is touched.
     jax.config.update("jax_num_cpu_devices", max(args.seq))
-    from phi4_jax.config import PRESETS, Phi4Config
+    from phi4_jax.config import Phi4Config
     from phi4_jax.runinfo import describe_run, write_record
 
     record = {"benchmark": "ring", "schema": 1, **describe_run()}
     if "time" in args.parts:
-        config = _config(args.model, PRESETS, Phi4Config).replace(
+        config = Phi4Config.from_name(args.model).replace(
             num_hidden_layers=args.layers, intermediate_size=args.intermediate, vocab_size=args.vocab)
         record["timed_model"] = {"from": args.model, "layers": args.layers, "hidden": config.hidden_size,
                                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                                  "attention": args.attention, "parameters": config.num_parameters}
         record["timed"] = [_time(config, n, length, args) for length in args.lengths for n in args.seq]
     if "plan" in args.parts:
-        config = _config(args.plan_model, PRESETS, Phi4Config)
+        config = Phi4Config.from_name(args.plan_model)
         record["planned"] = [_plan(config, args.plan_model, n, args.plan_context) for n in args.seq]
     write_record(args.output, record)
     print(f"wrote {args.output}", file=sys.stderr)
@@ -88,10 +88,6 @@ def main(argv=None) -> int:
         print(f"README's table:\n{README_HEADER}\n" + "\n".join(map(readme_row, record["planned"])),
               file=sys.stderr)
     return 0
-
-
-def _config(name, presets, config_class):
-    return config_class.from_preset(name) if name in presets else config_class.from_json(name)
 
 
 def _mesh(n: int, platform: str | None = None):

@@ -163,6 +163,11 @@ class Phi4Config:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[name], source=f"preset {name}")
 
+    @classmethod
+    def from_name(cls, name: str) -> Phi4Config:
+        """A preset (`from_preset`) by its name, else a config.json or its folder (`from_json`)."""
+        return cls.from_preset(name) if name in PRESETS else cls.from_json(name)
+
     def replace(self, **changes) -> Phi4Config:
         """A copy with some fields changed (validated again), e.g. fewer layers for a benchmark."""
         return dataclasses.replace(self, **changes)

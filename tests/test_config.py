@@ -28,6 +28,13 @@ def test_real_configs_parse_and_equal_presets(fixtures_dir, name):
     assert config == Phi4Config.from_preset(name)
 
 
+def test_from_name_takes_a_preset_or_a_folder(fixtures_dir):
+    assert Phi4Config.from_name("phi-4") == Phi4Config.from_preset("phi-4")
+    assert Phi4Config.from_name(str(fixtures_dir / "phi-4")) == Phi4Config.from_preset("phi-4")
+    with pytest.raises(ModelNotFoundError, match="phi-5"):  # neither a preset nor a folder
+        Phi4Config.from_name("phi-5")
+
+
 @pytest.mark.parametrize("name", REAL_MODELS)
 def test_real_size_parameter_count_from_eval_shape(name):
     config = Phi4Config.from_preset(name)
