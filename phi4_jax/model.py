@@ -9,6 +9,7 @@ Every parameter carries the logical axis names of its dimensions in `axes`.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +32,22 @@ def default_dtype() -> jnp.dtype:
 
 
 class Linear(nnx.Module):
-    """A bias-free projection `einsum(spec, x, kernel)`; the kernel's axes are named in `axes`."""
+    """A bias-free projection: contracts the input's last `len(in_shape)` axes with the kernel's
+    leading ones; the kernel `in_shape + out_shape` has its axes named in `axes`."""
 
-    def __init__(self, spec: str, shape, axes, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype):
-        init = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    def __init__(self, in_shape, out_shape, axes, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype):
+        init = stddev * jax.random.normal(rngs.params(), (*in_shape, *out_shape), jnp.float32)
         self.kernel = nnx.Param(init.astype(param_dtype), axes=axes)
-        self.spec = spec
+        self.inputs = len(in_shape)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum(self.spec, x, self.kernel[...].astype(self.dtype))
+        kernel = self.kernel[...].astype(self.dtype)
+        lead = x.shape[:x.ndim - self.inputs]
+        # One 2-D matmul over flattened axes (reshapes of row-major arrays are free): given an einsum
+        # over several head axes at batch 1, XLA:CPU copied the whole weight transposed every step.
+        y = x.reshape(*lead, -1) @ kernel.reshape(math.prod(kernel.shape[:self.inputs]), -1)
+        return y.reshape(*lead, *kernel.shape[self.inputs:])
 
 
 class VocabTable(nnx.Module):
@@ -77,17 +84,17 @@ class Attention(nnx.Module):
         e, n, kv, d = (config.hidden_size, config.num_attention_heads,
                        config.num_key_value_heads, config.head_dim)
         kw.update(rngs=rngs, stddev=config.initializer_range)
-        self.q_proj = Linear("bte,end->btnd", (e, n, d), ("embed", "q_heads", "head_dim"), **kw)
-        self.k_proj = Linear("bte,ekd->btkd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v_proj = Linear("bte,ekd->bktd", (e, kv, d), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Linear("btnd,nde->bte", (n, d, e), ("q_heads", "head_dim", "embed"), **kw)
+        self.q_proj = Linear((e,), (n, d), ("embed", "q_heads", "head_dim"), **kw)
+        self.k_proj = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Linear((e,), (kv, d), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Linear((n, d), (e,), ("q_heads", "head_dim", "embed"), **kw)
 
     def __call__(self, x, cos, sin, attention, kv_cache=None):
         """`attention(q, k, v, kv_cache) -> (out, kv_cache)` attends (masks included) and writes the
         new keys/values into `kv_cache` (a `(keys, values)` pair of `[B, KV, L, D]`, or None)."""
         q = apply_rope(self.q_proj(x), cos, sin)
         k = apply_rope(self.k_proj(x), cos, sin).transpose(0, 2, 1, 3)  # [B, KV, T, D]: cache layout
-        v = self.v_proj(x)
+        v = self.v_proj(x).transpose(0, 2, 1, 3)
         out, kv_cache = attention(q, k, v, kv_cache)
         return self.o_proj(out), kv_cache
 
@@ -96,9 +103,9 @@ class MLP(nnx.Module):
     def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, **kw):
         e, i = config.hidden_size, config.intermediate_size
         kw.update(rngs=rngs, stddev=config.initializer_range)
-        self.gate_proj = Linear("bte,ei->bti", (e, i), ("embed", "mlp"), **kw)
-        self.up_proj = Linear("bte,ei->bti", (e, i), ("embed", "mlp"), **kw)
-        self.down_proj = Linear("bti,ie->bte", (i, e), ("mlp", "embed"), **kw)
+        self.gate_proj = Linear((e,), (i,), ("embed", "mlp"), **kw)
+        self.up_proj = Linear((e,), (i,), ("embed", "mlp"), **kw)
+        self.down_proj = Linear((i,), (e,), ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.down_proj(self.up_proj(x) * jax.nn.silu(self.gate_proj(x)))
