@@ -42,12 +42,43 @@ def test_readme_convert_table_is_the_committed_result():
             f"({r['load_orbax_wall_s']:.1f} s)") in readme
 
 
-def test_readme_decode_table_is_the_committed_result():
-    record = json.loads((ROOT / "bench" / "results" / "decode.json").read_text())
+def jsonl(name: str) -> list[dict]:
+    """The newest record of each measurement in a bench/results/*.jsonl file."""
+    records = [json.loads(line) for line in (ROOT / "bench" / "results" / name).read_text().splitlines()]
+    fields = ("engine", "device", "model", "mesh", "part", "batch", "prompt_len")
+    return list({tuple(r.get(f) for f in fields): r for r in records}.values())
+
+
+def test_readme_speed_tables_are_the_committed_results():
+    """bench/generate.py's headline run (one device) and bench/compare_transformers.py's ratios."""
     readme = (ROOT / "README.md").read_text()
-    for r in record["results"]:
-        assert (f"| {r['batch']} | {r['streaming_tokens_per_s']:.1f} | {r['device_tokens_per_s']:.1f} | "
-                f"{r['step_ms']:.2f} ms | {100 * r['host_share']:.1f}% |") in readme
+    runs = [r for r in jsonl("generate.jsonl") if r["model"] == "phi3-110m"]
+    one_device = [r for r in runs if not r["mesh"]]
+    assert {r["batch"] for r in one_device if r["part"] == "decode"} >= {1, 16}
+    assert 512 in {r["prompt_len"] for r in one_device if r["part"] == "prefill"}
+    for r in one_device:
+        if r["part"] == "decode":
+            line = (f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} ms | {r['latency_p50_ms']:.2f} / "
+                    f"{r['latency_p90_ms']:.2f} / {r['latency_p99_ms']:.2f} ms | "
+                    f"{1e3 * r['time_to_first_token_s']:.1f} ms | {100 * r['mbu']:.1f}% |")
+        elif r["part"] == "prefill":
+            line = f"| {r['prompt_len']} | {r['seconds']:.3f} s | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
+        else:
+            line = (f"cold {r['cold_first_token_s']:.2f} s, warm {r['warm_first_token_s']:.2f} s "
+                    f"({r['warm_speedup']:.1f}× faster)")
+        assert line in readme, line
+    peaks = one_device[0]
+    assert (f"{peaks['read_bytes_per_s'] / 1e9:.1f} GB/s read bandwidth ({peaks['read_method']})" in readme
+            and f"{peaks['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s float32 matmul peak" in readme)
+    compare = jsonl("compare_transformers.jsonl")
+    tok = {(r["engine"], r["part"], r["batch"]): r for r in compare}
+    for part, batch, label in (("decode", 1, "decode, batch 1"), ("decode", 16, "decode, batch 16"),
+                               ("prefill", 1, "prefill, 512 tokens")):
+        eager, sdpa, ours = (tok[(e, part, batch)] for e in ("transformers-eager", "transformers-sdpa", "phi4_jax"))
+        line = (f"| {label} | {eager['tokens_per_s']:.1f} | {sdpa['tokens_per_s']:.1f} | {ours['tokens_per_s']:.1f} | "
+                f"{ours['speedup_vs_sdpa']:.2f}× | {ours['speedup_vs_eager']:.2f}× |")
+        assert line in readme, line
+        assert part == "prefill" or ours["tokens_identical_to_eager"]
 
 
 def test_readme_plan_table_is_the_committed_result():

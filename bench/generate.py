@@ -1,0 +1,319 @@
+"""Generation speed against the device's rooflines: prefill, decode, compile; one JSON line each.
+
+A random-weight model (a preset, `phi3-110m` by default, cut to --layers; or the real weights of an
+HF/Orbax --model folder) generates through the engine, greedy, with every token forced (no stop):
+  prefill: --prefill-len prompts (batch 1): seconds, tokens/s, and MFU = the prefill's matmul
+           FLOPs / time / the measured matmul peak.
+  decode:  each --batch x --prompt-len: time to first token, decode tokens/s of --new-tokens as one
+           device call (the median of --repeats), per-token latency p50/p90/p99 with the host
+           looking after every token, and MBU = bytes a step must read (weights once, the input
+           embedding one row per sequence, plus the KV cache) x steps/s / the measured read bandwidth.
+  compile: two fresh processes sharing an empty compilation cache time their first token: cold
+           (compiling) and warm (from JAX's persistent cache).
+Read bandwidth (1 GiB buffer on a CPU, the fastest of three multi-threaded readers) and matmul peak
+are measured once per run and written into every record, with how they were measured.
+
+  python bench/generate.py                                   # the committed CPU run
+  python bench/generate.py --model phi-4-mini --dtype bfloat16 --batch 1 64 --prefill-len 2048  # GPU
+  python bench/generate.py --parts prefill --mesh seq=4 --prefill-len 1k 2k 4k   # one line per seq size
+Then `python bench/plot.py` draws the figures from the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "generate.jsonl")
+SCHEMA = "phi4_jax.bench.generate/1"
+
+# Shapes beyond the released presets. phi3-110m is the model the CPU targets are set on (float32,
+# 110M parameters, Phi-3.5-mini's vocabulary); tiny is for smoke runs.
+SHAPES = {
+    "phi3-110m": dict(model_type="phi3", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                      max_position_embeddings=4096, original_max_position_embeddings=4096),
+    "tiny": dict(model_type="phi3", vocab_size=512, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048, original_max_position_embeddings=2048,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from phi4_jax.cli import token_count as tokens
+
+    p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="phi3-110m",
+                   help=f"{', '.join(SHAPES)}, a preset (phi-4, phi-4-mini, phi-3.5-mini) with random weights, "
+                        "or an HF / Orbax folder (its real weights, when it has them)")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="attention implementation")
+    p.add_argument("--mesh", default=None,
+                   help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
+    p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "compile"],
+                   default=["prefill", "decode", "compile"], help="what to measure (see above)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="decode batch sizes")
+    p.add_argument("--prompt-len", "--prompt_len", type=tokens, nargs="+", default=[16],
+                   help="decode prompt lengths (tokens)")
+    p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row")
+    p.add_argument("--prefill-len", "--prefill_len", type=tokens, nargs="+", default=[128, 512, 2048],
+                   help="prefill prompt lengths (tokens; 2k = 2048)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, after a compiling one")
+    p.add_argument("--read-buffer-mb", "--read_buffer_mb", type=int, default=None,
+                   help="size of the buffer read to measure bandwidth (default 1024 on a CPU, 4096 elsewhere; "
+                        "keep it far larger than the last-level cache)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a jax.profiler trace of one decode run (the first batch) to DIR")
+    p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to")
+    p.add_argument("--first-token-child", action="store_true", help=argparse.SUPPRESS)  # the compile part
+    return p
+
+
+def model_config(args):
+    from phi4_jax import Phi4Config
+
+    config = (Phi4Config.from_dict(SHAPES[args.model], source=f"shape {args.model}") if args.model in SHAPES
+              else Phi4Config.from_name(args.model))
+    return config.replace(num_hidden_layers=args.layers) if args.layers else config
+
+
+def has_weights(path: str) -> bool:
+    return os.path.isdir(path) and any(n.endswith(".safetensors") or n in ("params", "_CHECKPOINT_METADATA")
+                                       for n in os.listdir(path))
+
+
+def build_model(args, config, mesh, dtype):
+    """The model: real weights from a folder that has them (all layers), else random ones."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi4_jax import Phi4ForCausalLM, load, sharding
+
+    if has_weights(args.model) and not args.layers:
+        return load(args.model, dtype=dtype, mesh=mesh, attention=args.attention)[0]
+    if mesh is None:
+        return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention)
+    return sharding.place(Phi4ForCausalLM(sharding.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
+                                          param_dtype=jnp.dtype(dtype), attention=args.attention), mesh)
+
+
+def prompts_of(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of `length` random token ids (the same for the same arguments)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab_size, length).tolist() for _ in range(batch)]
+
+
+def peak_memory() -> dict:
+    """The device's peak bytes in use where the backend reports them, and the host's peak RSS."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"device_peak_bytes": stats.get("peak_bytes_in_use"),
+            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1e3
+    return {f"latency_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+
+
+def measure_prefill(engine, config, length: int, repeats: int) -> dict:
+    from phi4_jax.roofline import prefill_flops
+    from phi4_jax.sampling import SamplingParams
+
+    prompts, params = prompts_of(config.vocab_size, 1, length), SamplingParams(max_tokens=1, ignore_eos=True)
+    times = []
+    for _ in range(repeats + 1):  # the first compiles
+        start = time.perf_counter()
+        engine.start(prompts, params, [[]])  # returns once the first token is on the host
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    return {"part": "prefill", "batch": 1, "prompt_len": length, "seconds": seconds, "best_seconds": min(times[1:]),
+            "tokens_per_s": length / seconds, "flops": prefill_flops(config, 1, length)}
+
+
+def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                   profile: str | None) -> dict:
+    import jax
+
+    from phi4_jax.sampling import SamplingParams
+
+    prompts = prompts_of(config.vocab_size, batch, prompt_len)
+    params, stops = SamplingParams(max_tokens=new_tokens, ignore_eos=True), [[]] * batch
+    steps = new_tokens - 1  # the first token comes with the prefill
+    engine.start(prompts, params, stops).advance(steps)  # compiles prefill and decode
+    first, device = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gen = engine.start(prompts, params, stops)
+        started = time.perf_counter()
+        gen.advance(steps)  # one host call: the whole decode loop on device
+        first.append(started - start)
+        device.append(time.perf_counter() - started)
+    gen = engine.start(prompts, params, stops)
+    per_token = []
+    for _ in range(steps):  # the host looks after every token, as a streaming server does
+        start = time.perf_counter()
+        gen.advance(1)
+        per_token.append(time.perf_counter() - start)
+    if profile:
+        with jax.profiler.trace(profile):
+            engine.start(prompts, params, stops).advance(steps)
+    seconds = statistics.median(device)
+    return {"part": "decode", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "time_to_first_token_s": statistics.median(first), "decode_seconds": seconds,
+            "best_decode_seconds": min(device), "tokens_per_s": batch * steps / seconds,
+            "step_ms": 1e3 * seconds / steps, **percentiles(per_token),
+            # the mean number of cached tokens a step reads
+            "mean_context": prompt_len + steps / 2}
+
+
+def first_token_seconds(args) -> dict:
+    """In a fresh process (the compile part's child): seconds to the first token of a new engine,
+    then of a second request of the same shape (no compiling)."""
+    from phi4_jax.sampling import SamplingParams
+
+    config, mesh, dtype = setup(args)
+    from phi4_jax.engine import Engine
+
+    engine = Engine(build_model(args, config, mesh, dtype))
+    prompts, params = prompts_of(config.vocab_size, 1, args.prompt_len[0]), SamplingParams(max_tokens=1, ignore_eos=True)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        engine.start(prompts, params, [[]])
+        seconds.append(time.perf_counter() - start)
+    return {"first_s": seconds[0], "second_s": seconds[1]}
+
+
+def measure_compile(args) -> dict:
+    argv = [a for a in sys.argv[1:] if a != "--first-token-child"]
+    with tempfile.TemporaryDirectory(prefix="phi4-jax-cache-") as cache:
+        env = dict(os.environ, PHI4_JAX_COMPILATION_CACHE=cache)
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--first-token-child"],
+                                 env=env, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"bench/generate.py: the first-token child failed:\n{out.stderr}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    return {"part": "compile", "batch": 1, "prompt_len": args.prompt_len[0],
+            "cold_first_token_s": cold["first_s"], "warm_first_token_s": warm["first_s"],
+            "run_first_token_s": warm["second_s"], "warm_speedup": cold["first_s"] / warm["first_s"]}
+
+
+def setup(args):
+    """Devices for the mesh, then (config, mesh or None, dtype name)."""
+    import jax
+
+    from phi4_jax import sharding
+
+    if args.mesh:  # a CPU host splits into as many devices as the mesh has (GPU/TPU hosts: ignored)
+        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
+    import jax.numpy as jnp
+
+    from phi4_jax.model import default_dtype
+
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    return model_config(args), mesh, args.dtype or jnp.dtype(default_dtype()).name
+
+
+def metadata(args, config, dtype, peaks) -> dict:
+    from phi4_jax.attention import resolve
+    from phi4_jax.runinfo import describe_run
+
+    return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
+            "attention": resolve(args.attention, dtype), "mesh": args.mesh or "",
+            "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""), **peaks}
+
+
+def utilisation(record: dict, config, dtype_bytes: int) -> dict:
+    from phi4_jax.roofline import decode_step_bytes
+
+    if record["part"] == "prefill":
+        achieved = record["flops"] / record["seconds"]
+        return {"flop_per_s": achieved, "mfu": achieved / record["matmul_flop_per_s"]}
+    if record["part"] == "decode":
+        step = decode_step_bytes(config, record["batch"], record["mean_context"], dtype_bytes)
+        achieved = step * record["tokens_per_s"] / record["batch"]
+        return {"step_bytes": step, "bytes_per_s": achieved, "mbu": achieved / record["read_bytes_per_s"]}
+    return {}
+
+
+def describe(r: dict) -> str:
+    if r["part"] == "prefill":
+        return (f"prefill {r['prompt_len']:6d} tokens: {r['seconds']:.3f} s, {r['tokens_per_s']:9.1f} tok/s, "
+                f"MFU {100 * r['mfu']:.1f}%")
+    if r["part"] == "decode":
+        return (f"decode batch {r['batch']:3d}, prompt {r['prompt_len']}: {r['tokens_per_s']:8.1f} tok/s, "
+                f"step {r['step_ms']:.2f} ms (p50/p90/p99 {r['latency_p50_ms']:.2f}/{r['latency_p90_ms']:.2f}/"
+                f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}%")
+    return (f"first token: cold {r['cold_first_token_s']:.2f} s, warm {r['warm_first_token_s']:.2f} s "
+            f"({r['warm_speedup']:.1f}x), compiled {r['run_first_token_s']:.3f} s")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.first_token_child:
+        print(json.dumps(first_token_seconds(args)))
+        return 0
+    config, mesh, dtype = setup(args)
+    import jax.numpy as jnp
+
+    from phi4_jax.engine import Engine
+    from phi4_jax.roofline import measure_matmul_peak, measure_read_bandwidth
+
+    print("measuring the device's read bandwidth and matmul peak ...", file=sys.stderr)
+    peaks = {**measure_read_bandwidth(args.read_buffer_mb and args.read_buffer_mb * 2**20),
+             **measure_matmul_peak(dtype)}
+    print(f"read {peaks['read_bytes_per_s'] / 1e9:.1f} GB/s ({peaks['read_method']}), matmul "
+          f"{peaks['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s ({peaks['matmul_dtype']})", file=sys.stderr)
+    model = build_model(args, config, mesh, dtype)
+    config = model.config
+    engine = Engine(model)
+    measurements = []  # (what, run) in order; each record is written as soon as it is measured
+    if "prefill" in args.parts:
+        measurements += [(f"prefill {n}", lambda n=n: measure_prefill(engine, config, n, args.repeats))
+                         for n in args.prefill_len]
+    if "decode" in args.parts:
+        profile = args.profile  # traces the first decode only
+        for batch in args.batch:
+            for prompt_len in args.prompt_len:
+                measurements.append((f"decode batch {batch} prompt {prompt_len}",
+                                     lambda b=batch, n=prompt_len, t=profile: measure_decode(
+                                         engine, config, b, n, args.new_tokens, args.repeats, t)))
+                profile = None
+    if "compile" in args.parts:
+        measurements.append(("compile (two fresh processes)", lambda: measure_compile(args)))
+    base = metadata(args, config, dtype, peaks)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    for what, run in measurements:
+        print(f"{what} ...", file=sys.stderr)
+        record = {**base, **run(), **peak_memory()}
+        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize))
+        print(f"  {describe(record)}", file=sys.stderr)
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    print(f"appended {len(measurements)} records to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

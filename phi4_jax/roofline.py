@@ -1,0 +1,110 @@
+"""Rooflines: what the device can do (measured read bandwidth and matmul peak), and what a step of
+the model must do (bytes a decode step reads, FLOPs a prefill computes).
+
+Utilisation is then work / time / peak: model-bandwidth utilisation (MBU) for decode, which is
+bound by reading the weights and the KV cache once per step, and model-FLOP utilisation (MFU)
+for prefill, which is bound by its matmuls.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi4_jax.config import Phi4Config
+
+
+def _best_seconds(run, repeats: int) -> float:
+    run()  # compile, fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> dict:
+    """Bytes/s at which the default device reads a float32 buffer of `nbytes` (default 1 GiB on a
+    CPU, far beyond its caches; 4 GiB on accelerators). Three readers, each on every core: a
+    jitted sum, a jitted matrix-vector product (what decode does), and, on a CPU, NumPy sums on
+    one thread per core. `read_bytes_per_s` is the fastest of them: the strictest denominator."""
+    on_cpu = jax.default_backend() == "cpu"
+    nbytes = nbytes or (2**30 if on_cpu else 2**32)
+    rows = nbytes // 4 // 4096
+    matrix = jnp.ones((rows, 4096), jnp.float32)
+    vector = jnp.ones((4096,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    gemv = jax.jit(jnp.matmul)
+    size = matrix.nbytes
+    rates = {"jitted_sum": size / _best_seconds(lambda: total(matrix).block_until_ready(), repeats),
+             "jitted_matvec": size / _best_seconds(lambda: gemv(matrix, vector).block_until_ready(), repeats)}
+    matrix.delete()  # free it before the host copy
+    if on_cpu:
+        host = np.ones(rows * 4096, np.float32)
+        parts = np.array_split(host, os.cpu_count() or 1)
+
+        def threaded_sum():  # NumPy releases the GIL inside the reduction
+            threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        rates[f"numpy_sum_{len(parts)}_threads"] = size / _best_seconds(threaded_sum, repeats)
+    best = max(rates, key=rates.get)
+    return {"read_bytes_per_s": rates[best], "read_method": best, "read_buffer_bytes": size,
+            "read_rates": rates}
+
+
+def measure_matmul_peak(dtype=None, repeats: int = 5) -> dict:
+    """FLOP/s of the fastest square matmul (float32 on a CPU, bfloat16 elsewhere, unless `dtype`)."""
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.dtype(dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
+    matmul = jax.jit(jnp.matmul)
+    rates = {}
+    for n in ((1024, 2048, 4096) if on_cpu else (4096, 8192, 16384)):
+        a = jnp.ones((n, n), dtype)
+        rates[str(n)] = 2 * n**3 / _best_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
+    best = max(rates, key=rates.get)
+    return {"matmul_flop_per_s": rates[best], "matmul_dtype": dtype.name, "matmul_size": int(best),
+            "matmul_rates": rates}
+
+
+def _layer_weights(config: Phi4Config) -> int:
+    """Parameters of one decoder layer (projections and its two norms)."""
+    e, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    n, kv = config.num_attention_heads, config.num_key_value_heads
+    return e * n * d + 2 * e * kv * d + n * d * e + 3 * e * i + 2 * e
+
+
+def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_bytes: int,
+                      cache_bytes: int | None = None) -> float:
+    """Bytes one decode step must move: every weight once (the input embedding one row per
+    sequence; the head, or the tied table, whole), each sequence's `context` cached keys and
+    values read and its new ones written."""
+    e = config.hidden_size
+    weights = (config.num_hidden_layers * _layer_weights(config) + e + config.vocab_size * e
+               + (0 if config.tie_word_embeddings else batch * e))
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return weights * weight_bytes + batch * (context + 1) * kv_per_token * (cache_bytes or weight_bytes)
+
+
+def prefill_flops(config: Phi4Config, batch: int, length: int) -> float:
+    """Matmul FLOPs of prefilling `batch` prompts of `length` tokens from position 0 (causal
+    attention counts only the scores it keeps; logits only at each row's last token)."""
+    e, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    n, kv = config.num_attention_heads, config.num_key_value_heads
+    projections = 2 * (e * n * d + 2 * e * kv * d + n * d * e + 3 * e * i)
+    pairs = length * (length + 1) / 2  # (query, key) pairs a causal prompt scores
+    if config.window is not None and config.window < length:
+        w = config.window
+        pairs = w * (w + 1) / 2 + (length - w) * w
+    attention = 2 * 2 * n * d * pairs  # scores and the weighted sum of values
+    per_row = config.num_hidden_layers * (projections * length + attention) + 2 * e * config.vocab_size
+    return batch * per_row

@@ -1,0 +1,125 @@
+"""The benchmark suite's arithmetic and records: roofline work counted from the model itself, records
+that agree with their own numbers, and greedy tokens identical to transformers' in the comparison."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from phi4_jax import Phi4Config, Phi4ForCausalLM
+from phi4_jax.attention import causal_mask
+from phi4_jax.roofline import decode_step_bytes, prefill_flops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPE = dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             original_max_position_embeddings=256)
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported as a module (bench/ on the path, as when it runs as a script)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def params_of(config):
+    model = Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    return {"/".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("batch,context", [(1, 10), (3, 17.5)])
+def test_decode_step_bytes_are_the_weights_read_once_plus_the_kv_cache(tied, batch, context):
+    config = Phi4Config.from_dict(dict(SHAPE, tie_word_embeddings=tied))
+    params = params_of(config)
+    table = next(v for k, v in params.items() if "embed_tokens" in k)
+    every_weight = sum(v[...].nbytes for v in params.values())
+    # The input embedding is read one row per sequence; a tied table is read whole by the head.
+    weights = every_weight - table[...].nbytes + (table[...].nbytes if tied else batch * 64 * 4)
+    kv_token = 2 * 2 * 2 * 16 * 4  # (keys, values) x layers x kv_heads x head_dim x float32
+    assert decode_step_bytes(config, batch, context, 4) == weights + batch * (context + 1) * kv_token
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_flops_count_the_projections_and_the_scores_the_mask_keeps(window):
+    config = Phi4Config.from_dict(dict(SHAPE, sliding_window=window))
+    length, batch = 12, 2
+    params = params_of(config)
+    kernels = sum(v[...].size for k, v in params.items() if k.endswith("kernel"))
+    positions = jnp.arange(length)[None]
+    kept = int(causal_mask(positions, positions, config.window).sum())
+    heads, head_dim = 4, 16
+    expected = batch * (2 * kernels * length + 2 * (2 * 2 * heads * head_dim * kept) + 2 * 64 * 96)
+    assert prefill_flops(config, batch, length) == pytest.approx(expected)
+
+
+def test_generate_bench_records_agree_with_their_numbers(tmp_path):
+    generate = bench_module("generate")
+    out = tmp_path / "generate.jsonl"
+    assert generate.main(["--model", "tiny", "--parts", "prefill", "decode", "--batch", "1", "2",
+                          "--prefill-len", "32", "--new-tokens", "6", "--repeats", "1",
+                          "--read-buffer-mb", "64", "--output", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["part"], r["batch"]) for r in records] == [("prefill", 1), ("decode", 1), ("decode", 2)]
+    config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
+    for r in records:
+        assert r["schema"] == generate.SCHEMA and r["read_buffer_bytes"] == 64 * 2**20
+        assert r["read_bytes_per_s"] == max(r["read_rates"].values())
+        assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit"} <= set(r)
+        if r["part"] == "prefill":
+            assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
+            assert r["mfu"] == pytest.approx(prefill_flops(config, 1, 32) / r["seconds"] / r["matmul_flop_per_s"])
+        else:
+            assert r["tokens_per_s"] == pytest.approx(r["batch"] * 5 / r["decode_seconds"])
+            assert r["latency_p50_ms"] <= r["latency_p90_ms"] <= r["latency_p99_ms"]
+            step = decode_step_bytes(config, r["batch"], 16 + 2.5, 4)
+            assert r["mbu"] == pytest.approx(step * r["tokens_per_s"] / r["batch"] / r["read_bytes_per_s"])
+
+
+def test_plot_draws_each_figure_from_the_newest_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = bench_module("plot")
+    base = dict(device="cpu", model="tiny", layers=2, dtype="float32", mesh="", prompt_len=16)
+    records = [dict(base, part="decode", batch=b, tokens_per_s=t, mbu=0.5) for b, t in ((1, 1.0), (4, 2.0), (1, 3.0))]
+    records += [dict(base, part="prefill", batch=1, prompt_len=n, seconds=n / 100, mesh=m)
+                for n in (64, 128) for m in ("", "seq=2")]
+    assert plot.series(plot.newest(records), "decode", "batch", "tokens_per_s") == {
+        "cpu tiny (2 layers) float32": ([1, 4], [3.0, 2.0])}
+    lines = plot.series(plot.newest(records), "prefill", "prompt_len", "seconds")
+    assert set(lines) == {"cpu tiny (2 layers) float32", "cpu tiny (2 layers) float32, mesh seq=2"}
+    src = tmp_path / "r.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot.main(["--input", str(src), "--output-dir", str(tmp_path)]) == 0
+    for name in ("decode_tokens_per_s.png", "decode_mbu.png", "prefill_seconds.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path):
+    compare = bench_module("compare_transformers")
+    out = tmp_path / "compare.jsonl"
+    code = compare.main(["--model", "tiny", "--batch", "1", "3", "--prefill-len", "32", "--new-tokens", "12",
+                         "--repeats", "1", "--output", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    decode = [r for r in records if r["part"] == "decode"]
+    assert code == 0 and {r["engine"] for r in records} == set(compare.ENGINES)
+    assert all(r["tokens_identical_to_eager"] for r in decode) and len(decode) == 6
+    ours = next(r for r in decode if r["engine"] == "phi4_jax" and r["batch"] == 3)
+    sdpa = next(r for r in decode if r["engine"] == "transformers-sdpa" and r["batch"] == 3)
+    assert ours["speedup_vs_sdpa"] == pytest.approx(ours["tokens_per_s"] / sdpa["tokens_per_s"])
+
+
+def test_compare_finds_the_first_differing_token():
+    compare = bench_module("compare_transformers")
+    assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
+    assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == [1, 1]
