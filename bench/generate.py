@@ -183,9 +183,18 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
             "mean_context": prompt_len + steps / 2}
 
 
+# JAX's own timings of the work before a first run: where a warm start's time goes.
+PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+          "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+          "/jax/core/compile/backend_compile_duration": "compile_s",
+          "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load_s"}
+
+
 def first_token_seconds(args) -> dict:
     """In a fresh process (the compile part's child): seconds to the first token of a new engine,
-    then of a second request of the same shape (no compiling)."""
+    split into JAX's phases, then of a second request of the same shape (no compiling)."""
+    from jax import monitoring
+
     from phi4_jax.sampling import SamplingParams
 
     config, mesh, dtype = setup(args)
@@ -193,12 +202,21 @@ def first_token_seconds(args) -> dict:
 
     engine = Engine(build_model(args, config, mesh, dtype))
     prompts, params = prompts_of(config.vocab_size, 1, args.prompt_len[0]), SamplingParams(max_tokens=1, ignore_eos=True)
+    phases = dict.fromkeys(PHASES.values(), 0.0)
+
+    def listen(event, seconds, **_):
+        if event in PHASES:
+            phases[PHASES[event]] += seconds
+
+    monitoring.register_event_duration_secs_listener(listen)
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
         engine.start(prompts, params, [[]])
         seconds.append(time.perf_counter() - start)
-    return {"first_s": seconds[0], "second_s": seconds[1]}
+        if len(seconds) == 1:
+            monitoring.unregister_event_duration_listener(listen)
+    return {"first_s": seconds[0], "second_s": seconds[1], **phases}
 
 
 def measure_compile(args) -> dict:
@@ -215,7 +233,8 @@ def measure_compile(args) -> dict:
     cold, warm = runs
     return {"part": "compile", "batch": 1, "prompt_len": args.prompt_len[0],
             "cold_first_token_s": cold["first_s"], "warm_first_token_s": warm["first_s"],
-            "run_first_token_s": warm["second_s"], "warm_speedup": cold["first_s"] / warm["first_s"]}
+            "run_first_token_s": warm["second_s"], "warm_speedup": cold["first_s"] / warm["first_s"],
+            **{f"cold_{k}": cold[k] for k in PHASES.values()}, **{f"warm_{k}": warm[k] for k in PHASES.values()}}
 
 
 def setup(args):
@@ -265,8 +284,10 @@ def describe(r: dict) -> str:
         return (f"decode batch {r['batch']:3d}, prompt {r['prompt_len']}: {r['tokens_per_s']:8.1f} tok/s, "
                 f"step {r['step_ms']:.2f} ms (p50/p90/p99 {r['latency_p50_ms']:.2f}/{r['latency_p90_ms']:.2f}/"
                 f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}%")
-    return (f"first token: cold {r['cold_first_token_s']:.2f} s, warm {r['warm_first_token_s']:.2f} s "
-            f"({r['warm_speedup']:.1f}x), compiled {r['run_first_token_s']:.3f} s")
+    phases = lambda when: ", ".join(f"{k[:-2]} {r[f'{when}_{k}']:.2f}" for k in PHASES.values())  # noqa: E731
+    return (f"first token: cold {r['cold_first_token_s']:.2f} s ({phases('cold')}), warm "
+            f"{r['warm_first_token_s']:.2f} s ({phases('warm')}): {r['warm_speedup']:.1f}x; "
+            f"compiled {r['run_first_token_s']:.3f} s")
 
 
 def main(argv=None) -> int:

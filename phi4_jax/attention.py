@@ -98,7 +98,10 @@ def _xla_block(q, k, v, mask):
     total = p.sum(-1, keepdims=True)
     # Straight to [B, T, KV, G, D]: an output in the scores' order makes XLA copy V transposed. In
     # v's dtype (a bf16 x bf16 -> f32 dot of this shape fails on XLA:CPU), then float32.
-    out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v).astype(jnp.float32)
+    if q_len == 1:  # decode: with a unit T axis in the output, XLA:CPU copied V transposed first
+        out = jnp.einsum("bkgs,bksd->bkgd", p[:, :, :, 0].astype(v.dtype), v)[:, None].astype(jnp.float32)
+    else:
+        out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v).astype(jnp.float32)
     # Normalised after the values (T x D divisions, not T x S).
     out = out / jnp.where(total > 0, total, 1.0).transpose(0, 3, 1, 2, 4)
     lse = (top + jnp.log(total))[..., 0]  # [B, KV, G, T]; log(0) = -inf where nothing is visible

@@ -52,6 +52,10 @@ def cache_length(needed: int, max_context: int) -> int:
 
 def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`."""
+    if cache_layer.shape[0] == 1:  # one row: a plain update of it (see `_decode` in engine.py)
+        row = jax.lax.dynamic_update_slice(cache_layer[0], new[0].astype(cache_layer.dtype), (0, starts[0], 0))
+        return row[None]
+
     def one_row(row, piece, start):
         return jax.lax.dynamic_update_slice(row, piece.astype(row.dtype), (0, start, 0))
 

@@ -142,18 +142,18 @@ def sampler_state(params: list[SamplingParams] | SamplingParams, batch: int,
     keys = np.stack([_seed_key_data(_mix64(int(default_seed), row) if p.seed is None else p.seed)
                      for row, p in enumerate(params)])
 
-    def column(name, dtype):
-        return jnp.asarray(np.array([getattr(p, name) for p in params], dtype=dtype))
+    def column(name, dtype):  # NumPy, not JAX: no op to dispatch (or compile) before the first token
+        return np.array([getattr(p, name) for p in params], dtype=dtype)
 
     return SamplerState(
         temperature=column("temperature", np.float32),
-        top_k=jnp.maximum(column("top_k", np.int32), 0),  # -1 and 0 both mean off
+        top_k=np.maximum(column("top_k", np.int32), 0),  # -1 and 0 both mean off
         top_p=column("top_p", np.float32),
         min_p=column("min_p", np.float32),
         repetition_penalty=column("repetition_penalty", np.float32),
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),
-        keys=jnp.asarray(keys),
+        keys=keys,
     )
 
 

@@ -203,3 +203,29 @@ def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_checkpoint, s
     again = engine.start([turn2], SamplingParams(max_tokens=8), [[]], continuing=gen)
     assert again.reused_tokens == len(turn1) + len(reply) - 1
     assert again.advance(8)[0] == whole.start([turn2], SamplingParams(max_tokens=8), [[]]).advance(8)[0]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_updates_the_cache_in_place_and_reads_it_as_it_lies(engines, batch):
+    """The compiled decode loop makes one in-place update per layer's keys and values a step, and
+    no copy of a cache layer (at batch 1 XLA:CPU once copied every layer several times a step) nor
+    a transposed one (once made for the values' product)."""
+    import re
+
+    import jax.numpy as jnp
+
+    from phi4_jax.engine import _decode
+
+    engine, _ = engines("phi-3.5-mini")  # one query head per KV head: the shape that was copied
+    gen = engine.start(prompts(lengths=(3,) * batch), SamplingParams(max_tokens=200), [[]] * batch)
+    c = engine.config
+    layers, kv, slots, d = c.num_hidden_layers, c.num_key_value_heads, gen.state.cache.length, c.head_dim
+    hlo = _decode.lower(engine.graphdef, engine.params, gen.state, jnp.int32(4)).compile().as_text()
+
+    def made(dims):  # top-level ops that produce an array of these dims (batch axis optional)
+        shape = rf"f32\[(?:{batch},)?{','.join(map(str, dims))}\]"
+        return [m.group(1) for m in re.finditer(rf"\n  %\S+ = {shape}\{{[0-9,]+\}} ([a-z-]+)\(", hlo)]
+
+    assert made((kv, slots, d)).count("fusion") == 2 * layers
+    assert "copy" not in made((kv, slots, d))
+    assert made((kv, d, slots)) == []
