@@ -39,14 +39,18 @@ SCHEMA = "phi4_jax.bench.compare_transformers/1"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/compare_transformers.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="phi3-110m", choices=sorted(generate.SHAPES), help="the model's shape")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
-    p.add_argument("--prompt-len", "--prompt_len", type=int, default=16, help="decode prompt tokens")
-    p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row")
-    p.add_argument("--prefill-len", "--prefill_len", type=int, default=512, help="prefill prompt tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after a warm-up run")
-    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES), help="engines to run")
-    p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to")
+    p.add_argument("--model", default="phi3-110m", choices=sorted(generate.SHAPES),
+                   help="the model's shape (default phi3-110m)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes (default 1 16)")
+    p.add_argument("--prompt-len", "--prompt_len", type=int, default=16, help="decode prompt tokens (default 16)")
+    p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row (default 128)")
+    p.add_argument("--prefill-len", "--prefill_len", type=int, default=512, help="prefill prompt tokens (default 512)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per measurement, after a warm-up run (default 3; the median counts)")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                   help="engines to run (default all three)")
+    p.add_argument("--output", default=RESULTS,
+                   help="JSON-lines file the records are appended to (default bench/results/compare_transformers.jsonl)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's run
     return p
 

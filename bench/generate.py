@@ -57,29 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi3-110m",
-                   help=f"{', '.join(SHAPES)}, a preset (phi-4, phi-4-mini, phi-3.5-mini) with random weights, "
+                   help=f"{', '.join(SHAPES)} (default phi3-110m), a preset (phi-4, phi-4-mini, "
+                        "phi-3.5-mini) with random weights, "
                         "or an HF / Orbax folder (its real weights, when it has them)")
-    p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers (default: all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"], help="attention implementation")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="attention implementation (default auto)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
     p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "compile"],
-                   default=["prefill", "decode", "compile"], help="what to measure (see above)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64], help="decode batch sizes")
+                   default=["prefill", "decode", "compile"], help="what to measure (see above; default all three)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="decode batch sizes (default 1 4 16 64)")
     p.add_argument("--prompt-len", "--prompt_len", type=tokens, nargs="+", default=[16],
-                   help="decode prompt lengths (tokens)")
-    p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row")
+                   help="decode prompt lengths in tokens (default 16)")
+    p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row (default 128)")
     p.add_argument("--prefill-len", "--prefill_len", type=tokens, nargs="+", default=[128, 512, 2048],
-                   help="prefill prompt lengths (tokens; 2k = 2048)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, after a compiling one")
+                   help="prefill prompt lengths in tokens, 2k = 2048 (default 128 512 2048)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per measurement, after a compiling one (default 5; the median counts)")
     p.add_argument("--read-buffer-mb", "--read_buffer_mb", type=int, default=None,
                    help="size of the buffer read to measure bandwidth (default 1024 on a CPU, 4096 elsewhere; "
                         "keep it far larger than the last-level cache)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write a jax.profiler trace of one decode run (the first batch) to DIR")
-    p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to")
+    p.add_argument("--output", default=RESULTS,
+                   help="JSON-lines file the records are appended to (default bench/results/generate.jsonl)")
     p.add_argument("--first-token-child", action="store_true", help=argparse.SUPPRESS)  # the compile part
     return p
 
