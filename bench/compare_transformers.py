@@ -98,7 +98,7 @@ def phi4_jax_runner(folder: str):
     from phi4_jax.engine import Engine
     from phi4_jax.sampling import SamplingParams
 
-    engine = Engine(load(folder)[0])
+    engine = Engine(load(folder, dtype="float32")[0])  # as transformers runs it, on any backend
 
     def run(prompts, n):
         gen = engine.start(prompts, SamplingParams(max_tokens=n, ignore_eos=True), [[]] * len(prompts))
@@ -156,9 +156,12 @@ def main(argv=None) -> int:
             print(f"running {engine} ...", file=sys.stderr)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", f"{engine}:{folder}"],
                                  capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"bench/compare_transformers.py: {engine} failed:\n{out.stderr}")
-            runs[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+            try:  # all engines or nothing: no record is written unless every one ran
+                if out.returncode:
+                    raise ValueError(f"exit status {out.returncode}")
+                runs[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError) as e:
+                sys.exit(f"bench/compare_transformers.py: {engine} failed ({e}); nothing was written:\n{out.stderr}")
     return write(args, runs)
 
 

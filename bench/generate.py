@@ -124,7 +124,8 @@ def prompts_of(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[
 
 
 def peak_memory() -> dict:
-    """The device's peak bytes in use where the backend reports them, and the host's peak RSS."""
+    """The process's peaks so far (not of one measurement alone): the device's bytes in use where
+    the backend reports them, and the host's RSS."""
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
@@ -185,7 +186,7 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
             "best_decode_seconds": min(device), "tokens_per_s": batch * steps / seconds,
             "step_ms": 1e3 * seconds / steps, **percentiles(per_token),
             # the mean number of cached tokens a step reads
-            "mean_context": prompt_len + steps / 2}
+            "mean_context": prompt_len + (steps - 1) / 2}
 
 
 # JAX's own timings of the work before a first run: where a warm start's time goes.
@@ -224,10 +225,11 @@ def first_token_seconds(args) -> dict:
     return {"first_s": seconds[0], "second_s": seconds[1], **phases}
 
 
-def measure_compile(args) -> dict:
-    argv = [a for a in sys.argv[1:] if a != "--first-token-child"]
+def measure_compile(args, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="phi4-jax-cache-") as cache:
-        env = dict(os.environ, PHI4_JAX_COMPILATION_CACHE=cache)
+        # Only this empty folder: a cache folder the user gave JAX would make the cold run warm.
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        env["PHI4_JAX_COMPILATION_CACHE"] = cache
         runs = []
         for _ in range(2):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--first-token-child"],
@@ -265,20 +267,37 @@ def metadata(args, config, dtype, peaks) -> dict:
     return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
             "attention": resolve(args.attention, dtype), "mesh": args.mesh or "",
+            "weights": "loaded" if has_weights(args.model) else "random",
             "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""), **peaks}
 
 
-def utilisation(record: dict, config, dtype_bytes: int) -> dict:
+def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
+    """MFU / MBU against the measured peak of one device times the `devices` that do the work."""
     from phi4_jax.roofline import decode_step_bytes
 
     if record["part"] == "prefill":
         achieved = record["flops"] / record["seconds"]
-        return {"flop_per_s": achieved, "mfu": achieved / record["matmul_flop_per_s"]}
+        return {"flop_per_s": achieved, "mfu": achieved / (devices * record["matmul_flop_per_s"])}
     if record["part"] == "decode":
         step = decode_step_bytes(config, record["batch"], record["mean_context"], dtype_bytes)
         achieved = step * record["tokens_per_s"] / record["batch"]
-        return {"step_bytes": step, "bytes_per_s": achieved, "mbu": achieved / record["read_bytes_per_s"]}
+        return {"step_bytes": step, "bytes_per_s": achieved, "mbu": achieved / (devices * record["read_bytes_per_s"])}
     return {}
+
+
+def check(parser, args, config) -> None:
+    """Refuses what cannot be measured, before anything is written."""
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode speed needs a step after the first token)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.layers and has_weights(args.model):
+        parser.error(f"--layers cuts random-weight models; {args.model} has weights (drop --layers)")
+    lengths = ([n + 1 for n in args.prefill_len] if "prefill" in args.parts else []) + (
+        [n + args.new_tokens for n in args.prompt_len] if {"decode", "compile"} & set(args.parts) else [])
+    if lengths and max(lengths) > config.max_position_embeddings:
+        parser.error(f"{max(lengths)} tokens (prompt + generated) do not fit {args.model}'s context of "
+                     f"{config.max_position_embeddings}: shorten --prefill-len / --prompt-len / --new-tokens")
 
 
 def describe(r: dict) -> str:
@@ -296,11 +315,15 @@ def describe(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.first_token_child:
         print(json.dumps(first_token_seconds(args)))
         return 0
     config, mesh, dtype = setup(args)
+    check(parser, args, config)
+    import jax
     import jax.numpy as jnp
 
     from phi4_jax.engine import Engine
@@ -327,13 +350,16 @@ def main(argv=None) -> int:
                                          engine, config, b, n, args.new_tokens, args.repeats, t)))
                 profile = None
     if "compile" in args.parts:
-        measurements.append(("compile (two fresh processes)", lambda: measure_compile(args)))
+        measurements.append(("compile (two fresh processes)", lambda: measure_compile(args, argv)))
     base = metadata(args, config, dtype, peaks)
+    # Fake CPU devices share one machine's cores and memory; real ones each bring their own.
+    devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size
+    base["peak_devices"] = devices
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     for what, run in measurements:
         print(f"{what} ...", file=sys.stderr)
         record = {**base, **run(), **peak_memory()}
-        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize))
+        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, devices))
         print(f"  {describe(record)}", file=sys.stderr)
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

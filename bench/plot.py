@@ -34,12 +34,13 @@ def newest(records: list[dict]) -> list[dict]:
 
 
 def series(records: list[dict], part: str, x: str, y: str) -> dict[str, tuple[list, list]]:
-    """Lines of `y` against `x`, one per (device, model, dtype, mesh), points sorted by x."""
+    """Lines of `y` against `x`, one per (device, model, dtype, mesh; prompt length when x is the
+    batch), points sorted by x."""
     lines: dict[str, list] = {}
     for r in records:
         if r["part"] == part:
             label = f"{r['device']} {r['model']} ({r['layers']} layers) {r['dtype']}" + (
-                f", mesh {r['mesh']}" if r["mesh"] else "")
+                f", mesh {r['mesh']}" if r["mesh"] else "") + (f", prompt {r['prompt_len']}" if x == "batch" else "")
             lines.setdefault(label, []).append((r[x], r[y]))
     return {label: tuple(map(list, zip(*sorted(points)))) for label, points in lines.items()}
 

@@ -87,8 +87,10 @@ def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_byt
                       cache_bytes: int | None = None) -> float:
     """Bytes one decode step must move: every weight once (the input embedding one row per
     sequence; the head, or the tied table, whole), each sequence's `context` cached keys and
-    values read and its new ones written."""
+    values read (no more than its sliding window) and its new ones written."""
     e = config.hidden_size
+    if config.window is not None:
+        context = min(context, config.window - 1)
     weights = (config.num_hidden_layers * _layer_weights(config) + e + config.vocab_size * e
                + (0 if config.tie_word_embeddings else batch * e))
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim

@@ -48,6 +48,9 @@ def test_decode_step_bytes_are_the_weights_read_once_plus_the_kv_cache(tied, bat
     weights = every_weight - table[...].nbytes + (table[...].nbytes if tied else batch * 64 * 4)
     kv_token = 2 * 2 * 2 * 16 * 4  # (keys, values) x layers x kv_heads x head_dim x float32
     assert decode_step_bytes(config, batch, context, 4) == weights + batch * (context + 1) * kv_token
+    # A sliding window of 6 (the new token and 5 cached ones) caps what a step reads.
+    windowed = Phi4Config.from_dict(dict(SHAPE, tie_word_embeddings=tied, sliding_window=6))
+    assert decode_step_bytes(windowed, batch, context, 4) == weights + batch * 6 * kv_token
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -66,24 +69,39 @@ def test_prefill_flops_count_the_projections_and_the_scores_the_mask_keeps(windo
 def test_generate_bench_records_agree_with_their_numbers(tmp_path):
     generate = bench_module("generate")
     out = tmp_path / "generate.jsonl"
-    assert generate.main(["--model", "tiny", "--parts", "prefill", "decode", "--batch", "1", "2",
-                          "--prefill-len", "32", "--new-tokens", "6", "--repeats", "1",
-                          "--read-buffer-mb", "64", "--output", str(out)]) == 0
+    assert generate.main(["--model", "tiny", "--batch", "1", "2", "--prefill-len", "32", "--new-tokens", "6",
+                          "--repeats", "1", "--read-buffer-mb", "64", "--output", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["part"], r["batch"]) for r in records] == [("prefill", 1), ("decode", 1), ("decode", 2)]
+    parts = [(r["part"], r["batch"]) for r in records]
+    assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("compile", 1)]
     config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
     for r in records:
         assert r["schema"] == generate.SCHEMA and r["read_buffer_bytes"] == 64 * 2**20
         assert r["read_bytes_per_s"] == max(r["read_rates"].values())
-        assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit"} <= set(r)
+        assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit", "weights"} <= set(r)
         if r["part"] == "prefill":
             assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
             assert r["mfu"] == pytest.approx(prefill_flops(config, 1, 32) / r["seconds"] / r["matmul_flop_per_s"])
-        else:
+        elif r["part"] == "decode":
             assert r["tokens_per_s"] == pytest.approx(r["batch"] * 5 / r["decode_seconds"])
             assert r["latency_p50_ms"] <= r["latency_p90_ms"] <= r["latency_p99_ms"]
-            step = decode_step_bytes(config, r["batch"], 16 + 2.5, 4)
+            step = decode_step_bytes(config, r["batch"], 16 + 2, 4)  # 5 steps read 16 .. 20 cached tokens
             assert r["mbu"] == pytest.approx(step * r["tokens_per_s"] / r["batch"] / r["read_bytes_per_s"])
+    compile_ = records[-1]  # two fresh processes: the first compiles, the second loads from the cache
+    assert compile_["cold_compile_s"] > compile_["warm_compile_s"] and compile_["warm_cache_load_s"] > 0
+    assert compile_["warm_speedup"] == pytest.approx(compile_["cold_first_token_s"] / compile_["warm_first_token_s"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    (["--prefill-len", "4096"], "do not fit tiny's context of 2048"),
+])
+def test_generate_bench_refuses_what_it_cannot_measure_before_writing(tmp_path, capsys, flags, message):
+    generate = bench_module("generate")
+    out = tmp_path / "generate.jsonl"
+    with pytest.raises(SystemExit):
+        generate.main(["--model", "tiny", "--output", str(out), *flags])
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_plot_draws_each_figure_from_the_newest_records(tmp_path):
@@ -94,7 +112,7 @@ def test_plot_draws_each_figure_from_the_newest_records(tmp_path):
     records += [dict(base, part="prefill", batch=1, prompt_len=n, seconds=n / 100, mesh=m)
                 for n in (64, 128) for m in ("", "seq=2")]
     assert plot.series(plot.newest(records), "decode", "batch", "tokens_per_s") == {
-        "cpu tiny (2 layers) float32": ([1, 4], [3.0, 2.0])}
+        "cpu tiny (2 layers) float32, prompt 16": ([1, 4], [3.0, 2.0])}
     lines = plot.series(plot.newest(records), "prefill", "prompt_len", "seconds")
     assert set(lines) == {"cpu tiny (2 layers) float32", "cpu tiny (2 layers) float32, mesh seq=2"}
     src = tmp_path / "r.jsonl"
