@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -66,13 +65,7 @@ def save_checkpoint(shape: dict, folder: str) -> None:
 
 
 def timed(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(generate.timings(run, repeats))
 
 
 def transformers_runner(folder: str, implementation: str):

@@ -138,18 +138,25 @@ def percentiles(seconds: list[float]) -> dict:
     return {f"latency_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
 
+def timings(run, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `run`, after one that compiles."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_prefill(engine, config, length: int, repeats: int) -> dict:
     from phi4_jax.roofline import prefill_flops
     from phi4_jax.sampling import SamplingParams
 
     prompts, params = prompts_of(config.vocab_size, 1, length), SamplingParams(max_tokens=1, ignore_eos=True)
-    times = []
-    for _ in range(repeats + 1):  # the first compiles
-        start = time.perf_counter()
-        engine.start(prompts, params, [[]])  # returns once the first token is on the host
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times[1:])
-    return {"part": "prefill", "batch": 1, "prompt_len": length, "seconds": seconds, "best_seconds": min(times[1:]),
+    times = timings(lambda: engine.start(prompts, params, [[]]), repeats)  # returns with the first token
+    seconds = statistics.median(times)
+    return {"part": "prefill", "batch": 1, "prompt_len": length, "seconds": seconds, "best_seconds": min(times),
             "tokens_per_s": length / seconds, "flops": prefill_flops(config, 1, length)}
 
 

@@ -121,11 +121,16 @@ class Phi4Config:
         return self.sliding_window
 
     @property
-    def num_parameters(self) -> int:
-        e, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer: its projections, then its two norms (2 x hidden)."""
+        e, i = self.hidden_size, self.intermediate_size
         qkv = e * self.head_dim * (self.num_attention_heads + 2 * self.num_key_value_heads)
-        layer = qkv + self.num_attention_heads * self.head_dim * e + 3 * e * i + 2 * e
-        return self.num_hidden_layers * layer + v * e * (1 if self.tie_word_embeddings else 2) + e
+        return qkv + self.num_attention_heads * self.head_dim * e + 3 * e * i + 2 * e
+
+    @property
+    def num_parameters(self) -> int:
+        e, v = self.hidden_size, self.vocab_size
+        return self.num_hidden_layers * self.layer_parameters + v * e * (1 if self.tie_word_embeddings else 2) + e
 
     # Parsing.
     @classmethod

@@ -324,19 +324,19 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=N
     def carried(cache):
         return jax.tree.map(lambda c: c[0], cache) if squeeze else cache
 
+    def restored(cache):
+        return jax.tree.map(lambda c: c[None], cache) if squeeze else cache
+
     def running(s):
         go = (s.step < target) & ~jnp.all(s.done)
         return go & ~jnp.any(_crossing(model.config, s)) if longrope else go
 
     def step(s):
-        cache = jax.tree.map(lambda c: c[None], s.cache) if squeeze else s.cache
-        logits, cache = model.decode(s.last, s.positions, cache, ring)
+        logits, cache = model.decode(s.last, s.positions, restored(s.cache), ring)
         return _advance(s, logits, carried(cache), layout)
 
     state = jax.lax.while_loop(running, step, state._replace(cache=carried(state.cache)))
-    if squeeze:
-        state = state._replace(cache=jax.tree.map(lambda c: c[None], state.cache))
-    return _laid_out(state, layout)
+    return _laid_out(state._replace(cache=restored(state.cache)), layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout", "ring", "chunk"))

@@ -76,13 +76,6 @@ def measure_matmul_peak(dtype=None, repeats: int = 5) -> dict:
             "matmul_rates": rates}
 
 
-def _layer_weights(config: Phi4Config) -> int:
-    """Parameters of one decoder layer (projections and its two norms)."""
-    e, d, i = config.hidden_size, config.head_dim, config.intermediate_size
-    n, kv = config.num_attention_heads, config.num_key_value_heads
-    return e * n * d + 2 * e * kv * d + n * d * e + 3 * e * i + 2 * e
-
-
 def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_bytes: int,
                       cache_bytes: int | None = None) -> float:
     """Bytes one decode step must move: every weight once (the input embedding one row per
@@ -91,8 +84,8 @@ def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_byt
     e = config.hidden_size
     if config.window is not None:
         context = min(context, config.window - 1)
-    weights = (config.num_hidden_layers * _layer_weights(config) + e + config.vocab_size * e
-               + (0 if config.tie_word_embeddings else batch * e))
+    # Every parameter, but of an untied input table only the rows looked up.
+    weights = config.num_parameters - (0 if config.tie_word_embeddings else (config.vocab_size - batch) * e)
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     return weights * weight_bytes + batch * (context + 1) * kv_per_token * (cache_bytes or weight_bytes)
 
@@ -100,9 +93,8 @@ def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_byt
 def prefill_flops(config: Phi4Config, batch: int, length: int) -> float:
     """Matmul FLOPs of prefilling `batch` prompts of `length` tokens from position 0 (causal
     attention counts only the scores it keeps; logits only at each row's last token)."""
-    e, d, i = config.hidden_size, config.head_dim, config.intermediate_size
-    n, kv = config.num_attention_heads, config.num_key_value_heads
-    projections = 2 * (e * n * d + 2 * e * kv * d + n * d * e + 3 * e * i)
+    e, n, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    projections = 2 * (config.layer_parameters - 2 * e)  # the norms are no matmul
     pairs = length * (length + 1) / 2  # (query, key) pairs a causal prompt scores
     if config.window is not None and config.window < length:
         w = config.window
