@@ -39,7 +39,8 @@ from phi4_jax.weights import (INDEX_FILE, SINGLE_FILE, SourceTensor, fuse_hf_ten
                               inspect_hf, param_key, read_hf_params)
 
 FORMAT = "phi4_jax.orbax"
-FORMAT_VERSION = 1
+# 2: projection weights in HF's (out..., in...) layout; 1 had them (in..., out...) as `kernel`s.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARAMS = "params"
 # Copied as they are: what tokenizers, chat templates and generation need.
@@ -339,9 +340,26 @@ def _abstract_with_sharding(abstract: dict) -> dict:
                         abstract)
 
 
+def read_manifest(folder: str) -> dict:
+    """The manifest of an Orbax folder this module wrote; CheckpointError when its format version
+    is not the one this phi4_jax reads (its parameter tree is laid out differently)."""
+    with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} holds format version {version} of phi4_jax's Orbax checkpoints (written by "
+            f"phi4_jax {manifest.get('tool_version', 'unknown')}); this phi4_jax reads version "
+            f"{FORMAT_VERSION}. Convert the Hugging Face folder again: "
+            f"python convert/hf_to_orbax.py --model {(manifest.get('source') or {}).get('path') or 'HF_FOLDER'} "
+            f"--output {folder} --overwrite")
+    return manifest
+
+
 def restore_params(folder: str, abstract: dict) -> dict:
     """The parameter tree of an Orbax folder, restored into `abstract`'s shapes and dtypes, and
     onto its shardings when it has them (each device reads its own block; default: device 0)."""
+    read_manifest(folder)
     params_dir = os.path.join(folder, PARAMS)
     if not os.path.isdir(params_dir):
         raise ModelNotFoundError(f"{params_dir} is missing; the folder is not a complete phi4_jax checkpoint")
@@ -358,8 +376,7 @@ def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_byte
     `max_shard_bytes` with an index when there are several) from an Orbax folder."""
     if not is_orbax_folder(folder):
         raise ModelNotFoundError(f"{folder} is not a phi4_jax Orbax folder (no {MANIFEST} from convert)")
-    with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_manifest(folder)
     config = Phi4Config.from_json(folder)
     dtype = np.dtype(dtype or manifest["dtype"])
     ocp = _ocp()

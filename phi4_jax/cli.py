@@ -22,7 +22,8 @@ EXIT_CODES_HELP = f"""exit codes:
        invalid config.json or tokenizer, prompt empty or longer than the context, output exists
        (without --overwrite)
   {EXIT_CORRUPT}    corrupt model: unreadable or truncated safetensors, tensors missing, unexpected
-       or of the wrong shape/dtype, only pickle weights (never unpickled)
+       or of the wrong shape/dtype, only pickle weights (never unpickled), an Orbax folder of
+       another format version (convert it again)
   {EXIT_RESOURCES}    out of resources: not enough disk space or memory
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); nothing partial is left behind"""
 

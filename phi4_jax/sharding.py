@@ -179,13 +179,13 @@ def config_for_mesh(config: Phi4Config, mesh: Mesh) -> Phi4Config:
 
 
 def repeat_kv_heads(params: dict, repeat: int, shardings: dict) -> dict:
-    """Repeats each KV head of the k/v kernels (`[embed, kv_heads, head_dim]`) on the devices,
+    """Repeats each KV head of the k/v weights (`[kv_heads, head_dim, embed]`) on the devices,
     onto the shardings the repeated model has (a pure-dict tree and its shardings)."""
     def one(path, x):
         if path[-2].key not in ("k_proj", "v_proj"):
             return x
         target = functools.reduce(lambda t, k: t[k.key], path, shardings)
-        return jax.jit(lambda k: jnp.repeat(k, repeat, axis=1), out_shardings=target)(x)
+        return jax.jit(lambda k: jnp.repeat(k, repeat, axis=0), out_shardings=target)(x)
 
     return jax.tree_util.tree_map_with_path(one, params)
 

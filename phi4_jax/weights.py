@@ -1,9 +1,9 @@
-"""Hugging Face safetensors -> our parameter tree: names, fused splits, transposes, tied head, dtypes.
+"""Hugging Face safetensors -> our parameter tree: names, fused splits, head axes, tied head, dtypes.
 
 HF stores every projection as `weight[out, in]`, with q/k/v fused in `qkv_proj` (rows
-`[q; k; v]`, heads contiguous) and gate/up fused in `gate_up_proj` (rows `[gate; up]`). Our
-kernels are `(in..., out...)` with heads as their own axis, and separate (so a tensor-parallel
-split never straddles a fused boundary). `_layer_table` is the one place that says how.
+`[q; k; v]`, heads contiguous) and gate/up fused in `gate_up_proj` (rows `[gate; up]`). Ours keep
+that `(out..., in...)` layout (no transposes) with heads as their own axis, and separate (so a
+tensor-parallel split never straddles a fused boundary). `_layer_table` is the one place that says how.
 """
 
 from __future__ import annotations
@@ -48,36 +48,36 @@ class Layout:
 
 
 SAME = Layout(lambda get, index: get(index), lambda p: p)
-TRANSPOSE = Layout(lambda get, index: get(index[::-1]).T, lambda p: p.T)  # [out, in] <-> [in, out]
 
 
-def _in_heads(d: int, repeat: int) -> Layout:
-    """[heads*d, e] <-> [e, heads*repeat, d]: each head repeated `repeat` times in a row (GQA on a
-    mesh whose tensor axis does not divide the KV heads; see sharding.kv_repeat)."""
+def _heads_out(d: int, repeat: int) -> Layout:
+    """[heads*d, e] <-> [heads*repeat, d, e]: the output rows split into heads, each repeated
+    `repeat` times in a row (GQA on a mesh whose tensor axis does not divide the KV heads; see
+    sharding.kv_repeat)."""
     def read(get, index):
-        e, h, dim = index
+        h, dim, e = index
         first, last = h.start // repeat, (h.stop - 1) // repeat + 1  # the stored heads covering h
-        rows = get((slice(first * d, last * d), e)).T.reshape(e.stop - e.start, last - first, d)
+        rows = get((slice(first * d, last * d), e)).reshape(last - first, d, e.stop - e.start)
         if repeat == 1:
-            return rows[:, :, dim]
+            return rows[:, dim]
         skip = h.start - first * repeat
-        return np.repeat(rows, repeat, axis=1)[:, skip:skip + h.stop - h.start, dim]
+        return np.repeat(rows, repeat, axis=0)[skip:skip + h.stop - h.start, dim]
 
     def to_hf(p):
-        e, heads, _ = p.shape
-        return p[:, ::repeat].reshape(e, heads // repeat * d).T
+        heads, _, e = p.shape
+        return p[::repeat].reshape(heads // repeat * d, e)
 
     return Layout(read, to_hf)
 
 
-def _out_heads(d: int) -> Layout:
-    """[e, n*d] <-> [n, d, e]."""
+def _heads_in(d: int) -> Layout:
+    """[e, n*d] <-> [e, n, d]: the input columns split into heads."""
     def read(get, index):
-        n, dim, e = index
+        e, n, dim = index
         cols = get((e, slice(n.start * d, n.stop * d)))
-        return cols.T.reshape(n.stop - n.start, d, e.stop - e.start)[:, dim]
+        return cols.reshape(e.stop - e.start, n.stop - n.start, d)[:, :, dim]
 
-    return Layout(read, lambda p: p.reshape(p.shape[0] * d, p.shape[2]).T)
+    return Layout(read, lambda p: p.reshape(p.shape[0], p.shape[1] * d))
 
 
 def full_index(shape: tuple[int, ...]) -> Index:
@@ -101,16 +101,16 @@ def _layer_table(c: Phi4Config, kv_repeat: int) -> dict[str, tuple[tuple[int, ..
     kv_out = kv * kv_repeat
     return {
         "self_attn.qkv_proj.weight": (((n + 2 * kv) * d, e), [
-            Target("self_attn.q_proj.kernel", n * d, _in_heads(d, 1), (e, n, d)),
-            Target("self_attn.k_proj.kernel", kv * d, _in_heads(d, kv_repeat), (e, kv_out, d)),
-            Target("self_attn.v_proj.kernel", kv * d, _in_heads(d, kv_repeat), (e, kv_out, d)),
+            Target("self_attn.q_proj.weight", n * d, _heads_out(d, 1), (n, d, e)),
+            Target("self_attn.k_proj.weight", kv * d, _heads_out(d, kv_repeat), (kv_out, d, e)),
+            Target("self_attn.v_proj.weight", kv * d, _heads_out(d, kv_repeat), (kv_out, d, e)),
         ]),
-        "self_attn.o_proj.weight": ((e, n * d), [Target("self_attn.o_proj.kernel", None, _out_heads(d), (n, d, e))]),
+        "self_attn.o_proj.weight": ((e, n * d), [Target("self_attn.o_proj.weight", None, _heads_in(d), (e, n, d))]),
         "mlp.gate_up_proj.weight": ((2 * i, e), [
-            Target("mlp.gate_proj.kernel", i, TRANSPOSE, (e, i)),
-            Target("mlp.up_proj.kernel", i, TRANSPOSE, (e, i)),
+            Target("mlp.gate_proj.weight", i, SAME, (i, e)),
+            Target("mlp.up_proj.weight", i, SAME, (i, e)),
         ]),
-        "mlp.down_proj.weight": ((e, i), [Target("mlp.down_proj.kernel", None, TRANSPOSE, (i, e))]),
+        "mlp.down_proj.weight": ((e, i), [Target("mlp.down_proj.weight", None, SAME, (e, i))]),
         "input_layernorm.weight": ((e,), [Target("input_layernorm.weight", None, SAME, (e,))]),
         "post_attention_layernorm.weight": ((e,), [Target("post_attention_layernorm.weight", None, SAME, (e,))]),
     }
@@ -118,7 +118,7 @@ def _layer_table(c: Phi4Config, kv_repeat: int) -> dict[str, tuple[tuple[int, ..
 
 def hf_tensors(config: Phi4Config, kv_repeat: int = 1) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
     """Every tensor an HF checkpoint of `config` holds, in HF's order: name -> (shape, targets).
-    `kv_repeat` > 1 makes the k/v kernels with each KV head repeated (a model on a mesh)."""
+    `kv_repeat` > 1 makes the k/v weights with each KV head repeated (a model on a mesh)."""
     c = config
     vocab = (c.vocab_size, c.hidden_size)
     table = {"model.embed_tokens.weight": (vocab, [Target("model.embed_tokens.weight", None, SAME, vocab)])}
@@ -344,5 +344,5 @@ def _place(source: SourceTensor, rows, start: int, target: Target, dtype, shardi
 
 
 def param_key(path: str) -> tuple:
-    """"model.layers.3.mlp.up_proj.kernel" -> the key tuple of the pure-dict parameter tree."""
+    """"model.layers.3.mlp.up_proj.weight" -> the key tuple of the pure-dict parameter tree."""
     return tuple(int(part) if part.isdigit() else part for part in path.split("."))

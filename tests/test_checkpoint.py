@@ -24,6 +24,7 @@ from conftest import TINY_SHAPES
 
 import phi4_jax
 from phi4_jax import checkpoint, cli
+from phi4_jax.errors import CheckpointError
 from phi4_jax.hub import ModelSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -353,6 +354,20 @@ def test_export_refuses_an_existing_output(orbax_of, tmp_path):
     assert snapshot(output) == {"keep.txt": b"mine"} and leftovers(output) == []
     assert to_hf(orbax_of(TIED), output, "--overwrite") == cli.EXIT_OK
     assert not (output / "keep.txt").exists() and (output / WEIGHTS).exists()
+
+
+def test_an_older_format_version_is_refused_with_the_command_that_converts_again(orbax_of, tiny_checkpoint,
+                                                                                 tmp_path, capsys):
+    folder = tmp_path / "old"
+    shutil.copytree(orbax_of(UNTIED), folder)
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    (folder / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(CheckpointError, match=f"format version 1 .* reads version {checkpoint.FORMAT_VERSION}") as e:
+        phi4_jax.load(folder, progress=False)
+    assert f"convert/hf_to_orbax.py --model {tiny_checkpoint(UNTIED)[0]} --output {folder}" in str(e.value)
+    capsys.readouterr()
+    assert to_hf(folder, tmp_path / "export") == cli.EXIT_CORRUPT
+    assert "format version 1" in capsys.readouterr().err and not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink"])

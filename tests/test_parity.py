@@ -147,3 +147,22 @@ def test_bfloat16_parameters_and_compute(tiny_checkpoint):
 def test_non_float_dtype_is_refused(tiny_checkpoint, dtype):
     with pytest.raises(phi4_jax.ConfigError, match="floating-point"):
         phi4_jax.load(tiny_checkpoint("phi-4")[0], dtype=dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 64, 65, 300])
+def test_projections_put_the_weight_first_for_a_few_rows_on_cpu(rows):
+    """`project` gives x @ w.T; on XLA:CPU, from 2 to 64 rows as the faster `w @ x.T` (a [out, rows]
+    product, then transposed), else as the plain [rows, out] product."""
+    import re
+
+    from phi4_jax.model import CPU_WEIGHT_FIRST_ROWS, project
+
+    rng = np.random.default_rng(rows)
+    x, w = rng.standard_normal((rows, 48), np.float32), rng.standard_normal((80, 48), np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(project)(x, w))
+        hlo = jax.jit(project).lower(x, w).compile().as_text()
+    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)
+    assert got.shape == (rows, 80) and got.dtype == np.float32
+    weight_first = re.search(rf"= f32\[80,{rows}\]\{{1,0\}} (?:dot|fusion)\(", hlo) is not None
+    assert weight_first == (jax.default_backend() == "cpu" and 1 < rows <= CPU_WEIGHT_FIRST_ROWS), hlo

@@ -99,11 +99,11 @@ def test_rules_give_the_designed_layout(fixtures_dir):
     state = nnx.state(abstract_model(config))
     specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(m, state))
     layer = specs["model"]["layers"][0]
-    assert layer["self_attn"]["q_proj"]["kernel"] == ("fsdp", "tensor", None)
-    assert layer["self_attn"]["k_proj"]["kernel"] == ("fsdp", "tensor", None)
-    assert layer["self_attn"]["o_proj"]["kernel"] == ("tensor", None, "fsdp")
-    assert layer["mlp"]["gate_proj"]["kernel"] == ("fsdp", "tensor")
-    assert layer["mlp"]["down_proj"]["kernel"] == ("tensor", "fsdp")
+    assert layer["self_attn"]["q_proj"]["weight"] == ("tensor", None, "fsdp")
+    assert layer["self_attn"]["k_proj"]["weight"] == ("tensor", None, "fsdp")
+    assert layer["self_attn"]["o_proj"]["weight"] == ("fsdp", "tensor", None)
+    assert layer["mlp"]["gate_proj"]["weight"] == ("tensor", "fsdp")
+    assert layer["mlp"]["down_proj"]["weight"] == ("fsdp", "tensor")
     assert layer["input_layernorm"]["weight"] == ("fsdp",)
     assert specs["lm_head"]["weight"] == ("tensor", "fsdp")
     cache = sharding.spec(sharding.make_mesh("data=2,tensor=2,seq=2"), sharding.CACHE_AXES, (4, 10, 256, 128))
@@ -182,8 +182,8 @@ def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
     model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("tensor=8"), progress=False)
     assert model.config.num_key_value_heads == 40
     plain, _ = phi4_jax.load(folder, dtype="float32", progress=False)
-    k = np.asarray(model.model.layers[0].self_attn.k_proj.kernel[...])
-    np.testing.assert_array_equal(k, np.repeat(np.asarray(plain.model.layers[0].self_attn.k_proj.kernel[...]), 4, 1))
+    k = np.asarray(model.model.layers[0].self_attn.k_proj.weight[...])
+    np.testing.assert_array_equal(k, np.repeat(np.asarray(plain.model.layers[0].self_attn.k_proj.weight[...]), 4, 0))
 
 
 @pytest.mark.parametrize("spec", ["tensor=4", "data=2,fsdp=2,tensor=2"])
@@ -297,8 +297,8 @@ def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):
             for key in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))}
     for key in keys:
         assert key in text
-    assert re.search(r"model\.layers\.\*\.self_attn\.k_proj\.kernel +\(160, 20, 4\) +\(None, 'tensor', None\) "
-                     r"+per device \(160, 5, 4\)", text), text
+    assert re.search(r"model\.layers\.\*\.self_attn\.k_proj\.weight +\(20, 4, 160\) +\('tensor', None, None\) "
+                     r"+per device \(5, 4, 160\)", text), text
     assert "1.68 MB in all, 0.42 MB on the fullest device" in text
 
 
@@ -342,7 +342,7 @@ def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_
                             "--verbose")
     assert sharded["tokens"] == one["tokens"] and len(one["tokens"]) == 8
     assert "mesh: data=1, fsdp=1, tensor=8, seq=1" in err
-    assert re.search(r"self_attn\.k_proj\.kernel +\(160, 40, 4\)", err), err  # 10 KV heads, repeated 4x
+    assert re.search(r"self_attn\.k_proj\.weight +\(40, 4, 160\)", err), err  # 10 KV heads, repeated 4x
 
 
 @pytest.mark.parametrize("flags, words", [
