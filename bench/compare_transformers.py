@@ -1,14 +1,16 @@
 """phi4_jax against transformers on the same model, the same prompts and the same greedy tokens.
 
 One random-weight checkpoint (transformers' `Phi3ForCausalLM`, float32, `phi3-110m` by default) is
-saved once as safetensors; each engine then loads it in its own fresh process (so each has the
-machine and its own peak RSS to itself), one after the other:
+saved once as safetensors; each engine loads it in its own process (its own peak RSS, and no
+imports of the other framework):
   transformers-eager, transformers-sdpa   PyTorch on the CPU, `model.generate`, greedy
   phi4_jax                                the engine, greedy
-Each measures the same things the same way (median of --repeats after a warm-up run):
-  prefill: time to the first token of one --prefill-len-token prompt -> prompt tokens/s;
-  decode:  for each --batch, --new-tokens tokens after a --prompt-len prompt, minus the time to
-           the first token -> (new tokens - 1) x batch / s.
+The engines then take turns: each measurement is taken once by every engine in a round, for
+--repeats rounds (the order rotating), while the others wait idle; so the machine's drift over the
+run falls on every engine alike, and the median of the rounds counts. After a warm-up call per shape:
+  prefill: seconds to the first token of one --prefill-len-token prompt -> prompt tokens/s;
+  decode:  for each --batch, the seconds of --new-tokens tokens after a --prompt-len prompt minus,
+           in the same round, those of the first token alone -> (new tokens - 1) x batch / s.
 Every engine's greedy tokens must be identical to transformers-eager's (the reference); the run
 says where they first differ if not. Ratios are against transformers-sdpa (and eager).
 
@@ -25,14 +27,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-
-import numpy as np
+import time
 
 import generate  # bench/generate.py: the shapes and prompts
 
 ENGINES = ("transformers-eager", "transformers-sdpa", "phi4_jax")
 RESULTS = os.path.join(generate.ROOT, "bench", "results", "compare_transformers.jsonl")
-SCHEMA = "phi4_jax.bench.compare_transformers/1"
+SCHEMA = "phi4_jax.bench.compare_transformers/2"
+# Between turns: lets the engine that just ran put its worker threads to sleep (OpenMP spins a while).
+PAUSE_S = 0.2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", "--prompt_len", type=int, default=16, help="decode prompt tokens (default 16)")
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row (default 128)")
     p.add_argument("--prefill-len", "--prefill_len", type=int, default=512, help="prefill prompt tokens (default 512)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs per measurement, after a warm-up run (default 3; the median counts)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds per measurement, after a warm-up call (default 5; the median counts)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default all three)")
     p.add_argument("--output", default=RESULTS,
                    help="JSON-lines file the records are appended to (default bench/results/compare_transformers.jsonl)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's run
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's process
     return p
 
 
@@ -62,10 +65,6 @@ def save_checkpoint(shape: dict, folder: str) -> None:
     torch.manual_seed(0)
     fields = {k: v for k, v in shape.items() if k != "model_type"}
     Phi3ForCausalLM(Phi3Config(**fields)).save_pretrained(folder, safe_serialization=True)
-
-
-def timed(run, repeats: int) -> float:
-    return statistics.median(generate.timings(run, repeats))
 
 
 def transformers_runner(folder: str, implementation: str):
@@ -87,6 +86,8 @@ def transformers_runner(folder: str, implementation: str):
 
 
 def phi4_jax_runner(folder: str):
+    import numpy as np
+
     from phi4_jax import load
     from phi4_jax.engine import Engine
     from phi4_jax.sampling import SamplingParams
@@ -100,30 +101,113 @@ def phi4_jax_runner(folder: str):
     return run
 
 
-def child(args) -> dict:
-    """One engine's measurements (runs in its own process)."""
+def serve(args) -> None:
+    """One engine's process: loads the model, then runs each request (a JSON line on stdin: batch,
+    prompt_len, new_tokens) and answers with its seconds, tokens and the peak RSS so far."""
+    answer = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' own channel ...
+    os.dup2(2, 1)  # ... so that anything else printed goes to stderr
     engine, folder = args.child.split(":", 1)
     run = (phi4_jax_runner(folder) if engine == "phi4_jax"
            else transformers_runner(folder, engine.removeprefix("transformers-")))
-    vocab = generate.SHAPES[args.model]["vocab_size"]
-    out = {"engine": engine}
-    if engine != "phi4_jax":  # (this process imports no JAX, nor the other engine's framework)
+    threads = None
+    if engine != "phi4_jax":
         import torch
 
-        out["torch_threads"] = torch.get_num_threads()
-    prompt = generate.prompts_of(vocab, 1, args.prefill_len)
-    seconds = timed(lambda: run(prompt, 1), args.repeats)
-    out["prefill"] = {"prompt_len": args.prefill_len, "seconds": seconds, "tokens_per_s": args.prefill_len / seconds}
-    out["decode"] = []
+        threads = torch.get_num_threads()
+    vocab = generate.SHAPES[args.model]["vocab_size"]
+    answer.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        prompts = generate.prompts_of(vocab, request["batch"], request["prompt_len"])
+        start = time.perf_counter()
+        tokens = run(prompts, request["new_tokens"])
+        seconds = time.perf_counter() - start
+        answer.write(json.dumps({"seconds": seconds, "tokens": tokens, "torch_threads": threads,
+                                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}) + "\n")
+
+
+class EngineFailed(Exception):
+    pass
+
+
+class Worker:
+    """An engine's process, asked for one run at a time."""
+
+    def __init__(self, engine: str, folder: str, argv: list[str]):
+        self.engine = engine
+        self._log = tempfile.TemporaryFile("w+")
+        self._process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{engine}:{folder}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self._answer()  # loaded
+
+    def run(self, batch: int, prompt_len: int, new_tokens: int) -> dict:
+        try:
+            self._process.stdin.write(json.dumps({"batch": batch, "prompt_len": prompt_len,
+                                                  "new_tokens": new_tokens}) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: _answer says how
+        return self._answer()
+
+    def _answer(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            code = self._process.wait()
+            self._log.seek(0)
+            raise EngineFailed(f"{self.engine} failed (exit status {code}):\n{self._log.read()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        self._log.close()
+
+
+def in_turns(workers: list[Worker], rounds: int, measure) -> dict[str, list]:
+    """`measure(worker)` once per engine to warm up, then `rounds` times each, engine after engine
+    (the order rotating each round); returns each engine's results in round order."""
+    for w in workers:
+        measure(w)
+    results = {w.engine: [] for w in workers}
+    for r in range(rounds):
+        for w in workers[r % len(workers):] + workers[:r % len(workers)]:
+            time.sleep(PAUSE_S)
+            results[w.engine].append(measure(w))
+    return results
+
+
+def measure_all(args, workers: list[Worker]) -> dict[str, dict]:
+    """Every engine's prefill and decode numbers (medians over the rounds), tokens and peak RSS."""
+    runs = {w.engine: {"engine": w.engine, "decode": []} for w in workers}
+    print(f"prefill {args.prefill_len} tokens ...", file=sys.stderr)
+    prefill = in_turns(workers, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"])
+    for engine, seconds in prefill.items():
+        median = statistics.median(seconds)
+        runs[engine]["prefill"] = {"prompt_len": args.prefill_len, "seconds": median,
+                                   "tokens_per_s": args.prefill_len / median, "round_seconds": seconds}
     for batch in args.batch:
-        prompts = generate.prompts_of(vocab, batch, args.prompt_len)
-        first = timed(lambda: run(prompts, 1), args.repeats)
-        total = timed(lambda: run(prompts, args.new_tokens), args.repeats)
-        out["decode"].append({"batch": batch, "first_token_s": first, "total_s": total,
-                              "tokens_per_s": batch * (args.new_tokens - 1) / (total - first),
-                              "tokens": run(prompts, args.new_tokens)})
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+        print(f"decode batch {batch} ...", file=sys.stderr)
+
+        def decode(w, batch=batch):  # the first token alone, then all of them, back to back
+            first = w.run(batch, args.prompt_len, 1)
+            total = w.run(batch, args.prompt_len, args.new_tokens)
+            return first["seconds"], total["seconds"], total["tokens"]
+
+        for engine, results in in_turns(workers, args.repeats, decode).items():
+            rates = [batch * (args.new_tokens - 1) / (total - first) for first, total, _ in results]
+            runs[engine]["decode"].append({
+                "batch": batch, "first_token_s": statistics.median(r[0] for r in results),
+                "total_s": statistics.median(r[1] for r in results), "tokens_per_s": statistics.median(rates),
+                "round_tokens_per_s": rates, "tokens": results[-1][2]})
+    for w in workers:  # a last, short run reports each process's peak RSS and threads
+        last = w.run(1, args.prompt_len, 1)
+        runs[w.engine].update(peak_rss_bytes=last["peak_rss_bytes"], torch_threads=last["torch_threads"])
+    return runs
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int] | None:
@@ -136,25 +220,27 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int] | None
 
 
 def main(argv=None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = build_parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)))
+        serve(args)
         return 0
-    runs = {}
+    if args.repeats < 1:
+        sys.exit("bench/compare_transformers.py: --repeats must be at least 1")
+    workers = []
     with tempfile.TemporaryDirectory(prefix="phi4-jax-compare-") as folder:
         print(f"saving a random {args.model} checkpoint ...", file=sys.stderr)
         save_checkpoint(generate.SHAPES[args.model], folder)
-        argv = list(argv if argv is not None else sys.argv[1:])
-        for engine in args.engines:
-            print(f"running {engine} ...", file=sys.stderr)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", f"{engine}:{folder}"],
-                                 capture_output=True, text=True)
-            try:  # all engines or nothing: no record is written unless every one ran
-                if out.returncode:
-                    raise ValueError(f"exit status {out.returncode}")
-                runs[engine] = json.loads(out.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError) as e:
-                sys.exit(f"bench/compare_transformers.py: {engine} failed ({e}); nothing was written:\n{out.stderr}")
+        try:  # all engines or nothing: no record is written unless every one ran
+            for engine in args.engines:
+                print(f"loading {engine} ...", file=sys.stderr)
+                workers.append(Worker(engine, folder, argv))
+            runs = measure_all(args, workers)
+        except EngineFailed as e:
+            sys.exit(f"bench/compare_transformers.py: {e}\nnothing was written")
+        finally:
+            for w in workers:
+                w.close()
     return write(args, runs)
 
 
@@ -163,8 +249,8 @@ def write(args, runs: dict) -> int:
 
     config = generate.model_config(argparse.Namespace(model=args.model, layers=None))
     base = {"schema": SCHEMA, **describe_run(), "model": args.model, "parameters": config.num_parameters,
-            "dtype": "float32",
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+            "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "rounds": args.repeats, "engines": list(runs)}
     reference = runs.get("transformers-eager")
     records = []
     for engine, run in runs.items():

@@ -10,8 +10,10 @@ HF/Orbax --model folder) generates through the engine, greedy, with every token 
            embedding one row per sequence, plus the KV cache) x steps/s / the measured read bandwidth.
   compile: two fresh processes sharing an empty compilation cache time their first token: cold
            (compiling) and warm (from JAX's persistent cache).
-Read bandwidth (1 GiB buffer on a CPU, the fastest of three multi-threaded readers) and matmul peak
-are measured once per run and written into every record, with how they were measured.
+The rooflines are read beside the work they judge, since a shared machine's speed drifts: before
+each timed run of a decode, the read bandwidth (a 1 GiB buffer on a CPU, three multi-threaded
+readers); before each timed run of a prefill, the matmul peak. A record holds the median of its
+readings, with how they were taken.
 
   python bench/generate.py                                   # the committed CPU run
   python bench/generate.py --model phi-4-mini --dtype bfloat16 --batch 1 64 --prefill-len 2048  # GPU
@@ -138,30 +140,56 @@ def percentiles(seconds: list[float]) -> dict:
     return {f"latency_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
 
-def timings(run, repeats: int) -> list[float]:
-    """Seconds of `repeats` calls of `run`, after one that compiles."""
+def timings(run, repeats: int, before=None) -> list[float]:
+    """Seconds of `repeats` calls of `run`, after one that compiles; `before()` (a roofline
+    reading) runs before each timed call."""
     run()
     times = []
     for _ in range(repeats):
+        if before:
+            before()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
     return times
 
 
-def measure_prefill(engine, config, length: int, repeats: int) -> dict:
+class Rooflines:
+    """Readings of the device's read bandwidth or matmul peak, taken beside one measurement."""
+
+    def __init__(self, read_bytes: int | None, dtype: str):
+        self.read_bytes, self.dtype, self.readings = read_bytes, dtype, []
+
+    def read_bandwidth(self) -> None:
+        from phi4_jax.roofline import measure_read_bandwidth
+
+        self.readings.append(measure_read_bandwidth(self.read_bytes, repeats=2))
+
+    def matmul_peak(self) -> None:
+        from phi4_jax.roofline import measure_matmul_peak
+
+        self.readings.append(measure_matmul_peak(self.dtype, repeats=2))
+
+    def record(self) -> dict:
+        from phi4_jax.roofline import median_reading
+
+        return median_reading(self.readings) if self.readings else {}
+
+
+def measure_prefill(engine, config, length: int, repeats: int, peaks: Rooflines) -> dict:
     from phi4_jax.roofline import prefill_flops
     from phi4_jax.sampling import SamplingParams
 
     prompts, params = prompts_of(config.vocab_size, 1, length), SamplingParams(max_tokens=1, ignore_eos=True)
-    times = timings(lambda: engine.start(prompts, params, [[]]), repeats)  # returns with the first token
+    # engine.start returns with the first token
+    times = timings(lambda: engine.start(prompts, params, [[]]), repeats, peaks.matmul_peak)
     seconds = statistics.median(times)
     return {"part": "prefill", "batch": 1, "prompt_len": length, "seconds": seconds, "best_seconds": min(times),
             "tokens_per_s": length / seconds, "flops": prefill_flops(config, 1, length)}
 
 
 def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                   profile: str | None) -> dict:
+                   profile: str | None, peaks: Rooflines) -> dict:
     import jax
 
     from phi4_jax.sampling import SamplingParams
@@ -172,6 +200,7 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
     engine.start(prompts, params, stops).advance(steps)  # compiles prefill and decode
     first, device = [], []
     for _ in range(repeats):
+        peaks.read_bandwidth()
         start = time.perf_counter()
         gen = engine.start(prompts, params, stops)
         started = time.perf_counter()
@@ -267,7 +296,7 @@ def setup(args):
     return model_config(args), mesh, args.dtype or jnp.dtype(default_dtype()).name
 
 
-def metadata(args, config, dtype, peaks) -> dict:
+def metadata(args, config, dtype) -> dict:
     from phi4_jax.attention import resolve
     from phi4_jax.runinfo import describe_run
 
@@ -275,7 +304,7 @@ def metadata(args, config, dtype, peaks) -> dict:
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
             "attention": resolve(args.attention, dtype), "mesh": args.mesh or "",
             "weights": "loaded" if has_weights(args.model) else "random",
-            "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""), **peaks}
+            "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", "")}
 
 
 def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
@@ -310,11 +339,12 @@ def check(parser, args, config) -> None:
 def describe(r: dict) -> str:
     if r["part"] == "prefill":
         return (f"prefill {r['prompt_len']:6d} tokens: {r['seconds']:.3f} s, {r['tokens_per_s']:9.1f} tok/s, "
-                f"MFU {100 * r['mfu']:.1f}%")
+                f"MFU {100 * r['mfu']:.1f}% of {r['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s")
     if r["part"] == "decode":
         return (f"decode batch {r['batch']:3d}, prompt {r['prompt_len']}: {r['tokens_per_s']:8.1f} tok/s, "
                 f"step {r['step_ms']:.2f} ms (p50/p90/p99 {r['latency_p50_ms']:.2f}/{r['latency_p90_ms']:.2f}/"
-                f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}%")
+                f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}% "
+                f"of {r['read_bytes_per_s'] / 1e9:.1f} GB/s")
     phases = lambda when: ", ".join(f"{k[:-2]} {r[f'{when}_{k}']:.2f}" for k in PHASES.values())  # noqa: E731
     return (f"first token: cold {r['cold_first_token_s']:.2f} s ({phases('cold')}), warm "
             f"{r['warm_first_token_s']:.2f} s ({phases('warm')}): {r['warm_speedup']:.1f}x; "
@@ -334,38 +364,34 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from phi4_jax.engine import Engine
-    from phi4_jax.roofline import measure_matmul_peak, measure_read_bandwidth
 
-    print("measuring the device's read bandwidth and matmul peak ...", file=sys.stderr)
-    peaks = {**measure_read_bandwidth(args.read_buffer_mb and args.read_buffer_mb * 2**20),
-             **measure_matmul_peak(dtype)}
-    print(f"read {peaks['read_bytes_per_s'] / 1e9:.1f} GB/s ({peaks['read_method']}), matmul "
-          f"{peaks['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s ({peaks['matmul_dtype']})", file=sys.stderr)
     model = build_model(args, config, mesh, dtype)
     config = model.config
     engine = Engine(model)
-    measurements = []  # (what, run) in order; each record is written as soon as it is measured
+    measurements = []  # (what, run(peaks)) in order; each record is written as soon as it is measured
     if "prefill" in args.parts:
-        measurements += [(f"prefill {n}", lambda n=n: measure_prefill(engine, config, n, args.repeats))
+        measurements += [(f"prefill {n}", lambda peaks, n=n: measure_prefill(engine, config, n, args.repeats, peaks))
                          for n in args.prefill_len]
     if "decode" in args.parts:
         profile = args.profile  # traces the first decode only
         for batch in args.batch:
             for prompt_len in args.prompt_len:
                 measurements.append((f"decode batch {batch} prompt {prompt_len}",
-                                     lambda b=batch, n=prompt_len, t=profile: measure_decode(
-                                         engine, config, b, n, args.new_tokens, args.repeats, t)))
+                                     lambda peaks, b=batch, n=prompt_len, t=profile: measure_decode(
+                                         engine, config, b, n, args.new_tokens, args.repeats, t, peaks)))
                 profile = None
     if "compile" in args.parts:
-        measurements.append(("compile (two fresh processes)", lambda: measure_compile(args, argv)))
-    base = metadata(args, config, dtype, peaks)
+        measurements.append(("compile (two fresh processes)", lambda peaks: measure_compile(args, argv)))
+    base = metadata(args, config, dtype)
     # Fake CPU devices share one machine's cores and memory; real ones each bring their own.
     devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size
     base["peak_devices"] = devices
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    read_bytes = args.read_buffer_mb and args.read_buffer_mb * 2**20
     for what, run in measurements:
         print(f"{what} ...", file=sys.stderr)
-        record = {**base, **run(), **peak_memory()}
+        peaks = Rooflines(read_bytes, dtype)
+        record = {**base, **run(peaks), **peaks.record(), **peak_memory()}
         record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, devices))
         print(f"  {describe(record)}", file=sys.stderr)
         with open(args.output, "a", encoding="utf-8") as f:

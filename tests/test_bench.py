@@ -58,11 +58,11 @@ def test_prefill_flops_count_the_projections_and_the_scores_the_mask_keeps(windo
     config = Phi4Config.from_dict(dict(SHAPE, sliding_window=window))
     length, batch = 12, 2
     params = params_of(config)
-    kernels = sum(v[...].size for k, v in params.items() if k.endswith("kernel"))
+    projections = sum(v[...].size for k, v in params.items() if "_proj/" in k)
     positions = jnp.arange(length)[None]
     kept = int(causal_mask(positions, positions, config.window).sum())
     heads, head_dim = 4, 16
-    expected = batch * (2 * kernels * length + 2 * (2 * 2 * heads * head_dim * kept) + 2 * 64 * 96)
+    expected = batch * (2 * projections * length + 2 * (2 * 2 * heads * head_dim * kept) + 2 * 64 * 96)
     assert prefill_flops(config, batch, length) == pytest.approx(expected)
 
 
@@ -76,10 +76,15 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
     assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("compile", 1)]
     config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
     for r in records:
-        assert r["schema"] == generate.SCHEMA and r["read_buffer_bytes"] == 64 * 2**20
-        assert r["read_bytes_per_s"] == max(r["read_rates"].values())
+        assert r["schema"] == generate.SCHEMA
         assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit", "weights"} <= set(r)
+        # Each record holds the median of the roofline readings taken before each of its timed runs.
+        if r["part"] == "decode":
+            assert r["read_buffer_bytes"] == 64 * 2**20 and r["read_readings"] == 1
+            assert r["read_bytes_per_s"] == max(r["read_rates"].values()) and "matmul_rates" not in r
         if r["part"] == "prefill":
+            assert r["matmul_readings"] == 1 and "read_rates" not in r
+            assert r["matmul_flop_per_s"] == max(r["matmul_rates"].values())
             assert r["tokens_per_s"] == pytest.approx(32 / r["seconds"])
             assert r["mfu"] == pytest.approx(prefill_flops(config, 1, 32) / r["seconds"] / r["matmul_flop_per_s"])
         elif r["part"] == "decode":
@@ -90,6 +95,19 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
     compile_ = records[-1]  # two fresh processes: the first compiles, the second loads from the cache
     assert compile_["cold_compile_s"] > compile_["warm_compile_s"] and compile_["warm_cache_load_s"] > 0
     assert compile_["warm_speedup"] == pytest.approx(compile_["cold_first_token_s"] / compile_["warm_first_token_s"])
+
+
+def test_roofline_readings_combine_as_each_method_s_median_and_the_fastest_of_those():
+    from phi4_jax.roofline import median_reading
+
+    reading = lambda a, b: {"read_rates": {"sum": a, "matvec": b}, "read_bytes_per_s": max(a, b),  # noqa: E731
+                            "read_method": "sum" if a > b else "matvec", "read_buffer_bytes": 8}
+    combined = median_reading([reading(10.0, 12.0), reading(11.0, 9.0), reading(14.0, 10.0)])
+    assert combined["read_rates"] == {"sum": 11.0, "matvec": 10.0}
+    assert (combined["read_bytes_per_s"], combined["read_method"], combined["read_readings"]) == (11.0, "sum", 3)
+    matmul = lambda a, b: {"matmul_rates": {"1024": a, "2048": b}, "matmul_dtype": "float32"}  # noqa: E731
+    combined = median_reading([matmul(5.0, 7.0), matmul(6.0, 6.0)])
+    assert (combined["matmul_flop_per_s"], combined["matmul_size"], combined["matmul_readings"]) == (6.5, 2048, 2)
 
 
 @pytest.mark.parametrize("flags, message", [
