@@ -13,6 +13,10 @@ run falls on every engine alike, and the median of the rounds counts. After a wa
            in the same round, those of the first token alone -> (new tokens - 1) x batch / s.
 Every engine's greedy tokens must be identical to transformers-eager's (the reference); the run
 says where they first differ if not. Ratios are against transformers-sdpa (and eager).
+Each round also reads the machine's rooflines (in phi4_jax's process, when it runs): the read
+bandwidth and the float32 matmul peak. Every record then holds the tokens/s those allow
+(`roofline_tokens_per_s`: prefill at the matmul peak, decode reading every weight and the KV cache
+once per step at the read bandwidth), so a target beyond the machine shows as such in the same run.
 
   python bench/compare_transformers.py             # the committed run (2-core CPU)
 """
@@ -118,6 +122,12 @@ def serve(args) -> None:
     answer.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("roofline"):  # phi4_jax's process only: it has JAX
+            from phi4_jax.roofline import measure_matmul_peak, measure_read_bandwidth
+
+            answer.write(json.dumps({**measure_read_bandwidth(repeats=2),
+                                     **measure_matmul_peak("float32", repeats=2)}) + "\n")
+            continue
         prompts = generate.prompts_of(vocab, request["batch"], request["prompt_len"])
         start = time.perf_counter()
         tokens = run(prompts, request["new_tokens"])
@@ -142,9 +152,15 @@ class Worker:
         self._answer()  # loaded
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> dict:
+        return self._ask({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens})
+
+    def roofline(self) -> dict:
+        """The machine's read bandwidth and matmul peak, measured now (phi4_jax's worker only)."""
+        return self._ask({"roofline": True})
+
+    def _ask(self, request: dict) -> dict:
         try:
-            self._process.stdin.write(json.dumps({"batch": batch, "prompt_len": prompt_len,
-                                                  "new_tokens": new_tokens}) + "\n")
+            self._process.stdin.write(json.dumps(request) + "\n")
             self._process.stdin.flush()
         except BrokenPipeError:
             pass  # it died: _answer says how
@@ -168,13 +184,17 @@ class Worker:
         self._log.close()
 
 
-def in_turns(workers: list[Worker], rounds: int, measure) -> dict[str, list]:
+def in_turns(workers: list[Worker], rounds: int, measure, readings: list) -> dict[str, list]:
     """`measure(worker)` once per engine to warm up, then `rounds` times each, engine after engine
-    (the order rotating each round); returns each engine's results in round order."""
+    (the order rotating each round); returns each engine's results in round order. Each round
+    starts with a roofline reading (appended to `readings`) when phi4_jax is among the engines."""
     for w in workers:
         measure(w)
     results = {w.engine: [] for w in workers}
+    reader = next((w for w in workers if w.engine == "phi4_jax"), None)
     for r in range(rounds):
+        if reader:
+            readings.append(reader.roofline())
         for w in workers[r % len(workers):] + workers[:r % len(workers)]:
             time.sleep(PAUSE_S)
             results[w.engine].append(measure(w))
@@ -185,11 +205,13 @@ def measure_all(args, workers: list[Worker]) -> dict[str, dict]:
     """Every engine's prefill and decode numbers (medians over the rounds), tokens and peak RSS."""
     runs = {w.engine: {"engine": w.engine, "decode": []} for w in workers}
     print(f"prefill {args.prefill_len} tokens ...", file=sys.stderr)
-    prefill = in_turns(workers, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"])
+    readings = []
+    prefill = in_turns(workers, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"], readings)
     for engine, seconds in prefill.items():
         median = statistics.median(seconds)
         runs[engine]["prefill"] = {"prompt_len": args.prefill_len, "seconds": median,
-                                   "tokens_per_s": args.prefill_len / median, "round_seconds": seconds}
+                                   "tokens_per_s": args.prefill_len / median, "round_seconds": seconds,
+                                   "readings": readings}
     for batch in args.batch:
         print(f"decode batch {batch} ...", file=sys.stderr)
 
@@ -198,12 +220,13 @@ def measure_all(args, workers: list[Worker]) -> dict[str, dict]:
             total = w.run(batch, args.prompt_len, args.new_tokens)
             return first["seconds"], total["seconds"], total["tokens"]
 
-        for engine, results in in_turns(workers, args.repeats, decode).items():
+        readings = []
+        for engine, results in in_turns(workers, args.repeats, decode, readings).items():
             rates = [batch * (args.new_tokens - 1) / (total - first) for first, total, _ in results]
             runs[engine]["decode"].append({
                 "batch": batch, "first_token_s": statistics.median(r[0] for r in results),
                 "total_s": statistics.median(r[1] for r in results), "tokens_per_s": statistics.median(rates),
-                "round_tokens_per_s": rates, "tokens": results[-1][2]})
+                "round_tokens_per_s": rates, "tokens": results[-1][2], "readings": readings})
     for w in workers:  # a last, short run reports each process's peak RSS and threads
         last = w.run(1, args.prompt_len, 1)
         runs[w.engine].update(peak_rss_bytes=last["peak_rss_bytes"], torch_threads=last["torch_threads"])
@@ -244,6 +267,23 @@ def main(argv=None) -> int:
     return write(args, runs)
 
 
+def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> dict:
+    """The median readings of a measurement's rounds, and the tokens/s they allow it: a prefill
+    at the matmul peak; a decode step reading its weights and mean KV cache at the read bandwidth."""
+    from phi4_jax.roofline import decode_step_bytes, median_reading, prefill_flops
+
+    if not readings:
+        return {}
+    peaks = median_reading(readings)
+    if record["part"] == "prefill":
+        flops = prefill_flops(config, 1, record["prompt_len"])
+        return {**peaks, "flops": flops,
+                "roofline_tokens_per_s": peaks["matmul_flop_per_s"] * record["prompt_len"] / flops}
+    step = decode_step_bytes(config, record["batch"], record["prompt_len"] + (new_tokens - 2) / 2, 4)
+    return {**peaks, "step_bytes": step,
+            "roofline_tokens_per_s": record["batch"] * peaks["read_bytes_per_s"] / step}
+
+
 def write(args, runs: dict) -> int:
     from phi4_jax.runinfo import describe_run
 
@@ -256,13 +296,16 @@ def write(args, runs: dict) -> int:
     for engine, run in runs.items():
         common = {**base, "engine": engine,
                   "torch_threads": run.get("torch_threads"), "peak_rss_bytes": run["peak_rss_bytes"]}
-        records.append({**common, "part": "prefill", "batch": 1, **run["prefill"]})
+        prefill = {k: v for k, v in run["prefill"].items() if k != "readings"}
+        records.append({**common, "part": "prefill", "batch": 1, **prefill})
+        records[-1].update(rooflines(config, records[-1], run["prefill"]["readings"], args.new_tokens))
         for d in run["decode"]:
             diff = None if reference is None else first_difference(
                 d["tokens"], next(r["tokens"] for r in reference["decode"] if r["batch"] == d["batch"]))
-            records.append({**common, "part": "decode", **{k: v for k, v in d.items() if k != "tokens"},
+            records.append({**common, "part": "decode", **{k: v for k, v in d.items() if k not in ("tokens", "readings")},
                             "tokens_identical_to_eager": diff is None if reference else None,
                             "first_difference": diff})
+            records[-1].update(rooflines(config, records[-1], d["readings"], args.new_tokens))
     for r in records:  # ratios against each transformers implementation that ran
         for name in ("sdpa", "eager"):
             other = next((o for o in records if o["engine"] == f"transformers-{name}" and o["part"] == r["part"]
@@ -276,7 +319,8 @@ def write(args, runs: dict) -> int:
             what = f"prefill {r['prompt_len']}" if r["part"] == "prefill" else f"decode batch {r['batch']}"
             same = "" if r["part"] == "prefill" else (
                 "  tokens identical" if r["tokens_identical_to_eager"] else f"  TOKENS DIFFER at {r['first_difference']}")
-            print(f"{r['engine']:>20} {what:>15}: {r['tokens_per_s']:9.1f} tok/s  "
+            roofline = f"  (roofline {r['roofline_tokens_per_s']:.1f})" if "roofline_tokens_per_s" in r else ""
+            print(f"{r['engine']:>20} {what:>15}: {r['tokens_per_s']:9.1f} tok/s{roofline}  "
                   f"{r.get('speedup_vs_sdpa', float('nan')):5.2f}x sdpa  RSS {r['peak_rss_bytes'] / 1e9:.2f} GB{same}",
                   file=sys.stderr)
     differ = [r for r in records if r.get("tokens_identical_to_eager") is False]

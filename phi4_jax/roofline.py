@@ -78,17 +78,17 @@ def measure_matmul_peak(dtype=None, repeats: int = 5) -> dict:
 
 
 def median_reading(readings: list[dict]) -> dict:
-    """Several readings of one roofline (`measure_read_bandwidth` or `measure_matmul_peak` results,
-    taken at different times) as one of the same form: each method's median rate, and the fastest
-    of those. A machine whose speed drifts is best compared with readings taken beside the work."""
-    kind = "read" if "read_rates" in readings[0] else "matmul"
-    rates = {m: statistics.median(r[f"{kind}_rates"][m] for r in readings) for m in readings[0][f"{kind}_rates"]}
-    best = max(rates, key=rates.get)
-    if kind == "read":
-        return {**readings[0], "read_bytes_per_s": rates[best], "read_method": best, "read_rates": rates,
-                "read_readings": len(readings)}
-    return {**readings[0], "matmul_flop_per_s": rates[best], "matmul_size": int(best), "matmul_rates": rates,
-            "matmul_readings": len(readings)}
+    """Several readings of the rooflines (`measure_read_bandwidth` and/or `measure_matmul_peak`
+    results, taken at different times) as one of the same form: each method's median rate, and the
+    fastest of those. A machine whose speed drifts is best compared with readings taken beside the work."""
+    combined = dict(readings[0])
+    for kind, rate, method in (("read", "read_bytes_per_s", "read_method"), ("matmul", "matmul_flop_per_s", "matmul_size")):
+        if f"{kind}_rates" in combined:
+            rates = {m: statistics.median(r[f"{kind}_rates"][m] for r in readings) for m in combined[f"{kind}_rates"]}
+            best = max(rates, key=rates.get)
+            combined.update({rate: rates[best], method: best if kind == "read" else int(best),
+                             f"{kind}_rates": rates, f"{kind}_readings": len(readings)})
+    return combined
 
 
 def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_bytes: int,

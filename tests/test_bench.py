@@ -108,6 +108,8 @@ def test_roofline_readings_combine_as_each_method_s_median_and_the_fastest_of_th
     matmul = lambda a, b: {"matmul_rates": {"1024": a, "2048": b}, "matmul_dtype": "float32"}  # noqa: E731
     combined = median_reading([matmul(5.0, 7.0), matmul(6.0, 6.0)])
     assert (combined["matmul_flop_per_s"], combined["matmul_size"], combined["matmul_readings"]) == (6.5, 2048, 2)
+    both = median_reading([{**reading(10.0, 12.0), **matmul(5.0, 7.0)}, {**reading(11.0, 9.0), **matmul(6.0, 6.0)}])
+    assert (both["read_bytes_per_s"], both["matmul_flop_per_s"]) == (10.5, 6.5)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -153,6 +155,14 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     ours = next(r for r in decode if r["engine"] == "phi4_jax" and r["batch"] == 3)
     sdpa = next(r for r in decode if r["engine"] == "transformers-sdpa" and r["batch"] == 3)
     assert ours["speedup_vs_sdpa"] == pytest.approx(ours["tokens_per_s"] / sdpa["tokens_per_s"])
+    # One roofline reading per round, shared by every engine's record of that measurement.
+    prefill = next(r for r in records if r["part"] == "prefill")
+    assert prefill["roofline_tokens_per_s"] == pytest.approx(prefill["matmul_flop_per_s"] * 32 / prefill["flops"])
+    generate = bench_module("generate")
+    config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
+    step = decode_step_bytes(config, 3, 16 + 5, 4)  # 11 steps read 16 .. 26 cached tokens
+    assert ours["read_readings"] == 1 and ours["roofline_tokens_per_s"] == pytest.approx(3 * ours["read_bytes_per_s"] / step)
+    assert {r["read_bytes_per_s"] for r in decode if r["batch"] == 3} == {ours["read_bytes_per_s"]}
 
 
 def test_compare_finds_the_first_differing_token():
