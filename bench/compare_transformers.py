@@ -13,8 +13,9 @@ run falls on every engine alike, and the median of the rounds counts. After a wa
            in the same round, those of the first token alone -> (new tokens - 1) x batch / s.
 Every engine's greedy tokens must be identical to transformers-eager's (the reference); the run
 says where they first differ if not. Ratios are against transformers-sdpa (and eager).
-Each round also reads the machine's rooflines (in phi4_jax's process, when it runs): the read
-bandwidth and the float32 matmul peak. Every record then holds the tokens/s those allow
+Each round also reads the machine's rooflines, in a process of their own (its buffers stay out of
+the engines' memory): the read bandwidth and the float32 matmul peak. Every record then holds the
+tokens/s those allow
 (`roofline_tokens_per_s`: prefill at the matmul peak, decode reading every weight and the KV cache
 once per step at the read bandwidth), so a target beyond the machine shows as such in the same run.
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -38,8 +40,10 @@ import generate  # bench/generate.py: the shapes and prompts
 ENGINES = ("transformers-eager", "transformers-sdpa", "phi4_jax")
 RESULTS = os.path.join(generate.ROOT, "bench", "results", "compare_transformers.jsonl")
 SCHEMA = "phi4_jax.bench.compare_transformers/2"
+ROOFLINE = "roofline"  # the worker that reads the machine's rooflines
 # Between turns: lets the engine that just ran put its worker threads to sleep (OpenMP spins a while).
 PAUSE_S = 0.2
+ANSWER_TIMEOUT_S = 3600  # a worker silent for this long is taken for hung
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds per measurement, after a warm-up call (default 5; the median counts)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                    help="engines to run (default all three)")
+    p.add_argument("--read-buffer-mb", "--read_buffer_mb", type=int, default=None,
+                   help="size of the buffer read to measure bandwidth (default 1024 on a CPU, 4096 elsewhere; "
+                        "keep it far larger than the last-level cache)")
     p.add_argument("--output", default=RESULTS,
                    help="JSON-lines file the records are appended to (default bench/results/compare_transformers.jsonl)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's process
@@ -107,10 +114,20 @@ def phi4_jax_runner(folder: str):
 
 def serve(args) -> None:
     """One engine's process: loads the model, then runs each request (a JSON line on stdin: batch,
-    prompt_len, new_tokens) and answers with its seconds, tokens and the peak RSS so far."""
+    prompt_len, new_tokens) and answers with its seconds, tokens and the peak RSS so far. The
+    "roofline" process answers each request with a reading of the read bandwidth and matmul peak."""
     answer = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' own channel ...
     os.dup2(2, 1)  # ... so that anything else printed goes to stderr
     engine, folder = args.child.split(":", 1)
+    if engine == ROOFLINE:
+        from phi4_jax.roofline import MatmulPeak, ReadBandwidth
+
+        read = ReadBandwidth(args.read_buffer_mb and args.read_buffer_mb * 2**20)
+        matmul = MatmulPeak("float32")  # what the engines compute in
+        answer.write(json.dumps({"ready": True}) + "\n")
+        for _ in sys.stdin:
+            answer.write(json.dumps({**read.measure(repeats=2), **matmul.measure(repeats=2)}) + "\n")
+        return
     run = (phi4_jax_runner(folder) if engine == "phi4_jax"
            else transformers_runner(folder, engine.removeprefix("transformers-")))
     threads = None
@@ -122,12 +139,6 @@ def serve(args) -> None:
     answer.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
-        if request.get("roofline"):  # phi4_jax's process only: it has JAX
-            from phi4_jax.roofline import measure_matmul_peak, measure_read_bandwidth
-
-            answer.write(json.dumps({**measure_read_bandwidth(repeats=2),
-                                     **measure_matmul_peak("float32", repeats=2)}) + "\n")
-            continue
         prompts = generate.prompts_of(vocab, request["batch"], request["prompt_len"])
         start = time.perf_counter()
         tokens = run(prompts, request["new_tokens"])
@@ -149,14 +160,18 @@ class Worker:
         self._process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{engine}:{folder}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self._answer()  # loaded
+        try:
+            self._answer()  # loaded
+        except EngineFailed:
+            self.close()
+            raise
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> dict:
         return self._ask({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens})
 
     def roofline(self) -> dict:
-        """The machine's read bandwidth and matmul peak, measured now (phi4_jax's worker only)."""
-        return self._ask({"roofline": True})
+        """The machine's read bandwidth and matmul peak, measured now (the roofline process)."""
+        return self._ask({})
 
     def _ask(self, request: dict) -> dict:
         try:
@@ -167,6 +182,10 @@ class Worker:
         return self._answer()
 
     def _answer(self) -> dict:
+        # One request, one line: nothing waits in the pipe's buffer between answers.
+        ready, _, _ = select.select([self._process.stdout], [], [], ANSWER_TIMEOUT_S)
+        if not ready:
+            self._process.kill()
         line = self._process.stdout.readline()
         if not line:
             code = self._process.wait()
@@ -175,6 +194,8 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
+        if self._log.closed:
+            return
         if self._process.poll() is None:
             self._process.stdin.close()
             try:
@@ -184,29 +205,27 @@ class Worker:
         self._log.close()
 
 
-def in_turns(workers: list[Worker], rounds: int, measure, readings: list) -> dict[str, list]:
+def in_turns(workers: list[Worker], reader: Worker, rounds: int, measure, readings: list) -> dict[str, list]:
     """`measure(worker)` once per engine to warm up, then `rounds` times each, engine after engine
     (the order rotating each round); returns each engine's results in round order. Each round
-    starts with a roofline reading (appended to `readings`) when phi4_jax is among the engines."""
+    starts with a roofline reading by `reader`, appended to `readings`."""
     for w in workers:
         measure(w)
     results = {w.engine: [] for w in workers}
-    reader = next((w for w in workers if w.engine == "phi4_jax"), None)
     for r in range(rounds):
-        if reader:
-            readings.append(reader.roofline())
+        readings.append(reader.roofline())
         for w in workers[r % len(workers):] + workers[:r % len(workers)]:
             time.sleep(PAUSE_S)
             results[w.engine].append(measure(w))
     return results
 
 
-def measure_all(args, workers: list[Worker]) -> dict[str, dict]:
+def measure_all(args, workers: list[Worker], reader: Worker) -> dict[str, dict]:
     """Every engine's prefill and decode numbers (medians over the rounds), tokens and peak RSS."""
     runs = {w.engine: {"engine": w.engine, "decode": []} for w in workers}
     print(f"prefill {args.prefill_len} tokens ...", file=sys.stderr)
     readings = []
-    prefill = in_turns(workers, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"], readings)
+    prefill = in_turns(workers, reader, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"], readings)
     for engine, seconds in prefill.items():
         median = statistics.median(seconds)
         runs[engine]["prefill"] = {"prompt_len": args.prefill_len, "seconds": median,
@@ -221,7 +240,7 @@ def measure_all(args, workers: list[Worker]) -> dict[str, dict]:
             return first["seconds"], total["seconds"], total["tokens"]
 
         readings = []
-        for engine, results in in_turns(workers, args.repeats, decode, readings).items():
+        for engine, results in in_turns(workers, reader, args.repeats, decode, readings).items():
             rates = [batch * (args.new_tokens - 1) / (total - first) for first, total, _ in results]
             runs[engine]["decode"].append({
                 "batch": batch, "first_token_s": statistics.median(r[0] for r in results),
@@ -244,27 +263,44 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> list[int] | None
 
 def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.child:
         serve(args)
         return 0
-    if args.repeats < 1:
-        sys.exit("bench/compare_transformers.py: --repeats must be at least 1")
-    workers = []
+    check(parser, args)
+    workers, reader = [], None
     with tempfile.TemporaryDirectory(prefix="phi4-jax-compare-") as folder:
         print(f"saving a random {args.model} checkpoint ...", file=sys.stderr)
         save_checkpoint(generate.SHAPES[args.model], folder)
         try:  # all engines or nothing: no record is written unless every one ran
+            reader = Worker(ROOFLINE, folder, argv)
             for engine in args.engines:
                 print(f"loading {engine} ...", file=sys.stderr)
                 workers.append(Worker(engine, folder, argv))
-            runs = measure_all(args, workers)
+            runs = measure_all(args, workers, reader)
         except EngineFailed as e:
             sys.exit(f"bench/compare_transformers.py: {e}\nnothing was written")
         finally:
-            for w in workers:
-                w.close()
+            for w in [*workers, reader]:
+                if w:
+                    w.close()
     return write(args, runs)
+
+
+def check(parser, args) -> None:
+    """Refuses what cannot be measured, before anything runs."""
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode speed needs a step after the first token)")
+    if len(set(args.engines)) < len(args.engines):
+        parser.error("--engines names an engine twice")
+    context = generate.SHAPES[args.model]["max_position_embeddings"]
+    longest = max(args.prefill_len + 1, args.prompt_len + args.new_tokens)
+    if longest > context:
+        parser.error(f"{longest} tokens (prompt + generated) do not fit {args.model}'s context of {context}: "
+                     "shorten --prefill-len / --prompt-len / --new-tokens")
 
 
 def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> dict:

@@ -13,7 +13,8 @@ HF/Orbax --model folder) generates through the engine, greedy, with every token 
 The rooflines are read beside the work they judge, since a shared machine's speed drifts: before
 each timed run of a decode, the read bandwidth (a 1 GiB buffer on a CPU, three multi-threaded
 readers); before each timed run of a prefill, the matmul peak. A record holds the median of its
-readings, with how they were taken.
+readings, with how they were taken. The reading's buffer stays allocated through the measurement
+(--read-buffer-mb sizes it), and the record's memory peaks include it.
 
   python bench/generate.py                                   # the committed CPU run
   python bench/generate.py --model phi-4-mini --dtype bfloat16 --batch 1 64 --prefill-len 2048  # GPU
@@ -38,7 +39,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "generate.jsonl")
-SCHEMA = "phi4_jax.bench.generate/1"
+SCHEMA = "phi4_jax.bench.generate/2"  # 2: each record holds its own roofline readings
 
 # Shapes beyond the released presets. phi3-110m is the model the CPU targets are set on (float32,
 # 110M parameters, Phi-3.5-mini's vocabulary); tiny is for smoke runs.
@@ -155,24 +156,35 @@ def timings(run, repeats: int, before=None) -> list[float]:
 
 
 class Rooflines:
-    """Readings of the device's read bandwidth or matmul peak, taken beside one measurement."""
+    """Readings of the device's read bandwidth or matmul peak, taken beside one measurement; the
+    reader (and its buffer) lives until `close()`, so the timed runs between readings see no
+    allocation of it."""
 
     def __init__(self, read_bytes: int | None, dtype: str):
-        self.read_bytes, self.dtype, self.readings = read_bytes, dtype, []
+        self.read_bytes, self.dtype, self.readings, self._readers = read_bytes, dtype, [], {}
+
+    def _read(self, kind, make) -> None:
+        if kind not in self._readers:
+            self._readers[kind] = make()
+        self.readings.append(self._readers[kind].measure(repeats=2))
 
     def read_bandwidth(self) -> None:
-        from phi4_jax.roofline import measure_read_bandwidth
+        from phi4_jax.roofline import ReadBandwidth
 
-        self.readings.append(measure_read_bandwidth(self.read_bytes, repeats=2))
+        self._read("read", lambda: ReadBandwidth(self.read_bytes))
 
     def matmul_peak(self) -> None:
-        from phi4_jax.roofline import measure_matmul_peak
+        from phi4_jax.roofline import MatmulPeak
 
-        self.readings.append(measure_matmul_peak(self.dtype, repeats=2))
+        self._read("matmul", lambda: MatmulPeak(self.dtype))
 
-    def record(self) -> dict:
+    def close(self) -> dict:
+        """Frees the readers; returns the median of the readings (empty when none were taken)."""
         from phi4_jax.roofline import median_reading
 
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
         return median_reading(self.readings) if self.readings else {}
 
 
@@ -200,13 +212,14 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
     engine.start(prompts, params, stops).advance(steps)  # compiles prefill and decode
     first, device = [], []
     for _ in range(repeats):
-        peaks.read_bandwidth()
+        peaks.read_bandwidth()  # the reader's buffer stays allocated from here to the record's end
         start = time.perf_counter()
         gen = engine.start(prompts, params, stops)
         started = time.perf_counter()
         gen.advance(steps)  # one host call: the whole decode loop on device
         first.append(started - start)
         device.append(time.perf_counter() - started)
+        del gen  # its KV cache, before the next one is made
     gen = engine.start(prompts, params, stops)
     per_token = []
     for _ in range(steps):  # the host looks after every token, as a streaming server does
@@ -391,7 +404,9 @@ def main(argv=None) -> int:
     for what, run in measurements:
         print(f"{what} ...", file=sys.stderr)
         peaks = Rooflines(read_bytes, dtype)
-        record = {**base, **run(peaks), **peaks.record(), **peak_memory()}
+        measured = run(peaks)
+        memory = peak_memory()  # (with the rooflines' buffers, which are freed next)
+        record = {**base, **measured, **peaks.close(), **memory}
         record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, devices))
         print(f"  {describe(record)}", file=sys.stderr)
         with open(args.output, "a", encoding="utf-8") as f:

@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -347,12 +348,14 @@ def read_manifest(folder: str) -> dict:
         manifest = json.load(f)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        source = manifest.get("source") or {}
+        model = source.get("repo_id") or source.get("path") or "HF_FOLDER"
+        revision = f" --revision {shlex.quote(source['revision'])}" if source.get("repo_id") and source.get("revision") else ""
         raise CheckpointError(
             f"{folder} holds format version {version} of phi4_jax's Orbax checkpoints (written by "
             f"phi4_jax {manifest.get('tool_version', 'unknown')}); this phi4_jax reads version "
-            f"{FORMAT_VERSION}. Convert the Hugging Face folder again: "
-            f"python convert/hf_to_orbax.py --model {(manifest.get('source') or {}).get('path') or 'HF_FOLDER'} "
-            f"--output {folder} --overwrite")
+            f"{FORMAT_VERSION}. Convert the Hugging Face model again: python convert/hf_to_orbax.py "
+            f"--model {shlex.quote(model)}{revision} --output {shlex.quote(folder)} --overwrite")
     return manifest
 
 

@@ -9,6 +9,7 @@ dimensions in `axes`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -32,20 +33,36 @@ def default_dtype() -> jnp.dtype:
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-# At most this many rows, XLA:CPU multiplies by a weight faster as `weight @ x.T` (see `project`).
+# On XLA:CPU, products of 2 to this many rows put the weight first (see `project`).
 CPU_WEIGHT_FIRST_ROWS = 64
+_weight_first = True
+
+
+@contextlib.contextmanager
+def plain_projections():
+    """Within it, `project` traces the plain product on every backend: for compiling on CPU devices
+    the program a GPU or TPU would run (the memory planner). Only what is traced inside counts."""
+    global _weight_first
+    saved, _weight_first = _weight_first, False
+    try:
+        yield
+    finally:
+        _weight_first = saved
 
 
 def project(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """`x` `[rows, in]` times `weight` `[out, in]` transposed: `[rows, out]`.
+    """`x` `[..., in]` times `weight` `[out, in]` transposed: `[..., out]`.
 
-    With 2 to `CPU_WEIGHT_FIRST_ROWS` rows (decode at batch > 1), XLA:CPU's small-M GEMM runs about
-    twice as fast with the weight as the left operand (`[out, rows]`, then transposed); the barrier
-    stops XLA from folding the transpose back into the slow form. Elsewhere the plain product.
+    With 2 to `CPU_WEIGHT_FIRST_ROWS` rows in all (decode at batch > 1), XLA:CPU's small-M GEMM runs
+    about twice as fast with the weight as the left operand (`[out, rows]`, then transposed); the
+    barrier stops XLA from folding the transpose back into the slow form. Elsewhere the plain
+    product, with the leading axes kept (merging a `seq`-sharded axis would reshard it).
     """
-    if jax.default_backend() == "cpu" and 1 < x.shape[0] <= CPU_WEIGHT_FIRST_ROWS:
-        return jax.lax.optimization_barrier(jnp.einsum("nk,bk->nb", weight, x)).T
-    return jnp.einsum("bk,nk->bn", x, weight)
+    rows = math.prod(x.shape[:-1])
+    if _weight_first and jax.default_backend() == "cpu" and 1 < rows <= CPU_WEIGHT_FIRST_ROWS:
+        y = jax.lax.optimization_barrier(jnp.einsum("nk,bk->nb", weight, x.reshape(rows, -1))).T
+        return y.reshape(*x.shape[:-1], -1)
+    return jnp.einsum("...k,nk->...n", x, weight)
 
 
 class Linear(nnx.Module):
@@ -53,7 +70,9 @@ class Linear(nnx.Module):
     `axes`) contracts the input's last `len(in_shape)` axes."""
 
     def __init__(self, in_shape, out_shape, axes, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype):
-        init = stddev * jax.random.normal(rngs.params(), (*out_shape, *in_shape), jnp.float32)
+        # Drawn as (inputs, outputs) and moved: a seed gives the weights it gave in that layout.
+        init = stddev * jax.random.normal(rngs.params(), (*in_shape, *out_shape), jnp.float32)
+        init = jnp.moveaxis(init, tuple(range(len(in_shape))), tuple(range(-len(in_shape), 0)))
         self.weight = nnx.Param(init.astype(param_dtype), axes=axes)
         self.inputs = len(in_shape)
         self.dtype = dtype
@@ -62,9 +81,9 @@ class Linear(nnx.Module):
         weight = self.weight[...].astype(self.dtype)
         outputs = weight.shape[:weight.ndim - self.inputs]
         lead = x.shape[:x.ndim - self.inputs]
-        # One 2-D product over flattened axes (reshapes of row-major arrays are free): given an einsum
+        # One product over flattened head axes (reshapes of row-major arrays are free): given an einsum
         # over several head axes at batch 1, XLA:CPU copied the whole weight transposed every step.
-        y = project(x.reshape(math.prod(lead), -1), weight.reshape(math.prod(outputs), -1))
+        y = project(x.reshape(*lead, -1), weight.reshape(math.prod(outputs), -1))
         return y.reshape(*lead, *outputs)
 
 
@@ -81,8 +100,7 @@ class VocabTable(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """`[B, T, vocab]` scores of hidden states `[B, T, embed]` against the table."""
-        *lead, embed = h.shape
-        return project(h.reshape(-1, embed), self.weight[...].astype(self.dtype)).reshape(*lead, -1)
+        return project(h, self.weight[...].astype(self.dtype))
 
 
 class RMSNorm(nnx.Module):

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from phi4_jax import engine, sharding
 from phi4_jax.cache import KVCache
 from phi4_jax.config import Phi4Config
+from phi4_jax.model import plain_projections
 from phi4_jax.sampling import SamplingParams, sampler_state
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -62,6 +63,11 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, chunk: int,
              new_tokens: int):
+    with plain_projections():  # the accelerators' program, not XLA:CPU's small-batch products
+        return _compile_step(step, config, mesh, context, batch, dtype, chunk, new_tokens)
+
+
+def _compile_step(step, config, mesh, context, batch, dtype, chunk, new_tokens):
     graphdef, state = sharding.abstract_on_mesh(config, mesh, dtype)
     replicated = sharding.replicated(mesh)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)

@@ -30,51 +30,95 @@ def _best_seconds(run, repeats: int) -> float:
     return best
 
 
+class ReadBandwidth:
+    """Measures the bytes/s at which the default device reads a float32 buffer of `nbytes` (default
+    1 GiB on a CPU, far beyond its caches; 4 GiB on accelerators), as often as asked. Three readers,
+    each on every core: a jitted sum, a jitted matrix-vector product (what decode does), and, on a
+    CPU, NumPy sums of the same buffer on one thread per core. `read_bytes_per_s` is the fastest of
+    them: the strictest denominator.
+
+    The buffer is held until `close()`: freed and allocated again between a benchmark's timed runs,
+    it slowed the decode runs that followed it by about 8% on XLA:CPU.
+    """
+
+    def __init__(self, nbytes: int | None = None):
+        on_cpu = jax.default_backend() == "cpu"
+        nbytes = nbytes or (2**30 if on_cpu else 2**32)
+        # Long rows: XLA:CPU's matrix-vector product read 16384-wide rows faster than 4096-wide ones.
+        self._matrix = jnp.ones((nbytes // 4 // 16384, 16384), jnp.float32)
+        self._vector = jnp.ones((16384,), jnp.float32)
+        self._sum, self._gemv = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+        # On a CPU the device buffer is host memory: NumPy reads the same bytes.
+        self._parts = np.array_split(np.asarray(self._matrix).reshape(-1), os.cpu_count() or 1) if on_cpu else None
+
+    def measure(self, repeats: int = 5) -> dict:
+        size = self._matrix.nbytes
+        rates = {"jitted_sum": size / _best_seconds(lambda: self._sum(self._matrix).block_until_ready(), repeats),
+                 "jitted_matvec": size / _best_seconds(
+                     lambda: self._gemv(self._matrix, self._vector).block_until_ready(), repeats)}
+        if self._parts is not None:
+            def threaded_sum():  # NumPy releases the GIL inside the reduction
+                threads = [threading.Thread(target=np.sum, args=(p,)) for p in self._parts]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+            rates[f"numpy_sum_{len(self._parts)}_threads"] = size / _best_seconds(threaded_sum, repeats)
+        best = max(rates, key=rates.get)
+        return {"read_bytes_per_s": rates[best], "read_method": best, "read_buffer_bytes": size,
+                "read_rates": rates}
+
+    def close(self) -> None:
+        self._parts = None
+        self._matrix.delete()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MatmulPeak:
+    """Measures the FLOP/s of the fastest square matmul (float32 on a CPU, bfloat16 elsewhere,
+    unless `dtype`) as often as asked; holds its operands until `close()` (see `ReadBandwidth`)."""
+
+    def __init__(self, dtype=None):
+        on_cpu = jax.default_backend() == "cpu"
+        self.dtype = jnp.dtype(dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
+        self._operands = {n: jnp.ones((n, n), self.dtype) for n in ((1024, 2048, 4096) if on_cpu else (4096, 8192, 16384))}
+        self._matmul = jax.jit(jnp.matmul)
+
+    def measure(self, repeats: int = 5) -> dict:
+        rates = {str(n): 2 * n**3 / _best_seconds(lambda a=a: self._matmul(a, a).block_until_ready(), repeats)
+                 for n, a in self._operands.items()}
+        best = max(rates, key=rates.get)
+        return {"matmul_flop_per_s": rates[best], "matmul_dtype": self.dtype.name, "matmul_size": int(best),
+                "matmul_rates": rates}
+
+    def close(self) -> None:
+        for a in self._operands.values():
+            a.delete()
+        self._operands = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def measure_read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> dict:
-    """Bytes/s at which the default device reads a float32 buffer of `nbytes` (default 1 GiB on a
-    CPU, far beyond its caches; 4 GiB on accelerators). Three readers, each on every core: a
-    jitted sum, a jitted matrix-vector product (what decode does), and, on a CPU, NumPy sums on
-    one thread per core. `read_bytes_per_s` is the fastest of them: the strictest denominator."""
-    on_cpu = jax.default_backend() == "cpu"
-    nbytes = nbytes or (2**30 if on_cpu else 2**32)
-    rows = nbytes // 4 // 4096
-    matrix = jnp.ones((rows, 4096), jnp.float32)
-    vector = jnp.ones((4096,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    gemv = jax.jit(jnp.matmul)
-    size = matrix.nbytes
-    rates = {"jitted_sum": size / _best_seconds(lambda: total(matrix).block_until_ready(), repeats),
-             "jitted_matvec": size / _best_seconds(lambda: gemv(matrix, vector).block_until_ready(), repeats)}
-    matrix.delete()  # free it before the host copy
-    if on_cpu:
-        host = np.ones(rows * 4096, np.float32)
-        parts = np.array_split(host, os.cpu_count() or 1)
-
-        def threaded_sum():  # NumPy releases the GIL inside the reduction
-            threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-
-        rates[f"numpy_sum_{len(parts)}_threads"] = size / _best_seconds(threaded_sum, repeats)
-    best = max(rates, key=rates.get)
-    return {"read_bytes_per_s": rates[best], "read_method": best, "read_buffer_bytes": size,
-            "read_rates": rates}
+    """One `ReadBandwidth` reading, its buffer freed afterwards."""
+    with ReadBandwidth(nbytes) as reader:
+        return reader.measure(repeats)
 
 
 def measure_matmul_peak(dtype=None, repeats: int = 5) -> dict:
-    """FLOP/s of the fastest square matmul (float32 on a CPU, bfloat16 elsewhere, unless `dtype`)."""
-    on_cpu = jax.default_backend() == "cpu"
-    dtype = jnp.dtype(dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
-    matmul = jax.jit(jnp.matmul)
-    rates = {}
-    for n in ((1024, 2048, 4096) if on_cpu else (4096, 8192, 16384)):
-        a = jnp.ones((n, n), dtype)
-        rates[str(n)] = 2 * n**3 / _best_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
-    best = max(rates, key=rates.get)
-    return {"matmul_flop_per_s": rates[best], "matmul_dtype": dtype.name, "matmul_size": int(best),
-            "matmul_rates": rates}
+    """One `MatmulPeak` reading, its operands freed afterwards."""
+    with MatmulPeak(dtype) as reader:
+        return reader.measure(repeats)
 
 
 def median_reading(readings: list[dict]) -> dict:
