@@ -16,8 +16,9 @@ says where they first differ if not. Ratios are against transformers-sdpa (and e
 Each round also reads the machine's rooflines, in a process of their own (its buffers stay out of
 the engines' memory): the read bandwidth and the float32 matmul peak. Every record then holds the
 tokens/s those allow
-(`roofline_tokens_per_s`: prefill at the matmul peak, decode reading every weight and the KV cache
-once per step at the read bandwidth), so a target beyond the machine shows as such in the same run.
+(`roofline_tokens_per_s`: prefill at the matmul peak; decode at the slower of reading every weight
+and the KV cache once per step at the read bandwidth and doing its matmuls at the peak), so a
+target beyond the machine shows as such in the same run.
 
   python bench/compare_transformers.py             # the committed run (2-core CPU)
 """
@@ -305,8 +306,9 @@ def check(parser, args) -> None:
 
 def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> dict:
     """The median readings of a measurement's rounds, and the tokens/s they allow it: a prefill
-    at the matmul peak; a decode step reading its weights and mean KV cache at the read bandwidth."""
-    from phi4_jax.roofline import decode_step_bytes, median_reading, prefill_flops
+    at the matmul peak; a decode step at the slower of reading its weights and mean KV cache at the
+    read bandwidth and doing its matmuls at the matmul peak."""
+    from phi4_jax.roofline import decode_step_bytes, decode_step_flops, median_reading, prefill_flops
 
     if not readings:
         return {}
@@ -315,9 +317,11 @@ def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> di
         flops = prefill_flops(config, 1, record["prompt_len"])
         return {**peaks, "flops": flops,
                 "roofline_tokens_per_s": peaks["matmul_flop_per_s"] * record["prompt_len"] / flops}
-    step = decode_step_bytes(config, record["batch"], record["prompt_len"] + (new_tokens - 2) / 2, 4)
-    return {**peaks, "step_bytes": step,
-            "roofline_tokens_per_s": record["batch"] * peaks["read_bytes_per_s"] / step}
+    batch, context = record["batch"], record["prompt_len"] + (new_tokens - 2) / 2  # mean cached tokens
+    step, flops = decode_step_bytes(config, batch, context, 4), decode_step_flops(config, batch, context)
+    bound = {"bandwidth_bound_tokens_per_s": batch * peaks["read_bytes_per_s"] / step,
+             "flop_bound_tokens_per_s": batch * peaks["matmul_flop_per_s"] / flops}
+    return {**peaks, "step_bytes": step, "step_flops": flops, **bound, "roofline_tokens_per_s": min(bound.values())}
 
 
 def write(args, runs: dict) -> int:

@@ -161,3 +161,14 @@ def prefill_flops(config: Phi4Config, batch: int, length: int) -> float:
     attention = 2 * 2 * n * d * pairs  # scores and the weighted sum of values
     per_row = config.num_hidden_layers * (projections * length + attention) + 2 * e * config.vocab_size
     return batch * per_row
+
+
+def decode_step_flops(config: Phi4Config, batch: int, context: float) -> float:
+    """Matmul FLOPs of one decode step of `batch` rows, each with `context` cached tokens (no more
+    than its sliding window) plus the new one: the projections, the scores and weighted values,
+    and the logits."""
+    e, n, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    keys = context + 1 if config.window is None else min(context + 1, config.window)
+    projections = 2 * (config.layer_parameters - 2 * e)
+    per_row = config.num_hidden_layers * (projections + 2 * 2 * n * d * keys) + 2 * e * config.vocab_size
+    return batch * per_row

@@ -12,7 +12,7 @@ from flax import nnx
 
 from phi4_jax import Phi4Config, Phi4ForCausalLM
 from phi4_jax.attention import causal_mask
-from phi4_jax.roofline import decode_step_bytes, prefill_flops
+from phi4_jax.roofline import decode_step_bytes, decode_step_flops, prefill_flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -64,6 +64,18 @@ def test_prefill_flops_count_the_projections_and_the_scores_the_mask_keeps(windo
     heads, head_dim = 4, 16
     expected = batch * (2 * projections * length + 2 * (2 * 2 * heads * head_dim * kept) + 2 * 64 * 96)
     assert prefill_flops(config, batch, length) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_step_flops_count_the_projections_the_visible_keys_and_the_logits(window):
+    config = Phi4Config.from_dict(dict(SHAPE, sliding_window=window))
+    params = params_of(config)
+    projections = sum(v[...].size for k, v in params.items() if "_proj/" in k)
+    batch, context = 3, 9
+    keys = context + 1 if window is None else window  # the new token and what it sees
+    heads, head_dim = 4, 16
+    expected = batch * (2 * projections + 2 * 2 * 2 * heads * head_dim * keys + 2 * 64 * 96)
+    assert decode_step_flops(config, batch, context) == pytest.approx(expected)
 
 
 def test_generate_bench_records_agree_with_their_numbers(tmp_path):
@@ -161,7 +173,11 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     generate = bench_module("generate")
     config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
     step = decode_step_bytes(config, 3, 16 + 5, 4)  # 11 steps read 16 .. 26 cached tokens
-    assert ours["read_readings"] == 1 and ours["roofline_tokens_per_s"] == pytest.approx(3 * ours["read_bytes_per_s"] / step)
+    assert ours["read_readings"] == 1
+    assert ours["bandwidth_bound_tokens_per_s"] == pytest.approx(3 * ours["read_bytes_per_s"] / step)
+    assert ours["flop_bound_tokens_per_s"] == pytest.approx(
+        3 * ours["matmul_flop_per_s"] / decode_step_flops(config, 3, 16 + 5))
+    assert ours["roofline_tokens_per_s"] == min(ours["bandwidth_bound_tokens_per_s"], ours["flop_bound_tokens_per_s"])
     assert {r["read_bytes_per_s"] for r in decode if r["batch"] == 3} == {ours["read_bytes_per_s"]}
 
 
