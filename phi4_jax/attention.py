@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from phi4_jax import cpu_forms
 from phi4_jax.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -98,7 +99,8 @@ def _xla_block(q, k, v, mask):
     total = p.sum(-1, keepdims=True)
     # Straight to [B, T, KV, G, D]: an output in the scores' order makes XLA copy V transposed. In
     # v's dtype (a bf16 x bf16 -> f32 dot of this shape fails on XLA:CPU), then float32.
-    if q_len == 1:  # decode: with a unit T axis in the output, XLA:CPU copied V transposed first
+    # Decode on XLA:CPU: with a unit T axis in the output, it copied V transposed first.
+    if q_len == 1 and cpu_forms.enabled():
         out = jnp.einsum("bkgs,bksd->bkgd", p[:, :, :, 0].astype(v.dtype), v)[:, None].astype(jnp.float32)
     else:
         out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v).astype(jnp.float32)

@@ -9,7 +9,6 @@ dimensions in `axes`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -19,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from phi4_jax import cpu_forms
 from phi4_jax.attention import attend, causal_mask
 from phi4_jax.attention import check as check_attention
 from phi4_jax.cache import KVCache
@@ -35,19 +35,6 @@ def default_dtype() -> jnp.dtype:
 
 # On XLA:CPU, products of 2 to this many rows put the weight first (see `project`).
 CPU_WEIGHT_FIRST_ROWS = 64
-_weight_first = True
-
-
-@contextlib.contextmanager
-def plain_projections():
-    """Within it, `project` traces the plain product on every backend: for compiling on CPU devices
-    the program a GPU or TPU would run (the memory planner). Only what is traced inside counts."""
-    global _weight_first
-    saved, _weight_first = _weight_first, False
-    try:
-        yield
-    finally:
-        _weight_first = saved
 
 
 def project(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -59,7 +46,7 @@ def project(x: jax.Array, weight: jax.Array) -> jax.Array:
     product, with the leading axes kept (merging a `seq`-sharded axis would reshard it).
     """
     rows = math.prod(x.shape[:-1])
-    if _weight_first and jax.default_backend() == "cpu" and 1 < rows <= CPU_WEIGHT_FIRST_ROWS:
+    if cpu_forms.enabled() and 1 < rows <= CPU_WEIGHT_FIRST_ROWS:
         y = jax.lax.optimization_barrier(jnp.einsum("nk,bk->nb", weight, x.reshape(rows, -1))).T
         return y.reshape(*x.shape[:-1], -1)
     return jnp.einsum("...k,nk->...n", x, weight)

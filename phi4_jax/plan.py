@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from phi4_jax import engine, sharding
+from phi4_jax import cpu_forms, engine, sharding
 from phi4_jax.cache import KVCache
 from phi4_jax.config import Phi4Config
-from phi4_jax.model import plain_projections
 from phi4_jax.sampling import SamplingParams, sampler_state
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -63,7 +62,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, chunk: int,
              new_tokens: int):
-    with plain_projections():  # the accelerators' program, not XLA:CPU's small-batch products
+    with cpu_forms.accelerator_forms():  # the accelerators' program, not XLA:CPU's own forms
         return _compile_step(step, config, mesh, context, batch, dtype, chunk, new_tokens)
 
 

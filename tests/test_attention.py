@@ -45,6 +45,26 @@ def test_block_gives_the_softmax_output_and_log_sum_exp(block):
     assert np.all(np.asarray(out)[0, 2] == 0) and np.all(np.isneginf(np.asarray(lse)[0, 2]))
 
 
+@pytest.mark.parametrize("query", [0, 2, 4])
+def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query):
+    """A decode step's single query: XLA:CPU's own form of the value product, and the plain one
+    (what the planner compiles for GPU/TPU), both match the float64 reference."""
+    from phi4_jax import cpu_forms
+
+    q, k, v, mask = block
+    one = (q[:, query:query + 1], k, v, mask[:, query:query + 1])
+    want_out, want_lse = reference(*one)
+    got = [jax.jit(lambda *a: attention.attend_block(*a))(*one)]
+    with cpu_forms.accelerator_forms():
+        assert not cpu_forms.enabled()
+        got.append(jax.jit(lambda *a: attention.attend_block(*a))(*one))
+    assert cpu_forms.enabled() == (jax.default_backend() == "cpu")
+    for out, lse in got:
+        assert out.shape == (B, 1, H, D) and lse.shape == (B, 1, H)
+        np.testing.assert_allclose(np.asarray(out), want_out, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("cut", [1, 6, 11])
 def test_merging_two_key_blocks_equals_attending_both(block, cut):
     """Blocks [0, cut) and [cut, S): some queries see nothing in one of them, one query in neither."""

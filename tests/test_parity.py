@@ -155,7 +155,8 @@ def test_projections_put_the_weight_first_for_a_few_rows_on_cpu(rows):
     product, then transposed), else as the plain [rows, out] product."""
     import re
 
-    from phi4_jax.model import CPU_WEIGHT_FIRST_ROWS, plain_projections, project
+    from phi4_jax import cpu_forms
+    from phi4_jax.model import CPU_WEIGHT_FIRST_ROWS, project
 
     rng = np.random.default_rng(rows)
     x, w = rng.standard_normal((rows, 48), np.float32), rng.standard_normal((80, 48), np.float32)
@@ -166,6 +167,6 @@ def test_projections_put_the_weight_first_for_a_few_rows_on_cpu(rows):
     assert got.shape == (rows, 80) and got.dtype == np.float32
     weight_first = re.search(rf"= f32\[80,{rows}\]\{{1,0\}} (?:dot|fusion)\(", hlo) is not None
     assert weight_first == (jax.default_backend() == "cpu" and 1 < rows <= CPU_WEIGHT_FIRST_ROWS), hlo
-    with plain_projections():  # what the planner compiles for accelerators: the plain product everywhere
+    with cpu_forms.accelerator_forms():  # what the planner compiles for accelerators: the plain product
         plain = jax.jit(lambda x, w: project(x, w)).lower(x, w).compile().as_text()
     assert re.search(rf"= f32\[80,{rows}\]\{{1,0\}} (?:dot|fusion)\(", plain) is None, plain
