@@ -191,7 +191,8 @@ class Worker:
         if not line:
             code = self._process.wait()
             self._log.seek(0)
-            raise EngineFailed(f"{self.engine} failed (exit status {code}):\n{self._log.read()}")
+            why = f"gave no answer in {ANSWER_TIMEOUT_S} s and was killed" if not ready else f"failed (exit status {code})"
+            raise EngineFailed(f"{self.engine} {why}:\n{self._log.read()}")
         return json.loads(line)
 
     def close(self) -> None:
