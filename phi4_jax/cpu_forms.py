@@ -1,5 +1,5 @@
 """Whether to trace the forms XLA:CPU runs much faster than the plain ones: a few products written
-another way for that compiler alone (`model.project`, `attention`'s decode value product).
+another way for that compiler alone (`model.project`, `attention`'s products for one query).
 
 On by default on a CPU backend; `accelerator_forms()` turns them off for what is traced inside it,
 so the memory planner, which compiles on CPU devices, compiles the program a GPU or TPU would run.

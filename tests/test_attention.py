@@ -47,7 +47,7 @@ def test_block_gives_the_softmax_output_and_log_sum_exp(block):
 
 @pytest.mark.parametrize("query", [0, 2, 4])
 def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query):
-    """A decode step's single query: XLA:CPU's own form of the value product, and the plain one
+    """A decode step's single query: XLA:CPU's own forms of the products, and the plain ones
     (what the planner compiles for GPU/TPU), both match the float64 reference."""
     from phi4_jax import cpu_forms
 
