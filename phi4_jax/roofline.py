@@ -73,12 +73,6 @@ class ReadBandwidth:
         self._parts = None
         self._matrix.delete()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 class MatmulPeak:
     """Measures the FLOP/s of the fastest square matmul (float32 on a CPU, bfloat16 elsewhere,
@@ -102,27 +96,9 @@ class MatmulPeak:
             a.delete()
         self._operands = {}
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def measure_read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> dict:
-    """One `ReadBandwidth` reading, its buffer freed afterwards."""
-    with ReadBandwidth(nbytes) as reader:
-        return reader.measure(repeats)
-
-
-def measure_matmul_peak(dtype=None, repeats: int = 5) -> dict:
-    """One `MatmulPeak` reading, its operands freed afterwards."""
-    with MatmulPeak(dtype) as reader:
-        return reader.measure(repeats)
-
 
 def median_reading(readings: list[dict]) -> dict:
-    """Several readings of the rooflines (`measure_read_bandwidth` and/or `measure_matmul_peak`
+    """Several readings of the rooflines (`ReadBandwidth.measure` and/or `MatmulPeak.measure`
     results, taken at different times) as one of the same form: each method's median rate, and the
     fastest of those. A machine whose speed drifts is best compared with readings taken beside the work."""
     combined = dict(readings[0])
