@@ -1,10 +1,10 @@
 """phi4_jax against transformers on the same model, the same prompts and the same greedy tokens.
 
-One random-weight checkpoint (transformers' `Phi3ForCausalLM`, float32, `phi3-110m` by default) is
-saved once as safetensors; each engine loads it in its own process (its own peak RSS, and no
-imports of the other framework):
+One checkpoint, float32: a preset with transformers' own seeded random weights (`phi3-110m` by
+default), saved once as safetensors, or a real HF folder (--model); each engine loads it in its
+own process (its own peak RSS, and no imports of the other framework):
   transformers-eager, transformers-sdpa   PyTorch on the CPU, `model.generate`, greedy
-  phi4_jax                                the engine, greedy
+  phi4_jax                                the engine, greedy (sharded over --mesh when given)
 The engines then take turns: each measurement is taken once by every engine in a round, for
 --repeats rounds (the order rotating), while the others wait idle; so the machine's drift over the
 run falls on every engine alike, and the median of the rounds counts. After a warm-up call per shape:
@@ -21,6 +21,7 @@ and the KV cache once per step at the read bandwidth and doing its matmuls at th
 target beyond the machine shows as such in the same run.
 
   python bench/compare_transformers.py             # the committed run (2-core CPU)
+  python bench/compare_transformers.py --model ~/models/Phi-4-mini-instruct --batch 1 --prefill-len 256
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ ANSWER_TIMEOUT_S = 3600  # a worker silent for this long is taken for hung
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/compare_transformers.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="phi3-110m", choices=sorted(generate.SHAPES),
-                   help="the model's shape (default phi3-110m)")
+    p.add_argument("--model", default="phi3-110m",
+                   help="a preset of phi4_jax.config.PRESETS, run with transformers' own seeded random weights "
+                        "(default phi3-110m), or an HF folder (config.json and safetensors: its real weights)")
+    p.add_argument("--mesh", default=None,
+                   help="run phi4_jax sharded over this mesh, e.g. tensor=2 (on a CPU: that many fake devices; "
+                        "transformers runs on one device)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes (default 1 16)")
     p.add_argument("--prompt-len", "--prompt_len", type=int, default=16, help="decode prompt tokens (default 16)")
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row (default 128)")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save_checkpoint(shape: dict, folder: str) -> None:
-    """transformers' own random initialisation (seeded), saved as safetensors with its config."""
+    """transformers' own random initialisation (seeded) of a preset, saved as safetensors with its config."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -97,14 +102,19 @@ def transformers_runner(folder: str, implementation: str):
     return run
 
 
-def phi4_jax_runner(folder: str):
+def phi4_jax_runner(folder: str, mesh: str | None):
+    import math
+
+    import jax
     import numpy as np
 
-    from phi4_jax import load
-    from phi4_jax.engine import Engine
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax.parallel.mesh import parse_mesh
 
-    engine = Engine(load(folder, dtype="float32")[0])  # as transformers runs it, on any backend
+    if mesh and jax.default_backend() == "cpu":  # (before any device is used) that many fake devices
+        jax.config.update("jax_num_cpu_devices", math.prod(parse_mesh(mesh).values()))
+    from phi4_jax import Engine, SamplingParams, load
+
+    engine = Engine(load(folder, dtype="float32", mesh=mesh)[0])  # as transformers runs it, on any backend
 
     def run(prompts, n):
         gen = engine.start(prompts, SamplingParams(max_tokens=n, ignore_eos=True), [[]] * len(prompts))
@@ -121,7 +131,7 @@ def serve(args) -> None:
     os.dup2(2, 1)  # ... so that anything else printed goes to stderr
     engine, folder = args.child.split(":", 1)
     if engine == ROOFLINE:
-        from phi4_jax.roofline import MatmulPeak, ReadBandwidth
+        from roofline import MatmulPeak, ReadBandwidth
 
         read = ReadBandwidth(args.read_buffer_mb and args.read_buffer_mb * 2**20)
         matmul = MatmulPeak("float32")  # what the engines compute in
@@ -129,14 +139,14 @@ def serve(args) -> None:
         for _ in sys.stdin:
             answer.write(json.dumps({**read.measure(repeats=2), **matmul.measure(repeats=2)}) + "\n")
         return
-    run = (phi4_jax_runner(folder) if engine == "phi4_jax"
+    run = (phi4_jax_runner(folder, args.mesh) if engine == "phi4_jax"
            else transformers_runner(folder, engine.removeprefix("transformers-")))
     threads = None
     if engine != "phi4_jax":
         import torch
 
         threads = torch.get_num_threads()
-    vocab = generate.SHAPES[args.model]["vocab_size"]
+    vocab = generate.model_config(argparse.Namespace(model=args.model, layers=None)).vocab_size
     answer.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
@@ -272,9 +282,13 @@ def main(argv=None) -> int:
         return 0
     check(parser, args)
     workers, reader = [], None
-    with tempfile.TemporaryDirectory(prefix="phi4-jax-compare-") as folder:
-        print(f"saving a random {args.model} checkpoint ...", file=sys.stderr)
-        save_checkpoint(generate.SHAPES[args.model], folder)
+    with tempfile.TemporaryDirectory(prefix="phi4-jax-compare-") as scratch:
+        folder = args.model if generate.has_weights(args.model) else scratch
+        if folder == scratch:
+            from phi4_jax.config import PRESETS
+
+            print(f"saving a random {args.model} checkpoint ...", file=sys.stderr)
+            save_checkpoint(PRESETS[args.model], folder)
         try:  # all engines or nothing: no record is written unless every one ran
             reader = Worker(ROOFLINE, folder, argv)
             for engine in args.engines:
@@ -298,7 +312,17 @@ def check(parser, args) -> None:
         parser.error("--new-tokens must be at least 2 (decode speed needs a step after the first token)")
     if len(set(args.engines)) < len(args.engines):
         parser.error("--engines names an engine twice")
-    context = generate.SHAPES[args.model]["max_position_embeddings"]
+    from phi4_jax import Phi4Config
+    from phi4_jax.config import PRESETS
+
+    if args.model not in PRESETS and not generate.has_weights(args.model):
+        parser.error(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor an HF folder "
+                     "with safetensors weights")
+    if args.mesh:
+        from phi4_jax.parallel.mesh import parse_mesh
+
+        parse_mesh(args.mesh)  # a malformed spec is refused here, not in a worker
+    context = Phi4Config.from_name(args.model).max_position_embeddings
     longest = max(args.prefill_len + 1, args.prompt_len + args.new_tokens)
     if longest > context:
         parser.error(f"{longest} tokens (prompt + generated) do not fit {args.model}'s context of {context}: "
@@ -309,7 +333,7 @@ def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> di
     """The median readings of a measurement's rounds, and the tokens/s they allow it: a prefill
     at the matmul peak; a decode step at the slower of reading its weights and mean KV cache at the
     read bandwidth and doing its matmuls at the matmul peak."""
-    from phi4_jax.roofline import decode_step_bytes, decode_step_flops, median_reading, prefill_flops
+    from roofline import decode_step_bytes, decode_step_flops, median_reading, prefill_flops
 
     if not readings:
         return {}
@@ -326,10 +350,11 @@ def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> di
 
 
 def write(args, runs: dict) -> int:
-    from phi4_jax.runinfo import describe_run
+    from runinfo import describe_run
 
     config = generate.model_config(argparse.Namespace(model=args.model, layers=None))
-    base = {"schema": SCHEMA, **describe_run(), "model": args.model, "parameters": config.num_parameters,
+    base = {"schema": SCHEMA, **describe_run(), "model": args.model, "mesh": args.mesh or "",
+            "parameters": config.num_parameters,
             "dtype": "float32", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "rounds": args.repeats, "engines": list(runs)}
     reference = runs.get("transformers-eager")

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from phi4_jax.config import PRESETS
-from phi4_jax.runinfo import describe_run, write_record
+from runinfo import describe_run, write_record
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.json")
 
@@ -46,17 +46,23 @@ def compile_once(args) -> dict:
 
     import jax
     import jax.numpy as jnp
-    from phi4_jax import sharding
+    from phi4_jax import compilation_cache
+    from phi4_jax.parallel import mesh as meshes
 
+    compilation_cache.enable()  # in the folder the parent gave this child
     if args.mesh:  # compile for the mesh on as many fake CPU devices, whatever this machine has
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
+        jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(args.mesh).values()))
     from phi4_jax import Phi4Config, forward
+    from phi4_jax.engine.plan import abstract_on_mesh
+    from phi4_jax.model.backend import Backend
+    from phi4_jax.parallel.heads import config_for_mesh
 
     config = Phi4Config.from_preset(args.preset).replace(num_hidden_layers=args.layers[0])
-    mesh = sharding.make_mesh(args.mesh) if args.mesh else sharding.make_mesh("", jax.devices()[:1])
-    graphdef, state = sharding.abstract_on_mesh(config, mesh, jnp.dtype(args.dtype))
-    ids = jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32, sharding=sharding.replicated(mesh))
+    mesh = meshes.make_mesh(args.mesh or "")
+    graphdef, state = abstract_on_mesh(config_for_mesh(config, mesh), mesh, jnp.dtype(args.dtype),
+                                       Backend.of(mesh.devices.flat))
+    ids = jax.ShapeDtypeStruct((args.batch, args.seq_len), jnp.int32, sharding=meshes.replicated(mesh))
     start = time.perf_counter()
     lowered = forward.lower(graphdef, state, ids)
     lowered_at = time.perf_counter()

@@ -30,10 +30,10 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from phi4_jax.checkpoint import SIDE_FILES
+from phi4_jax.checkpoints.convert import SIDE_FILES
 from phi4_jax.config import Phi4Config
-from phi4_jax.runinfo import describe_run, write_record
-from phi4_jax.weights import INDEX_FILE, hf_tensors
+from runinfo import describe_run, write_record
+from phi4_jax.checkpoints.hf import INDEX_FILE, hf_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "convert.json")
@@ -123,9 +123,9 @@ def load_onto_mesh(folder: str, spec: str) -> None:
 
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.parallel import mesh as meshes
 
-    jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(spec).values()))
+    jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(spec).values()))
     from flax import nnx
 
     import phi4_jax

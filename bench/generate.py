@@ -41,28 +41,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "generate.jsonl")
 SCHEMA = "phi4_jax.bench.generate/2"  # 2: each record holds its own roofline readings
 
-# Shapes beyond the released presets. phi3-110m is the model the CPU targets are set on (float32,
-# 110M parameters, Phi-3.5-mini's vocabulary); tiny is for smoke runs.
-SHAPES = {
-    "phi3-110m": dict(model_type="phi3", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
-                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
-                      max_position_embeddings=4096, original_max_position_embeddings=4096),
-    "tiny": dict(model_type="phi3", vocab_size=512, hidden_size=128, intermediate_size=256,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=2048, original_max_position_embeddings=2048,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from phi4_jax.cli import token_count as tokens
+    from phi4_jax.cli_shared import token_count as tokens
 
     p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi3-110m",
-                   help=f"{', '.join(SHAPES)} (default phi3-110m), a preset (phi-4, phi-4-mini, "
-                        "phi-3.5-mini) with random weights, "
-                        "or an HF / Orbax folder (its real weights, when it has them)")
+                   help="a preset of phi4_jax.config.PRESETS with random weights (default phi3-110m, the model "
+                        "the CPU numbers are set on; also tiny, phi-4, phi-4-mini, phi-3.5-mini), or an HF / "
+                        "Orbax folder (its real weights, when it has them)")
     p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers (default: all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
@@ -95,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config(args):
     from phi4_jax import Phi4Config
 
-    config = (Phi4Config.from_dict(SHAPES[args.model], source=f"shape {args.model}") if args.model in SHAPES
-              else Phi4Config.from_name(args.model))
+    config = Phi4Config.from_name(args.model)
     return config.replace(num_hidden_layers=args.layers) if args.layers else config
 
 
@@ -110,13 +96,15 @@ def build_model(args, config, mesh, dtype):
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi4_jax import Phi4ForCausalLM, load, sharding
+    from phi4_jax import Phi4ForCausalLM, load
+    from phi4_jax.parallel import heads
+    from phi4_jax.parallel import mesh as meshes
 
     if has_weights(args.model) and not args.layers:
         return load(args.model, dtype=dtype, mesh=mesh, attention=args.attention)[0]
     if mesh is None:
         return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention)
-    return sharding.place(Phi4ForCausalLM(sharding.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
+    return meshes.place(Phi4ForCausalLM(heads.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
                                           param_dtype=jnp.dtype(dtype), attention=args.attention), mesh)
 
 
@@ -169,18 +157,18 @@ class Rooflines:
         self.readings.append(self._readers[kind].measure(repeats=2))
 
     def read_bandwidth(self) -> None:
-        from phi4_jax.roofline import ReadBandwidth
+        from roofline import ReadBandwidth
 
         self._read("read", lambda: ReadBandwidth(self.read_bytes))
 
     def matmul_peak(self) -> None:
-        from phi4_jax.roofline import MatmulPeak
+        from roofline import MatmulPeak
 
         self._read("matmul", lambda: MatmulPeak(self.dtype))
 
     def close(self) -> dict:
         """Frees the readers; returns the median of the readings (empty when none were taken)."""
-        from phi4_jax.roofline import median_reading
+        from roofline import median_reading
 
         for reader in self._readers.values():
             reader.close()
@@ -189,8 +177,8 @@ class Rooflines:
 
 
 def measure_prefill(engine, config, length: int, repeats: int, peaks: Rooflines) -> dict:
-    from phi4_jax.roofline import prefill_flops
-    from phi4_jax.sampling import SamplingParams
+    from roofline import prefill_flops
+    from phi4_jax import SamplingParams
 
     prompts, params = prompts_of(config.vocab_size, 1, length), SamplingParams(max_tokens=1, ignore_eos=True)
     # engine.start returns with the first token
@@ -204,7 +192,7 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
                    profile: str | None, peaks: Rooflines) -> dict:
     import jax
 
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax import SamplingParams
 
     prompts = prompts_of(config.vocab_size, batch, prompt_len)
     params, stops = SamplingParams(max_tokens=new_tokens, ignore_eos=True), [[]] * batch
@@ -250,10 +238,12 @@ def first_token_seconds(args) -> dict:
     split into JAX's phases, then of a second request of the same shape (no compiling)."""
     from jax import monitoring
 
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax import SamplingParams
 
     config, mesh, dtype = setup(args)
-    from phi4_jax.engine import Engine
+    from phi4_jax import Engine, compilation_cache
+
+    compilation_cache.enable()  # in the folder the parent gave this child
 
     engine = Engine(build_model(args, config, mesh, dtype))
     prompts, params = prompts_of(config.vocab_size, 1, args.prompt_len[0]), SamplingParams(max_tokens=1, ignore_eos=True)
@@ -297,32 +287,32 @@ def setup(args):
     """Devices for the mesh, then (config, mesh or None, dtype name)."""
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.parallel import mesh as meshes
 
     if args.mesh:  # a CPU host splits into as many devices as the mesh has (GPU/TPU hosts: ignored)
-        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
-    import jax.numpy as jnp
+        jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(args.mesh).values()))
+    from phi4_jax.model.phi4 import default_dtype
 
-    from phi4_jax.model import default_dtype
-
-    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    return model_config(args), mesh, args.dtype or jnp.dtype(default_dtype()).name
+    mesh = meshes.make_mesh(args.mesh) if args.mesh else None
+    return model_config(args), mesh, args.dtype or default_dtype().name
 
 
 def metadata(args, config, dtype) -> dict:
-    from phi4_jax.attention import resolve
-    from phi4_jax.runinfo import describe_run
+    from phi4_jax.model.attention import resolve
+    from runinfo import describe_run
+
+    import jax
 
     return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
-            "attention": resolve(args.attention, dtype), "mesh": args.mesh or "",
+            "attention": resolve(args.attention, dtype, jax.default_backend()), "mesh": args.mesh or "",
             "weights": "loaded" if has_weights(args.model) else "random",
             "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", "")}
 
 
 def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
     """MFU / MBU against the measured peak of one device times the `devices` that do the work."""
-    from phi4_jax.roofline import decode_step_bytes
+    from roofline import decode_step_bytes
 
     if record["part"] == "prefill":
         achieved = record["flops"] / record["seconds"]
@@ -376,7 +366,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from phi4_jax.engine import Engine
+    from phi4_jax import Engine
 
     model = build_model(args, config, mesh, dtype)
     config = model.config

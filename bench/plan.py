@@ -18,7 +18,7 @@ import math
 import os
 import sys
 
-from phi4_jax.cli import token_count
+from phi4_jax.cli_shared import token_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "plan.json")
@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="parameter, KV-cache and compute dtype")
-    p.add_argument("--prefill-chunk", "--prefill_chunk", type=int, default=None,
+    p.add_argument("--target", default="gpu", choices=["gpu", "tpu"],
+                   help="the platform whose programs are planned: its forms of the products are traced "
+                        "(never XLA:CPU's own), with XLA attention")
+    p.add_argument("--prefill-piece", "--prefill_piece", type=int, default=None,
                    help="prompt tokens per row in one prefill piece (default: the engine's, 2048 tokens "
                         "shared by the rows)")
     p.add_argument("--output", default=RESULTS, help="JSON file the records are merged into")
@@ -46,21 +49,21 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.parallel import mesh as meshes
 
-    sizes = [math.prod(sharding.parse_mesh(m).values()) for m in args.mesh]
+    sizes = [math.prod(meshes.parse_mesh(m).values()) for m in args.mesh]
     jax.config.update("jax_platforms", "cpu")  # planning compiles for fake CPU devices, even on a GPU host
     jax.config.update("jax_num_cpu_devices", max(sizes))
 
-    from phi4_jax import plan
+    from phi4_jax.engine import plan
     from phi4_jax.config import Phi4Config
-    from phi4_jax.runinfo import describe_run, write_record
+    from runinfo import describe_run, write_record
 
     config = Phi4Config.from_name(args.model)
     records = _existing(args.output)
     for spec, n in zip(args.mesh, sizes):
-        mesh = sharding.make_mesh(spec, jax.devices()[:n])
-        result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_chunk)
+        mesh = meshes.make_mesh(spec, jax.devices()[:n])
+        result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_piece, target=args.target)
         result = {"name": args.model, "mesh_spec": spec, **result, "fits_on": plan.fits_on(
             result["per_device"]["needed_bytes"])}
         _print(result)
@@ -87,7 +90,7 @@ README_HEADER = ("| model | mesh | context × batch | weights | KV cache | tempo
 
 
 def _key(r: dict) -> tuple:
-    return r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"], r["prefill_chunk"]
+    return r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"], r["prefill_piece"], r["target"]
 
 
 def _existing(path: str) -> list[dict]:
@@ -110,7 +113,7 @@ def _print(r: dict) -> None:
         print(f"  {name}: temporaries {gb(s['temp_bytes'])} (float32 bound; the CPU bf16 compile: "
               f"{gb(s['temp_bytes_cpu_compile'])}, of which CPU-only upcasts {gb(s['cpu_only_upcast_bytes'])}); "
               f"collectives: {collectives}", file=sys.stderr)
-    from phi4_jax.plan import ACCELERATORS
+    from phi4_jax.engine.plan import ACCELERATORS
 
     print(f"  fits on: {', '.join(r['fits_on']) or 'none of ' + ', '.join(ACCELERATORS)}", file=sys.stderr)
 

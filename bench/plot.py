@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=os.path.join(RESULTS, "generate.jsonl"), help="bench/generate.py's records")
     p.add_argument("--output-dir", "--output_dir", default=RESULTS, help="folder the PNGs are written to")
+    p.add_argument("--mesh", nargs="+", default=None,
+                   help="draw only the records of these meshes, e.g. 'none' (one device) seq=4 (default: all)")
     return p
 
 
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
             records = newest([json.loads(line) for line in f if line.strip()])
     except FileNotFoundError:
         sys.exit(f"bench/plot.py: {args.input} does not exist: run bench/generate.py first")
+    if args.mesh is not None:
+        wanted = {"" if m == "none" else m for m in args.mesh}
+        records = [r for r in records if r["mesh"] in wanted]
     os.makedirs(args.output_dir, exist_ok=True)
     figures = [
         ("decode", "batch", "tokens_per_s", "decode_tokens_per_s.png", "batch size", "tokens/s",

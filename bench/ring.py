@@ -20,13 +20,14 @@ Two parts (--parts):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
 import numpy as np
 
-from phi4_jax.cli import token_count as tokens
+from phi4_jax.cli_shared import token_count as tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "ring.json")
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", choices=["time", "plan"], default=["time", "plan"],
                    help="what to measure (see above)")
     p.add_argument("--seq", type=int, nargs="+", default=[1, 2, 4, 8], help="seq axis sizes")
+    p.add_argument("--mesh", default="",
+                   help="the other mesh axes every seq mesh has, e.g. tensor=2 (default: none; seq only)")
     p.add_argument("--model", default="phi-4-mini", help="the timed model's preset or config folder")
     p.add_argument("--layers", type=int, default=1, help="timed model: decoder layers")
     p.add_argument("--intermediate", type=int, default=3072, help="timed model: MLP size")
@@ -62,12 +65,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    # Fake CPU devices for the plan (on any host) and for timing on a CPU host; before any device is touched.
-    jax.config.update("jax_num_cpu_devices", max(args.seq))
-    from phi4_jax.config import Phi4Config
-    from phi4_jax.runinfo import describe_run, write_record
+    from phi4_jax.parallel.mesh import parse_mesh
 
-    record = {"benchmark": "ring", "schema": 1, **describe_run()}
+    if "seq" in args.mesh:
+        raise SystemExit("bench/ring.py: --mesh holds the other axes; give the seq sizes with --seq")
+    # Fake CPU devices for the plan (on any host) and for timing on a CPU host; before any device is touched.
+    jax.config.update("jax_num_cpu_devices", max(args.seq) * math.prod(parse_mesh(args.mesh).values()))
+    from phi4_jax.config import Phi4Config
+    from runinfo import describe_run, write_record
+
+    record = {"benchmark": "ring", "schema": 1, **describe_run(), "mesh": args.mesh}
     if "time" in args.parts:
         config = Phi4Config.from_name(args.model).replace(
             num_hidden_layers=args.layers, intermediate_size=args.intermediate, vocab_size=args.vocab)
@@ -75,10 +82,11 @@ def main(argv=None) -> int:
                                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                                  "intermediate": args.intermediate, "vocab": args.vocab, "dtype": args.dtype,
                                  "attention": args.attention, "parameters": config.num_parameters}
-        record["timed"] = [_time(config, n, length, args) for length in args.lengths for n in args.seq]
+        record["timed"] = [_time(config, _mesh(n, args.mesh), length, args) for length in args.lengths for n in args.seq]
     if "plan" in args.parts:
         config = Phi4Config.from_name(args.plan_model)
-        record["planned"] = [_plan(config, args.plan_model, n, args.plan_context) for n in args.seq]
+        record["planned"] = [_plan(config, args.plan_model, _mesh(n, args.mesh, "cpu"), args.plan_context)
+                             for n in args.seq]
     write_record(args.output, record)
     print(f"wrote {args.output}", file=sys.stderr)
     if "timed" in record:
@@ -90,29 +98,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _mesh(n: int, platform: str | None = None):
+def _mesh(n: int, others: str, platform: str | None = None):
+    """seq=n with the `others` axes, over the first devices (of `platform`) it needs."""
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.parallel import mesh as meshes
 
-    return sharding.make_mesh(f"seq={n}", jax.devices(platform)[:n])
+    return meshes.make_mesh(",".join(filter(None, [others, f"seq={n}"])), jax.devices(platform))
 
 
-def _time(config, n: int, length: int, args) -> dict:
-    """Prefill of a `length - 1`-token prompt (and its first token) on seq=n."""
+def _time(config, mesh, length: int, args) -> dict:
+    """Prefill of a `length - 1`-token prompt (and its first token) on `mesh`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi4_jax import plan, sharding
-    from phi4_jax.engine import Engine
-    from phi4_jax.model import Phi4ForCausalLM
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax import Engine, Phi4ForCausalLM, SamplingParams
+    from phi4_jax.engine import plan
+    from phi4_jax.model.backend import Backend
+    from phi4_jax.parallel import mesh as meshes
+    from phi4_jax.parallel.heads import config_for_mesh
 
-    mesh = _mesh(n)
+    n = mesh.shape["seq"]
     dtype = jnp.dtype(args.dtype)
-    model = sharding.place(Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=dtype,
-                                           attention=args.attention), mesh)
+    backend = Backend.of(mesh.devices.flat)
+    model = meshes.place(Phi4ForCausalLM(config_for_mesh(config, mesh), rngs=nnx.Rngs(0), param_dtype=dtype,
+                                         attention=args.attention, backend=backend), mesh)
     engine = Engine(model, max_context=length)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, length - 1).tolist()
     params = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -122,7 +133,7 @@ def _time(config, n: int, length: int, args) -> dict:
         engine.start([prompt], params, [[]])  # returns once the first token is on the host
         seconds.append(time.perf_counter() - begin)
     best = min(seconds[1:])
-    memory = plan.plan(config, mesh, length, 1, args.dtype)
+    memory = plan.plan(config, mesh, length, 1, args.dtype, target=backend.platform)  # the program timed
     peaks = [s.get("peak_bytes_in_use") for s in (d.memory_stats() for d in mesh.devices.flat) if s]
     row = {"seq": n, "length": length, "prompt_tokens": length - 1, "prefill_seconds": best,
            "prefill_tokens_per_s": (length - 1) / best, "first_call_seconds": seconds[0],
@@ -138,10 +149,11 @@ def _time(config, n: int, length: int, args) -> dict:
     return row
 
 
-def _plan(config, name: str, n: int, context: int) -> dict:
-    from phi4_jax import plan
+def _plan(config, name: str, mesh, context: int) -> dict:
+    from phi4_jax.engine import plan
 
-    result = plan.plan(config, _mesh(n, "cpu"), context, 1, "bfloat16")  # planned on CPU, even on a GPU host
+    n = mesh.shape["seq"]
+    result = plan.plan(config, mesh, context, 1, "bfloat16")  # planned on CPU devices, even on a GPU host
     d, s = result["per_device"], result["steps"]
     row = {"name": name, "seq": n, "context": context, "batch": 1, "dtype": "bfloat16",
            "weights_bytes": d["weights_bytes"], "kv_cache_bytes": d["kv_cache_bytes"],

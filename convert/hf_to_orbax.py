@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phi4_jax import checkpoint, cli
-from phi4_jax.hub import resolve
+from phi4_jax import cli_shared as cli
+from phi4_jax.checkpoints import convert
+from phi4_jax.checkpoints.hub import resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="source: a local HF folder, or a repo id resolved through the local HF cache")
     p.add_argument("--output", required=True, help="folder to create")
-    p.add_argument("--dtype", default="auto", choices=["auto", *checkpoint.DTYPES],
+    p.add_argument("--dtype", default="auto", choices=["auto", *convert.DTYPES],
                    help="dtype of the saved parameters; auto keeps the checkpoint's own")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     p.add_argument(*cli.flag("--offline"), action="store_true",
@@ -47,12 +48,12 @@ def main(argv=None) -> int:
 
     def body():
         source = resolve(args.model, revision=args.revision, offline=args.offline or None)
-        plan = checkpoint.plan_conversion(source, args.dtype)
-        checkpoint.check_output(args.output, args.overwrite, source=source.folder, clean=not args.dry_run)
+        plan = convert.plan_conversion(source, args.dtype)
+        convert.check_output(args.output, args.overwrite, source=source.folder, clean=not args.dry_run)
         if args.dry_run:
             print(plan.describe())
             return 0
-        out = checkpoint.convert(plan, args.output, overwrite=args.overwrite,
+        out = convert.convert(plan, args.output, overwrite=args.overwrite,
                                  progress=not args.quiet, verify=args.verify)
         verified = ", logits verified equal to the source's" if args.verify else ""
         print(f"wrote {out} ({len(plan.tensors)} tensors, {plan.dtype.name}{verified})", file=sys.stderr)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phi4_jax import checkpoint, cli
+from phi4_jax import cli_shared as cli
+from phi4_jax.checkpoints import convert
 
 
 def _size(text: str) -> int:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=cli.EXIT_CODES_HELP, formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by convert/hf_to_orbax.py")
     p.add_argument("--output", required=True, help="HF folder to create")
-    p.add_argument("--dtype", default=None, choices=checkpoint.DTYPES,
+    p.add_argument("--dtype", default=None, choices=convert.DTYPES,
                    help="dtype of the exported tensors (default: the checkpoint's)")
     p.add_argument(*cli.flag("--max-shard-size"), type=_size, default="5GB",
                    help="largest safetensors shard, e.g. 5GB or 500MB")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        out = checkpoint.export_hf(args.model, args.output, dtype=args.dtype,
+        out = convert.export_hf(args.model, args.output, dtype=args.dtype,
                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
                                    progress=not args.quiet)
         print(f"wrote {out}", file=sys.stderr)

@@ -1,19 +1,20 @@
-"""phi4_jax: Microsoft's Phi-4 family (and the Phi-3/3.5-mini models) in JAX/Flax."""
+"""phi4_jax: Microsoft's Phi-4 family (and the Phi-3/3.5-mini models) in JAX/Flax.
 
-from phi4_jax import compilation_cache
+Importing it changes no JAX setting; `load()` and the command lines turn the persistent
+compilation cache on (`phi4_jax.compilation_cache`).
+"""
+
+from phi4_jax.api import GenerationResponse, PromptCache, generate, load, load_tokenizer, stream_generate
 from phi4_jax.config import PRESETS, Phi4Config
-from phi4_jax.errors import (CheckpointError, ConfigError, ModelNotFoundError, Phi4Error, SamplingError,
+from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.sampling import SamplingParams
+from phi4_jax.errors import (CheckpointError, ConfigError, MeshError, ModelNotFoundError, Phi4Error, SamplingError,
                              TokenizerError, UnsafeCheckpointError)
-from phi4_jax.generation import GenerationResponse, generate, stream_generate
-from phi4_jax.loading import load
-from phi4_jax.model import Phi4ForCausalLM, forward
-from phi4_jax.sampling import SamplingParams
-from phi4_jax.tokenizer import Tokenizer, load_tokenizer
+from phi4_jax.model.phi4 import Phi4ForCausalLM, forward
+from phi4_jax.text.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "CheckpointError", "ConfigError", "GenerationResponse", "ModelNotFoundError",
-           "Phi4Config", "Phi4Error", "Phi4ForCausalLM", "SamplingError", "SamplingParams", "Tokenizer",
-           "TokenizerError", "UnsafeCheckpointError", "forward", "generate", "load", "load_tokenizer",
-           "stream_generate"]
-
-compilation_cache.enable()
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "Engine", "GenerationResponse", "MeshError",
+           "ModelNotFoundError", "Phi4Config", "Phi4Error", "Phi4ForCausalLM", "PromptCache", "SamplingError",
+           "SamplingParams", "Tokenizer", "TokenizerError", "UnsafeCheckpointError", "forward", "generate", "load",
+           "load_tokenizer", "stream_generate"]

@@ -324,3 +324,55 @@ PRESETS: dict[str, dict] = {
         bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
     ),
 }
+
+# Small shapes, in the same form. phi3-110m is the model the CPU benchmarks are set on (float32,
+# 110M parameters, Phi-3.5-mini's vocabulary); tiny is for smoke runs; demo is the built-in demo
+# model's shape (train/demo.py, its vocabulary fixed by the tokenizer it trains); the tiny-* shapes
+# carry each family member's distinguishing features at test size (transformers-v5 dialect).
+def _factors(n: int, start: float, step: float) -> list[float]:
+    return [round(start + step * i, 4) for i in range(n)]
+
+
+_TINY = dict(model_type="phi3", vocab_size=256, num_hidden_layers=2, rms_norm_eps=1e-5, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+PRESETS.update({
+    "phi3-110m": dict(model_type="phi3", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                      max_position_embeddings=4096, original_max_position_embeddings=4096),
+    "tiny": dict(model_type="phi3", vocab_size=512, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048, original_max_position_embeddings=2048,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "demo": dict(
+        model_type="phi3", vocab_size=282, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+        original_max_position_embeddings=64, partial_rotary_factor=0.75, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", short_factor=[1.0] * 6, long_factor=[1.0 + 0.5 * i for i in range(6)]),
+        rms_norm_eps=1e-5, tie_word_embeddings=True, sliding_window=None, hidden_act="silu",
+        initializer_range=0.02, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    # full rotary, theta 250000, GQA 4:1 with phi-4's 40 query / 10 KV heads, untied head
+    "tiny-phi-4": dict(_TINY, hidden_size=160, intermediate_size=192, num_attention_heads=40,
+                       num_key_value_heads=10, max_position_embeddings=64, original_max_position_embeddings=64,
+                       rope_parameters=dict(rope_type="default", rope_theta=250000.0),
+                       tie_word_embeddings=False, sliding_window=None),
+    # partial rotary 0.75, longrope with distinct short/long factors, Phi-4-mini's 24 query / 8 KV
+    # heads, tied head
+    "tiny-phi-4-mini": dict(_TINY, hidden_size=192, intermediate_size=256, num_attention_heads=24,
+                            num_key_value_heads=8, max_position_embeddings=256, original_max_position_embeddings=16,
+                            partial_rotary_factor=0.75,
+                            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                                 short_factor=_factors(3, 1.0, 0.15), long_factor=_factors(3, 1.5, 8.0)),
+                            tie_word_embeddings=True, sliding_window=262144),
+    # MHA, longrope, untied head
+    "tiny-phi-3.5-mini": dict(_TINY, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=16,
+                              rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                   short_factor=_factors(8, 1.0, 0.1), long_factor=_factors(8, 2.0, 3.0)),
+                              tie_word_embeddings=False, sliding_window=262144),
+    # MHA, default rope, a sliding window shorter than the test sequences
+    "tiny-phi-3-mini-4k": dict(_TINY, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                               num_key_value_heads=4, max_position_embeddings=64, original_max_position_embeddings=64,
+                               rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                               tie_word_embeddings=False, sliding_window=7),
+})
+RELEASED = ("phi-4", "phi-4-mini", "phi-3.5-mini")  # the presets of released models

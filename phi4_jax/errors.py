@@ -9,6 +9,10 @@ class ConfigError(Phi4Error, ValueError):
     """A config.json (or config dict) that phi4_jax cannot honour; names the field."""
 
 
+class MeshError(ConfigError):
+    """A mesh spec that is malformed, does not match the devices, or cannot shard the model."""
+
+
 class CheckpointError(Phi4Error):
     """A model folder whose weights are missing, corrupt, or do not fit its config; names the file."""
 

@@ -22,12 +22,12 @@ import types
 from absl import app
 from absl.flags import argparse_flags
 
-from phi4_jax import cli
-from phi4_jax.attention import IMPLEMENTATIONS
+from phi4_jax import cli_shared as cli
+from phi4_jax.api import PromptCache, stream_generate
+from phi4_jax.api import generate as _generate
+from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.errors import ConfigError, SamplingError
-from phi4_jax.generation import generate as _generate
-from phi4_jax.generation import PromptCache, stream_generate
-from phi4_jax.sampling import SamplingParams
+from phi4_jax.model.attention import IMPLEMENTATIONS
 
 # Sampling fields -> the flags that set them, so a bad value names the flag the user typed.
 _FLAG_OF = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
@@ -182,19 +182,20 @@ def _main(args) -> int:
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not text.strip():
             raise ConfigError("the prompt is empty")
-    from phi4_jax import distributed, sharding
-    from phi4_jax.engine import Engine
-    from phi4_jax.loading import load
+    from phi4_jax.api import load
+    from phi4_jax.engine.engine import Engine
+    from phi4_jax.parallel import distributed
+    from phi4_jax.parallel.mesh import describe
 
     main_process = distributed.is_main_process()
-    model, tokenizer = load(args.model, dtype=args.dtype, mesh=args.mesh, progress=main_process,
+    model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=main_process,
                             attention=args.attention)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     if args.verbose and args.mesh and main_process:
         from flax import nnx
 
-        print(sharding.describe(nnx.to_pure_dict(nnx.state(model))), file=sys.stderr)
+        print(describe(nnx.to_pure_dict(nnx.state(model))), file=sys.stderr)
     sampling = sampling_from(args, tokenizer)
     engine = Engine(model, max_context=args.max_context)
     if args.chat:

@@ -17,9 +17,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi4_jax import sharding
 from phi4_jax.errors import ConfigError
-from phi4_jax.model import Phi4ForCausalLM
+from phi4_jax.model.phi4 import Phi4ForCausalLM
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.parallel import rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Trainer:
 
     def step(self, ids: np.ndarray, weights: np.ndarray) -> float:
         if self.mesh is not None:
-            ids, weights = (sharding.put(x, sharding.sharding(self.mesh, ("batch", None), x.shape))
+            ids, weights = (meshes.put(x, rules.sharding(self.mesh, ("batch", None), x.shape))
                             for x in (np.asarray(ids), np.asarray(weights)))
         self.params, self.opt_state, value = _step(self.graphdef, self.params, self.opt_state, ids, weights,
                                                    optimizer=self.optimizer)

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi4_jax import attention
+from phi4_jax.model import attention
 from phi4_jax.errors import ConfigError
+from phi4_jax.model.backend import Backend
 
 B, T, S, H, KV, D = 2, 5, 12, 6, 2, 8  # GQA 3:1
 
@@ -46,23 +47,19 @@ def test_block_gives_the_softmax_output_and_log_sum_exp(block):
 
 
 @pytest.mark.parametrize("query", [0, 2, 4])
-def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query):
-    """A decode step's single query: XLA:CPU's own forms of the products, and the plain ones
-    (what the planner compiles for GPU/TPU), both match the float64 reference."""
-    from phi4_jax import cpu_forms
-
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query, platform):
+    """A decode step's single query: XLA:CPU's own forms of the products (heads as rows), and the
+    plain ones every accelerator program uses, both match the float64 reference."""
     q, k, v, mask = block
     one = (q[:, query:query + 1], k, v, mask[:, query:query + 1])
     want_out, want_lse = reference(*one)
-    got = [jax.jit(lambda *a: attention.attend_block(*a))(*one)]
-    with cpu_forms.accelerator_forms():
-        assert not cpu_forms.enabled()
-        got.append(jax.jit(lambda *a: attention.attend_block(*a))(*one))
-    assert cpu_forms.enabled() == (jax.default_backend() == "cpu")
-    for out, lse in got:
-        assert out.shape == (B, 1, H, D) and lse.shape == (B, 1, H)
-        np.testing.assert_allclose(np.asarray(out), want_out, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-5)
+    backend = Backend(platform)
+    assert backend.heads_as_rows == (platform == "cpu")
+    out, lse = jax.jit(lambda *a: attention.attend_block(*a, backend=backend))(*one)
+    assert out.shape == (B, 1, H, D) and lse.shape == (B, 1, H)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("cut", [1, 6, 11])
@@ -96,20 +93,24 @@ def test_attend_is_the_normalised_block_in_the_query_dtype(block):
 
 
 def test_implementations_are_chosen_and_checked():
-    assert jax.default_backend() == "cpu"
-    assert attention.resolve("auto", jnp.bfloat16) == "xla"  # cuDNN only on a GPU
-    attention.check("xla", jnp.float32)
+    assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"  # cuDNN only on a GPU
+    assert attention.resolve("auto", jnp.bfloat16, "tpu") == "xla"
+    assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
+    attention.check("xla", jnp.float32, "cpu")
     with pytest.raises(ConfigError, match="flash"):
-        attention.check("flash", jnp.float32)
+        attention.check("flash", jnp.float32, "cpu")
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU.*--attention xla"):
-        attention.check("cudnn", jnp.bfloat16)
+        attention.check("cudnn", jnp.bfloat16, "tpu")
+    with pytest.raises(ConfigError, match="bfloat16 or float16"):
+        attention.check("cudnn", jnp.float32, "gpu")
 
 
 def test_load_refuses_an_implementation_that_cannot_run_before_reading_weights(tiny_checkpoint):
     import phi4_jax
 
     folder, _ = tiny_checkpoint("phi-4")
-    with pytest.raises(ConfigError, match="cudnn"):
+    with pytest.raises(ConfigError, match="cudnn"):  # on a CPU: no GPU; on a GPU: not float32
         phi4_jax.load(folder, dtype="float32", progress=False, attention="cudnn")
     model, _ = phi4_jax.load(folder, dtype="float32", progress=False, attention="xla")
-    assert model.model.attention == "xla"
+    assert model.attention == "xla"

@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from phi4_jax import Phi4Config, Phi4ForCausalLM
-from phi4_jax.attention import causal_mask
-from phi4_jax.roofline import decode_step_bytes, decode_step_flops, prefill_flops
+from phi4_jax.model.attention import causal_mask
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts' own modules, as when they run
+from roofline import decode_step_bytes, decode_step_flops, prefill_flops  # noqa: E402
 SHAPE = dict(model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
              original_max_position_embeddings=256)
@@ -110,7 +111,7 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
 
 
 def test_roofline_readings_combine_as_each_method_s_median_and_the_fastest_of_those():
-    from phi4_jax.roofline import median_reading
+    from roofline import median_reading
 
     reading = lambda a, b: {"read_rates": {"sum": a, "matvec": b}, "read_bytes_per_s": max(a, b),  # noqa: E731
                             "read_method": "sum" if a > b else "matvec", "read_buffer_bytes": 8}

@@ -23,9 +23,10 @@ from safetensors.numpy import load_file, save_file
 from conftest import TINY_SHAPES
 
 import phi4_jax
-from phi4_jax import checkpoint, cli
+from phi4_jax import cli_shared as cli
+from phi4_jax.checkpoints import convert, orbax
 from phi4_jax.errors import CheckpointError
-from phi4_jax.hub import ModelSource
+from phi4_jax.checkpoints.hub import ModelSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 UNTIED, TIED = "phi-4", "phi-4-mini"
@@ -55,7 +56,7 @@ def to_hf(source, output, *flags):
 
 
 def plan_for(folder, dtype="auto"):
-    return checkpoint.plan_conversion(ModelSource(folder=str(folder)), dtype)
+    return convert.plan_conversion(ModelSource(folder=str(folder)), dtype)
 
 
 def leftovers(output) -> list[str]:
@@ -218,10 +219,10 @@ def test_orbax_loads_like_the_source(orbax_of, hf_params, shape, dtype):
 
 def test_conversion_to_bfloat16(orbax_of, hf_params):
     folder = orbax_of(UNTIED, "bfloat16")
-    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((folder / orbax.MANIFEST).read_text())
     assert manifest["dtype"] == "bfloat16"
     # Stored as bf16: half the bytes of the float32 conversion's parameters.
-    size = lambda f: sum(p.stat().st_size for p in (f / checkpoint.PARAMS).rglob("*") if p.is_file())  # noqa: E731
+    size = lambda f: sum(p.stat().st_size for p in (f / orbax.PARAMS).rglob("*") if p.is_file())  # noqa: E731
     assert size(folder) < 0.6 * size(orbax_of(UNTIED))
     want = {k: v.astype(np.float32) for k, v in hf_params(UNTIED, "bfloat16").items()}
     assert_bit_identical(params_of(folder, "float32"), want)
@@ -231,7 +232,7 @@ def test_sharded_source_converts_like_the_single_file(sharded_checkpoint, hf_par
     output = tmp_path / "orbax"
     assert to_orbax(sharded_checkpoint, output, "--verify") == cli.EXIT_OK
     assert "logits verified equal" in capsys.readouterr().err
-    manifest = json.loads((output / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((output / orbax.MANIFEST).read_text())
     shards = {p.name for p in sharded_checkpoint.glob("model-*.safetensors")}
     assert shards | {INDEX, "config.json", "generation_config.json"} == set(manifest["source_files"])
     assert_bit_identical(params_of(output, "float32"), hf_params(UNTIED, "float32"))
@@ -248,9 +249,9 @@ def test_output_is_self_describing(tiny_checkpoint, orbax_of):
     source = tiny_checkpoint(UNTIED)[0]
     folder = orbax_of(UNTIED)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json",
-                                                        checkpoint.MANIFEST, checkpoint.PARAMS]
-    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
-    assert manifest["format"] == checkpoint.FORMAT and checkpoint.is_orbax_folder(str(folder))
+                                                        orbax.MANIFEST, orbax.PARAMS]
+    manifest = json.loads((folder / orbax.MANIFEST).read_text())
+    assert manifest["format"] == orbax.FORMAT and orbax.is_orbax_folder(str(folder))
     assert manifest["tool_version"] == phi4_jax.__version__
     assert manifest["source"] == {"path": str(source), "repo_id": None, "revision": None}
     assert manifest["dtype"] == "float32"
@@ -268,7 +269,7 @@ def test_tokenizer_files_are_copied(copy_of, tmp_path):
         (source / name).write_text(text)
     output = tmp_path / "orbax"
     assert to_orbax(source, output) == cli.EXIT_OK
-    manifest = json.loads((output / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((output / orbax.MANIFEST).read_text())
     for name in SIDE_TEXT:
         assert (output / name).read_bytes() == (source / name).read_bytes(), name
         assert manifest["source_files"][name]["sha256"] == hashlib.sha256((source / name).read_bytes()).hexdigest()
@@ -320,7 +321,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_checkpoint, orbax_of, 
 
     assert to_orbax(tiny_checkpoint(UNTIED)[0], output, "--overwrite") == cli.EXIT_OK
     assert not (output / "stale.txt").exists() and leftovers(output) == []
-    manifest = json.loads((output / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((output / orbax.MANIFEST).read_text())
     assert manifest["source"]["path"] == str(tiny_checkpoint(UNTIED)[0])
     assert "lm_head.weight" in params_of(output, "float32")  # the untied model now
 
@@ -360,9 +361,9 @@ def test_an_older_format_version_is_refused_with_the_command_that_converts_again
                                                                                  tmp_path, capsys):
     folder = tmp_path / "old"
     shutil.copytree(orbax_of(UNTIED), folder)
-    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
-    (folder / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(CheckpointError, match=f"format version 1 .* reads version {checkpoint.FORMAT_VERSION}") as e:
+    manifest = json.loads((folder / orbax.MANIFEST).read_text())
+    (folder / orbax.MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(CheckpointError, match=f"format version 1 .* reads version {orbax.FORMAT_VERSION}") as e:
         phi4_jax.load(folder, progress=False)
     assert f"convert/hf_to_orbax.py --model {tiny_checkpoint(UNTIED)[0]} --output {folder}" in str(e.value)
     capsys.readouterr()
@@ -383,7 +384,7 @@ def test_overwrite_of_a_file_or_a_link(tiny_checkpoint, orbax_of, tmp_path, kind
     assert to_orbax(source, output) == cli.EXIT_USAGE
     for _ in range(2):  # twice in one process: nothing of the first is left to trip the second
         assert to_orbax(source, output, "--overwrite") == cli.EXIT_OK
-        assert output.is_dir() and not output.is_symlink() and checkpoint.is_orbax_folder(str(output))
+        assert output.is_dir() and not output.is_symlink() and orbax.is_orbax_folder(str(output))
         assert leftovers(output) == []
     if kind == "symlink":  # the link was replaced; what it pointed to is untouched
         assert snapshot(target) == before
@@ -409,7 +410,7 @@ def test_failed_overwrite_keeps_the_old_output(tiny_checkpoint, orbax_of, tmp_pa
     shutil.copytree(orbax_of(TIED), output)
     before = snapshot(output)
     with pytest.raises(Boom):
-        checkpoint.convert(plan_for(tiny_checkpoint(UNTIED)[0]), str(output), overwrite=True,
+        convert.convert(plan_for(tiny_checkpoint(UNTIED)[0]), str(output), overwrite=True,
                            progress=False, on_tensor=fail_after(3))
     assert snapshot(output) == before and leftovers(output) == []
 
@@ -422,12 +423,12 @@ def test_interrupted_conversion_leaves_nothing(tiny_checkpoint, tmp_path, k):
     assert len(plan.tensors) == 15
     output = tmp_path / "orbax"
     with pytest.raises(Boom):
-        checkpoint.convert(plan, str(output), progress=False, on_tensor=fail_after(k))
+        convert.convert(plan, str(output), progress=False, on_tensor=fail_after(k))
     assert not output.exists() and leftovers(output) == []
     seen = []
-    assert checkpoint.convert(plan, str(output), progress=False, on_tensor=seen.append) == str(output)
+    assert convert.convert(plan, str(output), progress=False, on_tensor=seen.append) == str(output)
     assert seen == [s.name for s in plan.tensors]
-    assert checkpoint.is_orbax_folder(str(output)) and leftovers(output) == []
+    assert orbax.is_orbax_folder(str(output)) and leftovers(output) == []
 
 
 def test_out_of_memory_exits_4_and_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
@@ -438,7 +439,7 @@ def test_out_of_memory_exits_4_and_leaves_nothing(tiny_checkpoint, tmp_path, cap
         raise MemoryError()  # as numpy raises it: no message
 
     def body():
-        checkpoint.convert(plan, str(output), progress=False, on_tensor=on_tensor)
+        convert.convert(plan, str(output), progress=False, on_tensor=on_tensor)
 
     assert cli.run(body) == cli.EXIT_RESOURCES
     assert capsys.readouterr().err == "error: out of memory\n"
@@ -447,8 +448,9 @@ def test_out_of_memory_exits_4_and_leaves_nothing(tiny_checkpoint, tmp_path, cap
 
 SIGNAL_SCRIPT = """
 import signal, sys
-from phi4_jax import checkpoint, cli
-from phi4_jax.hub import resolve
+from phi4_jax import cli_shared as cli
+from phi4_jax.checkpoints import convert, orbax
+from phi4_jax.checkpoints.hub import resolve
 
 source, output, after, signame = sys.argv[1:]
 seen = []
@@ -462,8 +464,8 @@ def on_tensor(name):
         signal.raise_signal(getattr(signal, signame))  # in this thread, now
 
 def body():
-    plan = checkpoint.plan_conversion(resolve(source))
-    checkpoint.convert(plan, output, progress=False, on_tensor=on_tensor)
+    plan = convert.plan_conversion(resolve(source))
+    convert.convert(plan, output, progress=False, on_tensor=on_tensor)
     print("converted", file=sys.stderr)
 
 sys.exit(cli.run(body))
@@ -488,10 +490,10 @@ def test_killed_conversion_is_cleaned_up_by_the_next(tiny_checkpoint, tmp_path):
     assert not output.exists()
     assert leftovers(output) == [f".orbax.tmp-{proc.pid}"]
     partial = tmp_path / f".orbax.tmp-{proc.pid}"  # killed mid-way: some parameters, no manifest
-    assert (partial / "config.json").exists() and list(partial.glob(f"{checkpoint.PARAMS}*"))
-    assert not (partial / checkpoint.MANIFEST).exists()
+    assert (partial / "config.json").exists() and list(partial.glob(f"{orbax.PARAMS}*"))
+    assert not (partial / orbax.MANIFEST).exists()
     assert to_orbax(source, output) == cli.EXIT_OK
-    assert leftovers(output) == [] and checkpoint.is_orbax_folder(str(output))
+    assert leftovers(output) == [] and orbax.is_orbax_folder(str(output))
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(tiny_checkpoint, tmp_path):
@@ -672,7 +674,7 @@ def hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
 def test_repo_id_from_the_hf_cache(tiny_checkpoint, hf_cache, tmp_path):
     output = tmp_path / "orbax"
     assert to_orbax(REPO, output, "--offline") == cli.EXIT_OK
-    manifest = json.loads((output / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((output / orbax.MANIFEST).read_text())
     assert manifest["source"] == {"path": str(hf_cache), "repo_id": REPO, "revision": COMMIT}
     data = (hf_cache / WEIGHTS).read_bytes()
     assert manifest["source_files"][WEIGHTS]["sha256"] == os.path.basename(os.path.realpath(hf_cache / WEIGHTS))
@@ -683,7 +685,7 @@ def test_repo_id_from_the_hf_cache(tiny_checkpoint, hf_cache, tmp_path):
     # A commit hash as --revision names the same snapshot.
     pinned = tmp_path / "pinned"
     assert to_orbax(REPO, pinned, "--offline", "--revision", COMMIT) == cli.EXIT_OK
-    assert json.loads((pinned / checkpoint.MANIFEST).read_text())["source"]["revision"] == COMMIT
+    assert json.loads((pinned / orbax.MANIFEST).read_text())["source"]["revision"] == COMMIT
 
 
 def test_repo_id_not_in_the_cache(hf_cache, tmp_path, capsys):

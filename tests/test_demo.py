@@ -5,16 +5,20 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import phi4_jax
-from phi4_jax import cli, demo
+from phi4_jax import cli_shared as cli
 from phi4_jax.generate import main as generate_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+import demo_data as demo  # noqa: E402  (train/demo_data.py)
+
 FOLDER = pathlib.Path(demo.FOLDER)
 
 

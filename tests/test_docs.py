@@ -105,7 +105,7 @@ def test_readme_demo_accuracy_is_the_shipped_models():
 
 
 def test_every_generate_flag_is_documented():
-    source = (ROOT / "phi4_jax" / "generate.py").read_text() + (ROOT / "phi4_jax" / "cli.py").read_text()
+    source = (ROOT / "phi4_jax" / "generate.py").read_text() + (ROOT / "phi4_jax" / "cli_shared.py").read_text()
     flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))
     readme = (ROOT / "README.md").read_text()
     assert flags and not {f for f in flags if f not in readme}

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import phi4_jax
-from phi4_jax.engine import Engine
+from phi4_jax.engine.engine import Engine
 from phi4_jax.errors import ConfigError
-from phi4_jax.sampling import SamplingParams
+from phi4_jax.engine.sampling import SamplingParams
 
 NEW = 32
 LENGTHS = (5, 11, 3)  # different lengths in one batch; with 32 new tokens all cross 16
@@ -71,12 +71,12 @@ def test_greedy_batch_equals_transformers_per_prompt(engines, shape):
         assert run(engine, [prompt])[0][0] == tokens  # alone == in the batch
 
 
-@pytest.mark.parametrize("shape, prefill_chunk", [("phi-4-mini", 4), ("phi-4-mini", 6), ("phi-3-mini-4k", 3)])
-def test_prefill_in_pieces_equals_transformers(tiny_checkpoint, shape, prefill_chunk):
-    """Prompts (and Phi-4-mini's re-encode at the threshold) prefilled `prefill_chunk` tokens at a
+@pytest.mark.parametrize("shape, prefill_piece", [("phi-4-mini", 4), ("phi-4-mini", 6), ("phi-3-mini-4k", 3)])
+def test_prefill_in_pieces_equals_transformers(tiny_checkpoint, shape, prefill_piece):
+    """Prompts (and Phi-4-mini's re-encode at the threshold) prefilled `prefill_piece` tokens at a
     time, each piece attending over the cache; 6 and 3 leave a shorter last piece of the bucket."""
     folder, hf = tiny_checkpoint(shape)
-    engine = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0], prefill_chunk=prefill_chunk)
+    engine = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0], prefill_piece=prefill_piece)
     batch = prompts(seed=5)
     got, _ = run(engine, batch)
     assert got == [hf_greedy(hf, p) for p in batch]
@@ -192,7 +192,7 @@ def test_next_turn_reuses_the_cache_and_gives_the_same_tokens(engines, shape, fi
 def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_checkpoint, shape):
     """A chat's next turn (starts > 0) prefilled 3 tokens at a time over the cached sequence."""
     model = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32", progress=False)[0]
-    engine, whole = Engine(model, prefill_chunk=3), Engine(model)
+    engine, whole = Engine(model, prefill_piece=3), Engine(model)
     turn1 = prompts(seed=9, lengths=(7,))[0]
     params = SamplingParams(max_tokens=4)
     gen = engine.start([turn1], params, [[]])
@@ -214,7 +214,7 @@ def test_decode_updates_the_cache_in_place_and_reads_it_as_it_lies(engines, batc
 
     import jax.numpy as jnp
 
-    from phi4_jax.engine import _decode
+    from phi4_jax.engine.engine import _decode
 
     engine, _ = engines("phi-3.5-mini")  # one query head per KV head: the shape that was copied
     gen = engine.start(prompts(lengths=(3,) * batch), SamplingParams(max_tokens=200), [[]] * batch)

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import phi4_jax
-from phi4_jax import cli
-from phi4_jax.engine import Engine
-from phi4_jax.sampling import SamplingParams
+from phi4_jax import cli_shared as cli
+from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.sampling import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "generation_config.json")
@@ -21,12 +21,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def chat_model(fixtures_dir, tmp_path_factory):
     """A tiny random Phi-3.5-shaped model (vocab 32064) with Phi-3.5-mini's real tokenizer and chat template."""
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
-    from conftest import TINY_SHAPES
+    from conftest import hf_config
 
-    config = Phi3Config(vocab_size=32064, num_hidden_layers=2, rms_norm_eps=1e-5, bos_token_id=1,
-                        eos_token_id=32000, pad_token_id=32000, **TINY_SHAPES["phi-3.5-mini"])
+    config = hf_config("phi-3.5-mini", vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
     torch.manual_seed(0)
     model = Phi3ForCausalLM(config)
     folder = tmp_path_factory.mktemp("chat-model")
@@ -70,7 +69,7 @@ def test_generate_module_is_callable_after_importing_it(chat_model):
     _, model, tokenizer = chat_model
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     assert phi4_jax.generate(model, tokenizer, "hi", params) == \
-        phi4_jax.generation.generate(model, tokenizer, "hi", params)
+        phi4_jax.generate(model, tokenizer, "hi", params)
 
 
 def test_stream_pieces_add_up_and_report(chat_model):
@@ -193,7 +192,7 @@ def test_cli_chat_reuses_the_cache_across_turns(chat_model, capsys, monkeypatch)
 def test_prompt_cache_reports_reuse(chat_model):
     _, model, tokenizer = chat_model
     engine = Engine(model)
-    cache = phi4_jax.generation.PromptCache()
+    cache = phi4_jax.PromptCache()
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     turn1 = [{"role": "user", "content": "Hello"}]
     reply = "".join(r.text for r in phi4_jax.stream_generate(engine, tokenizer, turn1, params, prompt_cache=cache))

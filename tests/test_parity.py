@@ -150,23 +150,25 @@ def test_non_float_dtype_is_refused(tiny_checkpoint, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64, 65, 300])
-def test_projections_put_the_weight_first_for_a_few_rows_on_cpu(rows):
-    """`project` gives x @ w.T; on XLA:CPU, from 2 to 64 rows as the faster `w @ x.T` (a [out, rows]
-    product, then transposed), else as the plain [rows, out] product."""
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_projections_put_the_weight_first_for_a_few_rows_on_cpu(rows, platform):
+    """`project` gives x @ w.T; traced for XLA:CPU, from 2 to 64 rows as the faster `w @ x.T` (a
+    [out, rows] product, then transposed), else, and for every accelerator, the plain product."""
     import re
 
-    from phi4_jax import cpu_forms
-    from phi4_jax.model import CPU_WEIGHT_FIRST_ROWS, project
+    from phi4_jax.model.backend import Backend
+    from phi4_jax.model.phi4 import project
 
+    first = Backend(platform).weight_first_rows
+    assert first == (64 if platform == "cpu" else 0)
     rng = np.random.default_rng(rows)
     x, w = rng.standard_normal((rows, 48), np.float32), rng.standard_normal((80, 48), np.float32)
+    product = jax.jit(lambda x, w: project(x, w, first))
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(jax.jit(project)(x, w))
-        hlo = jax.jit(project).lower(x, w).compile().as_text()
+        got = np.asarray(product(x, w))
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-4)
     assert got.shape == (rows, 80) and got.dtype == np.float32
-    weight_first = re.search(rf"= f32\[80,{rows}\]\{{1,0\}} (?:dot|fusion)\(", hlo) is not None
-    assert weight_first == (jax.default_backend() == "cpu" and 1 < rows <= CPU_WEIGHT_FIRST_ROWS), hlo
-    with cpu_forms.accelerator_forms():  # what the planner compiles for accelerators: the plain product
-        plain = jax.jit(lambda x, w: project(x, w)).lower(x, w).compile().as_text()
-    assert re.search(rf"= f32\[80,{rows}\]\{{1,0\}} (?:dot|fusion)\(", plain) is None, plain
+    text = product.lower(x, w).as_text()  # StableHLO: the form as traced, whatever compiles it
+    weight_first = re.search(rf"stablehlo.dot_general[^\n]*\(tensor<80x48xf32>, tensor<{rows}x48xf32>\)", text)
+    assert (weight_first is not None) == (1 < rows <= first), text
+    assert ("optimization_barrier" in text) == (1 < rows <= first)

@@ -5,23 +5,19 @@ import math
 import jax
 import pytest
 
-from phi4_jax import plan, sharding
+from phi4_jax.engine import plan
+from phi4_jax.parallel import mesh as meshes
 from phi4_jax.config import Phi4Config
 
-from conftest import TINY_COMMON, TINY_SHAPES
-
-
 def tiny(shape):
-    raw = {**TINY_COMMON, **TINY_SHAPES[shape], "model_type": "phi3"}
-    raw.update(raw.pop("rope_parameters"))
-    return Phi4Config.from_dict(raw)
+    return Phi4Config.from_preset(f"tiny-{shape}")
 
 
 @pytest.fixture(scope="module")
 def plans():
     config = tiny("phi-4")  # 40 q / 10 kv heads: tensor=4 repeats each KV head twice
-    return {spec: plan.plan(config, sharding.make_mesh(spec, jax.devices()[:n]), context=64, batch=4,
-                            dtype="float32", prefill_chunk=16)
+    return {spec: plan.plan(config, meshes.make_mesh(spec, jax.devices()[:n]), context=64, batch=4,
+                            dtype="float32", prefill_piece=16)
             for spec, n in (("tensor=1", 1), ("tensor=4", 4))}
 
 

@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi4_jax import sharding
-from phi4_jax.attention import attend, causal_mask
-from phi4_jax.ring_attention import ring_attend, unzigzag, zigzag
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.model.attention import attend, causal_mask
+from phi4_jax.model.ring import ring_attend, unzigzag, zigzag
 
 from conftest import greedy_run
 
 PAD_POSITION = 10**6  # padding sits after every real token: no real query sees it
 
 
-def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed=0, q_chunk=2048):
+def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed=0, query_block=2048):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
     k, v = (rng.standard_normal((batch, kv_heads, length, head_dim)).astype(np.float32) for _ in range(2))
@@ -25,11 +25,11 @@ def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed
     dense = attend(q, k, v, causal_mask(positions, positions, window))
     pad = -length % (2 * n)  # zig-zag needs 2n equal chunks
     padded = np.concatenate([positions, np.broadcast_to(PAD_POSITION + np.arange(pad), (batch, pad))], 1)
-    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
     seq_axis = lambda x, axis: zigzag(jnp.asarray(np.pad(x, [(0, pad) if a == axis else (0, 0)  # noqa: E731
                                                             for a in range(x.ndim)])), n, axis)
-    out = ring_attend(mesh, seq_axis(q, 1), seq_axis(k, 2), seq_axis(v, 2), zigzag(jnp.asarray(padded), n, 1),
-                      zigzag(jnp.asarray(padded), n, 1), window, q_chunk)
+    out, _ = ring_attend(mesh, seq_axis(q, 1), seq_axis(k, 2), seq_axis(v, 2), zigzag(jnp.asarray(padded), n, 1),
+                         zigzag(jnp.asarray(padded), n, 1), window, query_block)
     return np.asarray(unzigzag(out, n, 1)[:, :length]), np.asarray(dense)
 
 
@@ -43,9 +43,9 @@ def test_ring_equals_dense_causal_attention(n, length, heads, kv_heads, window):
     np.testing.assert_allclose(ring, dense, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, q_chunk", [(2, 4), (4, 2)])
-def test_queries_folded_in_pieces_give_the_same(n, q_chunk):
-    ring, dense = ring_vs_dense(n, 64, 8, 2, 7, q_chunk=q_chunk)
+@pytest.mark.parametrize("n, query_block", [(2, 4), (4, 2)])
+def test_queries_folded_in_pieces_give_the_same(n, query_block):
+    ring, dense = ring_vs_dense(n, 64, 8, 2, 7, query_block=query_block)
     np.testing.assert_allclose(ring, dense, rtol=0, atol=1e-5)
 
 
@@ -73,11 +73,11 @@ def test_next_block_is_sent_before_this_blocks_dot_products():
     """In the ring step (the scan body), `ppermute` precedes the block's `dot_general`s, so the
     transfer can overlap the compute (XLA:CPU itself has no asynchronous collectives)."""
     n, batch, length, heads, kv_heads, head_dim = 4, 1, 32, 4, 2, 8
-    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
     q = jnp.zeros((batch, length, heads, head_dim))
     kv = jnp.zeros((batch, kv_heads, length, head_dim))
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    jaxpr = jax.make_jaxpr(lambda *a: ring_attend(mesh, *a))(q, kv, kv, positions, positions)
+    jaxpr = jax.make_jaxpr(lambda *a: ring_attend(mesh, *a)[0])(q, kv, kv, positions, positions)
 
     def scans(jaxpr):
         for eqn in jaxpr.eqns:
@@ -102,8 +102,8 @@ def test_model_with_ring_attention_gives_the_one_device_logits(tiny_checkpoint, 
     folder, _ = tiny_checkpoint("phi-4-mini")
     ids = np.random.default_rng(3).integers(3, 256, (2, 40))
     want = np.asarray(phi4_jax.load(folder, dtype="float32", progress=False)[0](ids))
-    n_devices = int(np.prod(list(sharding.parse_mesh(spec).values())))
-    mesh = sharding.make_mesh(spec, jax.devices()[:n_devices])
+    n_devices = int(np.prod(list(meshes.parse_mesh(spec).values())))
+    mesh = meshes.make_mesh(spec, jax.devices()[:n_devices])
     model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)
     n = mesh.shape["seq"]
     positions = jnp.broadcast_to(jnp.arange(40), (2, 40))
@@ -119,8 +119,8 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     the LongRoPE threshold of 16, in a batch), the KV cache is split over seq, and greedy decoding
     (crossing the threshold too) gives the single-device tokens."""
     import phi4_jax
-    from phi4_jax import model as model_module
-    from phi4_jax.engine import Engine
+    from phi4_jax.model import phi4 as model_module
+    from phi4_jax.engine.engine import Engine
     folder, _ = tiny_checkpoint("phi-4-mini")
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 20, 3)]
@@ -130,8 +130,8 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     calls = []
     traced = model_module.ring_attend
     monkeypatch.setattr(model_module, "ring_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))
-    n_devices = int(np.prod(list(sharding.parse_mesh(spec).values())))
-    mesh = sharding.make_mesh(spec, jax.devices()[:n_devices])
+    n_devices = int(np.prod(list(meshes.parse_mesh(spec).values())))
+    mesh = meshes.make_mesh(spec, jax.devices()[:n_devices])
     got, gen = greedy(Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0]))
     assert calls  # the prefill went through the ring
     assert got == want
@@ -141,8 +141,8 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
 def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=16, seed=0):
     """New tokens at positions starts[b].. of rows whose earlier slots are filled, attended over a
     cache split over seq=n, against the dense write and attention."""
-    from phi4_jax.cache import write
-    from phi4_jax.ring_attention import cache_attend
+    from phi4_jax.model.cache import write
+    from phi4_jax.model.ring import cache_attend
 
     rng = np.random.default_rng(seed)
     starts = np.array([14, 37])  # row 0's new tokens cross a shard boundary at seq=4 (16 slots each)
@@ -154,7 +154,7 @@ def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=1
     dense_cache = tuple(write(jnp.asarray(c), jnp.asarray(x), jnp.asarray(starts)) for c, x in zip(cache, (k, v)))
     mask = causal_mask(positions, np.broadcast_to(np.arange(slots), (batch, slots)), window)
     dense = attend(q, *dense_cache, mask)
-    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "seq"))
     out, got_cache = jax.jit(cache_attend, static_argnums=(0, 6))(
         mesh, q, k, v, positions, tuple(jax.device_put(c, split) for c in cache), window)
@@ -180,7 +180,7 @@ def test_attention_over_a_split_cache_equals_dense(n, q_len, heads, kv_heads, wi
 def test_ring_prefill_fills_each_devices_cache_shard_as_the_blocks_pass(n):
     """A zig-zagged 64-token prompt into a 128-slot cache split over seq=n (half the shards get no
     prompt token): every slot ends up holding its position's keys/values, as the dense write does."""
-    from phi4_jax.cache import write
+    from phi4_jax.model.cache import write
 
     rng = np.random.default_rng(1)
     batch, length, slots, heads, kv_heads, d = 2, 64, 128, 4, 2, 8
@@ -188,7 +188,7 @@ def test_ring_prefill_fills_each_devices_cache_shard_as_the_blocks_pass(n):
     k, v = (rng.standard_normal((batch, kv_heads, length, d)).astype(np.float32) for _ in range(2))
     positions = np.broadcast_to(np.arange(length), (batch, length))
     empty = np.zeros((batch, kv_heads, slots, d), np.float32)
-    mesh = sharding.make_mesh(f"seq={n}", jax.devices()[:n])
+    mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
     zig = lambda x, axis: zigzag(jnp.asarray(x), n, axis)  # noqa: E731
     out, cache = ring_attend(mesh, zig(q, 1), zig(k, 2), zig(v, 2), zig(positions, 1), zig(positions, 1),
                              cache=(empty, empty))
@@ -203,13 +203,13 @@ def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
     positions around the ring (3 collective-permutes per layer) and fills the cache without any
     other collective; each decode step combines the shards' softmaxes with 2 all-reduces per
     layer (max, then denominator and accumulator) and nothing else."""
-    from phi4_jax import plan
+    from phi4_jax.engine import plan
 
     from test_plan import tiny
 
     config = tiny("phi-4-mini")
     layers = config.num_hidden_layers
-    p = plan.plan(config, sharding.make_mesh("seq=8"), context=64, batch=1, dtype="float32")
+    p = plan.plan(config, meshes.make_mesh("seq=8"), context=64, batch=1, dtype="float32")
     prefill, decode = (p["steps"][s]["collectives"] for s in ("prefill", "decode"))
     assert prefill["collective-permute"] == 3 * layers
     assert prefill["all-gather"] == prefill["all-to-all"] == prefill["reduce-scatter"] == 0
@@ -218,21 +218,21 @@ def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
                       "collective-permute": 0, "all-to-all": 0}
 
 
-@pytest.mark.parametrize("prefill_chunk", [None, 3])
-def test_next_chat_turn_on_a_seq_mesh_reuses_the_split_cache(tiny_checkpoint, monkeypatch, prefill_chunk):
+@pytest.mark.parametrize("prefill_piece", [None, 3])
+def test_next_chat_turn_on_a_seq_mesh_reuses_the_split_cache(tiny_checkpoint, monkeypatch, prefill_piece):
     """A chat's next turn on seq=4: its new tokens (in pieces of 3, too) attend over the split cache
     of the first turn, and decoding continues over it; the tokens equal one device's fresh run."""
     import phi4_jax
-    from phi4_jax import model as model_module
-    from phi4_jax.engine import Engine
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax.model import phi4 as model_module
+    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.sampling import SamplingParams
 
     folder, _ = tiny_checkpoint("phi-4")
     rng = np.random.default_rng(5)
     turn1, more = rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 9).tolist()
     one = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0])
-    mesh = sharding.make_mesh("seq=4", jax.devices()[:4])
-    split = Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0], prefill_chunk=prefill_chunk)
+    mesh = meshes.make_mesh("seq=4", jax.devices()[:4])
+    split = Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0], prefill_piece=prefill_piece)
     calls = []
     traced = model_module.cache_attend
     monkeypatch.setattr(model_module, "cache_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REAL_MODELS
 from phi4_jax.config import Phi4Config
-from phi4_jax.rope import apply_rope, inverse_frequencies, rope_tables
+from phi4_jax.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 
 def hf_rotary(fixtures_dir, name):

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TopPLogitsWarper)
 
 from phi4_jax.errors import SamplingError
-from phi4_jax.sampling import (SamplerState, SamplingParams, process_logits, sample, sampler_state,
+from phi4_jax.engine.sampling import (SamplerState, SamplingParams, process_logits, sample, sampler_state,
                                update_history)
 
 BATCH, VOCAB = 9, 64  # most tests use this one shape, so each function compiles about once

@@ -10,11 +10,17 @@ import pytest
 from flax import nnx, traverse_util
 
 import phi4_jax
-from phi4_jax import checkpoint, sharding, weights
+from phi4_jax.checkpoints import convert
+from phi4_jax.checkpoints.hub import resolve
+from phi4_jax.checkpoints import hf as weights
+from phi4_jax.parallel import heads
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.parallel import rules
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import Engine
-from phi4_jax.model import Phi4ForCausalLM, abstract_model
-from phi4_jax.sharding import MeshError
+from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.plan import abstract_on_mesh
+from phi4_jax.model.phi4 import Phi4ForCausalLM, abstract_model
+from phi4_jax.errors import MeshError
 
 from conftest import greedy_run
 
@@ -24,27 +30,27 @@ LENGTHS = (5, 11, 3, 7)  # phi-4-mini's tiny LongRoPE threshold is 16: its rows 
 
 
 def mesh(spec: str):
-    sizes = sharding.parse_mesh(spec)
-    return sharding.make_mesh(spec, jax.devices()[:math.prod(sizes.values())])
+    sizes = meshes.parse_mesh(spec)
+    return meshes.make_mesh(spec, jax.devices()[:math.prod(sizes.values())])
 
 
 # --- mesh specs ------------------------------------------------------------------------------------
 
 def test_mesh_spec_fills_missing_axes_with_one():
-    assert sharding.parse_mesh("data=2, tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4, "seq": 1}
-    m = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    assert meshes.parse_mesh("data=2, tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4, "seq": 1}
+    m = meshes.make_mesh("data=2,fsdp=2,tensor=2")
     assert m.axis_names == ("data", "fsdp", "tensor", "seq") and tuple(m.shape.values()) == (2, 2, 2, 1)
-    assert sharding.make_mesh(m) is m
+    assert meshes.make_mesh(m) is m
 
 
 def test_a_mesh_with_other_axes_is_refused():
     other = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "tp"))
     with pytest.raises(MeshError, match="data.*fsdp.*tensor.*seq"):
-        sharding.make_mesh(other)
+        meshes.make_mesh(other)
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("tensor=4", ["4 devices", "there are 8", "multiply to 8"]),
+    ("tensor=16", ["16 devices", "there are 8", "at most 8"]),
     ("tensor=four", ["AXIS=SIZE"]),
     ("model=8", ["unknown axis 'model'", "data, fsdp, tensor, seq"]),
     ("tensor=2,tensor=4", ["given twice"]),
@@ -52,7 +58,7 @@ def test_a_mesh_with_other_axes_is_refused():
 ])
 def test_bad_mesh_specs_say_what_is_wrong(spec, words):
     with pytest.raises(MeshError) as info:
-        sharding.make_mesh(spec)
+        meshes.make_mesh(spec)
     for word in words:
         assert word in str(info.value), info.value
 
@@ -71,33 +77,33 @@ def brute_force_repeat(n, kv, tensor):
 def test_kv_repeat_of_the_real_models(fixtures_dir, model, expected):
     config = Phi4Config.from_json(fixtures_dir / model)
     n, kv = config.num_attention_heads, config.num_key_value_heads
-    assert {t: sharding.kv_repeat(config, t) for t in expected} == expected
+    assert {t: heads.kv_repeat(config, t) for t in expected} == expected
     for tensor in range(1, 2 * n + 1):  # the rule of DESIGN §5, everywhere
         want = brute_force_repeat(n, kv, tensor)
         if want is None:
             with pytest.raises(MeshError, match="tensor sizes that work"):
-                sharding.kv_repeat(config, tensor)
+                heads.kv_repeat(config, tensor)
         else:
-            assert sharding.kv_repeat(config, tensor) == want
+            assert heads.kv_repeat(config, tensor) == want
 
 
 def test_impossible_tensor_size_lists_the_ones_that_work(fixtures_dir):
     with pytest.raises(MeshError) as info:
-        sharding.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4"), 16)
+        heads.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4"), 16)
     assert "40 query / 10 KV heads" in str(info.value)
     assert "1, 2, 4, 5, 8, 10, 20, 40" in str(info.value)
     with pytest.raises(MeshError, match="1, 2, 3, 4, 6, 8, 12, 24"):
-        sharding.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4-mini"), 16)
+        heads.kv_repeat(Phi4Config.from_json(fixtures_dir / "phi-4-mini"), 16)
 
 
 # --- the rules table --------------------------------------------------------------------------------
 
 def test_rules_give_the_designed_layout(fixtures_dir):
     """DESIGN §5: embed -> fsdp, heads/mlp/vocab -> tensor, batch -> (data, fsdp), sequence -> seq."""
-    m = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-    config = sharding.config_for_mesh(Phi4Config.from_json(fixtures_dir / "phi-4"), m)
+    m = meshes.make_mesh("data=2,fsdp=2,tensor=2")
+    config = heads.config_for_mesh(Phi4Config.from_json(fixtures_dir / "phi-4"), m)
     state = nnx.state(abstract_model(config))
-    specs = jax.tree.map(lambda s: tuple(s.spec), sharding.param_shardings(m, state))
+    specs = jax.tree.map(lambda s: tuple(s.spec), rules.param_shardings(m, state))
     layer = specs["model"]["layers"][0]
     assert layer["self_attn"]["q_proj"]["weight"] == ("tensor", None, "fsdp")
     assert layer["self_attn"]["k_proj"]["weight"] == ("tensor", None, "fsdp")
@@ -106,24 +112,24 @@ def test_rules_give_the_designed_layout(fixtures_dir):
     assert layer["mlp"]["down_proj"]["weight"] == ("fsdp", "tensor")
     assert layer["input_layernorm"]["weight"] == ("fsdp",)
     assert specs["lm_head"]["weight"] == ("tensor", "fsdp")
-    cache = sharding.spec(sharding.make_mesh("data=2,tensor=2,seq=2"), sharding.CACHE_AXES, (4, 10, 256, 128))
+    cache = rules.spec(meshes.make_mesh("data=2,tensor=2,seq=2"), rules.CACHE_AXES, (4, 10, 256, 128))
     assert tuple(cache) == ("data", "tensor", "seq", None)
 
 
 def test_axes_the_mesh_does_not_divide_stay_whole():
-    m = sharding.make_mesh("data=2,tensor=4")
-    assert tuple(sharding.spec(m, ("batch", "kv_heads"), (1, 10))) == (None, None)
-    assert tuple(sharding.spec(m, ("batch", "kv_heads"), (6, 12))) == ("data", "tensor")
+    m = meshes.make_mesh("data=2,tensor=4")
+    assert tuple(rules.spec(m, ("batch", "kv_heads"), (1, 10))) == (None, None)
+    assert tuple(rules.spec(m, ("batch", "kv_heads"), (6, 12))) == ("data", "tensor")
 
 
 @pytest.mark.parametrize("spec", ["tensor=8", "fsdp=8", "data=2,fsdp=2,tensor=2"])
 def test_per_device_weights_of_real_phi4_are_total_over_fsdp_times_tensor(fixtures_dir, spec):
     """From the shardings of the real phi-4's parameters (shapes only): each device holds
     1/(fsdp*tensor) of the weights, plus its share of the repeated KV heads."""
-    m = sharding.make_mesh(spec)
+    m = meshes.make_mesh(spec)
     config = Phi4Config.from_json(fixtures_dir / "phi-4")
-    repeated = sharding.config_for_mesh(config, m)
-    _, state = sharding.abstract_on_mesh(config, m, "bfloat16")
+    repeated = heads.config_for_mesh(config, m)
+    _, state = abstract_on_mesh(repeated, m, "bfloat16")
     per_device = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
     extra_kv = 2 * config.num_hidden_layers * config.hidden_size * config.head_dim * 2 * (
         repeated.num_key_value_heads - config.num_key_value_heads)
@@ -171,10 +177,10 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, refe
     tokens, gen = greedy(Engine(model))
     assert tokens == want_tokens
     cache = gen.state.cache.keys[0]  # laid out by the rules table
-    assert cache.sharding.is_equivalent_to(sharding.sharding(m, sharding.CACHE_AXES, cache.shape), cache.ndim)
+    assert cache.sharding.is_equivalent_to(rules.sharding(m, rules.CACHE_AXES, cache.shape), cache.ndim)
     # Per-device weights: 1/(fsdp*tensor) of the whole (the tiny models' norms stay whole on tensor).
     total = sum(a.nbytes for a in jax.tree.leaves(params))
-    assert sharding.device_bytes(params) == pytest.approx(total / (m.shape["fsdp"] * m.shape["tensor"]), rel=0.02)
+    assert meshes.device_bytes(params) == pytest.approx(total / (m.shape["fsdp"] * m.shape["tensor"]), rel=0.02)
 
 
 def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
@@ -190,11 +196,11 @@ def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
 def test_orbax_checkpoints_restore_onto_the_mesh(tiny_checkpoint, reference, tmp_path, spec):
     folder, _ = tiny_checkpoint("phi-4")
     orbax = str(tmp_path / "orbax")
-    checkpoint.convert(checkpoint.plan_conversion(phi4_jax.hub.resolve(str(folder)), "float32"), orbax,
+    convert.convert(convert.plan_conversion(resolve(str(folder)), "float32"), orbax,
                        progress=False)
     m = mesh(spec)
     model, _ = phi4_jax.load(orbax, mesh=m, progress=False)
-    placed = sharding.param_shardings(m, nnx.state(model))
+    placed = rules.param_shardings(m, nnx.state(model))
     for array, want in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(placed)):
         assert array.sharding.is_equivalent_to(want, array.ndim)
     np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), reference("phi-4")[0],
@@ -279,19 +285,19 @@ def test_a_mesh_that_cannot_split_the_heads_is_refused(tiny_checkpoint):
 def test_place_moves_a_model_in_memory_onto_the_mesh(tiny_checkpoint, reference):
     folder, _ = tiny_checkpoint("phi-4-mini")
     model = phi4_jax.load(folder, dtype="float32", progress=False)[0]
-    placed = sharding.place(model, mesh("data=2,tensor=4"))
-    assert sharding.mesh_of(nnx.state(placed)).shape["tensor"] == 4
+    placed = meshes.place(model, mesh("data=2,tensor=4"))
+    assert meshes.mesh_of(nnx.state(placed)).shape["tensor"] == 4
     np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(placed), IDS)), reference("phi-4-mini")[0],
                                rtol=0, atol=1e-5)
     random = Phi4ForCausalLM(Phi4Config.from_json(tiny_checkpoint("phi-4")[0]), rngs=nnx.Rngs(0))
     with pytest.raises(MeshError, match="config_for_mesh"):
-        sharding.place(random, mesh("tensor=4"))  # 10 KV heads: needs repeating
+        meshes.place(random, mesh("tensor=4"))  # 10 KV heads: needs repeating
 
 
 def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):
     folder, _ = tiny_checkpoint("phi-4")
     model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("data=2,tensor=4"), progress=False)
-    text = sharding.describe(nnx.to_pure_dict(nnx.state(model)))
+    text = meshes.describe(nnx.to_pure_dict(nnx.state(model)))
     assert "mesh: data=2, fsdp=1, tensor=4, seq=1" in text
     keys = {".".join("*" if isinstance(k, int) else k for k in key)
             for key in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))}
@@ -310,12 +316,11 @@ def phi4_with_tokenizer(fixtures_dir, tmp_path_factory):
     import shutil
 
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
-    from conftest import TINY_SHAPES
+    from conftest import hf_config
 
-    config = Phi3Config(vocab_size=32064, num_hidden_layers=2, rms_norm_eps=1e-5, bos_token_id=1,
-                        eos_token_id=32000, pad_token_id=32000, **TINY_SHAPES["phi-4"])
+    config = hf_config("phi-4", vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("phi4-tok")
     Phi3ForCausalLM(config).save_pretrained(folder)
@@ -328,7 +333,7 @@ GENERATE = ["--prompt", "Hello there", "--ignore-chat-template", "--max-tokens",
 
 
 def cli_json(capsys, *flags):
-    from phi4_jax import cli
+    from phi4_jax import cli_shared as cli
     from phi4_jax.generate import main
 
     assert main(list(flags)) == cli.EXIT_OK
@@ -346,15 +351,18 @@ def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--mesh", "tensor=3"], ["3 devices", "there are 8"]),
+    (["--mesh", "tensor=3"], ["tensor=3 cannot split", "tensor sizes that work: 1, 2, 4, 5, 8"]),
     (["--mesh", "tensor=16"], ["has 16 devices"]),
+    (["--mesh", "tensor=4", "--devices", "6-9"], ["there are 8 devices, indices 0-7"]),
+    (["--mesh", "tensor=4", "--devices", "0-2"], ["4 devices but there are 3"]),
+    (["--devices", "0-3"], ["give --mesh too"]),
     (["--mesh", "data=2,tensor=4,"], None),
     (["--mesh", "heads=8"], ["unknown axis 'heads'"]),
     (["--process-id", "2", "--num-processes", "2", "--coordinator-address", "127.0.0.1:1"],
      ["process id 2 is not in 0..1"]),
 ])
 def test_cli_bad_mesh_is_a_usage_error(phi4_with_tokenizer, capsys, flags, words):
-    from phi4_jax import cli
+    from phi4_jax import cli_shared as cli
     from phi4_jax.generate import main
 
     code = main(["--model", str(phi4_with_tokenizer), *GENERATE, *flags])

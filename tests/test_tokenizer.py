@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from phi4_jax.errors import ModelNotFoundError, Phi4Error, TokenizerError
-from phi4_jax.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from phi4_jax import load_tokenizer
+from phi4_jax.text.stops import StreamDecoder
+from phi4_jax.text.tokenizer import Tokenizer
 
 # The three real tokenizers, plus Phi-3.5 from its SentencePiece tokenizer.model alone.
 MODELS = ("phi-4", "phi-4-mini", "phi-3.5-mini", "phi-3.5-mini-spm")

@@ -7,9 +7,9 @@ import torch
 from flax import nnx, traverse_util
 
 import phi4_jax
-from phi4_jax import sharding
+from phi4_jax.parallel import mesh as meshes
 from phi4_jax.train import Trainer, TrainConfig, loss
-from phi4_jax.weights import hf_tensors, param_key, split_hf_tensor
+from phi4_jax.checkpoints.hf import hf_tensors, param_key, split_hf_tensor
 
 SHAPE = "phi-4-mini"  # partial rotary, LongRoPE, GQA, tied embeddings: the demo model's architecture
 
@@ -97,13 +97,13 @@ def test_data_parallel_training_matches_one_device(tiny_checkpoint):
     folder, _ = tiny_checkpoint(SHAPE)
     config = TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=10)
     one = Trainer(phi4_jax.load(folder, dtype="float32", progress=False)[0], config)
-    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    mesh = meshes.make_mesh("data=2,fsdp=2,tensor=2")
     many = Trainer(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0], config, mesh=mesh)
     for seed in range(3):
         ids, weights = batch(seed, rows=8)
         assert many.step(ids, weights) == pytest.approx(one.step(ids, weights), abs=1e-5)
     # The moments stay laid out like the parameters (fsdp x tensor), not replicated.
-    assert sharding.device_bytes(many.opt_state) < sharding.device_bytes(one.opt_state) / 3
+    assert meshes.device_bytes(many.opt_state) < meshes.device_bytes(one.opt_state) / 3
     got = traverse_util.flatten_dict(nnx.to_pure_dict(many.params))
     for key, want in traverse_util.flatten_dict(nnx.to_pure_dict(one.params)).items():
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want), rtol=0, atol=2e-5, err_msg=str(key))

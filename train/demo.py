@@ -2,7 +2,7 @@
 
 A Phi-4-mini-architecture model of about a million parameters (partial rotary, LongRoPE, GQA,
 tied embeddings) learns 1-3 digit addition and subtraction in Phi-4-mini's chat format, from
-synthetic problems and a byte-level BPE tokenizer made here (phi4_jax/demo.py). Deterministic for
+synthetic problems and a byte-level BPE tokenizer made here (train/demo_data.py). Deterministic for
 a seed on one machine. It reports exact-match accuracy on 500 held-out problems (never trained
 on), writes the folder through phi4_jax's HF exporter, and records seed, steps, accuracy and the
 weights' sha256 in the folder's training.json.
@@ -20,12 +20,14 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # demo_data beside it; phi4_jax from a checkout without installing
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4_jax import cli, demo
+    import demo_data as demo
+
+    from phi4_jax import cli_shared as cli
 
     p = argparse.ArgumentParser(prog="train/demo.py", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--output", default=demo.FOLDER, help="the HF folder to write")
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from phi4_jax import cli
+    from phi4_jax import cli_shared as cli
 
     return cli.run(lambda: train(args))
 
@@ -51,28 +53,30 @@ def train(args) -> int:
 
     import jax
 
-    from phi4_jax import sharding
+    from phi4_jax.parallel import mesh as meshes
 
     if args.mesh:
-        jax.config.update("jax_num_cpu_devices", math.prod(sharding.parse_mesh(args.mesh).values()))
+        jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(args.mesh).values()))
+    import demo_data as demo
     import jax.numpy as jnp
     from flax import nnx
     from tqdm.auto import tqdm
 
-    from phi4_jax import checkpoint, demo
-    from phi4_jax.loading import load
+    from phi4_jax import load
+    from phi4_jax.checkpoints.hf import save_hf
+    from phi4_jax.checkpoints.output import check_output
     from phi4_jax.config import Phi4Config
-    from phi4_jax.model import Phi4ForCausalLM
+    from phi4_jax.model.phi4 import Phi4ForCausalLM
     from phi4_jax.train import Trainer, TrainConfig
 
-    checkpoint.check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite)
     start = time.perf_counter()
     tokenizer = demo.train_tokenizer(args.seed)
     raw = demo.config(tokenizer.get_vocab_size())
     model = Phi4ForCausalLM(Phi4Config.from_dict(raw), rngs=nnx.Rngs(args.seed), param_dtype=jnp.float32)
-    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    mesh = meshes.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
-        model = sharding.place(model, mesh)
+        model = meshes.place(model, mesh)
     config = TrainConfig(learning_rate=args.learning_rate, total_steps=args.steps,
                          warmup_steps=min(200, args.steps // 10))
     trainer = Trainer(model, config, mesh)
@@ -86,7 +90,7 @@ def train(args) -> int:
             if bar.disable and step % 1000 == 0:  # no bar (not a terminal): a line now and then
                 print(f"step {step}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     files = {"config.json": json.dumps(raw, indent=2) + "\n", **demo.tokenizer_files(tokenizer)}
-    checkpoint.save_hf(nnx.to_pure_dict(nnx.state(trainer.model)), files, args.output, overwrite=args.overwrite)
+    save_hf(nnx.to_pure_dict(nnx.state(trainer.model)), files, args.output, overwrite=args.overwrite)
     shipped, shipped_tokenizer = load(args.output, dtype="float32", progress=False)
     score = demo.accuracy(shipped, shipped_tokenizer, held_out)
     with open(os.path.join(args.output, "model.safetensors"), "rb") as f:

@@ -1,22 +1,81 @@
-"""Text in, text out: `generate` and `stream_generate` over the engine, tokenizer and sampler."""
+"""The Python API: `load` a model folder, then `generate` / `stream_generate` text with it.
+
+Text in, text out, over the engine (`engine/`), the weights (`checkpoints/`) and the tokenizer
+(`text/`); the command lines are thin layers over these functions.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import jax
+from jax.sharding import Mesh
 
-from phi4_jax.engine import Engine
+from phi4_jax import compilation_cache
+from phi4_jax.checkpoints.hub import resolve
+from phi4_jax.checkpoints.load import load_model
+from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.errors import ConfigError
-from phi4_jax.model import Phi4ForCausalLM
-from phi4_jax.sampling import SamplingParams
-from phi4_jax.tokenizer import Tokenizer
+from phi4_jax.model.phi4 import Phi4ForCausalLM
+from phi4_jax.text.stops import request_stop_ids
+from phi4_jax.text.tokenizer import Tokenizer
 
 Prompt = str | list[dict]  # raw text, or chat messages rendered with the model's chat template
-STREAM_CHUNK = 16  # decode steps per device call while streaming; the host looks in between
+STEPS_PER_CALL = 16  # decode steps per device call while streaming; the host looks in between
+
+
+def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, progress: bool = True,
+         attention: str = "auto") -> tuple[Phi4ForCausalLM, Tokenizer | None]:
+    """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
+    `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache. Turns on
+    JAX's persistent compilation cache (`compilation_cache.enable`) unless it is set already.
+
+    Args:
+      path: the folder or repo id.
+      dtype: parameter and compute dtype, a name such as "float32" or a jnp dtype; None picks the
+        backend's default (float32 on CPU, bfloat16 on GPU/TPU). Weights are cast as they are read.
+      mesh: shard the model over a device mesh: a spec such as "data=2,tensor=4" (over the first
+        devices it needs; see `parallel.mesh.make_mesh`) or a `jax.sharding.Mesh` with the axes
+        data, fsdp, tensor, seq. Each device reads only its own block of each weight. When `tensor`
+        does not divide the KV heads they are repeated (`parallel.heads.kv_repeat`), and
+        `model.config` says how many there are. None: everything on the first device.
+      progress: show a progress bar while reading HF weights.
+      attention: the attention implementation: "auto" (cuDNN on a GPU in 16 bits, else XLA),
+        "xla" or "cudnn" (see `phi4_jax.model.attention`).
+    Returns:
+      `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
+    Raises:
+      ModelNotFoundError, ConfigError (`MeshError` for a mesh that does not fit the devices or the
+      model), CheckpointError (all `phi4_jax.errors.Phi4Error`), naming the file at fault.
+    """
+    compilation_cache.enable()
+    model = load_model(path, dtype=dtype, mesh=mesh, progress=progress, attention=attention)
+    folder = resolve(path).folder
+    has_tokenizer = any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    return model, Tokenizer(folder) if has_tokenizer else None
+
+
+def load_tokenizer(path: str | os.PathLike, revision: str | None = None,
+                   offline: bool | None = None) -> Tokenizer:
+    """Loads the tokenizer of a model folder, or of an HF repo id (`microsoft/phi-4`) through the HF cache.
+
+    Reads `tokenizer.json` (or, without it, SentencePiece `tokenizer.model`), tokenizer_config.json
+    (chat template, special tokens, added tokens), chat_template.jinja when present (it wins over the
+    config's template, as in transformers v5), and config.json / generation_config.json for the stop tokens.
+    Nothing from the folder is ever executed (`auto_map` is ignored).
+
+    Raises:
+      ModelNotFoundError: no such folder, or a repo id that is not in the cache and cannot be downloaded.
+      TokenizerError: no tokenizer.json / tokenizer.model in the folder, or one of its files is unreadable.
+    """
+    return Tokenizer(resolve(path, revision=revision, offline=offline).folder)
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +137,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return ids
 
 
-def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> set[int]:
-    eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
-    return eos | set(params.stop_token_ids)
+def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> frozenset[int]:
+    return request_stop_ids(tokenizer.eos_token_ids, params.ignore_eos, params.stop_token_ids)
 
 
 def _peak_memory_gb() -> float | None:
@@ -92,7 +150,7 @@ def _peak_memory_gb() -> float | None:
 
 def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt,
                     sampling: SamplingParams | None = None, max_tokens: int | None = None,
-                    chunk: int = STREAM_CHUNK, prompt_cache: PromptCache | None = None,
+                    steps_per_call: int = STEPS_PER_CALL, prompt_cache: PromptCache | None = None,
                     ) -> Iterator[GenerationResponse]:
     """Generates from one prompt, yielding a response per token with the text that became safe to
     show (whole characters, no part of a stop string; often empty). A last response (token None)
@@ -102,7 +160,7 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
       model: the model, or an `Engine` over it (reuse one to skip re-splitting the model).
       prompt: raw text, or chat messages (the chat template is applied).
       sampling: the sampling parameters (default greedy); `max_tokens` overrides its max_tokens.
-      chunk: decode steps per device call (the host looks in every `chunk` tokens).
+      steps_per_call: decode steps per device call (the host looks in every `steps_per_call` tokens).
       prompt_cache: reuse the KV cache of the previous call through the same PromptCache for the
         prefix this prompt shares with that sequence (use one Engine for all such calls).
     """
@@ -112,7 +170,7 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
         params = dataclasses.replace(params, max_tokens=max_tokens)
     ids = prompt_ids(tokenizer, prompt)
     stops = _stop_ids(tokenizer, params)
-    decoder = tokenizer.stream(stop=params.stop)
+    decoder = tokenizer.stream(stop=params.stop, stop_ids=stops)
     compile_before = _compile_clock.total
     start = time.perf_counter()
     previous = prompt_cache.generation if prompt_cache is not None else None
@@ -135,14 +193,14 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
     while True:
         for token in new:
             count += 1
-            text = "" if token in stops else decoder.add(token)
+            text = decoder.add(token)
             if decoder.stopped:
                 gen.stop([0])
                 break
             yield response(text, token, None)
         if gen.finished:
             break
-        new = gen.advance(chunk)[0]
+        new = gen.advance(steps_per_call)[0]
     if prompt_cache is not None:
         prompt_cache.generation = gen
     yield response(decoder.finish(), None, gen.finish_reasons()[0])
@@ -165,21 +223,20 @@ def generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prom
     engine = model if isinstance(model, Engine) else Engine(model)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     stops = [_stop_ids(tokenizer, p) for p in params]
-    decoders = [tokenizer.stream(stop=p.stop) for p in params]
+    decoders = [tokenizer.stream(stop=p.stop, stop_ids=s) for p, s in zip(params, stops)]
     gen = engine.start(ids, params, [sorted(s) for s in stops])
     new = gen.advance(0)
     while True:
         for b, tokens in enumerate(new):
             for token in tokens:
-                if token not in stops[b]:
-                    decoders[b].add(token)
+                decoders[b].add(token)
                 if decoders[b].stopped:
                     gen.stop([b])
                     break
         if gen.finished:
             break
         # Stop strings are only seen by the host: look in every few steps when there are any.
-        new = gen.advance(STREAM_CHUNK if any(p.stop for p in params) else max(p.max_tokens for p in params))
+        new = gen.advance(STEPS_PER_CALL if any(p.stop for p in params) else max(p.max_tokens for p in params))
     texts = []
     for decoder in decoders:
         decoder.finish()

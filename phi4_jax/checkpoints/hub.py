@@ -12,8 +12,8 @@ from phi4_jax.errors import ModelNotFoundError
 # What a model folder needs; never pickle weights (*.bin, *.pt), never remote code (*.py).
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-DEMO = "demo"  # a model name: the built-in demo model (phi4_jax/demo.py), shipped in the package
-DEMO_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+DEMO = "demo"  # a model name: the built-in demo model (made by train/demo.py), shipped in the package
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ModelSource:
 def resolve(model: str | os.PathLike, revision: str | None = None,
             offline: bool | None = None) -> ModelSource:
     """Finds the folder of `model`: an existing path, "demo" (the built-in demo model, see
-    phi4_jax/demo.py), or an HF repo id (`microsoft/phi-4`).
+    train/demo.py), or an HF repo id (`microsoft/phi-4`).
 
     A repo id is looked up in the local HF cache (`HF_HUB_CACHE`); missing files are downloaded
     unless `offline` (default: the `HF_HUB_OFFLINE` environment variable) is set.

@@ -13,9 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.errors import ConfigError
-
-MIN_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
 
 
 class KVCache(NamedTuple):
@@ -39,20 +36,10 @@ class KVCache(NamedTuple):
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
 
 
-def cache_length(needed: int, max_context: int) -> int:
-    """The cache length for `needed` tokens: the next power of two (at least MIN_LENGTH), at most
-    `max_context`. Raises ConfigError when `needed` does not fit in `max_context`."""
-    if needed > max_context:
-        raise ConfigError(f"{needed} tokens do not fit in the context of {max_context} tokens")
-    length = MIN_LENGTH
-    while length < needed:
-        length *= 2
-    return min(length, max_context)
-
-
-def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`."""
-    if cache_layer.shape[0] == 1:  # one row: a plain update of it (see `_decode` in engine.py)
+def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array, one_row: bool = False) -> jax.Array:
+    """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`.
+    `one_row` (`Backend.one_row_cache`): a cache of one row is written with a plain update of it."""
+    if one_row and cache_layer.shape[0] == 1:  # matches the engine's one-row decode loop
         row = jax.lax.dynamic_update_slice(cache_layer[0], new[0].astype(cache_layer.dtype), (0, starts[0], 0))
         return row[None]
 

@@ -1,4 +1,4 @@
-"""Text <-> token ids for a model folder: its tokenizer, chat template, stop tokens and streaming decode.
+"""Text <-> token ids for a model folder: its tokenizer, chat template and stop tokens.
 
 Everything here matches transformers (v5) token for token: `tokenizer.json` goes through the
 `tokenizers` library exactly as transformers loads it, a lone SentencePiece `tokenizer.model` is
@@ -11,17 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from phi4_jax.chat_template import ChatRenderer, read_chat_template
 from phi4_jax.errors import TokenizerError
-from phi4_jax.hub import resolve
-from phi4_jax.sentencepiece_tokenizer import AddedToken, SentencePieceBackend
+from phi4_jax.text.chat_template import ChatRenderer, read_chat_template
+from phi4_jax.text.sentencepiece import AddedToken, SentencePieceBackend
+from phi4_jax.text.stops import StreamDecoder, model_stop_ids
 
 # The named special tokens transformers puts into the chat template's variables.
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Turn-ending tokens of the Phi chat formats (phi-4, Phi-3.x / Phi-4-mini) and the end of a document.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|end|>", "<|endoftext|>")
 
 
 class Tokenizer:
@@ -67,14 +65,9 @@ class Tokenizer:
             if pad is None and isinstance(source.get("pad_token_id"), int):
                 pad = source["pad_token_id"]
         self.pad_token_id: int | None = pad
-        stops = set()
-        for source in (model_config, generation_config):
-            eos = source.get("eos_token_id")
-            stops.update(i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
-        for name in (*_END_OF_TURN_TOKENS, self.special_tokens.get("eos_token")):
-            if (token_id := self.token_to_id(name)) is not None:
-                stops.add(token_id)
-        self.eos_token_ids: frozenset[int] = frozenset(stops)
+        self.eos_token_ids: frozenset[int] = model_stop_ids(
+            model_config, generation_config, self.chat_template, self.special_tokens.get("eos_token"),
+            self.token_to_id)
 
     def __repr__(self):
         spm = isinstance(self._backend, SentencePieceBackend)
@@ -100,9 +93,11 @@ class Tokenizer:
         """The id of one token string (`"<|end|>"`), or None when the vocabulary lacks it."""
         return None if token is None else self._backend.token_to_id(token)
 
-    def stream(self, stop: tuple[str, ...] = (), skip_special_tokens: bool = False) -> StreamDecoder:
-        """A fresh incremental detokenizer for one generated sequence; see `StreamDecoder`."""
-        return StreamDecoder(lambda ids: self._backend.decode(ids, skip_special_tokens), stop)
+    def stream(self, stop: tuple[str, ...] = (), stop_ids: Iterable[int] = (),
+               skip_special_tokens: bool = False) -> StreamDecoder:
+        """A fresh incremental detokenizer for one generated sequence, cut at the first of the `stop`
+        strings; the `stop_ids` tokens add no text (see `stops.StreamDecoder`)."""
+        return StreamDecoder(lambda ids: self._backend.decode(ids, skip_special_tokens), stop, stop_ids)
 
     # Chat.
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -131,85 +126,6 @@ class Tokenizer:
         a "tools" string already in the system message is left as it is.
         """
         return self._chat.render(self.chat_template, messages, add_generation_prompt, tools, self.special_tokens)
-
-
-class StreamDecoder:
-    """Incremental detokenizer for one sequence.
-
-    `add(token_id)` returns only text that is final: never part of a UTF-8 character still split
-    across tokens (held while the decoded tail ends in U+FFFD), and never text that could be the start
-    of a stop string (the longest such suffix is held). Once a stop string appears, `stopped` is set
-    and nothing from the stop string on is ever emitted. Joined with `finish()`, the pieces equal
-    `decode(all ids)` cut before the first stop string.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Iterable[str] = ()):
-        self._decode = decode
-        self._stops = tuple(s for s in stop if s)  # an empty stop string would stop before any text
-        self._longest_stop = max(map(len, self._stops), default=0)
-        self._ids: list[int] = []
-        # Decoding restarts at `_prefix`, a token boundary where the text was whole; `_read` is where the
-        # emitted text ends. Decoding a short window keeps a step cheap, and diffing two decodes of the same
-        # start keeps start-of-text effects (SentencePiece's stripped leading space) out of the diff.
-        self._prefix = 0
-        self._read = 0
-        self._held = ""  # decoded text kept back because a stop string may begin in it
-        self.stopped = False
-        self.stop_string: str | None = None  # which stop string ended the text
-        self.text = ""
-
-    def add(self, token_id: int) -> str:
-        """Feeds one generated token; returns the new text that is now safe to show (often "")."""
-        if self.stopped:
-            return ""
-        self._ids.append(int(token_id))
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""  # an incomplete character (or nothing visible) so far
-        self._prefix, self._read = self._read, len(self._ids)
-        return self._release(after[len(before):], final=False)
-
-    def finish(self) -> str:
-        """Flushes what is held back at the end of generation: an unfinished character decodes as U+FFFD,
-        and a partial stop string is real text, so both are emitted."""
-        if self.stopped:
-            return ""
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return self._release(after[len(before):], final=True)
-
-    def _release(self, new: str, final: bool) -> str:
-        text = self._held + new
-        hits = [(text.find(s), s) for s in self._stops if s in text]
-        if hits:
-            at, self.stop_string = min(hits)
-            self.stopped = True
-            out, self._held = text[:at], ""
-        elif final:
-            out, self._held = text, ""
-        else:
-            keep = next((k for k in range(min(len(text), self._longest_stop - 1), 0, -1)
-                         if any(s.startswith(text[-k:]) for s in self._stops)), 0)
-            out, self._held = text[:len(text) - keep], text[len(text) - keep:]
-        self.text += out
-        return out
-
-
-def load_tokenizer(path: str | os.PathLike, revision: str | None = None, offline: bool | None = None) -> Tokenizer:
-    """Loads the tokenizer of a model folder, or of an HF repo id (`microsoft/phi-4`) through the HF cache.
-
-    Reads `tokenizer.json` (or, without it, SentencePiece `tokenizer.model`), tokenizer_config.json
-    (chat template, special tokens, added tokens), chat_template.jinja when present (it wins over the
-    config's template, as in transformers v5), and config.json / generation_config.json for the stop tokens.
-    Nothing from the folder is ever executed (`auto_map` is ignored).
-
-    Raises:
-      ModelNotFoundError: no such folder, or a repo id that is not in the cache and cannot be downloaded.
-      TokenizerError: no tokenizer.json / tokenizer.model in the folder, or one of its files is unreadable.
-    """
-    return Tokenizer(resolve(path, revision=revision, offline=offline).folder)
 
 
 # Files.

@@ -24,28 +24,41 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from phi4_jax import cpu_forms, engine, sharding
-from phi4_jax.cache import KVCache
+from flax import nnx
+
 from phi4_jax.config import Phi4Config
-from phi4_jax.sampling import SamplingParams, sampler_state
+from phi4_jax.engine import engine
+from phi4_jax.engine.prefill import piece_for, seq_mesh
+from phi4_jax.engine.sampling import SamplingParams, sampler_state
+from phi4_jax.model.backend import Backend
+from phi4_jax.model.cache import KVCache
+from phi4_jax.model.phi4 import abstract_model
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.parallel import rules
+from phi4_jax.parallel.heads import config_for_mesh
+from phi4_jax.parallel.rules import placed_shapes
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\]\) -> f32\[")
 
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
-         prefill_chunk: int | None = None, new_tokens: int = 256) -> dict:
-    """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_chunk` tokens per row;
-    default the engine's `prefill_chunk_for(batch)`) into a
-    `context`-slot cache, and one decode step against it, for `batch` rows on `mesh`. Returns
-    per-device bytes and collective counts (a JSON-ready dict)."""
-    model_config = sharding.config_for_mesh(config, mesh)
-    prefill_chunk = prefill_chunk or engine.prefill_chunk_for(batch)
+         prefill_piece: int | None = None, new_tokens: int = 256, target: str = "gpu") -> dict:
+    """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
+    default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
+    step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
+    "tpu": the plain forms, never XLA:CPU's own; attention by XLA). Returns per-device bytes and
+    collective counts (a JSON-ready dict)."""
+    model_config = config_for_mesh(config, mesh)
+    prefill_piece = prefill_piece or piece_for(batch)
+    backend = Backend(target)
     steps = {}
     for name in ("prefill", "decode"):
-        real = _compile(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_chunk, new_tokens)
-        upper = real if jnp.dtype(dtype) == jnp.float32 else _compile(
-            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_chunk, new_tokens)
+        real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece, new_tokens,
+                          backend).compile()
+        upper = real if jnp.dtype(dtype) == jnp.float32 else lower_step(
+            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, new_tokens,
+            backend).compile()
         steps[name] = _report(real, upper)
     weights, cache = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
     need = weights + cache + max(s["temp_bytes"] for s in steps.values())
@@ -54,37 +67,44 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "kv_heads_on_mesh": model_config.num_key_value_heads, "parameters": config.num_parameters},
         "mesh": dict(mesh.shape), "devices": mesh.devices.size, "context": context, "batch": batch,
-        "dtype": str(jnp.dtype(dtype)), "prefill_chunk": prefill_chunk,
+        "dtype": str(jnp.dtype(dtype)), "prefill_piece": prefill_piece, "target": target,
         "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need},
         "steps": steps,
     }
 
 
-def _compile(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, chunk: int,
-             new_tokens: int):
-    with cpu_forms.accelerator_forms():  # the accelerators' program, not XLA:CPU's own forms
-        return _compile_step(step, config, mesh, context, batch, dtype, chunk, new_tokens)
-
-
-def _compile_step(step, config, mesh, context, batch, dtype, chunk, new_tokens):
-    graphdef, state = sharding.abstract_on_mesh(config, mesh, dtype)
-    replicated = sharding.replicated(mesh)
+def lower_step(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, piece: int,
+               new_tokens: int, backend: Backend) -> jax.stages.Lowered:
+    """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
+    from abstract inputs on `mesh` (shapes and shardings; no weights): `config` is the model's
+    config on the mesh (KV heads repeated), the cache holds `context` slots of `batch` rows."""
+    graphdef, state = abstract_on_mesh(config, mesh, dtype, backend)
+    replicated = meshes.replicated(mesh)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
-    layout = sharding.sharding(mesh, sharding.CACHE_AXES, cache_shape)
+    layout = rules.sharding(mesh, rules.CACHE_AXES, cache_shape)
     layers = tuple(jax.ShapeDtypeStruct(cache_shape, dtype, sharding=layout) for _ in range(config.num_hidden_layers))
     ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=replicated)
     sampler = jax.tree.map(lambda a: _sds(a, replicated), sampler_state(SamplingParams(), batch))
     start_args = (ints((batch, context)), ints((batch,)), ints((batch,)), ints((batch,)), ints((batch, 1)),
                   sampler, ints((batch, context)), KVCache(layers, layers))
-    # As the engine runs it: ring attention on a seq mesh, else in pieces of `chunk`.
-    ring = engine.seq_mesh(mesh, context)
-    options = dict(max_new=new_tokens, continuing=False, layout=layout, chunk=chunk, ring=ring)
+    # As the engine runs it: ring attention on a seq mesh, else in pieces of `piece`.
+    ring = seq_mesh(mesh, context)
+    options = dict(max_new=new_tokens, continuing=False, layout=layout, piece=piece, ring=ring)
     if step == "prefill":
-        return engine._start.lower(graphdef, state, *start_args, **options).compile()
+        return engine._start.lower(graphdef, state, *start_args, **options)
     # The DecodeState the prefill hands over.
     decoded = jax.eval_shape(functools.partial(engine._start, graphdef, **options), state, *start_args)
     decoded = jax.tree.map(lambda a: _sds(a, replicated), decoded)._replace(cache=KVCache(layers, layers))
-    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring).compile()
+    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
+
+
+def abstract_on_mesh(config: Phi4Config, mesh: Mesh, dtype, backend: Backend = Backend("gpu")):
+    """The model (its config already suited to `mesh`: `heads.config_for_mesh`) split into its
+    graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh`, with XLA attention, traced
+    for `backend`: what `jit(...).lower` takes to compile for a mesh without weights."""
+    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype, attention="xla", backend=backend))
+    nnx.replace_by_pure_dict(state, placed_shapes(state, mesh))
+    return graphdef, state
 
 
 def _sds(a, s) -> jax.ShapeDtypeStruct:
@@ -110,9 +130,9 @@ def _report(real, upper) -> dict:
 def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int]:
     """Per-device bytes of the weights and of the KV cache, from their shardings (the fullest device)."""
     weights = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                  for a in jax.tree.leaves(sharding.abstract_on_mesh(config, mesh, dtype)[1]))
+                  for a in jax.tree.leaves(abstract_on_mesh(config, mesh, dtype)[1]))
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
-    layer = math.prod(sharding.sharding(mesh, sharding.CACHE_AXES, shape).shard_shape(shape)) * dtype.itemsize
+    layer = math.prod(rules.sharding(mesh, rules.CACHE_AXES, shape).shard_shape(shape)) * dtype.itemsize
     return weights, 2 * config.num_hidden_layers * layer
 
 

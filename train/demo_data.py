@@ -1,6 +1,8 @@
-"""The built-in demo model: a tiny Phi-4-mini-architecture model that does arithmetic in Phi-4-mini's
-chat format. This module makes its synthetic chat data, tokenizer and config, and trains it;
-`train/demo.py` is the command line, and the result ships in `phi4_jax/demo_model/`.
+"""The demo model's data: synthetic arithmetic chats, their tokenizer, the model's config, and its score.
+
+The built-in demo model is a tiny Phi-4-mini-architecture model that does arithmetic in
+Phi-4-mini's chat format; `train/demo.py` trains it from this, and the result ships in
+`phi4_jax/demo_model/`.
 
 A problem is `<|user|>What is 482+37?<|end|><|assistant|>519<|end|>`: addition or subtraction of
 whole numbers of 1 to 3 digits (subtraction never goes below zero). The tokenizer is a byte-level
@@ -13,7 +15,8 @@ import json
 
 import numpy as np
 
-from phi4_jax.hub import DEMO_FOLDER
+from phi4_jax.checkpoints.hub import DEMO_FOLDER
+from phi4_jax.config import PRESETS
 
 FOLDER = DEMO_FOLDER  # where the demo model ships
 
@@ -71,18 +74,9 @@ def train_tokenizer(seed: int = 0):
 
 
 def config(vocab_size: int) -> dict:
-    """config.json of the demo model (Phi-4-mini's architecture, scaled down)."""
-    return {
-        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": vocab_size,
-        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, "original_max_position_embeddings": 64,
-        "partial_rotary_factor": 0.75, "rope_theta": 10000.0,
-        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [1.0 + 0.5 * i for i in range(6)]},
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "sliding_window": None, "hidden_act": "silu",
-        "initializer_range": 0.02, "bos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
-        "eos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"), "pad_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
-        "torch_dtype": "float32",
-    }
+    """config.json of the demo model: the `demo` preset (Phi-4-mini's architecture, scaled down) with
+    the trained tokenizer's vocabulary."""
+    return {"architectures": ["Phi3ForCausalLM"], **PRESETS["demo"], "vocab_size": vocab_size, "torch_dtype": "float32"}
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:
@@ -125,9 +119,7 @@ def batches(tokenizer, batch: int, length: int, seed: int, skip: set[str]):
 
 def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 100) -> float:
     """Exact-match share of greedy answers through the chat template (`phi4_jax.generate`)."""
-    from phi4_jax.engine import Engine
-    from phi4_jax.generation import generate
-    from phi4_jax.sampling import SamplingParams
+    from phi4_jax import Engine, SamplingParams, generate
 
     engine = Engine(model, max_context=64)
     params = SamplingParams(max_tokens=6)  # answers have at most 4 digits, then <|end|>

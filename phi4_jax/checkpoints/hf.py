@@ -1,9 +1,11 @@
-"""Hugging Face safetensors -> our parameter tree: names, fused splits, head axes, tied head, dtypes.
+"""Hugging Face safetensors <-> our parameter tree: names, fused splits, head axes, tied head, dtypes.
 
 HF stores every projection as `weight[out, in]`, with q/k/v fused in `qkv_proj` (rows
 `[q; k; v]`, heads contiguous) and gate/up fused in `gate_up_proj` (rows `[gate; up]`). Ours keep
 that `(out..., in...)` layout (no transposes) with heads as their own axis, and separate (so a
 tensor-parallel split never straddles a fused boundary). `_layer_table` is the one place that says how.
+Reading streams one tensor at a time, each device reading only its own block; writing
+(`write_hf_weights`, `save_hf`) fuses the parameters back into HF's tensors and shards.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors c
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from phi4_jax.checkpoints.output import atomic_folder, check_output
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from phi4_jax.parallel.heads import repeat_kv_heads, stored_heads
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,15 +58,12 @@ SAME = Layout(lambda get, index: get(index), lambda p: p)
 def _heads_out(d: int, repeat: int) -> Layout:
     """[heads*d, e] <-> [heads*repeat, d, e]: the output rows split into heads, each repeated
     `repeat` times in a row (GQA on a mesh whose tensor axis does not divide the KV heads; see
-    sharding.kv_repeat)."""
+    `parallel/heads.py`)."""
     def read(get, index):
         h, dim, e = index
-        first, last = h.start // repeat, (h.stop - 1) // repeat + 1  # the stored heads covering h
-        rows = get((slice(first * d, last * d), e)).reshape(last - first, d, e.stop - e.start)
-        if repeat == 1:
-            return rows[:, dim]
-        skip = h.start - first * repeat
-        return np.repeat(rows, repeat, axis=0)[skip:skip + h.stop - h.start, dim]
+        stored = stored_heads(h, repeat)  # the stored heads covering h
+        rows = get((slice(stored.start * d, stored.stop * d), e)).reshape(-1, d, e.stop - e.start)
+        return (rows if repeat == 1 else repeat_kv_heads(rows, repeat, h))[:, dim]
 
     def to_hf(p):
         heads, _, e = p.shape
@@ -295,7 +297,7 @@ def load_hf_params(folder: str, config: Phi4Config, abstract: dict, shardings: d
     `shardings` (a pure dict of `Sharding`s; default: everything on the first device) places each
     parameter as it is read: every device reads only its own block of the safetensors file
     (`jax.make_array_from_callback`), so no process holds more than one tensor on the host.
-    `kv_repeat`: repeat each KV head this many times (`sharding.kv_repeat`).
+    `kv_repeat`: repeat each KV head this many times (`heads.kv_repeat`).
     """
     wanted = traverse_util.flatten_dict(abstract)
     if shardings is None:
@@ -346,3 +348,49 @@ def _place(source: SourceTensor, rows, start: int, target: Target, dtype, shardi
 def param_key(path: str) -> tuple:
     """"model.layers.3.mlp.up_proj.weight" -> the key tuple of the pure-dict parameter tree."""
     return tuple(int(part) if part.isdigit() else part for part in path.split("."))
+
+
+def save_hf(params: dict, files: dict[str, str], output: str, dtype=None, overwrite: bool = False) -> str:
+    """Writes an HF folder from parameters in memory (a pure-dict tree, `nnx.to_pure_dict` of the
+    model's state) and side files given as text (`files["config.json"]` is required), atomically.
+    Weights go to one `model.safetensors`; `dtype` (default: the parameters') is what is stored."""
+    config = Phi4Config.from_dict(json.loads(files["config.json"]))
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    dtype = np.dtype(dtype or next(iter(flat.values())).dtype)
+    check_output(output, overwrite)
+    with atomic_folder(output, overwrite) as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        write_hf_weights(tmp, config, dtype, float("inf"), lambda wanted: {k: flat[k] for k in wanted}, False)
+    return os.path.abspath(output)
+
+
+def write_hf_weights(tmp: str, config: Phi4Config, dtype, max_shard_bytes, read: Callable[[set], dict],
+                      progress: bool) -> None:
+    """The HF safetensors of `config`'s tensors in `dtype`, shard by shard; `read(keys)` returns the
+    parameters (pure-dict keys -> arrays) that a shard needs."""
+    tensors = hf_tensors(config)
+    shards, size = [[]], 0
+    for name, (shape, _) in tensors.items():
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for shard, file_name in zip(tqdm(shards, desc="Writing shards", disable=None if progress else True), names):
+        wanted = {param_key(t.path) for name in shard for t in tensors[name][1]}
+        params = {".".join(map(str, k)): np.asarray(v).astype(dtype, copy=False) for k, v in read(wanted).items()}
+        arrays = {name: fuse_hf_tensor(params, tensors[name][1]) for name in shard}
+        del params
+        save_file(arrays, os.path.join(tmp, file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+    if len(shards) > 1:
+        total = sum(int(np.prod(shape)) * dtype.itemsize for shape, _ in tensors.values())
+        with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")

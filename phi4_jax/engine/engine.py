@@ -1,12 +1,11 @@
-"""Token generation on device: bucketed prefill, then a decode loop compiled once.
+"""The engine: the jitted programs that generate token ids (prefill, decode loop, re-encode) and their state.
 
-The decode loop is one jitted `lax.while_loop` with the sampler inside it; it runs up to k steps
+`_start` prefills a batch of prompts (bucketed lengths, `prefill.py`) and samples each row's first
+token; `_decode` is one jitted `lax.while_loop` with the sampler inside it, running up to k steps
 per call, so the host only looks in every k tokens (to stream text and check stop strings). Rows
 generate in lockstep; each row keeps its own positions (cache slot = position), stop tokens,
-limits and sampling parameters, so a batch gives the tokens each prompt gives alone.
-
-LongRoPE: when a row's sequence grows past `original_max_position_embeddings`, transformers drops
-its cache and re-encodes the whole sequence with the long table, once; so does `_cross`.
+limits and sampling parameters, so a batch gives the tokens each prompt gives alone. `_reencode`
+is LongRoPE's step at the original context's end (`longrope.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi4_jax import sharding
-from phi4_jax.cache import KVCache, cache_length
+from phi4_jax.engine import longrope
+from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, seq_mesh
+from phi4_jax.engine.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
 from phi4_jax.errors import ConfigError
-from phi4_jax.model import Phi4ForCausalLM
-from phi4_jax.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
+from phi4_jax.model.cache import KVCache
+from phi4_jax.model.phi4 import Phi4ForCausalLM
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.parallel import rules
 
-MIN_PROMPT_BUCKET = 16
-# Long prompts prefill in pieces of about this many tokens over all rows (vLLM's chunked prefill
-# budget): attention temporaries grow with rows x piece x context rather than rows x prompt^2.
-PREFILL_TOKENS = 2048
+MIN_PROMPT_BUCKET = MIN_PIECE  # prompts are padded to powers of two from here: they share compiles
+MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
 
 
 class DecodeState(NamedTuple):
@@ -59,21 +59,12 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
     return size
 
 
-def seq_mesh(mesh, length: int):
-    """The mesh whose seq axis splits a `length`-slot cache and the attention over it (ring prefill,
-    split-cache decode), or None (dense): one with seq > 1 that divides `length` (powers of two do)."""
-    if mesh is None or mesh.shape["seq"] == 1 or length % mesh.shape["seq"]:
-        return None
-    return mesh
-
-
-def prefill_chunk_for(batch: int) -> int:
-    """Prompt tokens per row in one prefill piece: `PREFILL_TOKENS` shared by the rows, rounded
-    down to a power of two (so prompt buckets split evenly), at least `MIN_PROMPT_BUCKET`."""
-    chunk = MIN_PROMPT_BUCKET
-    while chunk * 2 * batch <= PREFILL_TOKENS:
-        chunk *= 2
-    return chunk
+def cache_length(needed: int, max_context: int) -> int:
+    """The cache length for `needed` tokens: the next power of two (at least MIN_CACHE_LENGTH), at
+    most `max_context`. Raises ConfigError when `needed` does not fit in `max_context`."""
+    if needed > max_context:
+        raise ConfigError(f"{needed} tokens do not fit in the context of {max_context} tokens")
+    return min(bucket(needed, MIN_CACHE_LENGTH), max_context)
 
 
 class Engine:
@@ -83,36 +74,40 @@ class Engine:
       model: the model (split once here; later changes to it are not seen).
       max_context: the longest sequence (prompt + generation) a request may have; default the
         config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
-      prefill_chunk: prompts longer than this many tokens are prefilled in pieces of it; default
-        `prefill_chunk_for(batch)`.
+      prefill_piece: prompts longer than this many tokens are prefilled in pieces of it; default
+        `prefill.piece_for(batch)`.
     """
 
     def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_piece: int | None = None):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.max_context = max_context or self.config.max_position_embeddings
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        if prefill_piece is not None and prefill_piece < 1:
+            raise ConfigError(f"prefill_piece must be at least 1, got {prefill_piece}")
+        self.prefill_piece = prefill_piece
         self.dtype = model.model.embed_tokens.dtype
         self._longrope = self.config.rope_type == "longrope"
         # On a mesh (the model was loaded with one): the cache follows the rules table; what the
         # host reads is replicated, so every process of a multi-host run can read it.
-        self.mesh = sharding.mesh_of(self.params)
-        self._replicated = None if self.mesh is None else sharding.replicated(self.mesh)
+        self.mesh = meshes.mesh_of(self.params)
+        self._replicated = None if self.mesh is None else meshes.replicated(self.mesh)
+
+    def piece(self, batch: int) -> int:
+        """Prompt tokens per row in one prefill piece for a batch of `batch` rows."""
+        return self.prefill_piece or piece_for(batch)
 
     def cache_sharding(self, batch: int, length: int) -> jax.sharding.NamedSharding | None:
         if self.mesh is None:
             return None
         shape = (batch, self.config.num_key_value_heads, length, self.config.head_dim)
-        return sharding.sharding(self.mesh, sharding.CACHE_AXES, shape)
+        return rules.sharding(self.mesh, rules.CACHE_AXES, shape)
 
     def put(self, tree):
         """Host values as device arrays; on a mesh, global arrays replicated on every device."""
         if self.mesh is None:  # (jnp.asarray would compile a small program per new shape: 15 ms each)
             return jax.device_put(tree)
-        return jax.tree.map(lambda x: sharding.put(x, self._replicated), tree)
+        return jax.tree.map(lambda x: meshes.put(x, self._replicated), tree)
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
               stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None) -> Generation:
@@ -126,7 +121,8 @@ class Engine:
         batch = len(prompts)
         params = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if not prompts or len(params) != batch or len(stop_ids) != batch:
-            raise ValueError("need one SamplingParams and one stop set per prompt")
+            raise ConfigError(f"{batch} prompt(s) need as many SamplingParams and stop-id sets; got "
+                              f"{len(params)} and {len(stop_ids)}")
         lengths = np.array([len(p) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise ConfigError("a prompt is empty: give at least one token")
@@ -159,7 +155,7 @@ class Engine:
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
                        history, cache, max_new=max_new, continuing=bool(reused),
                        layout=self.cache_sharding(batch, length),
-                       chunk=self.prefill_chunk or prefill_chunk_for(batch), ring=seq_mesh(self.mesh, length))
+                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length))
         gen = Generation(self, state, max_new)
         gen.reused_tokens = reused
         return gen
@@ -174,19 +170,18 @@ class Engine:
             return 0
         cached = int(previous._positions[0])  # slots 0 .. position of the last token - 1 hold keys
         prompt = prompts[0]
+        if not longrope.same_table(self.config, cached, len(prompt)):  # transformers re-encodes
+            return 0
         known = np.asarray(previous.state.history[0, :cached])
         n = min(cached, len(prompt) - 1)  # at least one new token makes the next logits
         same = np.nonzero(known[:n] != np.asarray(prompt[:n]))[0]
-        common = int(same[0]) if same.size else n
-        orig = self.config.original_max_position_embeddings
-        if self._longrope and (cached > orig) != (len(prompt) > orig):
-            return 0
-        return common
+        return int(same[0]) if same.size else n
 
 
 class Generation:
-    """One batch being generated. `advance(k)` runs up to k decode steps on device and returns the
-    tokens they produced; `stop(rows)` ends rows the host decided to end (stop strings)."""
+    """One batch being generated. `advance(steps)` runs up to that many decode steps on device in
+    one call and returns the tokens they produced; `stop(rows)` ends rows the host decided to end
+    (stop strings)."""
 
     def __init__(self, engine: Engine, state: DecodeState, max_new: int):
         self.engine, self.state, self.max_new = engine, state, max_new
@@ -200,19 +195,18 @@ class Generation:
     def finished(self) -> bool:
         return bool(self._done.all())
 
-    def advance(self, k: int) -> list[list[int]]:
-        """Runs up to `k` more steps (fewer when every row finishes); returns each row's new tokens."""
+    def advance(self, steps: int) -> list[list[int]]:
+        """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
         engine = self.engine
-        target = min(self._step + k, self.max_new)
+        target = min(self._step + steps, self.max_new)
         while not self._done.all() and self._step < target:
             self.state = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(target)),
                                  layout=self._layout, ring=self._ring)
             self._sync()
             if self._step < target and self._crossing.any():
                 length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
-                self.state = _cross(engine.graphdef, engine.params, self.state, reencode_length=length,
-                                    layout=self._layout, ring=self._ring,
-                                    chunk=engine.prefill_chunk or prefill_chunk_for(len(self._done)))
+                self.state = _reencode(engine.graphdef, engine.params, self.state, length=length,
+                                       layout=self._layout, ring=self._ring, piece=engine.piece(len(self._done)))
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()
@@ -220,7 +214,7 @@ class Generation:
 
     def stop(self, rows: Sequence[int]) -> None:
         """Ends these rows now, with finish reason "stop" (a stop string the host found: it wins
-        over the row's limit even when both came in the same chunk)."""
+        over the row's limit even when both came in the same call)."""
         mask = np.zeros(self._done.shape, bool)
         mask[list(rows)] = True
         s = self.state
@@ -235,7 +229,7 @@ class Generation:
     def _sync(self) -> None:
         """Copies what the host looks at to host memory, in one transfer."""
         s = self.state
-        crossing = _crossing(self.engine.config, s) if self.engine._longrope else None
+        crossing = longrope.crossing(self.engine.config, s.done, s.positions) if self.engine._longrope else None
         step, self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing = (
             jax.device_get((s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing)))
         self._step = int(step)
@@ -256,7 +250,7 @@ def _laid_out(state: DecodeState, layout) -> DecodeState:
     replicated, so the host of every process can read what it needs."""
     if layout is None:
         return state
-    replicated = sharding.replicated(layout.mesh)
+    replicated = meshes.replicated(layout.mesh)
     rest = {f: jax.lax.with_sharding_constraint(getattr(state, f), replicated)
             for f in DecodeState._fields if f != "cache"}
     return DecodeState(**rest, cache=jax.lax.with_sharding_constraint(state.cache, layout))
@@ -282,15 +276,15 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
 
 
 @functools.partial(jax.jit, donate_argnums=(8, 9),
-                   static_argnames=("max_new", "continuing", "layout", "chunk", "ring"))
+                   static_argnames=("max_new", "continuing", "layout", "piece", "ring"))
 def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
-           continuing, layout=None, chunk=None, ring=None) -> DecodeState:
+           continuing, layout=None, piece=None, ring=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    logits, cache = model.prefill(ids, lengths, cache, starts if continuing else None, chunk, ring)
+    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring)
     rows = jnp.arange(batch)[:, None]
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.
@@ -305,21 +299,16 @@ def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, hi
     return _advance(state, logits, cache, layout)
 
 
-def _crossing(config, state: DecodeState) -> jax.Array:
-    """[B] bool: rows whose next step processes position `original_max_position_embeddings`, where
-    transformers re-encodes the sequence with LongRoPE's long table."""
-    return (~state.done) & (state.positions == config.original_max_position_embeddings)
-
-
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout", "ring"))
 def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=None, ring=None) -> DecodeState:
     """Decode steps until `target` tokens, every row done, or a row at the LongRoPE crossing."""
     model = nnx.merge(graphdef, params)
-    longrope = model.config.rope_type == "longrope"
-    # One row, one device: the loop carries the cache layers without their batch axis. With it,
-    # XLA:CPU dropped that axis only around the attention's dot and copied every layer several
-    # times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
-    squeeze = state.tokens.shape[0] == 1 and layout is None
+    longrope_model = model.config.rope_type == "longrope"
+    # One row, one device, on XLA:CPU: the loop carries the cache layers without their batch axis.
+    # With it, XLA:CPU dropped that axis only around the attention's dot and copied every layer
+    # several times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
+    squeeze = state.tokens.shape[0] == 1 and layout is None and model.backend.one_row_cache
+    path = over_cache(state.cache.length, ring)
 
     def carried(cache):
         return jax.tree.map(lambda c: c[0], cache) if squeeze else cache
@@ -329,31 +318,22 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=N
 
     def running(s):
         go = (s.step < target) & ~jnp.all(s.done)
-        return go & ~jnp.any(_crossing(model.config, s)) if longrope else go
+        return go & ~jnp.any(longrope.crossing(model.config, s.done, s.positions)) if longrope_model else go
 
     def step(s):
-        logits, cache = model.decode(s.last, s.positions, restored(s.cache), ring)
+        logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
         return _advance(s, logits, carried(cache), layout)
 
     state = jax.lax.while_loop(running, step, state._replace(cache=carried(state.cache)))
     return _laid_out(state._replace(cache=restored(state.cache)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("reencode_length", "layout", "ring", "chunk"))
-def _cross(graphdef, params, state: DecodeState, *, reencode_length: int, layout=None, ring=None,
-           chunk=None) -> DecodeState:
-    """One step where crossing rows re-encode their whole sequence with the long table (fresh
-    keys/values for its slots) and the other rows decode as usual."""
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("length", "layout", "ring", "piece"))
+def _reencode(graphdef, params, state: DecodeState, *, length: int, layout=None, ring=None,
+              piece=None) -> DecodeState:
+    """LongRoPE's step at the crossing (`longrope.reencode`): crossing rows re-encode their first
+    `length` tokens with the long table, the others decode; then every row samples."""
     model = nnx.merge(graphdef, params)
-    crossing = _crossing(model.config, state)
-    logits, cache = model.decode(state.last, state.positions, state.cache, ring)
-    ids = state.history[:, :reencode_length]
-    fresh = KVCache.create(model.config, ids.shape[0], reencode_length, cache.keys[0].dtype)
-    re_logits, fresh = model.prefill(ids, state.positions + 1, fresh, chunk=chunk,
-                                     ring=seq_mesh(ring, reencode_length))
-    pick = lambda new, old: jnp.where(crossing[:, None, None, None], new, old)  # noqa: E731
-    cache = KVCache(*(tuple(old.at[:, :, :reencode_length].set(pick(new, old[:, :, :reencode_length]))
-                            for new, old in zip(fresh_part, cache_part))
-                      for fresh_part, cache_part in zip(fresh, cache)))
-    logits = jnp.where(crossing[:, None], re_logits, logits)
+    logits, cache = longrope.reencode(model, state.history, state.last, state.positions, state.done,
+                                      state.cache, length, piece, ring)
     return _advance(state, logits, cache, layout)

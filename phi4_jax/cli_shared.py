@@ -1,4 +1,4 @@
-"""What phi4_jax's command lines share: exit codes for each kind of failure, and error reporting."""
+"""What phi4_jax's command lines share: exit codes, error reporting, help formatting, mesh and multi-host flags."""
 
 from __future__ import annotations
 
@@ -52,10 +52,14 @@ def flag(*names: str) -> list[str]:
 
 
 def add_mesh_flags(p: argparse.ArgumentParser) -> None:
-    """--mesh, and the flags that join a multi-host run (see `join_multihost`)."""
+    """--mesh and --devices, and the flags that join a multi-host run (see `join_multihost`)."""
     p.add_argument("--mesh", default=None,
                    help="shard over a device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (axes data, "
-                        "fsdp, tensor, seq; sizes multiply to the device count of all hosts); default: one device")
+                        "fsdp, tensor, seq; it spans the first devices it needs, all of them in a multi-host "
+                        "run); default: one device")
+    p.add_argument("--devices", default=None,
+                   help="the devices the mesh spans, as indices into jax.devices(): a range '4-7' or a list "
+                        "'0,2,4,6' (default: the first the mesh needs)")
     group = p.add_argument_group("multi-host (one process per host, same command on each)")
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-host run (needs --mesh over all hosts' devices); on TPU pod slices, "
@@ -70,12 +74,28 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
                             "JAX_PROCESS_ID)")
 
 
+def mesh_from(args):
+    """The `Mesh` that --mesh and --devices ask for, or None without --mesh."""
+    if args.devices and not args.mesh:
+        raise ConfigError("--devices picks the devices of a mesh: give --mesh too (e.g. --mesh tensor=4)")
+    if not args.mesh:
+        return None
+    import jax
+
+    from phi4_jax.parallel.mesh import make_mesh, parse_devices
+
+    devices = jax.devices()
+    if args.devices:
+        devices = [devices[i] for i in parse_devices(args.devices, len(devices))]
+    return make_mesh(args.mesh, devices)
+
+
 def join_multihost(args) -> bool:
     """Joins the multi-host run that the flags of `add_mesh_flags`, or the environment variables
     they name, ask for (before any device is used). Returns whether it did."""
     import os
 
-    from phi4_jax import distributed
+    from phi4_jax.parallel import distributed
 
     asked = (args.distributed or args.coordinator_address or args.num_processes or args.process_id is not None
              or any(os.environ.get(var) for var in distributed.ENV.values()))

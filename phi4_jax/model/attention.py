@@ -9,16 +9,20 @@ exactly (`merge`). Implementations:
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
   bfloat16/float16).
 
-"auto" picks cuDNN on a GPU for 16-bit compute and XLA otherwise.
+"auto" picks cuDNN on a GPU for 16-bit compute and XLA otherwise. Which path a layer takes is one
+of the static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from phi4_jax import cpu_forms
 from phi4_jax.errors import ConfigError
+from phi4_jax.model.backend import Backend
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -35,46 +39,46 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
     return mask
 
 
-def check(implementation: str, dtype) -> None:
-    """Raises ConfigError when `implementation` is unknown or cannot run here with `dtype`."""
+def check(implementation: str, dtype, platform: str) -> None:
+    """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"unknown attention implementation {implementation!r}; "
                           f"choose one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "cudnn":
-        if jax.default_backend() != "gpu":
+        if platform != "gpu":
             raise ConfigError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is "
-                              f"{jax.default_backend()!r}: use --attention xla (or auto)")
+                              f"{platform!r}: use --attention xla (or auto)")
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             raise ConfigError(f"attention 'cudnn' computes in bfloat16 or float16, not {jnp.dtype(dtype)}: "
                               "use --dtype bfloat16, or --attention xla")
 
 
-def resolve(implementation: str, dtype) -> str:
-    """The implementation "auto" stands for with this backend and compute dtype."""
+def resolve(implementation: str, dtype, platform: str) -> str:
+    """The implementation "auto" stands for on `platform` with this compute dtype."""
     if implementation != "auto":
         return implementation
-    cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    cudnn = platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if cudnn else "xla"
 
 
-def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                 implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
+                 backend: Backend = Backend("cpu")) -> tuple[jax.Array, jax.Array]:
     """Attention of queries over one block of keys, KV heads shared by groups of query heads.
 
     Args:
       q: `[batch, q_len, heads, head_dim]`, already rotated.
       k, v: `[batch, kv_heads, k_len, head_dim]` (the KV-cache layout).
       mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
-      implementation: "xla", "cudnn" or "auto" (see the module doc).
+      implementation: "xla" or "cudnn" (see the module doc).
+      backend: the backend traced for (`heads_as_rows` picks the form of the XLA products).
     Returns:
       `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
       `[batch, q_len, heads]` float32, the log-sum-exp of the query's scaled scores over it. A query
       that sees no key gets zeros and -inf. Query head h reads KV head h // (heads/kv_heads).
     """
-    implementation = resolve(implementation, q.dtype)
     if implementation == "cudnn":
         return _jax_nn_block(q, k, v, mask, "cudnn")
-    return _xla_block(q, k, v, mask)
+    return _xla_block(q, k, v, mask, backend.heads_as_rows)
 
 
 def _jax_nn_block(q, k, v, mask, kernel):
@@ -87,17 +91,16 @@ def _jax_nn_block(q, k, v, mask, kernel):
     return jnp.where(seen[..., None], out.astype(jnp.float32), 0.0), jnp.where(seen, lse.astype(jnp.float32), -jnp.inf)
 
 
-def _xla_block(q, k, v, mask):
+def _xla_block(q, k, v, mask, heads_as_rows: bool):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    # Each KV head's queries (its groups x T) as the rows of plain batched matmuls whose outputs
-    # keep that [B, KV, rows, ...] order (transposed to [B, T, H, D] at the end): on XLA:CPU,
-    # products straight into a [B, T, ...] order ran 2-3x slower (prefill of 512-2048 tokens).
-    # A decode step for GPU/TPU keeps the 5-D forms: the planner's compile of the rows form held
-    # 2-3x the temporaries (Phi-4-mini 128K decode on one device: 42-57 GB against 17.7).
-    rows_form = q_len > 1 or cpu_forms.enabled()
-    if rows_form:
+    # XLA:CPU: each KV head's queries (its groups x T) as the rows of plain batched matmuls whose
+    # outputs keep that [B, KV, rows, ...] order (transposed to [B, T, H, D] at the end): products
+    # straight into a [B, T, ...] order ran 2-3x slower there (prefill of 512-2048 tokens). The
+    # plain 5-D forms elsewhere: the planner's compile of the rows form held 2-3x the decode
+    # temporaries (Phi-4-mini 128K on one device: 42-57 GB against 17.7).
+    if heads_as_rows:
         rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
         rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim)
         scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32)
@@ -114,7 +117,7 @@ def _xla_block(q, k, v, mask):
     p = p.astype(v.dtype)
     # Normalised after the values (T x D divisions, not T x S).
     divisor = jnp.where(total > 0, total, 1.0)
-    if rows_form:
+    if heads_as_rows:
         out = jnp.einsum("bkrs,bksd->bkrd", p.reshape(batch, kv_heads, groups * q_len, -1), v)
         out = out.astype(jnp.float32).reshape(batch, kv_heads, groups, q_len, head_dim) / divisor
         out = out.transpose(0, 3, 1, 2, 4)
@@ -133,6 +136,35 @@ def merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tup
     return out_a * weight(lse_a) + out_b * weight(lse_b), lse
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla") -> jax.Array:
-    """Softmax attention over all of `k`/`v` (shapes as in `attend_block`), in q's dtype."""
-    return attend_block(q, k, v, mask, implementation)[0].astype(q.dtype)
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
+           backend: Backend = Backend("cpu")) -> jax.Array:
+    """Softmax attention over all of `k`/`v` (arguments as in `attend_block`), in q's dtype."""
+    return attend_block(q, k, v, mask, implementation, backend)[0].astype(q.dtype)
+
+
+# Which path a layer's attention takes: a static choice (hashable, part of the jit key) per call.
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Attention on the devices as jit lays it out. The new tokens' keys/values go into the cache at
+    slots = positions (contiguous in each row); the queries attend over the cache's first `slots`
+    slots, or, with `slots` None, over the new tokens alone (a prompt from position 0 in one piece)."""
+
+    slots: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """A new sequence split over `mesh`'s seq axis (laid out as given, zig-zag for balance): ring
+    attention, the cache (if any) split over seq in contiguous shards and filled as blocks pass."""
+
+    mesh: Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCache:
+    """New tokens (the same on every device) against a cache split over `mesh`'s seq axis."""
+
+    mesh: Mesh
+
+
+Path = Dense | Ring | SplitCache

@@ -5,8 +5,9 @@ Ring attention: each device holds a block of queries and a block of keys/values.
 devices on the axis) it attends its queries to the K/V block it holds (`attention.attend_block`,
 any implementation) and merges the result into what it has so far by the log-sum-exps (online
 softmax, float32), while the block travels on to the next device with `ppermute`; the transfer is
-issued before the block's compute, so the two can overlap. Masks use the tokens' global positions, so any layout of the sequence works; `zigzag`
-gives device i the chunks i and 2n-1-i, so every device does the same causal work (DESIGN §6).
+issued before the block's compute, so the two can overlap. Masks use the tokens' global
+positions, so any layout of the sequence works; `zigzag` gives device i the chunks i and 2n-1-i,
+so every device does the same causal work (DESIGN §6).
 Every block passes every device, so each device also keeps the keys/values its shard of the cache
 owns as they go by: the cache is filled with no communication of its own.
 
@@ -29,16 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from phi4_jax.attention import attend_block, causal_mask, merge
-from phi4_jax.cache import write_at
+from phi4_jax.model.attention import attend_block, causal_mask, merge
+from phi4_jax.model.backend import ACCELERATOR, Backend
+from phi4_jax.model.cache import write_at
 
 AXIS = "seq"
-Q_CHUNK = 1024  # queries per piece within a block: scores take q_chunk x block, not block x block
+QUERY_BLOCK = 1024  # queries folded into a key block at a time: scores take QUERY_BLOCK x block, not block x block
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-                   cache=None, *, axis_name: str = AXIS, window: int | None = None, q_chunk: int = Q_CHUNK,
-                   implementation: str = "xla"):
+                   cache=None, *, axis_name: str = AXIS, window: int | None = None, query_block: int = QUERY_BLOCK,
+                   implementation: str = "xla", backend: Backend = ACCELERATOR):
     """Causal attention of this device's queries over the keys/values of every device on the axis.
 
     Args:
@@ -50,12 +52,12 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
         fall in the shard are written into it as the blocks pass.
       axis_name: the mesh axis the sequence is split over.
       window: sliding window (see `attention.causal_mask`), or None.
-      q_chunk: fold the queries into each block this many at a time (when that divides q_len), so
-        the float32 scores take q_chunk x k_len, not q_len x k_len.
-      implementation: of each block's attention (`attention.attend_block`).
+      query_block: fold the queries into each block this many at a time (when that divides q_len), so
+        the float32 scores take query_block x k_len, not q_len x k_len.
+      implementation, backend: of each block's attention (`attention.attend_block`).
     Returns:
-      `[batch, q_len, heads, head_dim]` in v's dtype (and the cache shard, given one). Query head
-      h reads KV head h // (heads/kv_heads); KV heads are never repeated.
+      `(out, cache)`: `[batch, q_len, heads, head_dim]` in v's dtype, and the cache shard (None
+      without one). Query head h reads KV head h // (heads/kv_heads); KV heads are never repeated.
     """
     n = jax.lax.axis_size(axis_name)
     q_len = q.shape[1]
@@ -64,37 +66,38 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
     zero = q.astype(jnp.float32) * 0.0
     seen = (zero, zero[..., 0] - jnp.inf)
     ring = [(i, (i + 1) % n) for i in range(n)]
-    pieces = q_len // q_chunk if q_len > q_chunk and q_len % q_chunk == 0 else 1
+    query_blocks = q_len // query_block if q_len > query_block and q_len % query_block == 0 else 1
 
     def fold(block, q, q_positions, seen):
         k, v, k_positions = block
-        return merge(seen, attend_block(q, k, v, causal_mask(q_positions, k_positions, window), implementation))
+        mask = causal_mask(q_positions, k_positions, window)
+        return merge(seen, attend_block(q, k, v, mask, implementation, backend))
 
     def step(carry, _):
         block, seen, cache = carry
         # The next block leaves first: the transfer is in flight while this block is computed.
         following = jax.lax.ppermute(block, axis_name, ring)
-        if pieces == 1:
+        if query_blocks == 1:
             seen = fold(block, q, q_positions, seen)
-        else:  # query pieces one after another (queries are independent; each keeps its own results),
+        else:  # query blocks one after another (queries are independent; each keeps its own results),
             # updated in place: no split or stacked copies of the queries and results.
-            def piece(i, seen):
-                take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * q_chunk, q_chunk, axis=1)  # noqa: E731
+            def one_block(i, seen):
+                take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * query_block, query_block, axis=1)  # noqa: E731
                 new = fold(block, take(q), take(q_positions), jax.tree.map(take, seen))
-                return jax.tree.map(lambda x, part: jax.lax.dynamic_update_slice_in_dim(x, part, i * q_chunk, 1),
+                return jax.tree.map(lambda x, part: jax.lax.dynamic_update_slice_in_dim(x, part, i * query_block, 1),
                                     seen, new)
-            seen = jax.lax.fori_loop(0, pieces, piece, seen)
+            seen = jax.lax.fori_loop(0, query_blocks, one_block, seen)
         if cache is not None:
             cache = _keep(cache, *block, axis_name)
         return (following, seen, cache), None
 
     (_, (out, _), cache), _ = jax.lax.scan(step, ((k, v, k_positions), seen, cache), length=n)
-    out = out.astype(v.dtype)
-    return out if cache is None else (out, cache)
+    return out.astype(v.dtype), cache
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache, *,
-                    axis_name: str = AXIS, window: int | None = None, implementation: str = "xla"):
+                    axis_name: str = AXIS, window: int | None = None, implementation: str = "xla",
+                    backend: Backend = ACCELERATOR):
     """New tokens (the same on every device) over a cache split contiguously over the axis.
 
     Args:
@@ -103,7 +106,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
       positions: `[batch, q_len]` int: their positions (= cache slots).
       cache: this device's shard `(keys, values)` `[batch, kv_heads, slots, head_dim]`; shard i holds
         slots i*slots .. (i+1)*slots - 1.
-      implementation: of the attention over the shard (`attention.attend_block`).
+      implementation, backend: of the attention over the shard (`attention.attend_block`).
     Returns:
       `([batch, q_len, heads, head_dim]` in v's dtype, the cache shard with the new keys/values
       written where it owns their slots). Each device attends over its own shard; the partial
@@ -112,7 +115,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     keys, values = _keep(cache, k, v, positions, axis_name)
     batch, slots = keys.shape[0], keys.shape[2]
     key_positions = jnp.broadcast_to(jax.lax.axis_index(axis_name) * slots + jnp.arange(slots), (batch, slots))
-    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation)
+    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation, backend)
     top = jax.lax.pmax(lse, axis_name)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # a shard that sees nothing: 0
     out, total = jax.lax.psum((out * weight[..., None], weight), axis_name)
@@ -147,25 +150,28 @@ def unzigzag(x: jax.Array, n: int, axis: int) -> jax.Array:
 
 
 def ring_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
-                k_positions: jax.Array, window: int | None = None, q_chunk: int = Q_CHUNK, cache=None,
-                implementation: str = "xla"):
+                k_positions: jax.Array, window: int | None = None, query_block: int = QUERY_BLOCK, cache=None,
+                implementation: str = "xla", backend: Backend = ACCELERATOR):
     """`ring_attention` over `mesh`'s seq axis for whole arrays (shapes as there, sequence axes of
     the same length divisible by the seq size; `cache` a `(keys, values)` pair of whole cache
     layers): each device gets its contiguous block of the sequence as laid out (`zigzag` it first
-    for balanced causal work) and its contiguous shard of the cache."""
-    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, q_chunk=q_chunk,
-                               implementation=implementation)
+    for balanced causal work) and its contiguous shard of the cache. Returns `(out, cache)`."""
+    kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, query_block=query_block,
+                               implementation=implementation, backend=backend)
     if cache is None:
-        return _on_seq(mesh, kernel, (_SEQ, _KV, _KV, _SEQ, _SEQ), _SEQ)(q, k, v, q_positions, k_positions)
+        out = _on_seq(mesh, lambda *a: kernel(*a)[0], (_SEQ, _KV, _KV, _SEQ, _SEQ), _SEQ)(
+            q, k, v, q_positions, k_positions)
+        return out, None
     return _on_seq(mesh, kernel, (_SEQ, _KV, _KV, _SEQ, _SEQ, _KV), (_SEQ, _KV))(
         q, k, v, q_positions, k_positions, cache)
 
 
 def cache_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache,
-                 window: int | None = None, implementation: str = "xla"):
+                 window: int | None = None, implementation: str = "xla", backend: Backend = ACCELERATOR):
     """`cache_attention` over `mesh`'s seq axis for whole arrays: the new tokens on every device,
     the cache layers `(keys, values)` split over seq. Returns `(out, cache)`."""
-    kernel = functools.partial(cache_attention, axis_name=AXIS, window=window, implementation=implementation)
+    kernel = functools.partial(cache_attention, axis_name=AXIS, window=window, implementation=implementation,
+                               backend=backend)
     whole = PartitionSpec()
     return _on_seq(mesh, kernel, (whole, whole, whole, whole, _KV), (whole, _KV))(q, k, v, positions, cache)
 

@@ -1,0 +1,220 @@
+"""Conversion: HF -> Orbax (planned from headers, streamed one tensor at a time, verified), and back.
+
+Everything is written into a hidden sibling folder and renamed onto the output at the very end
+(`output.atomic_folder`), so an interrupted run leaves no output (or the previous one intact).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+from flax import nnx, traverse_util
+from tqdm.auto import tqdm
+
+from phi4_jax.checkpoints import orbax
+from phi4_jax.checkpoints.hf import (INDEX_FILE, SourceTensor, inspect_hf, param_key, read_hf_params,
+                                     write_hf_weights)
+from phi4_jax.checkpoints.hub import ModelSource
+from phi4_jax.checkpoints.output import atomic_folder, check_output, check_space, disk_full_is_typed, gb
+from phi4_jax.config import Phi4Config
+from phi4_jax.errors import CheckpointError, ConfigError, ModelNotFoundError
+from phi4_jax.model.phi4 import abstract_model
+from phi4_jax.parallel.rules import placed_shapes
+
+# Copied as they are: what tokenizers, chat templates and generation need.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "chat_template.jinja", "chat_template.json", "LICENSE")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+# Planning.
+@dataclasses.dataclass(frozen=True)
+class ConversionPlan:
+    """What a conversion will read and write, known from headers alone."""
+
+    source: ModelSource
+    config: Phi4Config
+    tensors: list[SourceTensor]
+    dtype: np.dtype  # of the saved parameters
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
+
+    @property
+    def largest_output_bytes(self) -> int:
+        return max(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
+
+    @property
+    def peak_ram_bytes(self) -> int:
+        """A batch of tensors waiting to be written (up to the largest tensor's size), the tensor
+        being read and its cast/laid-out copy, plus the runtime (~1 GB)."""
+        largest_read = max(s.nbytes for s in self.tensors)
+        return largest_read + 2 * self.largest_output_bytes + 2**30
+
+    def describe(self) -> str:
+        rows = [f"source: {self.source.folder}" + (f" ({self.source.repo_id}@{self.source.revision})"
+                                                   if self.source.repo_id else ""),
+                f"{'tensor':58} {'shape':>16} {'from':>8} -> {'to':<8}"]
+        for s in self.tensors:
+            rows.append(f"{s.name:58} {'x'.join(map(str, s.shape)):>16} {s.dtype.name:>8} -> {self.dtype.name:<8}")
+        rows.append(f"{len(self.tensors)} tensors, {gb(sum(s.nbytes for s in self.tensors))} read, "
+                    f"{gb(self.output_bytes)} written as {self.dtype.name}; "
+                    f"estimated peak RAM {gb(self.peak_ram_bytes)}")
+        return "\n".join(rows)
+
+
+def plan_conversion(source: ModelSource, dtype: str = "auto") -> ConversionPlan:
+    """Checks the source folder (config and safetensors headers) and decides the output dtype:
+    `auto` keeps the checkpoint's own (its tensors' dtype)."""
+    config = Phi4Config.from_json(source.folder)
+    tensors = inspect_hf(source.folder, config)
+    if dtype == "auto":
+        stored = {s.dtype for s in tensors}
+        target = stored.pop() if len(stored) == 1 else np.dtype("float32")
+    elif dtype in DTYPES:
+        target = np.dtype(dtype)
+    else:
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return ConversionPlan(source, config, tensors, target)
+
+
+# HF -> Orbax.
+def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress: bool = True,
+            verify: bool = False, on_tensor: Callable[[str], None] | None = None) -> str:
+    """Writes the Orbax folder for `plan` at `output`, one source tensor at a time; returns its path.
+
+    `verify` checks, before the output takes its name, that it gives the source's logits.
+    `on_tensor(name)` is called after each source tensor is written (progress reporting).
+    """
+    check_output(output, overwrite, source=plan.source.folder)
+    with atomic_folder(output, overwrite) as tmp, disk_full_is_typed(output):
+        check_space(tmp, int(plan.output_bytes * 1.05) + 2**20)
+        copied = _copy_side_files(plan.source.folder, tmp)
+        ocp = orbax.ocp()
+        params_dir = os.path.join(tmp, orbax.PARAMS)
+        # Each partial save costs more than the last (Orbax merges metadata), so tensors are
+        # written in batches of up to one largest tensor's bytes: peak RAM stays ~3 largest tensors.
+        budget = plan.largest_output_bytes
+        pending: dict[tuple, np.ndarray] = {}
+        for source, parts in read_hf_params(plan.tensors, plan.dtype, progress):
+            pending.update((param_key(path), array) for path, array in parts.items())
+            del parts
+            if sum(a.nbytes for a in pending.values()) >= budget:
+                ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
+                pending.clear()
+                _return_freed_memory()
+            if on_tensor is not None:
+                on_tensor(source.name)
+        if pending:
+            ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
+        pending.clear()
+        ocp.partial.finalize(params_dir)
+        files = sorted({s.file for s in plan.tensors} | set(copied))
+        index = os.path.join(plan.source.folder, INDEX_FILE)
+        if os.path.exists(index):
+            files.append(index)
+        orbax.write_manifest(tmp, {
+            "tool": "phi4_jax", "tool_version": _version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": os.path.abspath(plan.source.folder), "repo_id": plan.source.repo_id,
+                       "revision": plan.source.revision},
+            "source_files": {os.path.basename(f): _describe_file(f, progress) for f in files},
+            "dtype": plan.dtype.name, "params": orbax.PARAMS,
+            "num_parameters": plan.config.num_parameters,
+        })
+        if verify:
+            verify_logits(plan.source.folder, tmp, plan.dtype)
+    return os.path.abspath(output)
+
+
+def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: int = 0) -> None:
+    """Raises CheckpointError unless `folder` gives exactly `reference`'s logits on a short random
+    prompt (both loaded in `dtype`, one after the other to keep one model in memory)."""
+    from phi4_jax.checkpoints.load import load_model
+
+    config = Phi4Config.from_json(reference)
+    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, seq_len), dtype=np.int32)
+    want = np.asarray(load_model(reference, dtype=dtype)(ids))
+    got = np.asarray(load_model(folder, dtype=dtype)(ids))
+    if not np.array_equal(want, got):
+        diff = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
+        raise CheckpointError(f"verification failed: the converted logits differ from {reference}'s "
+                              f"by up to {diff:g}")
+
+
+def _return_freed_memory() -> None:
+    """Hands freed heap memory back to the OS (glibc only). Without it, glibc keeps the buffers of
+    each written batch and RSS grows by about a batch per save (measured: 5.3 GB instead of 4.0 GB
+    peak converting Phi-4-mini)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _copy_side_files(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))  # follows HF-cache symlinks
+            copied.append(path)
+    return copied
+
+
+def _describe_file(path: str, progress: bool) -> dict:
+    """Size and sha256; in an HF cache, a blob named by its sha256 must match it."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=size, desc=f"sha256 {os.path.basename(path)}", unit="B",
+                                     unit_scale=True, disable=None if progress else True) as bar:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    sha = digest.hexdigest()
+    blob = os.path.basename(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", blob) and blob != sha:
+        raise CheckpointError(f"{path} is corrupt: the Hugging Face cache names its content sha256 "
+                              f"{blob}, the file hashes to {sha}; download it again")
+    return {"size": size, "sha256": sha}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("phi4-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Orbax -> HF.
+def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
+              overwrite: bool = False, progress: bool = True) -> str:
+    """Writes an HF folder (fused `qkv_proj`/`gate_up_proj`, safetensors shards of at most
+    `max_shard_bytes` with an index when there are several) from an Orbax folder."""
+    if not orbax.is_orbax_folder(folder):
+        raise ModelNotFoundError(f"{folder} is not a phi4_jax Orbax folder (no {orbax.MANIFEST} from convert)")
+    manifest = orbax.read_manifest(folder)
+    config = Phi4Config.from_json(folder)
+    dtype = np.dtype(dtype or manifest["dtype"])
+    abstract = placed_shapes(nnx.state(abstract_model(config, param_dtype=dtype)))
+
+    def read(wanted: set) -> dict:  # only these parameters, from the Orbax checkpoint
+        return traverse_util.flatten_dict(orbax.restore_params(folder, abstract, wanted))
+
+    check_output(output, overwrite, source=folder)
+    with atomic_folder(output, overwrite) as tmp, disk_full_is_typed(output):
+        check_space(tmp, int(config.num_parameters * dtype.itemsize * 1.05))
+        _copy_side_files(folder, tmp)
+        write_hf_weights(tmp, config, dtype, max_shard_bytes, read, progress)
+    return os.path.abspath(output)

@@ -1,0 +1,1 @@
+"""Running the model: the sampler, prefill, the jitted generation programs and their state, the planner."""

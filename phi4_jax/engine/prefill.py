@@ -1,0 +1,96 @@
+"""Prompts into the KV cache: laid out zig-zag for the ring, in one piece, or in pieces over the cache.
+
+The model runs whatever tokens it is given at whatever positions; this module decides how a batch of
+right-padded prompts goes through it. A fresh prompt on a `seq` mesh is reordered zig-zag and runs
+with ring attention; a long prompt runs in pieces of `piece` tokens per row (each piece attending
+over the cache slots the prompt may reach), so attention's temporaries grow with piece x context
+rather than prompt x prompt; anything else runs in one piece.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from phi4_jax.model import attention as attn
+from phi4_jax.model.cache import KVCache
+from phi4_jax.model.phi4 import Phi4ForCausalLM
+from phi4_jax.model.ring import zigzag_order
+
+MIN_PIECE = 16  # also the smallest prompt bucket, so prompt buckets split into whole pieces
+# Long prompts prefill in pieces of about this many tokens over all rows (vLLM's chunked prefill
+# budget): attention temporaries grow with rows x piece x context rather than rows x prompt^2.
+PREFILL_TOKENS = 2048
+
+
+def piece_for(batch: int) -> int:
+    """Prompt tokens per row in one prefill piece: `PREFILL_TOKENS` shared by the rows, rounded
+    down to a power of two (so prompt buckets split evenly), at least `MIN_PIECE`."""
+    piece = MIN_PIECE
+    while piece * 2 * batch <= PREFILL_TOKENS:
+        piece *= 2
+    return piece
+
+
+def seq_mesh(mesh: Mesh | None, length: int) -> Mesh | None:
+    """The mesh whose seq axis splits a `length`-slot cache and the attention over it (ring prefill,
+    split-cache decode), or None (dense): one with seq > 1 that divides `length` (powers of two do)."""
+    if mesh is None or mesh.shape["seq"] == 1 or length % mesh.shape["seq"]:
+        return None
+    return mesh
+
+
+def over_cache(slots: int, ring: Mesh | None) -> attn.Path:
+    """Attention over the cache's first `slots` slots: dense, or over its shards on a seq mesh."""
+    return attn.Dense(slots) if ring is None else attn.SplitCache(ring)
+
+
+def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: KVCache,
+            starts: jax.Array | None = None, piece: int | None = None,
+            ring: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs right-padded prompts `ids` `[B, W]` into the cache; returns the logits `[B, vocab]` at
+    each row's last prompt token (position `lengths[b] - 1`), and the cache.
+
+    Without `starts` the prompts start at position 0 and attend among themselves; with `starts`
+    `[B]` they continue sequences whose first `starts[b]` positions are cached (a chat's next
+    turn) and attend over the cache. `piece`: prompts longer than this run in pieces of it, each
+    attending over the slots the prompt may reach (its first W from position 0, else all).
+    `ring`: a mesh whose seq axis splits the cache (in contiguous shards) and the work: a prompt
+    from position 0 whose W divides into 2·seq chunks runs with ring attention; other prompts and
+    pieces attend over the split cache.
+    """
+    batch, width = ids.shape
+    fresh = starts is None
+    if ring is not None and fresh and width % (2 * ring.shape["seq"]) == 0:
+        order = zigzag_order(width, ring.shape["seq"])
+        last = jnp.asarray(np.argsort(order))[lengths - 1]  # where each row's last token went
+        return model.prefill(jnp.take(ids, order, axis=1), jnp.broadcast_to(order, ids.shape), lengths, last,
+                             cache, attn.Ring(ring))
+    slots = width if fresh else cache.length
+    starts = jnp.zeros(batch, jnp.int32) if fresh else starts
+    if piece is None or width <= piece:  # one piece: a fresh one attends among its own tokens
+        path = attn.Dense() if fresh and ring is None else over_cache(slots, ring)
+        return _block(model, ids, lengths, cache, starts, path)
+
+    def one_piece(offset, size, logits, cache):
+        block = jax.lax.dynamic_slice_in_dim(ids, offset, size, axis=1)
+        new, cache = _block(model, block, lengths, cache, starts + offset, over_cache(slots, ring))
+        holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
+        return jnp.where(holds_last[:, None], new, logits), cache
+
+    logits = jnp.zeros((batch, model.config.vocab_size), model.model.embed_tokens.dtype)
+    logits, cache = jax.lax.fori_loop(0, width // piece, lambda i, c: one_piece(i * piece, piece, *c),
+                                      (logits, cache))
+    if width % piece:  # a last, shorter piece (a cache shorter than the power-of-two bucket)
+        logits, cache = one_piece(width - width % piece, width % piece, logits, cache)
+    return logits, cache
+
+
+def _block(model, ids, lengths, cache, starts, path):
+    """Tokens `[B, W]` at positions `starts[b]` on; logits at each row's last prompt token
+    (clipped to the block: only meaningful for rows whose last token lies in it)."""
+    positions = starts[:, None] + jnp.arange(ids.shape[1])
+    last = jnp.clip(lengths - starts - 1, 0, ids.shape[1] - 1)
+    return model.prefill(ids, positions, lengths, last, cache, path)

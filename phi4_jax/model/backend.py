@@ -1,0 +1,53 @@
+"""The backend a program is traced for, and the forms of a few products that depend on it.
+
+XLA:CPU runs some products much faster written another way than the plain forms GPUs and TPUs
+share. Which forms a program uses is this static, hashable value: the model carries it (so it is
+in the graph definition, and with it in every jit cache key), built from the platform its arrays
+live on, or given explicitly when compiling for another target (the memory planner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The platform a program is traced for: "cpu", "gpu" or "tpu"."""
+
+    platform: str
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"platform {self.platform!r} is not one of {', '.join(PLATFORMS)}")
+
+    @classmethod
+    def of(cls, devices=None) -> Backend:
+        """The backend of these devices (default: JAX's default devices)."""
+        devices = jax.devices() if devices is None else list(devices)
+        return cls(devices[0].platform)
+
+    # XLA:CPU's own forms; every accelerator program uses the plain ones.
+    @property
+    def weight_first_rows(self) -> int:
+        """Products of 2 to this many rows put the weight first (`phi4.project`; 0: never)."""
+        return 64 if self.platform == "cpu" else 0
+
+    @property
+    def heads_as_rows(self) -> bool:
+        """Attention products take each KV head's queries as the rows of plain batched matmuls
+        (`attention.attend_block`), rather than the grouped 5-D forms."""
+        return self.platform == "cpu"
+
+    @property
+    def one_row_cache(self) -> bool:
+        """A one-row decode carries its cache layers without their batch axis, and writes them with
+        a plain update (`cache.write`, the engine's decode loop)."""
+        return self.platform == "cpu"
+
+
+ACCELERATOR = Backend("gpu")  # the plain forms (GPU and TPU programs are traced alike)

@@ -1,0 +1,1 @@
+"""Text <-> token ids: tokenizers, chat templates, stop tokens and stop strings, streaming detokenization."""
