@@ -3,8 +3,9 @@ a model on a target mesh, and the collectives in each step, from XLA compiling t
 devices with abstract inputs (no weights are read; a 14B model plans on a laptop).
 
 The prefill step fills a --context-slot cache with a --context-token prompt (in pieces of
---prefill-chunk tokens); the decode step is one token per row against that cache. Results are
-merged into bench/results/plan.json (one record per model, mesh, context, batch, dtype and chunk).
+--prefill-piece tokens); the decode step is one token per row against that cache. Both are traced
+for the --target platform (the forms its programs use, never XLA:CPU's own). Results are merged
+into bench/results/plan.json (one record per model, mesh, context, batch, dtype, piece and target).
 
   python bench/plan.py --model phi-4 --mesh tensor=8 --context 16k --batch 8
   python bench/plan.py --model phi-4-mini --mesh tensor=1 tensor=8 seq=2 seq=4 seq=8 --context 128k --batch 1

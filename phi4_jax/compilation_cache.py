@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on by default in a per-user folder.
+"""JAX's persistent compilation cache in a per-user folder, turned on by `load()` and the command lines.
 
 Unrolled layers make the first compile of a 40-layer model take seconds; the cache makes every
 later process start in a fraction of that. `PHI4_JAX_COMPILATION_CACHE=off` turns it off, any

@@ -82,6 +82,23 @@ def test_prefill_in_pieces_equals_transformers(tiny_checkpoint, shape, prefill_p
     assert got == [hf_greedy(hf, p) for p in batch]
 
 
+@pytest.mark.parametrize("shape", ["phi-4", "phi-4-mini"])
+def test_repetition_penalty_equals_transformers_generate(engines, shape):
+    """Greedy with HF's repetition penalty (tokens of the prompt and the output so far), per row in
+    one batch, against transformers' `generate(repetition_penalty=1.3)` on each prompt alone."""
+    engine, hf = engines(shape)
+    batch = prompts(seed=11)
+    params = [SamplingParams(max_tokens=NEW, repetition_penalty=1.3), SamplingParams(max_tokens=NEW),
+              SamplingParams(max_tokens=NEW, repetition_penalty=1.3)]
+    got, _ = run(engine, batch, params)
+    for prompt, tokens, p in zip(batch, got, params):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW, eos_token_id=None,
+                              pad_token_id=0, repetition_penalty=p.repetition_penalty)
+        assert tokens == out[0, len(prompt):].tolist()
+    assert got[0] != run(engine, batch[:1])[0][0]  # the penalty changes the tokens: the test can fail
+
+
 def test_crossing_matters(engines):
     """Without transformers' re-encoding at the threshold the tokens differ: the test can fail."""
     engine, hf = engines("phi-4-mini")

@@ -1,7 +1,5 @@
 """The planner: per-device bytes and collectives of the real steps, compiled for a mesh without weights."""
 
-import math
-
 import jax
 import pytest
 
@@ -47,7 +45,12 @@ def test_tensor_parallel_splits_weights_and_cache_and_all_reduces(plans):
                                                   + max(s["temp_bytes"] for s in four["steps"].values()))
 
 
-def test_fits_on_uses_the_headroom():
-    assert "H200" in plan.fits_on(int(0.9 * 141e9)) and "H200" not in plan.fits_on(int(0.91 * 141e9))
-    assert plan.fits_on(10**15) == []
-    assert math.isclose(plan.USABLE, 0.9)
+def test_fits_on_lists_the_accelerators_whose_usable_memory_holds_it():
+    sizes = plan.ACCELERATORS
+    for name, size in sizes.items():
+        at_the_edge = int(plan.USABLE * size)
+        fits = plan.fits_on(at_the_edge)
+        assert name in fits and name not in plan.fits_on(at_the_edge + 1)
+        assert fits == [n for n, s in sizes.items() if s >= size]  # every larger one, in the table's order
+        assert name not in plan.fits_on(size)  # headroom is kept
+    assert plan.fits_on(10**15) == [] and plan.fits_on(1) == list(sizes)

@@ -183,6 +183,35 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, refe
     assert meshes.device_bytes(params) == pytest.approx(total / (m.shape["fsdp"] * m.shape["tensor"]), rel=0.02)
 
 
+@pytest.mark.parametrize("devices", [None, "4-7", "1,3,5,7"])
+def test_a_mesh_over_some_of_the_devices_gives_the_one_device_results(tiny_checkpoint, reference, devices):
+    """`tensor=4` on 8 devices: the first 4 by default, or those named (as --devices takes them)."""
+    folder, _ = tiny_checkpoint("phi-4")
+    everything = jax.devices()
+    assert len(everything) == 8
+    picked = everything[:4] if devices is None else [everything[i] for i in meshes.parse_devices(devices, 8)]
+    m = meshes.make_mesh("tensor=4", None if devices is None else picked)
+    assert list(m.devices.flat) == picked
+    model, _ = phi4_jax.load(folder, dtype="float32", mesh=m, progress=False)
+    on = {d for a in jax.tree.leaves(nnx.state(model)) for d in a.sharding.device_set}
+    assert on == set(picked)
+    want_logits, (want_tokens, _) = reference("phi-4")
+    logits = np.asarray(phi4_jax.forward(*nnx.split(model), IDS))
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6)
+    assert greedy(Engine(model))[0] == want_tokens
+    which = "devices 0-3 of 8" if devices is None else f"devices {'4-7' if devices == '4-7' else '1, 3, 5, 7'} of 8"
+    assert f"(4 cpu devices: {which};" in meshes.describe(nnx.to_pure_dict(nnx.state(model)))
+
+
+def test_device_lists_are_parsed_and_checked():
+    assert meshes.parse_devices("0-1,6-7", 8) == [0, 1, 6, 7]
+    assert meshes.parse_devices(" 5 ", 8) == [5]
+    for bad, words in (("3-1", "backwards"), ("0,0", "twice"), ("8", "indices 0-7"), ("a-b", "range such as 4-7"),
+                       (",", "names no device")):
+        with pytest.raises(MeshError, match=words):
+            meshes.parse_devices(bad, 8)
+
+
 def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
     folder, _ = tiny_checkpoint("phi-4")
     model, _ = phi4_jax.load(folder, dtype="float32", mesh=mesh("tensor=8"), progress=False)
@@ -346,8 +375,12 @@ def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_
     sharded, err = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=8",
                             "--verbose")
     assert sharded["tokens"] == one["tokens"] and len(one["tokens"]) == 8
-    assert "mesh: data=1, fsdp=1, tensor=8, seq=1" in err
+    assert "mesh: data=1, fsdp=1, tensor=8, seq=1 (8 cpu devices: all;" in err
     assert re.search(r"self_attn\.k_proj\.weight +\(40, 4, 160\)", err), err  # 10 KV heads, repeated 4x
+    part, err = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=4",
+                         "--devices", "4-7", "--verbose")
+    assert part["tokens"] == one["tokens"]
+    assert "mesh: data=1, fsdp=1, tensor=4, seq=1 (4 cpu devices: devices 4-7 of 8;" in err
 
 
 @pytest.mark.parametrize("flags, words", [

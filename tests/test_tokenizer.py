@@ -9,7 +9,7 @@ import pytest
 
 from phi4_jax.errors import ModelNotFoundError, Phi4Error, TokenizerError
 from phi4_jax import load_tokenizer
-from phi4_jax.text.stops import StreamDecoder
+from phi4_jax.text.stops import StreamDecoder, request_stop_ids
 from phi4_jax.text.tokenizer import Tokenizer
 
 # The three real tokenizers, plus Phi-3.5 from its SentencePiece tokenizer.model alone.
@@ -182,8 +182,9 @@ def test_sentencepiece_variants_equal_transformers(folders, tmp_path, variant):
 @pytest.mark.parametrize("name", MODELS)
 def test_stop_tokens_pad_and_vocab(pair, name):
     ours, hf = pair(name)
+    # DESIGN §4: config's and generation_config's eos_token_id, and the chat template's end of turn.
     expected = {"phi-4": {100265}, "phi-4-mini": {200020, 199999}}.get(name, {32007, 32001, 32000})
-    assert expected <= ours.eos_token_ids and isinstance(ours.eos_token_ids, frozenset)
+    assert ours.eos_token_ids == expected and isinstance(ours.eos_token_ids, frozenset)
     assert ours.pad_token_id == hf.pad_token_id
     assert ours.vocab_size == len(hf)
     assert ours.token_to_id("<|im_end|>" if name == "phi-4" else "<|end|>") in ours.eos_token_ids
@@ -215,6 +216,24 @@ def test_stream_holds_a_character_split_across_tokens(pair):
     assert stream_all(ours, ids)[1] == [""] * (len(ids) - 1) + ["🤖"]
     decoder = ours.stream()
     assert decoder.add(ids[0]) == "" and decoder.finish() == "\ufffd"  # an unfinished character, at the end
+
+
+def test_a_request_stops_at_the_model_tokens_unless_ignored_and_at_its_own(pair):
+    ours, _ = pair("phi-4-mini")
+    assert request_stop_ids(ours.eos_token_ids, False, (7,)) == {200020, 199999, 7}
+    assert request_stop_ids(ours.eos_token_ids, True, (7,)) == {7}
+    assert request_stop_ids(ours.eos_token_ids, True, ()) == frozenset()
+
+
+def test_stop_tokens_add_no_text_to_the_stream(pair):
+    ours, _ = pair("phi-4-mini")
+    ids = ours.encode("Hello world")
+    end = ours.token_to_id("<|end|>")
+    decoder = ours.stream(stop_ids={end})
+    pieces = [decoder.add(i) for i in [*ids[:1], end, *ids[1:]]] + [decoder.finish()]
+    assert "".join(pieces) == decoder.text == "Hello world"
+    _, plain, rest = stream_all(ours, [*ids, end])  # without stop_ids the token's text shows
+    assert "".join(plain) + rest == "Hello world<|end|>"
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -125,7 +125,7 @@ def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 100
     params = SamplingParams(max_tokens=6)  # answers have at most 4 digits, then <|end|>
     right = 0
     for start in range(0, len(problems), batch):
-        chunk = problems[start:start + batch]
-        answers = generate(engine, tokenizer, [[{"role": "user", "content": q}] for q, _ in chunk], params)
-        right += sum(got.strip() == want for got, (_, want) in zip(answers, chunk))
+        group = problems[start:start + batch]
+        answers = generate(engine, tokenizer, [[{"role": "user", "content": q}] for q, _ in group], params)
+        right += sum(got.strip() == want for got, (_, want) in zip(answers, group))
     return right / len(problems)

@@ -179,9 +179,9 @@ def _describe_file(path: str, progress: bool) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as f, tqdm(total=size, desc=f"sha256 {os.path.basename(path)}", unit="B",
                                      unit_scale=True, disable=None if progress else True) as bar:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-            bar.update(len(chunk))
+        while block := f.read(1 << 24):
+            digest.update(block)
+            bar.update(len(block))
     sha = digest.hexdigest()
     blob = os.path.basename(os.path.realpath(path))
     if re.fullmatch(r"[0-9a-f]{64}", blob) and blob != sha:

@@ -1,5 +1,4 @@
-"""Model names to local folders: a path as it is, "demo" (the model shipped in the package), or a
-Hugging Face repo id through the HF cache."""
+"""Model names to local folders: a path, "demo" (the model in the package), or a Hugging Face repo id."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""LongRoPE's re-encode: where a sequence crosses `original_max_position_embeddings`, transformers
-drops its KV cache and encodes the whole sequence again with the long table, once; so does this.
+"""LongRoPE's re-encode: past the original context, a sequence is encoded again with the long table.
+
+Where a sequence crosses `original_max_position_embeddings`, transformers drops its KV cache and
+encodes the whole sequence again with the long table, once; so does this.
 
 A LongRoPE model's rotary table depends on the whole sequence's length (short factors up to the
 original context, long ones past it), so keys cached under the short table are stale once a row

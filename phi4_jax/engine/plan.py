@@ -1,8 +1,12 @@
-"""Will it fit? Per-device memory and collectives of the real prefill and decode steps on a target
-mesh, from XLA compiling them with abstract inputs (shapes and shardings; no weights, no memory).
+"""Will it fit? Per-device memory and collectives of the engine's programs on a target mesh.
+
+XLA compiles the real prefill and decode steps with abstract inputs (shapes and shardings; no
+weights, no memory).
 
 Run it on CPU with as many fake devices as the mesh has. The engine's own jitted steps are
-compiled, so what is reported is what `Engine` runs. Weights and the KV cache per device come from
+compiled, traced for the target platform (`model/backend.py`: the plain forms of GPU and TPU
+programs, not XLA:CPU's own), so what is reported is what `Engine` runs there, with XLA's
+attention. Weights and the KV cache per device come from
 their shardings (XLA's argument sizes, also reported, hold them plus a few small inputs);
 temporaries are XLA's temp allocation.
 
@@ -47,8 +51,8 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
-    "tpu": the plain forms, never XLA:CPU's own; attention by XLA). Returns per-device bytes and
-    collective counts (a JSON-ready dict)."""
+    "tpu": the plain forms, never XLA:CPU's own; "cpu": XLA:CPU's program), attention by XLA.
+    Returns per-device bytes and collective counts (a JSON-ready dict)."""
     model_config = config_for_mesh(config, mesh)
     prefill_piece = prefill_piece or piece_for(batch)
     backend = Backend(target)
@@ -73,18 +77,24 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     }
 
 
-def lower_step(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype, piece: int,
+def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, batch: int, dtype, piece: int,
                new_tokens: int, backend: Backend) -> jax.stages.Lowered:
     """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
-    from abstract inputs on `mesh` (shapes and shardings; no weights): `config` is the model's
-    config on the mesh (KV heads repeated), the cache holds `context` slots of `batch` rows."""
+    from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
+    `Engine` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
+    the cache holds `context` slots of `batch` rows, a prompt fills them."""
     graphdef, state = abstract_on_mesh(config, mesh, dtype, backend)
-    replicated = meshes.replicated(mesh)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
-    layout = rules.sharding(mesh, rules.CACHE_AXES, cache_shape)
-    layers = tuple(jax.ShapeDtypeStruct(cache_shape, dtype, sharding=layout) for _ in range(config.num_hidden_layers))
-    ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=replicated)
-    sampler = jax.tree.map(lambda a: _sds(a, replicated), sampler_state(SamplingParams(), batch))
+    if mesh is None:
+        layout = None
+        whole = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        whole = meshes.replicated(mesh)
+        layout = rules.sharding(mesh, rules.CACHE_AXES, cache_shape)
+    layers = tuple(jax.ShapeDtypeStruct(cache_shape, dtype, sharding=layout or whole)
+                   for _ in range(config.num_hidden_layers))
+    ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=whole)
+    sampler = jax.tree.map(lambda a: _sds(a, whole), sampler_state(SamplingParams(), batch))
     start_args = (ints((batch, context)), ints((batch,)), ints((batch,)), ints((batch,)), ints((batch, 1)),
                   sampler, ints((batch, context)), KVCache(layers, layers))
     # As the engine runs it: ring attention on a seq mesh, else in pieces of `piece`.
@@ -94,14 +104,14 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh, context: int, batch: i
         return engine._start.lower(graphdef, state, *start_args, **options)
     # The DecodeState the prefill hands over.
     decoded = jax.eval_shape(functools.partial(engine._start, graphdef, **options), state, *start_args)
-    decoded = jax.tree.map(lambda a: _sds(a, replicated), decoded)._replace(cache=KVCache(layers, layers))
+    decoded = jax.tree.map(lambda a: _sds(a, whole), decoded)._replace(cache=KVCache(layers, layers))
     return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
 
 
-def abstract_on_mesh(config: Phi4Config, mesh: Mesh, dtype, backend: Backend = Backend("gpu")):
+def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu")):
     """The model (its config already suited to `mesh`: `heads.config_for_mesh`) split into its
-    graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh`, with XLA attention, traced
-    for `backend`: what `jit(...).lower` takes to compile for a mesh without weights."""
+    graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh` (None: the first device), with
+    XLA attention, traced for `backend`: what `jit(...).lower` takes to compile without weights."""
     graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype, attention="xla", backend=backend))
     nnx.replace_by_pure_dict(state, placed_shapes(state, mesh))
     return graphdef, state

@@ -1,5 +1,6 @@
-"""Attention with the sequence split over the `seq` mesh axis: ring attention for prompts, and
-attention over a KV cache split across devices for decoding.
+"""Attention with the sequence split over the `seq` mesh axis: ring attention, and a split KV cache.
+
+Ring attention serves prompts; attention over a KV cache split across devices serves decoding.
 
 Ring attention: each device holds a block of queries and a block of keys/values. For n steps (n
 devices on the axis) it attends its queries to the K/V block it holds (`attention.attend_block`,

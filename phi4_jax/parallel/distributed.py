@@ -1,5 +1,7 @@
-"""Joining a multi-host run: one process per host, the same program on each (JAX's multi-controller
-runtime). After `initialize`, `jax.devices()` lists every host's devices and a mesh spans them."""
+"""Joining a multi-host run: one process per host, the same program on each.
+
+JAX's multi-controller runtime: after `initialize`, `jax.devices()` lists every host's devices and
+a mesh spans them."""
 
 from __future__ import annotations
 

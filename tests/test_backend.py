@@ -1,0 +1,76 @@
+"""Backend forms are a static choice the model carries: the engine's programs traced for XLA:CPU and
+for an accelerator (lowered here, as the planner lowers them) differ exactly in XLA:CPU's own forms,
+and both give the same tokens."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from phi4_jax import Engine, Phi4Config, Phi4ForCausalLM
+from phi4_jax.engine.plan import lower_step
+from phi4_jax.model.backend import Backend
+
+from conftest import greedy_run
+
+CONFIG = Phi4Config.from_preset("tiny-phi-4")  # GQA 4:1: 40 query / 10 KV heads of 4 channels
+CONTEXT, PIECE = 64, 16
+
+
+def forms(step: str, batch: int, platform: str) -> dict:
+    """What a lowered program (StableHLO, the forms as traced) holds of the backend-dependent forms."""
+    text = lower_step(step, CONFIG, None, CONTEXT, batch, jnp.float32, PIECE, 8, Backend(platform)).as_text()
+    kv, d = CONFIG.num_key_value_heads, CONFIG.head_dim
+    cache = f"tensor<{batch}x{kv}x{CONTEXT}x{d}xf32>"
+    dots = re.findall(r"stablehlo\.dot_general [^\n]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+    # The attention products: one operand is a cache layer; the rank of the other tells the form.
+    attention = [a if b == cache else b for a, b in dots if cache in (a, b)]
+    return {"dots": len(dots), "attention_dots": len(attention),
+            "attention_ranks": sorted({t.count("x") for t in attention}),
+            "weight_first": text.count("stablehlo.optimization_barrier"),
+            "one_row_cache": f"tensor<{kv}x{CONTEXT}x{d}xf32>" in text}
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "tpu"])
+@pytest.mark.parametrize("step, batch", [("prefill", 1), ("prefill", 4), ("decode", 1), ("decode", 2)])
+def test_cpu_and_accelerator_programs_differ_exactly_in_the_cpu_forms(step, batch, accelerator):
+    cpu, plain = forms(step, batch, "cpu"), forms(step, batch, accelerator)
+    layers = CONFIG.num_hidden_layers
+    assert cpu["dots"] == plain["dots"]  # the same products, written two ways
+    assert cpu["attention_dots"] == plain["attention_dots"] == 2 * layers  # scores and values, per layer
+    # XLA:CPU: each KV head's queries as the rows of 4-D batched products; elsewhere the 5-D forms.
+    assert cpu["attention_ranks"] == [4] and plain["attention_ranks"] == [5]
+    # XLA:CPU: projections of 2 to 64 rows put the weight first (behind a barrier); never elsewhere.
+    rows = batch * (PIECE if step == "prefill" else 1)
+    assert (cpu["weight_first"] > 0) == (1 < rows <= 64)
+    assert plain["weight_first"] == 0
+    # XLA:CPU: one row's cache layers carried and written without their batch axis; never elsewhere.
+    assert cpu["one_row_cache"] == (batch == 1)
+    assert not plain["one_row_cache"]
+
+
+def test_the_model_carries_its_backend_and_defaults_to_its_devices():
+    model = Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    assert model.backend == Backend.of()
+    graphdef, _ = nnx.split(model)
+    other, _ = nnx.split(Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32,
+                                         backend=Backend("tpu" if model.backend.platform != "tpu" else "gpu")))
+    assert graphdef != other  # the backend is in the graph definition: a jit key of its own
+    with pytest.raises(ValueError, match="platform 'metal'"):
+        Backend("metal")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_both_forms_give_the_same_tokens(batch):
+    """The same weights traced with XLA:CPU's forms and with the plain ones (both run here) decode
+    the same greedy tokens, and their prefill logits agree."""
+    engines = [Engine(Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32, backend=Backend(p)))
+               for p in ("cpu", "gpu")]
+    prompts = [np.random.default_rng(row).integers(3, 256, 5 + 3 * row).tolist() for row in range(batch)]
+    cpu, plain = (greedy_run(e, prompts, max_tokens=16)[0] for e in engines)
+    assert cpu == plain and all(len(row) == 16 for row in cpu)
+    ids = np.array([prompts[0]], np.int32)
+    logits = [np.asarray(nnx.merge(e.graphdef, e.params)(ids)) for e in engines]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-5)
