@@ -72,13 +72,13 @@ def main(argv=None) -> int:
         records = [r for r in records if _key(r) != key] + [result]
     records.sort(key=lambda r: (r["name"], r["context"], r["batch"], r["devices"], r["mesh_spec"]))
     write_record(args.output, {"benchmark": "plan", "schema": 1, **describe_run(), "records": records})
-    print(f"wrote {args.output}; README's table:\n{README_HEADER}", file=sys.stderr)
-    print("\n".join(readme_row(r) for r in records), file=sys.stderr)
+    print(f"wrote {args.output}; bench/RESULTS.md's table:\n{TABLE_HEADER}", file=sys.stderr)
+    print("\n".join(table_row(r) for r in records), file=sys.stderr)
     return 0
 
 
-def readme_row(r: dict) -> str:
-    """The record as a row of README's table (tests/test_docs.py checks that the README has it)."""
+def table_row(r: dict) -> str:
+    """The record as a row of bench/RESULTS.md's table (tests/test_docs.py checks that the page has it)."""
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     d, s = r["per_device"], r["steps"]
     return (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
@@ -86,7 +86,7 @@ def readme_row(r: dict) -> str:
             f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
 
 
-README_HEADER = ("| model | mesh | context × batch | weights | KV cache | temporaries: prefill / decode | "
+TABLE_HEADER = ("| model | mesh | context × batch | weights | KV cache | temporaries: prefill / decode | "
                  "needed | fits on (that many of) |\n|---|---|---|---|---|---|---|---|")
 
 

@@ -90,10 +90,10 @@ def main(argv=None) -> int:
     write_record(args.output, record)
     print(f"wrote {args.output}", file=sys.stderr)
     if "timed" in record:
-        print(f"README's timed table:\n{TIMED_HEADER}\n" + "\n".join(map(timed_row, record["timed"])),
+        print(f"bench/RESULTS.md's timed table:\n{TIMED_HEADER}\n" + "\n".join(map(timed_row, record["timed"])),
               file=sys.stderr)
     if "planned" in record:
-        print(f"README's table:\n{README_HEADER}\n" + "\n".join(map(readme_row, record["planned"])),
+        print(f"bench/RESULTS.md's table:\n{TABLE_HEADER}\n" + "\n".join(map(table_row, record["planned"])),
               file=sys.stderr)
     return 0
 
@@ -160,16 +160,16 @@ def _plan(config, name: str, mesh, context: int) -> dict:
            "prefill_temp_bytes": s["prefill"]["temp_bytes"], "decode_temp_bytes": s["decode"]["temp_bytes"],
            "needed_bytes": d["needed_bytes"], "fits_on": plan.fits_on(d["needed_bytes"]),
            "collectives": {step: s[step]["collectives"] for step in s}}
-    print(readme_row(row), file=sys.stderr)
+    print(table_row(row), file=sys.stderr)
     return row
 
 
-README_HEADER = ("| seq | weights | KV cache | prefill temporaries | decode temporaries | needed per device |\n"
+TABLE_HEADER = ("| seq | weights | KV cache | prefill temporaries | decode temporaries | needed per device |\n"
                  "|---|---|---|---|---|---|")
 
 
-def readme_row(r: dict) -> str:
-    """A planned record as a row of README's ring table (tests/test_docs.py checks the README has it)."""
+def table_row(r: dict) -> str:
+    """A planned record as a row of bench/RESULTS.md's ring table (tests/test_docs.py checks the page has it)."""
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     return (f"| {r['seq']} | {gb(r['weights_bytes'])} | {gb(r['kv_cache_bytes'])} | {gb(r['prefill_temp_bytes'])} | "
             f"{gb(r['decode_temp_bytes'])} | {gb(r['needed_bytes'])} |")
@@ -180,7 +180,7 @@ TIMED_HEADER = ("| prompt slots | seq | prefill | tokens/s | temporaries per dev
 
 
 def timed_row(r: dict) -> str:
-    """A timed record as a row of README's table (tests/test_docs.py checks the README has it)."""
+    """A timed record as a row of bench/RESULTS.md's table (tests/test_docs.py checks the page has it)."""
     return (f"| {r['length']} | {r['seq']} | {r['prefill_seconds']:.2f} s | {r['prefill_tokens_per_s']:.0f} | "
             f"{r['per_device']['prefill_temp_bytes'] / 1e6:.0f} MB |")
 

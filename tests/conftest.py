@@ -1,16 +1,31 @@
 """Shared fixtures: simulated devices, the real model files, tiny HF checkpoints written by transformers."""
 
 import os
+import shutil
+import tempfile
 
 # Meshes are simulated with 8 CPU devices; this must happen before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("PHI4_JAX_COMPILATION_CACHE", "off")  # tests measure nothing across runs
+# One compilation cache per test run, shared by its xdist workers (they inherit the controller's
+# environment) and the processes tests start: the same tiny programs compile in many tests. A fresh
+# folder, so no run reads another's; the controller removes it at the end.
+os.environ.setdefault("PHI4_JAX_COMPILATION_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"phi4_jax-tests-{os.getpid()}"))
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from phi4_jax import compilation_cache  # noqa: E402
 from phi4_jax.config import PRESETS  # noqa: E402
+
+compilation_cache.enable()  # for programs compiled without phi4_jax.load too
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without workers)
+        shutil.rmtree(os.environ["PHI4_JAX_COMPILATION_CACHE"], ignore_errors=True)
+
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REAL_MODELS = ("phi-4", "phi-4-mini", "phi-3.5-mini")

@@ -160,7 +160,7 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     compare = bench_module("compare_transformers")
     out = tmp_path / "compare.jsonl"
     code = compare.main(["--model", "tiny", "--batch", "1", "3", "--prefill-len", "32", "--new-tokens", "12",
-                         "--repeats", "1", "--output", str(out)])
+                         "--repeats", "1", "--read-buffer-mb", "64", "--output", str(out)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     decode = [r for r in records if r["part"] == "decode"]
     assert code == 0 and {r["engine"] for r in records} == set(compare.ENGINES)
