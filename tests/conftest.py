@@ -85,13 +85,13 @@ def tiny_checkpoint(tmp_path_factory):
     return get
 
 
-def greedy_run(engine, prompts, max_tokens=24, chunk=8):
+def greedy_run(engine, prompts, max_tokens=24, steps_per_call=8):
     """Greedy generation of a batch through `Engine.start` / `advance`: (tokens per row, Generation)."""
     from phi4_jax.engine.sampling import SamplingParams
 
     gen = engine.start(prompts, SamplingParams(max_tokens=max_tokens), [[] for _ in prompts])
     out = [[] for _ in prompts]
     while not gen.finished:
-        for row, new in zip(out, gen.advance(chunk)):
+        for row, new in zip(out, gen.advance(steps_per_call)):
             row += new
     return out, gen

@@ -31,11 +31,11 @@ def prompts(seed=0, lengths=LENGTHS):
     return [rng.integers(3, 256, n).tolist() for n in lengths]
 
 
-def run(engine, batch, params=SamplingParams(max_tokens=NEW), stop_ids=None, chunk=8):
+def run(engine, batch, params=SamplingParams(max_tokens=NEW), stop_ids=None, steps_per_call=8):
     gen = engine.start(batch, params, stop_ids or [[] for _ in batch])
     out = [[] for _ in batch]
     while not gen.finished:
-        for row, new in zip(out, gen.advance(chunk)):
+        for row, new in zip(out, gen.advance(steps_per_call)):
             row += new
     return out, gen.finish_reasons()
 
@@ -115,10 +115,10 @@ def test_a_prompt_past_the_threshold_needs_no_crossing(engines):
     assert got == [hf_greedy(hf, p) for p in batch]
 
 
-def test_chunk_size_does_not_change_tokens(engines):
+def test_steps_per_call_do_not_change_tokens(engines):
     engine, _ = engines("phi-4-mini")
     batch = prompts(seed=2)
-    assert run(engine, batch, chunk=1)[0] == run(engine, batch, chunk=NEW)[0]
+    assert run(engine, batch, steps_per_call=1)[0] == run(engine, batch, steps_per_call=NEW)[0]
 
 
 def test_stop_tokens_and_limits_per_row(engines):
