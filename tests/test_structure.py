@@ -22,6 +22,9 @@ ALLOWED = {
     "phi4_jax.train": BASE | {"phi4_jax.model", "phi4_jax.parallel"},
     "phi4_jax.api": BASE | {"phi4_jax.compilation_cache", "phi4_jax.model", "phi4_jax.parallel", "phi4_jax.engine",
                             "phi4_jax.checkpoints", "phi4_jax.text"},
+    # The server's layer (HTTP), beside the command lines: the API and everything below it.
+    "phi4_jax.server": BASE | {"phi4_jax.api", "phi4_jax.compilation_cache", "phi4_jax.model", "phi4_jax.parallel",
+                               "phi4_jax.engine", "phi4_jax.checkpoints", "phi4_jax.text"},
 }
 CLI = {"phi4_jax.generate", "phi4_jax.cli_shared"}
 

@@ -1,0 +1,216 @@
+"""OpenAI's request shapes and error body, and the sampling parameters a request asks the engine for.
+
+Requests are validated as OpenAI validates them: a wrong type is refused, not coerced ("1" is not
+a number), an unknown field is ignored (clients send fields of other servers). Every refusal is a
+`RequestError` naming the field (`param`), which the server answers with status 400 and
+`error_body`. Field names are OpenAI's, plus vLLM's extras (`top_k`, `min_p`,
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from phi4_jax.engine.sampling import SamplingParams
+from phi4_jax.errors import SamplingError
+
+# OpenAI fields this server does not honour: refused rather than ignored, except at these values.
+UNSUPPORTED = {"logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "best_of": (None, 1),
+               "suffix": (None, ""), "parallel_tool_calls": (None, True)}
+MAX_N = 16  # rows one request may ask for (`n`)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+class RequestError(ValueError):
+    """A request the server refuses: `status` (400 unless said), the message, the field it names."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               429: "rate_limit_exceeded", 503: "service_unavailable", 500: "internal_error"}
+
+
+def error_body(error: RequestError) -> dict:
+    """OpenAI's error JSON for a refusal."""
+    return {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
+                      "param": error.param, "code": error.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class Function(_Request):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: Function
+
+
+class _Sampling(_Request):
+    """The fields chat and completion requests share."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them."""
+        out = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [{"type": "function", "id": c.id, "function": {
+                    "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
+
+    def tool_schemas(self) -> list[dict] | None:
+        """The tools as the chat template takes them (none when `tool_choice` is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+def parse(kind: type[_Sampling], body: Any) -> _Sampling:
+    """The request `body` (decoded JSON) as `kind`, or a RequestError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for name, honoured in UNSUPPORTED.items():
+        if name in body and body[name] not in honoured:
+            raise RequestError(f"{name} is not supported by this server (got {_shown(body[name])})", name)
+    try:
+        request = kind.model_validate(body)
+    except pydantic.ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        # The field's path, without pydantic's names of union members ("str", "list[int]", ...).
+        path = [part for part in first["loc"] if isinstance(part, int) or part in _FIELDS]
+        param = ".".join(map(str, path)) or None
+        if first["type"] == "missing":
+            raise RequestError(f"{param} is required", param) from None
+        name = next((part for part in reversed(path) if isinstance(part, str)), None)
+        if len(path) < len(first["loc"]) and name in _UNIONS:
+            raise RequestError(f"{param} must be {_UNIONS[name]} (got {_shown(first.get('input'))})", param) from None
+        raise RequestError(f"{param}: {first['msg']} (got {_shown(first.get('input'))})", param) from None
+    if isinstance(request, ChatCompletionRequest) and not any(m.text() or m.tool_calls for m in request.messages):
+        raise RequestError("messages hold no content", "messages")
+    if isinstance(request, CompletionRequest) and request.prompt == "":
+        raise RequestError("prompt is empty", "prompt")
+    return request
+
+
+_FIELDS = {name for model in (ChatCompletionRequest, CompletionRequest, Message, Tool, Function, ToolCall,
+                               FunctionCall, TextPart, StreamOptions) for name in model.model_fields}
+_UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids, none empty",
+           "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
+
+
+def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingParams:
+    """The engine's SamplingParams for one row of `request`; unset fields take vLLM's defaults."""
+    fields = {name: getattr(request, name) for name in (
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "seed", "stop", "stop_token_ids") if getattr(request, name) is not None}
+    limit = request.token_limit()
+    fields["max_tokens"] = default_max_tokens if limit is None else limit
+    try:
+        return SamplingParams(**fields, ignore_eos=request.ignore_eos)
+    except SamplingError as e:
+        name = str(e).split()[0]
+        param = name if name in fields or name == "max_tokens" else None
+        if param == "max_tokens" and isinstance(request, ChatCompletionRequest) \
+                and request.max_completion_tokens is not None:
+            param = "max_completion_tokens"
+        message = str(e) if param in (None, name) else param + str(e)[len(name):]
+        raise RequestError(message, param) from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
