@@ -51,8 +51,8 @@ def flag(*names: str) -> list[str]:
     return spellings
 
 
-def add_mesh_flags(p: argparse.ArgumentParser) -> None:
-    """--mesh and --devices, and the flags that join a multi-host run (see `join_multihost`)."""
+def add_mesh_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
+    """--mesh and --devices, and (`multihost`) the flags that join a multi-host run (see `join_multihost`)."""
     p.add_argument("--mesh", default=None,
                    help="shard over a device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (axes data, "
                         "fsdp, tensor, seq; it spans the first devices it needs, all of them in a multi-host "
@@ -60,6 +60,8 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=None,
                    help="the devices the mesh spans, as indices into jax.devices(): a range '4-7' or a list "
                         "'0,2,4,6' (default: the first the mesh needs)")
+    if not multihost:
+        return
     group = p.add_argument_group("multi-host (one process per host, same command on each)")
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-host run (needs --mesh over all hosts' devices); on TPU pod slices, "

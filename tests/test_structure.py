@@ -26,7 +26,7 @@ ALLOWED = {
     "phi4_jax.server": BASE | {"phi4_jax.api", "phi4_jax.compilation_cache", "phi4_jax.model", "phi4_jax.parallel",
                                "phi4_jax.engine", "phi4_jax.checkpoints", "phi4_jax.text"},
 }
-CLI = {"phi4_jax.generate", "phi4_jax.cli_shared"}
+CLI = {"phi4_jax.generate", "phi4_jax.serve", "phi4_jax.cli_shared"}
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -1,0 +1,262 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, streamed or not, over the scheduler.
+
+Each request is validated (`protocol.py`), tokenized, and handed to the scheduler as `n` rows per
+prompt; the rows' tokens come back to this event loop, where each row's stream decoder turns them
+into text (stop strings end a row there), and Phi-4-mini's tool calls are parsed when the request
+gave tools. Every refusal is OpenAI's error JSON with its status; no request can stop the server.
+A client that goes away mid-stream ends its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from phi4_jax.engine.scheduler import QueueFullError, Row, RowOutput, Scheduler
+from phi4_jax.errors import TokenizerError
+from phi4_jax.server import protocol
+from phi4_jax.server.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from phi4_jax.text.stops import request_stop_ids
+from phi4_jax.text.tokenizer import Tokenizer
+from phi4_jax.text.tool_calls import Call, Content, ToolCallParser
+
+
+@dataclasses.dataclass
+class Served:
+    """What the API serves: the model's name, its tokenizer and scheduler, and the limits."""
+
+    name: str
+    tokenizer: Tokenizer
+    scheduler: Scheduler
+    max_context: int
+    default_max_tokens: int
+    api_key: str | None = None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def build_app(served: Served) -> FastAPI:
+    app = FastAPI(title="phi4_jax", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def refused(_, error: RequestError):
+        return JSONResponse(protocol.error_body(error), status_code=error.status)
+
+    @app.middleware("http")
+    async def authorise(request: Request, call_next):
+        if served.api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
+                error = RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'",
+                                     status=401, code="invalid_api_key")
+                return JSONResponse(protocol.error_body(error), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                            "owned_by": "phi4_jax"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        parsed = protocol.parse(ChatCompletionRequest, await _json(request))
+        if parsed.logprobs:
+            raise RequestError("logprobs are not supported yet", "logprobs")
+        try:
+            ids = served.tokenizer.apply_chat_template(parsed.conversation(), tools=parsed.tool_schemas())
+        except TokenizerError as e:
+            raise RequestError(str(e), "messages") from None
+        return await _respond(served, request, parsed, [ids], chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        parsed = protocol.parse(CompletionRequest, await _json(request))
+        if parsed.logprobs is not None or parsed.echo:
+            raise RequestError("logprobs and echo are not supported yet", "echo" if parsed.echo else "logprobs")
+        prompts = []
+        for prompt in parsed.prompts():
+            ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if any(not 0 <= i < served.tokenizer.vocab_size for i in ids):
+                raise RequestError(f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
+            prompts.append(ids)
+        return await _respond(served, request, parsed, prompts, chat=False)
+
+    return app
+
+
+async def _json(request: Request):
+    body = await request.body()
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request body is not JSON: {e}") from None
+
+
+class _Choice:
+    """One row's text as it comes: its stream decoder, tool-call parser and counts."""
+
+    def __init__(self, index: int, served: Served, params, stop_ids, tools: bool):
+        self.index = index
+        self.decoder = served.tokenizer.stream(stop=params.stop, stop_ids=stop_ids)
+        self.tools = ToolCallParser() if tools else None
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.text, self.calls = "", []
+
+    def add(self, output: RowOutput) -> tuple[list, bool]:
+        """The row's new events (Content / Call), and whether this output ended the choice (its
+        finish reason, or a stop string this decoder found)."""
+        if self.finish_reason is not None:
+            return [], False  # what the scheduler ran after a stop string
+        pieces = []
+        for token in output.tokens:
+            self.tokens += 1
+            pieces.append(self.decoder.add(token))
+            if self.decoder.stopped:
+                break
+        if self.decoder.stopped or output.finish_reason is not None:
+            pieces.append(self.decoder.finish())
+            self.finish_reason = "stop" if self.decoder.stopped else output.finish_reason
+        events = self._parse("".join(pieces), final=self.finish_reason is not None)
+        if self.finish_reason == "stop" and self.calls:
+            self.finish_reason = "tool_calls"
+        return events, self.finish_reason is not None
+
+    def _parse(self, text: str, final: bool) -> list:
+        if self.tools is None:
+            events = [Content(text)] if text else []
+        else:
+            events = self.tools.feed(text) + (self.tools.finish() if final else [])
+        for e in events:
+            if isinstance(e, Content):
+                self.text += e.text
+            else:
+                self.calls.append(e)
+        return events
+
+
+async def _respond(served: Served, http: Request, request, prompts: list[list[int]], chat: bool):
+    for ids in prompts:
+        if len(ids) >= served.max_context:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this server's context holds {served.max_context} "
+                               "(prompt + generated tokens)", "messages" if chat else "prompt",
+                               code="context_length_exceeded")
+    if request.model is not None and request.model != served.name:
+        raise RequestError(f"the model {request.model!r} does not exist: this server serves {served.name!r}",
+                           "model", status=404, code="model_not_found")
+    params = protocol.sampling_params(request, served.default_max_tokens)
+    stop_ids = request_stop_ids(served.tokenizer.eos_token_ids, params.ignore_eos, params.stop_token_ids)
+    rows, choices = [], []
+    tools = chat and request.tool_schemas() is not None
+    for p, ids in enumerate(prompts):
+        for j in range(request.n):
+            # Rows of one request differ: row j samples with seed + j (row 0 is the lone seeded output).
+            row_params = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
+            rows.append(Row(ids, row_params, stop_ids))
+            choices.append(_Choice(p * request.n + j, served, row_params, stop_ids, tools))
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue[RowOutput] = asyncio.Queue()
+    try:
+        job = served.scheduler.submit(rows, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+    except QueueFullError as e:
+        raise RequestError(f"the server is busy: {e}; try again later", status=503, code="server_busy") from None
+    prompt_tokens = sum(len(ids) for ids in prompts) * request.n
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
+            "model": served.name}
+
+    async def events() -> AsyncIterator[tuple[_Choice, list, bool]]:
+        unfinished = len(choices)  # rows whose last output has not come from the scheduler
+        while unfinished:
+            out = await outputs.get()
+            unfinished -= out.finish_reason is not None
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error)
+            choice = choices[out.row]
+            new, ended = choice.add(out)
+            if ended and out.finish_reason is None:
+                job.stop(out.row)  # a stop string: the scheduler ends the row at its next call
+            yield choice, new, ended
+
+    def usage():
+        completion = sum(c.tokens for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    if not request.stream:
+        try:
+            async for _ in events():
+                pass  # the choices collect the text
+        except RuntimeError as e:
+            raise RequestError(str(e), status=500, code="generation_failed") from None
+        finally:
+            job.stop()
+        return {**meta, "object": "chat.completion" if chat else "text_completion",
+                "choices": [_whole(c, chat) for c in choices], "usage": usage()}
+
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+    async def stream():
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices_, with_usage=None):
+            body = {**meta, "object": kind, "choices": choices_}
+            if include_usage:
+                body["usage"] = with_usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                for c in choices:
+                    yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+            async for choice, new, ended in events():
+                for e in new:
+                    yield chunk([_delta(choice, e, chat)])
+                if ended:
+                    end = {"index": choice.index, "logprobs": None, "finish_reason": choice.finish_reason}
+                    yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
+            if include_usage:
+                yield chunk([], usage())
+        except RuntimeError as e:
+            error = RequestError(str(e), status=500, code="generation_failed")
+            yield f"data: {json.dumps(protocol.error_body(error))}\n\n"
+        finally:
+            job.stop()  # a client gone mid-stream ends its rows
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _tool_call(call: Call) -> dict:
+    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _whole(choice: _Choice, chat: bool) -> dict:
+    if not chat:
+        return {"index": choice.index, "text": choice.text, "logprobs": None, "finish_reason": choice.finish_reason}
+    message = {"role": "assistant", "content": choice.text if choice.text or not choice.calls else None}
+    if choice.calls:
+        message["tool_calls"] = [_tool_call(c) for c in choice.calls]
+    return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}
+
+
+def _delta(choice: _Choice, event, chat: bool) -> dict:
+    base = {"index": choice.index, "logprobs": None, "finish_reason": None}
+    if not chat:
+        return {**base, "text": event.text}
+    if isinstance(event, Content):
+        return {**base, "delta": {"content": event.text}}
+    return {**base, "delta": {"tool_calls": [{"index": event.index, **_tool_call(event)}]}}

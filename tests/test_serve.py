@@ -1,0 +1,143 @@
+"""`python -m phi4_jax.serve` on the demo model, through the official `openai` client: the text
+equals `phi4_jax.generate`'s greedy output, streamed or not, alone or among concurrent requests;
+bad requests get OpenAI's error JSON and the server keeps serving; SIGTERM stops it cleanly."""
+
+import concurrent.futures
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+import phi4_jax
+from phi4_jax import SamplingParams
+
+QUESTIONS = ["What is 482+37?", "What is 904-317?", "What is 5+5?", "What is 71-9?", "What is 300+45?",
+             "What is 12-3?", "What is 999-1?", "What is 64+64?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET (no body) or a POST of raw bytes."""
+    call = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "phi4_jax.serve", "--port", str(port), "--max-batch", "4",
+                                "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if request(f"{url}/health") == (200, {"status": "ok"}):
+                break
+        except OSError:  # not listening yet
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not come up:\n{process.communicate()[0]}")
+    yield process, url
+    # SIGTERM (as a service manager stops it): the server stops cleanly, status 0. The module's
+    # tests share this one process (a worker runs them all), so this runs after the last of them.
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=60) == 0, process.communicate()[0][-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return phi4_jax.load("demo", dtype="float32", progress=False)
+
+
+def lone(demo, prompt, max_tokens):
+    model, tokenizer = demo
+    return phi4_jax.generate(model, tokenizer, prompt, SamplingParams(max_tokens=max_tokens))
+
+
+def test_chat_equals_generate_streamed_or_not_with_usage(server, client, demo):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    whole = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+    want = lone(demo, messages, 8)
+    assert whole.choices[0].message.content == want and whole.choices[0].finish_reason == "stop"
+    prompt_tokens = len(demo[1].apply_chat_template(messages))
+    generated = len(demo[1].encode(want)) + 1  # and <|end|>
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, generated)
+    chunks = list(client.chat.completions.create(model="demo", messages=messages, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.total_tokens == prompt_tokens + generated
+
+
+def test_completions_equal_generate_and_stop_strings_cut(client, demo):
+    prompt = "<|user|>What is 64+64?<|end|><|assistant|>"
+    whole = client.completions.create(model="demo", prompt=prompt, max_tokens=6)
+    assert whole.choices[0].text == lone(demo, prompt, 6)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="demo", prompt=prompt, max_tokens=6, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+    cut = client.completions.create(model="demo", prompt=prompt, max_tokens=6, stop=[whole.choices[0].text[1:]])
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (whole.choices[0].text[:1], "stop")
+
+
+def test_concurrent_requests_each_get_their_lone_answer(client, demo):
+    asks = [([{"role": "user", "content": q}], 3 + i % 4) for i, q in enumerate(QUESTIONS)]
+
+    def ask(case):
+        messages, max_tokens = case
+        r = client.chat.completions.create(model="demo", messages=messages, max_tokens=max_tokens)
+        return r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, asks))
+    assert answers == [lone(demo, messages, max_tokens) for messages, max_tokens in asks]
+
+
+BAD = [  # (body, status, the field the error names)
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    (b'{"model": "demo", "messages": []}', 400, "messages"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}', 400, "max_tokens"),
+    (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    (b'{"model": "demo", "messages": [{"role": "user", "content": "' + b"9+" * 300 + b'"}]}', 400, "messages"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, demo):
+    url = server[1]
+    for body, status, param in BAD:
+        code, answer = request(f"{url}/v1/chat/completions", body)
+        error = answer["error"]
+        assert (code, error["param"]) == (status, param), body[:60]
+        assert error["message"] and error["type"]
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    assert client.chat.completions.create(model="demo", messages=messages, max_tokens=6).choices[0].message.content \
+        == lone(demo, messages, 6)
+    assert client.models.list().data[0].id == "demo"
