@@ -30,7 +30,7 @@ def test_loss_and_gradients_equal_transformers(tiny_checkpoint):
     want = hf(torch.tensor(ids, dtype=torch.long), labels=labels).loss
     want.backward()
     graphdef, params = nnx.split(model)
-    got, grads = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p), ids, weights))(params)
+    got, grads = jax.jit(jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p), ids, weights)))(params)
     assert float(got) == pytest.approx(want.item(), abs=1e-5)
     ours = traverse_util.flatten_dict(nnx.to_pure_dict(grads))
     hf_grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}

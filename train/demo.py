@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="problems per step")
     p.add_argument("--learning-rate", "--learning_rate", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--mesh", default=None, help="train data-parallel on this mesh, e.g. data=8 (CPU: fake devices)")
+    p.add_argument("--held-out", "--held_out", type=int, default=500,
+                   help="problems kept out of training and scored after it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -66,9 +68,12 @@ def train(args) -> int:
     from phi4_jax.checkpoints.hf import save_hf
     from phi4_jax.checkpoints.output import check_output
     from phi4_jax.config import Phi4Config
+    from phi4_jax.errors import ConfigError
     from phi4_jax.model.phi4 import Phi4ForCausalLM
     from phi4_jax.train import Trainer, TrainConfig
 
+    if args.held_out < 1:
+        raise ConfigError(f"--held-out must be at least 1, got {args.held_out}")
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     tokenizer = demo.train_tokenizer(args.seed)
@@ -80,7 +85,7 @@ def train(args) -> int:
     config = TrainConfig(learning_rate=args.learning_rate, total_steps=args.steps,
                          warmup_steps=min(200, args.steps // 10))
     trainer = Trainer(model, config, mesh)
-    held_out = demo.held_out()
+    held_out = demo.held_out(args.held_out)
     data = demo.batches(tokenizer, args.batch, demo.LENGTH, args.seed, {q for q, _ in held_out})
     with tqdm(range(args.steps), desc="Training", disable=True if args.quiet else None) as bar:
         for step in bar:
@@ -100,7 +105,8 @@ def train(args) -> int:
               "model_safetensors_sha256": digest, "parameters": shipped.config.num_parameters,
               "train_seconds": round(time.perf_counter() - start, 1),
               "command": f"python train/demo.py --seed {args.seed} --steps {args.steps} --batch {args.batch} "
-                         f"--learning-rate {args.learning_rate}"}
+                         f"--learning-rate {args.learning_rate}"
+                         + (f" --held-out {args.held_out}" if args.held_out != 500 else "")}
     with open(os.path.join(args.output, "training.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
