@@ -34,7 +34,11 @@ class OutOfResourcesError(Phi4Error):
 
 
 class SamplingError(Phi4Error, ValueError):
-    """An invalid sampling parameter; names it."""
+    """An invalid sampling parameter; names it, and says which in `field`."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class TokenizerError(Phi4Error, ValueError):

@@ -91,8 +91,7 @@ def sampling_from(args, tokenizer) -> SamplingParams:
                               max_tokens=args.max_tokens, stop=tuple(args.stop), stop_token_ids=tuple(extra),
                               ignore_eos=args.ignore_eos)
     except SamplingError as e:
-        field = str(e).split(" ", 1)[0]
-        raise SamplingError(f"{_FLAG_OF.get(field, field)}: {e}") from None
+        raise SamplingError(f"{_FLAG_OF.get(e.field, e.field)}: {e}", e.field) from None
 
 
 def _prompt(args, tokenizer, text: str, history: list[dict]):

@@ -85,12 +85,18 @@ def _main(args) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
     scheduler.start()
     # Compile before reporting healthy: one short greedy request through the scheduler.
-    finished, warm = [], threading.Event()
-    scheduler.submit([Row(tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2), frozenset())],
-                     lambda out: (finished.append(out), warm.set() if out.finish_reason else None))
-    warm.wait()
-    if finished[-1].finish_reason == "error":
-        raise ConfigError(f"the warm-up request failed: {finished[-1].error}")
+    last = []  # the warm-up row's last output
+
+    def warmed(out):
+        if out.finish_reason is not None:
+            last.append(out)
+            done.set()
+
+    done = threading.Event()
+    scheduler.submit([Row(tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2), frozenset())], warmed)
+    done.wait()
+    if last[0].finish_reason == "error":
+        raise ConfigError(f"the warm-up request failed: {last[0].error}")
     name = args.served_model_name or str(args.model)
     served = Served(name=name, tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
                     default_max_tokens=args.max_tokens, api_key=args.api_key)

@@ -59,7 +59,7 @@ class SamplingParams:
         def check_number(name, ok, allowed):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or not ok(value):
-                raise SamplingError(f"{name} must be a number {allowed}, got {value!r}")
+                raise SamplingError(f"{name} must be a number {allowed}, got {value!r}", name)
 
         check_number("temperature", lambda t: t >= 0, ">= 0 (0 = greedy)")
         check_number("top_p", lambda p: 0 < p <= 1, "in (0, 1] (1 = off)")
@@ -68,26 +68,27 @@ class SamplingParams:
         check_number("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2] (0 = off)")
         check_number("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2] (0 = off)")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
+            raise SamplingError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}", "top_k")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if self.seed is not None and (not _is_int(self.seed)
                                       or not _SEED_RANGE[0] <= self.seed < _SEED_RANGE[1]):
-            raise SamplingError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise SamplingError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}",
+                                "seed")
         for name in ("top_k", "max_tokens", "seed"):  # NumPy integers become ints (seed math needs it)
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.ignore_eos, bool):
-            raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", "ignore_eos")
 
         # Lists (from JSON) and a lone stop string are normalised so the params stay hashable.
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-            raise SamplingError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+            raise SamplingError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
         if not isinstance(ids, (tuple, list)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise SamplingError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}")
+            raise SamplingError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}", "stop_token_ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
 
 

@@ -78,13 +78,7 @@ class Scheduler:
         self._waiting: collections.deque[tuple[Job, int]] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
-        self.running = 0  # rows in the batch on device now
         self._thread = threading.Thread(target=self._loop, name="phi4_jax-scheduler", daemon=True)
-
-    @property
-    def waiting(self) -> int:
-        with self._wake:
-            return len(self._waiting)
 
     def start(self) -> None:
         self._thread.start()
@@ -126,12 +120,9 @@ class Scheduler:
                 message = str(e) if isinstance(e, Phi4Error) else f"{type(e).__name__}: {e}"
                 for job, r in batch:
                     job.deliver(RowOutput(r, [], "error", message))
-            finally:
-                self.running = 0
 
     def _run(self, batch: list[tuple[Job, int]]) -> None:
         rows = [job.rows[r] for job, r in batch]
-        self.running = len(batch)
         gen = self.engine.start([row.ids for row in rows], [row.params for row in rows],
                                 [sorted(row.stop_ids) for row in rows])
         done = [False] * len(batch)

@@ -202,12 +202,11 @@ def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingPara
     try:
         return SamplingParams(**fields, ignore_eos=request.ignore_eos)
     except SamplingError as e:
-        name = str(e).split()[0]
-        param = name if name in fields or name == "max_tokens" else None
+        param = e.field
         if param == "max_tokens" and isinstance(request, ChatCompletionRequest) \
                 and request.max_completion_tokens is not None:
-            param = "max_completion_tokens"
-        message = str(e) if param in (None, name) else param + str(e)[len(name):]
+            param = "max_completion_tokens"  # the field the client set
+        message = str(e) if param == e.field else param + str(e)[len(e.field):]
         raise RequestError(message, param) from None
 
 
