@@ -1,8 +1,9 @@
 """`python -m phi4_jax.serve`: an OpenAI-compatible HTTP server for a Phi-4 family model.
 
-It loads the model, compiles the first programs with a warm-up request, then answers
+It loads the model, compiles the first programs with warm-up requests, then answers
 POST /v1/chat/completions and /v1/completions (streamed with server-sent events or not),
-GET /v1/models and GET /health. Waiting requests are batched together on the device.
+GET /v1/models, GET /health and GET /metrics (Prometheus). Requests join and leave the running
+batch between device calls (continuous batching), each getting the tokens it would get alone.
 
 examples:
   python -m phi4_jax.serve                                   # the built-in demo model on 127.0.0.1:8000
@@ -17,7 +18,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from phi4_jax import cli_shared as cli
 from phi4_jax.errors import ConfigError
@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*cli.flag("--api-key"), default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ requests (default: no key, so keep the "
                         "default loopback --host)")
-    p.add_argument(*cli.flag("--max-batch"), type=int, default=16, help="rows decoded together on the device")
+    p.add_argument(*cli.flag("--max-batch"), type=int, default=16,
+                   help="decode slots: rows decoded together on the device (allocated in powers of two as they fill)")
     p.add_argument(*cli.flag("--max-queue"), type=int, default=256,
-                   help="rows that may wait; a request beyond it gets status 503")
+                   help="rows that may wait for a slot; a request beyond it gets status 503")
     p.add_argument(*cli.flag("--max-tokens"), type=int, default=256,
                    help="tokens a request generates when it does not say (max_tokens)")
     p.add_argument(*cli.flag("--max-context"), type=int, default=None,
@@ -71,8 +72,7 @@ def _main(args) -> int:
 
     from phi4_jax.api import load
     from phi4_jax.engine.engine import Engine
-    from phi4_jax.engine.sampling import SamplingParams
-    from phi4_jax.engine.scheduler import Row, Scheduler
+    from phi4_jax.engine.scheduler import Scheduler
     from phi4_jax.server.app import Served, build_app
 
     log = logging.getLogger("phi4_jax.serve")
@@ -84,19 +84,9 @@ def _main(args) -> int:
     engine = Engine(model, max_context=args.max_context)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
     scheduler.start()
-    # Compile before reporting healthy: one short greedy request through the scheduler.
-    last = []  # the warm-up row's last output
-
-    def warmed(out):
-        if out.finish_reason is not None:
-            last.append(out)
-            done.set()
-
-    done = threading.Event()
-    scheduler.submit([Row(tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2), frozenset())], warmed)
-    done.wait()
-    if last[0].finish_reason == "error":
-        raise ConfigError(f"the warm-up request failed: {last[0].error}")
+    # Compile before reporting healthy: the decode programs of 1, 2, 4 .. --max-batch rows.
+    log.info("compiling (warm-up requests)")
+    scheduler.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens)
     name = args.served_model_name or str(args.model)
     served = Served(name=name, tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
                     default_max_tokens=args.max_tokens, api_key=args.api_key)

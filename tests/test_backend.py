@@ -21,7 +21,7 @@ CONTEXT, PIECE = 64, 16
 
 def forms(step: str, batch: int, platform: str) -> dict:
     """What a lowered program (StableHLO, the forms as traced) holds of the backend-dependent forms."""
-    text = lower_step(step, CONFIG, None, CONTEXT, batch, jnp.float32, PIECE, 8, Backend(platform)).as_text()
+    text = lower_step(step, CONFIG, None, CONTEXT, batch, jnp.float32, PIECE, Backend(platform)).as_text()
     kv, d = CONFIG.num_key_value_heads, CONFIG.head_dim
     cache = f"tensor<{batch}x{kv}x{CONTEXT}x{d}xf32>"
     dots = re.findall(r"stablehlo\.dot_general [^\n]*: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)

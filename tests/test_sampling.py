@@ -298,6 +298,7 @@ def test_low_precision_logits_are_computed_in_float32():
     (dict(top_k=-2), "top_k"),
     (dict(top_k=2.0), "top_k"),
     (dict(top_k=True), "top_k"),
+    (dict(top_k=2**31), "top_k"),  # (an int32 array holds it)
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.01), "top_p"),
     (dict(min_p=-0.01), "min_p"),
@@ -315,6 +316,7 @@ def test_low_precision_logits_are_computed_in_float32():
     (dict(stop=""), "stop"),
     (dict(stop_token_ids=(1, "2")), "stop_token_ids"),
     (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(stop_token_ids=(2**31,)), "stop_token_ids"),
     (dict(stop_token_ids=7), "stop_token_ids"),
     (dict(ignore_eos=1), "ignore_eos"),
 ])

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import openai
 import pytest
 
@@ -117,6 +118,69 @@ def test_concurrent_requests_each_get_their_lone_answer(client, demo):
     with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
         answers = list(pool.map(ask, asks))
     assert answers == [lone(demo, messages, max_tokens) for messages, max_tokens in asks]
+
+
+def test_32_concurrent_mixed_requests_each_get_their_lone_output(client, demo):
+    """Different prompts, lengths, limits, stop strings, greedy and seeded sampling, all at once
+    on 4 slots: rows join and leave the running batch; each equals its lone `generate`."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(32):
+        a, b = rng.integers(1, 999, 2)
+        question = f"What is {a}{'+-'[i % 2]}{b}?" + " Please." * int(rng.integers(0, 4))
+        sampling = dict(max_tokens=int(rng.integers(2, 14)), stop=["5"] if i % 5 == 0 else [])
+        if i % 2:
+            sampling.update(temperature=0.9, top_p=0.95, seed=1000 + i)
+        cases.append(([{"role": "user", "content": question}], sampling))
+
+    def ask(case):
+        messages, sampling = case
+        r = client.chat.completions.create(model="demo", messages=messages, **sampling)
+        return r.id, r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(ask, cases))
+    model, tokenizer = demo
+    want = [phi4_jax.generate(model, tokenizer, messages, SamplingParams(**sampling)) for messages, sampling in cases]
+    assert [text for _, text in answers] == want
+    assert len({id_ for id_, _ in answers}) == len(cases)  # none lost or answered twice
+
+
+def test_hostile_requests_leave_the_answers_and_the_memory_as_they_were(server, client, demo):
+    """A few hundred fuzzed bodies (random bytes, JSON of wrong types, huge numbers, deep nesting):
+    each gets a 4xx error JSON (or, where the fuzz made a valid request, an answer), never a 5xx;
+    then a valid request gets the right answer and the server's resident memory has not grown."""
+    url, pid = server[1], server[0].pid
+    rng = np.random.default_rng(1)
+    valid = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    mutations = [
+        lambda: rng.bytes(int(rng.integers(1, 300))),
+        lambda: json.dumps({**valid, str(rng.choice(["max_tokens", "temperature", "n", "top_p", "seed", "stop",
+                                                     "messages", "top_k", "logprobs"])):
+                            [10**400, -1e308, "x" * 5000, None, {"a": []}, [[[]]], True][int(rng.integers(7))]}
+                           ).encode("utf-8", "surrogatepass"),
+        lambda: b'{"model": "demo", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        lambda: json.dumps({**valid, "messages": [{"role": "user", "content": chr(int(rng.integers(0xD800, 0xDFFF)))}]},
+                           ensure_ascii=False).encode("utf-8", "surrogatepass"),
+        lambda: json.dumps({**valid, "n": 10**6, "max_tokens": 10**12}).encode(),
+    ]
+
+    def rss_kib():
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    def hostile(count):
+        for _ in range(count):
+            code, answer = request(f"{url}/v1/chat/completions", mutations[int(rng.integers(len(mutations)))]())
+            assert (400 <= code < 500 and answer["error"]["message"]) or (code == 200 and answer["choices"]), answer
+
+    hostile(100)  # the first ones may still allocate the server's caches (parsers, error paths)
+    settled = rss_kib()
+    hostile(300)
+    assert rss_kib() - settled < 20 * 1024  # KiB: no growth beyond noise
+    messages = [{"role": "user", "content": QUESTIONS[4]}]
+    assert client.chat.completions.create(model="demo", messages=messages, max_tokens=6).choices[0].message.content \
+        == lone(demo, messages, 6)
 
 
 BAD = [  # (body, status, the field the error names)

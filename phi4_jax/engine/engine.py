@@ -2,10 +2,11 @@
 
 `_start` prefills a batch of prompts (bucketed lengths, `prefill.py`) and samples each row's first
 token; `_decode` is one jitted `lax.while_loop` with the sampler inside it, running up to k steps
-per call, so the host only looks in every k tokens (to stream text and check stop strings). Rows
-generate in lockstep; each row keeps its own positions (cache slot = position), stop tokens,
-limits and sampling parameters, so a batch gives the tokens each prompt gives alone. `_reencode`
-is LongRoPE's step at the original context's end (`longrope.py`).
+per call, so the host only looks in every k tokens (to stream text and check stop strings). Each
+row keeps its own position (cache slot = position), token count, stop tokens, limit and sampling
+parameters, so a batch gives the tokens each prompt gives alone, and rows may join a running batch
+(`Generation.join`, into a free row) and leave it: the scheduler's continuous batching runs this
+same decode program. `_reencode` is LongRoPE's step at the original context's end (`longrope.py`).
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, s
 class DecodeState(NamedTuple):
     """Everything the decode loop carries (a pytree; arrays only)."""
 
-    step: jax.Array  # int32: tokens generated so far (the same in every row)
-    tokens: jax.Array  # [B, max_new] int32: generated tokens
+    tokens: jax.Array  # [B, L] int32: generated tokens (L: the cache length, which bounds them)
     last: jax.Array  # [B] int32: the newest token, input of the next step
     positions: jax.Array  # [B] int32: position of `last`
-    done: jax.Array  # [B] bool
+    done: jax.Array  # [B] bool (also a free row of a scheduler's batch)
     stopped_by_token: jax.Array  # [B] bool: finished on a stop token (else on its limit)
-    generated: jax.Array  # [B] int32: tokens generated when the row finished (or so far)
+    generated: jax.Array  # [B] int32: tokens the row generated (its sampling step)
     limit: jax.Array  # [B] int32: max new tokens of the row
     stop_ids: jax.Array  # [B, S] int32 stop tokens, padded with -1
     history: jax.Array  # [B, L] int32: every token by position (for re-encoding)
@@ -153,10 +153,10 @@ class Engine:
         seed = int(np.random.SeedSequence().entropy % 2**63) if self.mesh is None else _shared_seed()
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
-                       history, cache, max_new=max_new, continuing=bool(reused),
+                       history, cache, continuing=bool(reused),
                        layout=self.cache_sharding(batch, length),
                        piece=self.piece(batch), ring=seq_mesh(self.mesh, length))
-        gen = Generation(self, state, max_new)
+        gen = Generation(self, state)
         gen.reused_tokens = reused
         return gen
 
@@ -164,7 +164,7 @@ class Engine:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
         usable): the sequence must extend the cached one, fit in its cache, and, for LongRoPE,
         stay on the same side of the threshold (transformers re-encodes across it)."""
-        if previous is None or len(prompts) != 1 or previous.state.tokens.shape[0] != 1:
+        if previous is None or len(prompts) != 1 or previous.batch != 1:
             return 0
         if needed > previous.state.cache.length:
             return 0
@@ -179,17 +179,26 @@ class Engine:
 
 
 class Generation:
-    """One batch being generated. `advance(steps)` runs up to that many decode steps on device in
-    one call and returns the tokens they produced; `stop(rows)` ends rows the host decided to end
-    (stop strings)."""
+    """A batch being generated. `advance(steps)` runs up to that many decode steps on device in one
+    call and returns the tokens they produced; `stop(rows)` ends rows the host decided to end (stop
+    strings, a client gone). A finished row is free: `join` puts another generation's row there,
+    and `resize` changes the number of rows and the cache length between calls (continuous
+    batching; `scheduler.py`)."""
 
-    def __init__(self, engine: Engine, state: DecodeState, max_new: int):
-        self.engine, self.state, self.max_new = engine, state, max_new
+    def __init__(self, engine: Engine, state: DecodeState):
+        self.engine, self.state = engine, state
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
-        self._read = np.zeros(state.tokens.shape[0], np.int32)  # tokens already returned per row
-        self._layout = engine.cache_sharding(state.tokens.shape[0], state.cache.length)
-        self._ring = seq_mesh(engine.mesh, state.cache.length)
+        self._read = np.zeros(self.batch, np.int32)  # tokens already returned per row
         self._sync()
+
+    @property
+    def batch(self) -> int:
+        return self.state.done.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Cache slots per row: a row's prompt and generated tokens fit in them."""
+        return self.state.cache.length
 
     @property
     def finished(self) -> bool:
@@ -198,15 +207,17 @@ class Generation:
     def advance(self, steps: int) -> list[list[int]]:
         """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
         engine = self.engine
-        target = min(self._step + steps, self.max_new)
-        while not self._done.all() and self._step < target:
-            self.state = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(target)),
-                                 layout=self._layout, ring=self._ring)
+        left = steps
+        while not self._done.all() and left > 0:
+            self.state, ran = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(left)),
+                                      layout=self._layout, ring=self._ring)
+            left -= int(ran)
             self._sync()
-            if self._step < target and self._crossing.any():
-                length = cache_length(engine.config.original_max_position_embeddings + 1, self.state.cache.length)
+            if left > 0 and self._crossing.any():
+                length = cache_length(engine.config.original_max_position_embeddings + 1, self.length)
                 self.state = _reencode(engine.graphdef, engine.params, self.state, length=length,
-                                       layout=self._layout, ring=self._ring, piece=engine.piece(len(self._done)))
+                                       layout=self._layout, ring=self._ring, piece=engine.piece(self.batch))
+                left -= 1
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()
@@ -226,13 +237,39 @@ class Generation:
         """"stop" (a stop token or string), "length" (its limit), or None while running."""
         return [("stop" if t else "length") if d else None for d, t in zip(self._done, self._by_token)]
 
+    def join(self, row: int, other: Generation) -> None:
+        """Puts `other`'s only row (running, its tokens so far already read) in place of row `row`,
+        which must be finished; grows this cache's length first if `other`'s is longer."""
+        if other.batch != 1 or not self._done[row]:
+            raise ConfigError(f"join takes a one-row generation into a finished row; got {other.batch} row(s) "
+                              f"for row {row} (finished: {bool(self._done[row])})")
+        stop_width = max(self.state.stop_ids.shape[1], other.state.stop_ids.shape[1])
+        if other.length > self.length or stop_width > self.state.stop_ids.shape[1]:
+            self.resize(list(range(self.batch)), max(self.length, other.length), stop_width)
+        self.state = _join(self.state, other.state, self.engine.put(np.int32(row)),
+                           layout=self._layout)
+        self._read[row] = other._read[0]
+        self._sync()
+
+    def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None) -> None:
+        """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
+        (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table."""
+        length = length or self.length
+        stop_width = stop_width or self.state.stop_ids.shape[1]
+        index = np.array([-1 if r is None else r for r in rows], np.int32)
+        self.state = _resize(self.state, self.engine.put(index), length=length, stop_width=stop_width,
+                             layout=self.engine.cache_sharding(len(rows), length))
+        self._read = np.where(index >= 0, self._read[np.maximum(index, 0)], 0).astype(np.int32)
+        self._sync()
+
     def _sync(self) -> None:
         """Copies what the host looks at to host memory, in one transfer."""
         s = self.state
+        self._layout = self.engine.cache_sharding(self.batch, self.length)
+        self._ring = seq_mesh(self.engine.mesh, self.length)
         crossing = longrope.crossing(self.engine.config, s.done, s.positions) if self.engine._longrope else None
-        step, self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing = (
-            jax.device_get((s.step, s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing)))
-        self._step = int(step)
+        self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing = (
+            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing)))
         if self._crossing is None:
             self._crossing = np.zeros_like(self._done)
 
@@ -257,27 +294,29 @@ def _laid_out(state: DecodeState, layout) -> DecodeState:
 
 
 def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None) -> DecodeState:
-    """Samples the next token of every row from `logits` [B, V] and records it."""
-    token = sample(logits, state.sampler, state.step, state.seen, state.counts)
+    """Samples the next token of every running row from `logits` [B, V] and records it; a finished
+    row keeps its state."""
     active = ~state.done
-    step = state.step
-    tokens = state.tokens.at[:, step].set(jnp.where(active, token, 0))
-    positions = state.positions + 1
+    # Each row's key is folded with its own token count: the draws a row makes alone.
+    token = sample(logits, state.sampler, state.generated, state.seen, state.counts)
     rows = jnp.arange(token.shape[0])
-    history = state.history.at[rows, jnp.minimum(positions, state.history.shape[1] - 1)].set(token)
+    length = state.tokens.shape[1]
+    # A finished row writes to index L, which mode="drop" discards.
+    tokens = state.tokens.at[rows, jnp.where(active, state.generated, length)].set(token, mode="drop")
+    positions = jnp.where(active, state.positions + 1, state.positions)
+    history = state.history.at[rows, jnp.where(active, positions, length)].set(token, mode="drop")
     seen, counts = update_history(state.seen, state.counts, jnp.where(active, token, -1))
     is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
-    generated = jnp.where(active, step + 1, state.generated)
+    generated = jnp.where(active, state.generated + 1, state.generated)
     finished = active & (is_stop | (generated >= state.limit))
     return _laid_out(state._replace(
-        step=step + 1, tokens=tokens, last=token, positions=positions, history=history,
+        tokens=tokens, last=jnp.where(active, token, state.last), positions=positions, history=history,
         seen=seen, counts=counts, cache=cache, generated=generated,
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(8, 9),
-                   static_argnames=("max_new", "continuing", "layout", "piece", "ring"))
-def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *, max_new,
+@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("continuing", "layout", "piece", "ring"))
+def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *,
            continuing, layout=None, piece=None, ring=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token."""
@@ -292,7 +331,7 @@ def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, hi
     seen = jnp.zeros((batch, config.vocab_size), bool).at[rows, history].max(
         jnp.arange(history.shape[1])[None] < lengths[:, None])
     state = DecodeState(
-        step=jnp.int32(0), tokens=jnp.zeros((batch, max_new), jnp.int32), last=jnp.zeros(batch, jnp.int32),
+        tokens=jnp.zeros(history.shape, jnp.int32), last=jnp.zeros(batch, jnp.int32),
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
         seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler, cache=cache)
@@ -300,14 +339,16 @@ def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, hi
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout", "ring"))
-def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=None, ring=None) -> DecodeState:
-    """Decode steps until `target` tokens, every row done, or a row at the LongRoPE crossing."""
+def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, layout=None,
+            ring=None) -> tuple[DecodeState, jax.Array]:
+    """Up to `steps` decode steps, fewer when every row is done or a row is at the LongRoPE
+    crossing; returns the state and the steps run."""
     model = nnx.merge(graphdef, params)
     longrope_model = model.config.rope_type == "longrope"
     # One row, one device, on XLA:CPU: the loop carries the cache layers without their batch axis.
     # With it, XLA:CPU dropped that axis only around the attention's dot and copied every layer
     # several times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
-    squeeze = state.tokens.shape[0] == 1 and layout is None and model.backend.one_row_cache
+    squeeze = state.done.shape[0] == 1 and layout is None and model.backend.one_row_cache
     path = over_cache(state.cache.length, ring)
 
     def carried(cache):
@@ -316,16 +357,53 @@ def _decode(graphdef, params, state: DecodeState, target: jax.Array, *, layout=N
     def restored(cache):
         return jax.tree.map(lambda c: c[None], cache) if squeeze else cache
 
-    def running(s):
-        go = (s.step < target) & ~jnp.all(s.done)
+    def running(carry):
+        s, ran = carry
+        go = (ran < steps) & ~jnp.all(s.done)
         return go & ~jnp.any(longrope.crossing(model.config, s.done, s.positions)) if longrope_model else go
 
-    def step(s):
+    def step(carry):
+        s, ran = carry
         logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
-        return _advance(s, logits, carried(cache), layout)
+        return _advance(s, logits, carried(cache), layout), ran + 1
 
-    state = jax.lax.while_loop(running, step, state._replace(cache=carried(state.cache)))
-    return _laid_out(state._replace(cache=restored(state.cache)), layout)
+    state, ran = jax.lax.while_loop(running, step, (state._replace(cache=carried(state.cache)), jnp.int32(0)))
+    return _laid_out(state._replace(cache=restored(state.cache)), layout), ran
+
+
+def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
+    """`x` cut or padded (with `fill`) to `size` along `axis`."""
+    if x.shape[axis] >= size:
+        return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=fill)
+
+
+def _fitted(state: DecodeState, length: int, stop_width: int) -> DecodeState:
+    """`state` with `length` cache slots (and token and history columns) and `stop_width` stop ids."""
+    cache = jax.tree.map(lambda c: _fit(c, 2, length, 0), state.cache)
+    return state._replace(tokens=_fit(state.tokens, 1, length, 0), history=_fit(state.history, 1, length, 0),
+                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "stop_width", "layout"))  # (new shapes: no donation)
+def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, layout=None) -> DecodeState:
+    """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to `length`
+    slots and `stop_width` stop ids."""
+    rows = jax.tree.map(lambda x: jnp.take(x, jnp.maximum(index, 0), axis=0), state)
+    free = index < 0
+    rows = rows._replace(done=rows.done | free, generated=jnp.where(free, 0, rows.generated))
+    return _laid_out(_fitted(rows, length, stop_width), layout)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("layout",))
+def _join(state: DecodeState, other: DecodeState, row: jax.Array, *, layout=None) -> DecodeState:
+    """`state` with row `row` replaced by `other`'s only row (fitted to `state`'s sizes)."""
+    other = _fitted(other, state.cache.length, state.stop_ids.shape[1])
+    joined = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y[0].astype(x.dtype), row, 0),
+                          state, other)
+    return _laid_out(joined, layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("length", "layout", "ring", "piece"))

@@ -47,7 +47,7 @@ _CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\
 
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
-         prefill_piece: int | None = None, new_tokens: int = 256, target: str = "gpu") -> dict:
+         prefill_piece: int | None = None, target: str = "gpu") -> dict:
     """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
@@ -58,11 +58,9 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     backend = Backend(target)
     steps = {}
     for name in ("prefill", "decode"):
-        real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece, new_tokens,
-                          backend).compile()
+        real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece, backend).compile()
         upper = real if jnp.dtype(dtype) == jnp.float32 else lower_step(
-            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, new_tokens,
-            backend).compile()
+            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend).compile()
         steps[name] = _report(real, upper)
     weights, cache = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
     need = weights + cache + max(s["temp_bytes"] for s in steps.values())
@@ -78,7 +76,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 
 def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, batch: int, dtype, piece: int,
-               new_tokens: int, backend: Backend) -> jax.stages.Lowered:
+               backend: Backend) -> jax.stages.Lowered:
     """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
     from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
     `Engine` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
@@ -99,7 +97,7 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
                   sampler, ints((batch, context)), KVCache(layers, layers))
     # As the engine runs it: ring attention on a seq mesh, else in pieces of `piece`.
     ring = seq_mesh(mesh, context)
-    options = dict(max_new=new_tokens, continuing=False, layout=layout, piece=piece, ring=ring)
+    options = dict(continuing=False, layout=layout, piece=piece, ring=ring)
     if step == "prefill":
         return engine._start.lower(graphdef, state, *start_args, **options)
     # The DecodeState the prefill hands over.

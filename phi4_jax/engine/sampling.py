@@ -21,6 +21,7 @@ from phi4_jax.errors import SamplingError
 _PRNG_IMPL = "threefry2x32"
 # torch.manual_seed's range (what vLLM seeds with); a seed is taken modulo 2**64.
 _SEED_RANGE = (-(2**63), 2**64)
+_INT32_END = 2**31  # top_k and token ids become int32 arrays
 
 
 def _is_int(value) -> bool:
@@ -67,8 +68,9 @@ class SamplingParams:
         check_number("repetition_penalty", lambda p: p > 0, "> 0 (1 = off)")
         check_number("presence_penalty", lambda p: -2 <= p <= 2, "in [-2, 2] (0 = off)")
         check_number("frequency_penalty", lambda p: -2 <= p <= 2, "in [-2, 2] (0 = off)")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}", "top_k")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < _INT32_END:
+            raise SamplingError(f"top_k must be an integer in [-1, 2**31) (0 or -1 = off), got {self.top_k!r}",
+                                "top_k")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if self.seed is not None and (not _is_int(self.seed)
@@ -87,8 +89,9 @@ class SamplingParams:
             raise SamplingError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop")
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
-        if not isinstance(ids, (tuple, list)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise SamplingError(f"stop_token_ids must be a list of integers >= 0, got {ids!r}", "stop_token_ids")
+        if not isinstance(ids, (tuple, list)) or not all(_is_int(i) and 0 <= i < _INT32_END for i in ids):
+            raise SamplingError(f"stop_token_ids must be a list of integers in [0, 2**31), got {ids!r}",
+                                "stop_token_ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
 
 
@@ -217,7 +220,8 @@ def sample(logits: jax.Array, state: SamplerState, step: jax.Array, seen: jax.Ar
     Args:
       logits: [B, V] any float dtype (computed in float32).
       state: the batch's `sampler_state`.
-      step: int32 scalar decode step, folded into each row's key: a seed reproduces, steps differ.
+      step: int32, a scalar or [B] per row: the tokens the row generated so far, folded into its key
+        (a seed reproduces, steps differ; a row draws the same whatever batch it runs in).
       seen: [B, V] bool, token occurs in the prompt or output (repetition penalty).
       counts: [B, V] int32 occurrences in the output (presence and frequency penalties).
     Returns:
@@ -226,12 +230,13 @@ def sample(logits: jax.Array, state: SamplerState, step: jax.Array, seen: jax.Ar
     x = _penalise(logits, state, seen, counts)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
-    def draw(raw_key, row):
-        key = jax.random.fold_in(jax.random.wrap_key_data(raw_key, impl=_PRNG_IMPL), step)
+    def draw(raw_key, row, row_step):
+        key = jax.random.fold_in(jax.random.wrap_key_data(raw_key, impl=_PRNG_IMPL), row_step)
         return jax.random.categorical(key, row)
 
     def sampled(_):
-        drawn = jax.vmap(draw)(state.keys, _filter(x, state)).astype(jnp.int32)
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), greedy.shape)
+        drawn = jax.vmap(draw)(state.keys, _filter(x, state), steps).astype(jnp.int32)
         return jnp.where(state.temperature > 0, drawn, greedy)
 
     # An all-greedy batch skips the filters' sort over the vocabulary (most of a CPU decode step

@@ -1,13 +1,18 @@
-"""The scheduler: one thread that runs many clients' rows through the engine, batching what waits.
+"""The scheduler: continuous batching of many clients' rows over one set of decode rows and one KV cache.
 
 Clients `submit` rows (token ids, SamplingParams, stop ids) from any thread and read each row's
-new tokens from the returned `Job` as they come. The thread takes up to `max_batch` waiting rows,
-starts them together (`Engine.start`) and advances them `steps_per_call` steps per device call,
-delivering tokens between calls; `Job.stop(row)` (a stop string the client's detokenizer found,
-or a client gone) ends a row at the next call. Each row gets the tokens it would get alone.
+new tokens from the returned `Job` as they come. One thread owns a `Generation` whose rows are
+the decode slots. Between device calls it admits waiting rows into free slots (each prompt
+prefilled on its own, `Engine.start`, then joined into the running batch), runs `steps_per_call`
+decode steps for every running row, and delivers the tokens; a row that finishes, or that
+`Job.stop` ended (a stop string the client's detokenizer found, or a client gone), frees its slot
+at once. The slots grow in powers of two up to `max_batch` as rows arrive and shrink as they
+leave, and the cache is as long as the longest running row needs, so a lone request decodes at
+batch 1. Each row gets the tokens it would get alone: its own positions, token count (its
+sampling step), stop ids, limit and sampling parameters.
 
-This step batches the rows waiting when a batch starts; rows that arrive meanwhile wait for the
-next batch. (Joining a running decode is the next step; the interface stays.)
+Prompts admitted in one round hold at most `prefill_tokens` tokens together (at least one
+prompt), so running streams wait at most about one such budget between their steps.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
-from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.engine import Engine, Generation, bucket, cache_length
+from phi4_jax.engine.prefill import PREFILL_TOKENS
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.errors import Phi4Error
 
@@ -39,8 +45,8 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class RowOutput:
-    """New tokens of one row of a job; `finish_reason` ("stop", "length", or "error" with `error`)
-    is set on the row's last output."""
+    """New tokens of one row of a job; `finish_reason` ("stop", "length", "abort", or "error" with
+    `error`) is set on the row's last output."""
 
     row: int
     tokens: list[int]
@@ -48,36 +54,66 @@ class RowOutput:
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What the scheduler holds now: rows decoding, rows waiting, and decode slots allocated."""
+
+    running: int
+    waiting: int
+    slots: int
+    max_batch: int
+
+
 class Job:
     """The rows of one client request. `deliver` is called on the scheduler's thread with each
-    RowOutput; `stop(row)` may be called from any thread."""
+    RowOutput; `stop(row)` and `cancel()` may be called from any thread."""
 
     def __init__(self, rows: Sequence[Row], deliver: Callable[[RowOutput], None]):
         self.rows, self.deliver = list(rows), deliver
         self._stopped: set[int] = set()
+        self.cancelled = False
         self._lock = threading.Lock()
 
     def stop(self, row: int | None = None) -> None:
-        """Ends `row` (every row when None) at the scheduler's next device call."""
+        """Ends `row` (every row when None) at the scheduler's next device call, finish reason
+        "stop" (a stop string found)."""
         with self._lock:
             self._stopped.update(range(len(self.rows)) if row is None else [row])
+
+    def cancel(self) -> None:
+        """Ends every unfinished row at the next device call, finish reason "abort" (the client went)."""
+        with self._lock:
+            self.cancelled = True
+            self._stopped.update(range(len(self.rows)))
 
     def stopped(self) -> set[int]:
         with self._lock:
             return set(self._stopped)
 
 
+@dataclasses.dataclass
+class _Seat:
+    """A running row in a slot: its job, its index there, and the cache slots it may reach."""
+
+    job: Job
+    row: int
+    needed: int
+
+
 class Scheduler:
     """Runs submitted rows on `engine` in a thread of its own (`start`, `shutdown`)."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 256,
-                 steps_per_call: int = STEPS_PER_CALL):
-        if max_batch < 1 or max_queue < 1 or steps_per_call < 1:
-            raise ValueError("max_batch, max_queue and steps_per_call must be at least 1")
-        self.engine, self.max_batch, self.max_queue, self.steps_per_call = engine, max_batch, max_queue, steps_per_call
+                 steps_per_call: int = STEPS_PER_CALL, prefill_tokens: int = PREFILL_TOKENS):
+        if min(max_batch, max_queue, steps_per_call, prefill_tokens) < 1:
+            raise ValueError("max_batch, max_queue, steps_per_call and prefill_tokens must be at least 1")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.steps_per_call, self.prefill_tokens = steps_per_call, prefill_tokens
         self._waiting: collections.deque[tuple[Job, int]] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._gen: Generation | None = None  # the decode slots (None while every one is free)
+        self._seats: list[_Seat | None] = []  # per slot
         self._thread = threading.Thread(target=self._loop, name="phi4_jax-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -95,8 +131,41 @@ class Scheduler:
             self._wake.notify()
         return job
 
+    def load(self) -> Load:
+        with self._wake:
+            return Load(running=sum(s is not None for s in self._seats), waiting=len(self._waiting),
+                        slots=len(self._seats), max_batch=self.max_batch)
+
+    def warm_up(self, ids: Sequence[int], max_tokens: int, timeout: float | None = None) -> None:
+        """Compiles what serving runs first: waves of 1, 2, 4 .. `max_batch` rows of prompt `ids`
+        with `max_tokens` (the cache length of a typical request), each ended after its first
+        decode call. Raises Phi4Error when a row fails."""
+        row = Row(list(ids), SamplingParams(max_tokens=max_tokens, ignore_eos=True), frozenset())
+        wave = 1
+        while True:
+            finished, errors, jobs, outputs = threading.Semaphore(0), [], [], collections.Counter()
+
+            def deliver(out: RowOutput):
+                outputs[out.row] += 1
+                if out.finish_reason is None and outputs[out.row] > 1:
+                    jobs[0].stop(out.row)  # the prefill's token, then one decode call: enough
+                elif out.finish_reason is not None:
+                    errors.extend([out.error] if out.finish_reason == "error" else [])
+                    finished.release()
+
+            with self._wake:  # (the thread delivers nothing of this job before `jobs` holds it)
+                jobs.append(self.submit([row] * wave, deliver))
+            for _ in range(wave):
+                if not finished.acquire(timeout=timeout):
+                    raise Phi4Error(f"the warm-up did not finish within {timeout} s")
+            if errors:
+                raise Phi4Error(f"the warm-up failed: {errors[0]}")
+            if wave == self.max_batch:
+                return
+            wave = min(2 * wave, self.max_batch)
+
     def shutdown(self, timeout: float | None = None) -> None:
-        """Takes no more rows, ends the waiting ones ("abort"), lets the running batch finish."""
+        """Takes no more rows, ends the waiting ones ("abort"), lets the running ones finish."""
         with self._wake:
             self._closing = True
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -106,40 +175,122 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    # The scheduler's thread.
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._closing:
+                while not self._waiting and not self._running() and not self._closing:
                     self._wake.wait()
-                if self._closing and not self._waiting:
+                if self._closing and not self._waiting and not self._running():
                     return
-                batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001  a failed batch fails its rows, not the server
-                message = str(e) if isinstance(e, Phi4Error) else f"{type(e).__name__}: {e}"
-                for job, r in batch:
-                    job.deliver(RowOutput(r, [], "error", message))
+                admitted = self._admissible()
+            for job, r in admitted:
+                self._admit(job, r)
+            if self._running():
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001  a failed call fails its rows, not the server
+                    self._fail([s for s in self._seats if s is not None], e)
+                    with self._wake:
+                        self._gen, self._seats = None, []
+            self._shrink()
 
-    def _run(self, batch: list[tuple[Job, int]]) -> None:
-        rows = [job.rows[r] for job, r in batch]
-        gen = self.engine.start([row.ids for row in rows], [row.params for row in rows],
-                                [sorted(row.stop_ids) for row in rows])
-        done = [False] * len(batch)
-        new = gen.advance(0)
-        while True:
-            reasons = gen.finish_reasons()
-            for b, ((job, r), tokens) in enumerate(zip(batch, new)):
-                if done[b]:
-                    continue
-                done[b] = reasons[b] is not None
-                if tokens or done[b]:
-                    job.deliver(RowOutput(r, tokens, reasons[b]))
-            if gen.finished:
+    def _running(self) -> bool:
+        return any(s is not None for s in self._seats)
+
+    def _admissible(self) -> list[tuple[Job, int]]:
+        """Waiting rows to admit now (called holding the lock): while slots are free, prompts of at
+        most `prefill_tokens` tokens together (and always one)."""
+        free = self.max_batch - sum(s is not None for s in self._seats)
+        taken, tokens = [], 0
+        while self._waiting and len(taken) < free:
+            job, r = self._waiting[0]
+            size = len(job.rows[r].ids)
+            if taken and tokens + size > self.prefill_tokens:
+                break
+            self._waiting.popleft()
+            taken.append((job, r))
+            tokens += size
+        return taken
+
+    def _admit(self, job: Job, r: int) -> None:
+        """Prefills row `r` of `job` alone, delivers its first token, and seats it if it runs on."""
+        if r in job.stopped():
+            job.deliver(RowOutput(r, [], "abort" if job.cancelled else "stop"))
+            return
+        row = job.rows[r]
+        try:
+            one = self.engine.start([row.ids], [row.params], [sorted(row.stop_ids)])
+            first, reason = one.advance(0)[0], one.finish_reasons()[0]
+        except Exception as e:  # noqa: BLE001  a row that cannot start fails alone
+            self._fail([_Seat(job, r, 0)], e)
+            return
+        job.deliver(RowOutput(r, first, reason))
+        if reason is not None:
+            return
+        needed = min(len(row.ids) + row.params.max_tokens, self.engine.max_context)
+        seat = _Seat(job, r, needed)
+        with self._wake:
+            if self._gen is None:
+                self._gen, self._seats = one, [seat]
                 return
-            ended = [b for b, (job, r) in enumerate(batch) if not done[b] and r in job.stopped()]
-            if ended:
-                gen.stop(ended)
-                new = [[] for _ in batch]
+        try:
+            self._join(one, seat)
+        except Exception as e:  # noqa: BLE001
+            self._fail([seat], e)
+
+    def _join(self, one: Generation, seat: _Seat) -> None:
+        gen = self._gen
+        if None not in self._seats:  # every slot taken: twice the slots (at most max_batch)
+            grown = min(2 * gen.batch, self.max_batch)
+            gen.resize(list(range(gen.batch)) + [None] * (grown - gen.batch))
+            with self._wake:
+                self._seats += [None] * (grown - len(self._seats))
+        slot = self._seats.index(None)
+        gen.join(slot, one)
+        with self._wake:
+            self._seats[slot] = seat
+
+    def _step(self) -> None:
+        """One device call of every running row; delivers their tokens and frees finished slots."""
+        gen = self._gen
+        ended = [i for i, s in enumerate(self._seats) if s is not None and s.row in s.job.stopped()]
+        if ended:
+            gen.stop(ended)
+        new = gen.advance(self.steps_per_call)
+        reasons = gen.finish_reasons()
+        for i, seat in enumerate(self._seats):
+            if seat is None:
                 continue
-            new = gen.advance(self.steps_per_call)
+            reason = "abort" if reasons[i] is not None and i in ended and seat.job.cancelled else reasons[i]
+            if new[i] or reason is not None:
+                seat.job.deliver(RowOutput(seat.row, new[i], reason))
+            if reasons[i] is not None:
+                with self._wake:
+                    self._seats[i] = None
+
+    def _shrink(self) -> None:
+        """Fewer slots or a shorter cache once rows have left: to the power of two the running rows
+        need when that is at most a quarter of what is allocated (hysteresis against thrashing)."""
+        seated = [i for i, s in enumerate(self._seats) if s is not None]
+        if not seated:
+            with self._wake:
+                self._gen, self._seats = None, []
+            return
+        gen = self._gen
+        batch = min(bucket(len(seated), 1), self.max_batch)
+        length = cache_length(max(self._seats[i].needed for i in seated), self.engine.max_context)
+        batch = batch if 4 * batch <= gen.batch else gen.batch
+        length = length if 4 * length <= gen.length else gen.length
+        if (batch, length) == (gen.batch, gen.length):
+            return
+        rows = seated + [None] * (batch - len(seated))
+        gen.resize(rows, length)
+        with self._wake:
+            self._seats = [self._seats[i] if i is not None else None for i in rows]
+
+    def _fail(self, seats: list[_Seat], error: Exception) -> None:
+        message = str(error) if isinstance(error, Phi4Error) else f"{type(error).__name__}: {error}"
+        for seat in seats:
+            seat.job.deliver(RowOutput(seat.row, [], "error", message))

@@ -4,7 +4,7 @@ Each request is validated (`protocol.py`), tokenized, and handed to the schedule
 prompt; the rows' tokens come back to this event loop, where each row's stream decoder turns them
 into text (stop strings end a row there), and Phi-4-mini's tool calls are parsed when the request
 gave tools. Every refusal is OpenAI's error JSON with its status; no request can stop the server.
-A client that goes away mid-stream ends its rows.
+A client that goes away ends its rows. GET /metrics is Prometheus text (`metrics.py`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from phi4_jax.engine.scheduler import QueueFullError, Row, RowOutput, Scheduler
 from phi4_jax.errors import TokenizerError
 from phi4_jax.server import protocol
+from phi4_jax.server.metrics import CONTENT_TYPE, Metrics
 from phi4_jax.server.protocol import ChatCompletionRequest, CompletionRequest, RequestError
 from phi4_jax.text.stops import request_stop_ids
 from phi4_jax.text.tokenizer import Tokenizer
@@ -39,28 +40,42 @@ class Served:
     default_max_tokens: int
     api_key: str | None = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    metrics: Metrics | None = None  # made by build_app
+
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
 def build_app(served: Served) -> FastAPI:
     app = FastAPI(title="phi4_jax", docs_url=None, redoc_url=None)
+    served.metrics = metrics = Metrics(served.scheduler.load)
 
     @app.exception_handler(RequestError)
     async def refused(_, error: RequestError):
         return JSONResponse(protocol.error_body(error), status_code=error.status)
 
     @app.middleware("http")
-    async def authorise(request: Request, call_next):
-        if served.api_key is not None and request.url.path.startswith("/v1/"):
+    async def authorise_and_count(request: Request, call_next):
+        path = request.url.path
+        response = None
+        if served.api_key is not None and path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
                 error = RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'",
                                      status=401, code="invalid_api_key")
-                return JSONResponse(protocol.error_body(error), status_code=401)
-        return await call_next(request)
+                response = JSONResponse(protocol.error_body(error), status_code=401)
+        response = response or await call_next(request)
+        if path in ENDPOINTS:
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def scrape():
+        return Response(metrics.scrape(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -69,6 +84,7 @@ def build_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         parsed = protocol.parse(ChatCompletionRequest, await _json(request))
         if parsed.logprobs:
             raise RequestError("logprobs are not supported yet", "logprobs")
@@ -76,10 +92,11 @@ def build_app(served: Served) -> FastAPI:
             ids = served.tokenizer.apply_chat_template(parsed.conversation(), tools=parsed.tool_schemas())
         except TokenizerError as e:
             raise RequestError(str(e), "messages") from None
-        return await _respond(served, request, parsed, [ids], chat=True)
+        return await _respond(served, request, arrived, parsed, [ids], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         parsed = protocol.parse(CompletionRequest, await _json(request))
         if parsed.logprobs is not None or parsed.echo:
             raise RequestError("logprobs and echo are not supported yet", "echo" if parsed.echo else "logprobs")
@@ -89,7 +106,7 @@ def build_app(served: Served) -> FastAPI:
             if any(not 0 <= i < served.tokenizer.vocab_size for i in ids):
                 raise RequestError(f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
             prompts.append(ids)
-        return await _respond(served, request, parsed, prompts, chat=False)
+        return await _respond(served, request, arrived, parsed, prompts, chat=False)
 
     return app
 
@@ -102,6 +119,8 @@ async def _json(request: Request):
         raise RequestError("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body nests too deeply") from None
 
 
 class _Choice:
@@ -147,7 +166,8 @@ class _Choice:
         return events
 
 
-async def _respond(served: Served, http: Request, request, prompts: list[list[int]], chat: bool):
+async def _respond(served: Served, http: Request, arrived: float, request, prompts: list[list[int]], chat: bool):
+    """Runs a validated request's rows; `arrived`: its perf_counter time, for the latencies."""
     for ids in prompts:
         if len(ids) >= served.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server's context holds {served.max_context} "
@@ -166,25 +186,45 @@ async def _respond(served: Served, http: Request, request, prompts: list[list[in
             row_params = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
             rows.append(Row(ids, row_params, stop_ids))
             choices.append(_Choice(p * request.n + j, served, row_params, stop_ids, tools))
-    loop = asyncio.get_running_loop()
-    outputs: asyncio.Queue[RowOutput] = asyncio.Queue()
+    loop, metrics = asyncio.get_running_loop(), served.metrics
+    outputs: asyncio.Queue[tuple[float, RowOutput]] = asyncio.Queue()
+
+    def deliver(out: RowOutput):  # on the scheduler's thread: the time the tokens came
+        if out.finish_reason is not None:  # counted here: a gone client's rows are read by no one
+            metrics.rows_finished.labels(out.finish_reason).inc()
+        loop.call_soon_threadsafe(outputs.put_nowait, (time.perf_counter(), out))
+
     try:
-        job = served.scheduler.submit(rows, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        job = served.scheduler.submit(rows, deliver)
     except QueueFullError as e:
         raise RequestError(f"the server is busy: {e}; try again later", status=503, code="server_busy") from None
     prompt_tokens = sum(len(ids) for ids in prompts) * request.n
+    metrics.prompt_tokens.inc(prompt_tokens)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": served.name}
 
     async def events() -> AsyncIterator[tuple[_Choice, list, bool]]:
         unfinished = len(choices)  # rows whose last output has not come from the scheduler
+        last: dict[int, float] = {}  # per row: when its latest tokens came
         while unfinished:
-            out = await outputs.get()
+            when, out = await outputs.get()
             unfinished -= out.finish_reason is not None
             if out.finish_reason == "error":
                 raise RuntimeError(out.error)
             choice = choices[out.row]
+            counted = choice.tokens
             new, ended = choice.add(out)
+            if choice.tokens > counted:
+                metrics.generation_tokens.inc(choice.tokens - counted)
+                if not last:
+                    metrics.time_to_first_token.observe(when - arrived)
+                elif out.row in last:
+                    gap = (when - last[out.row]) / len(out.tokens)
+                    for _ in range(choice.tokens - counted):
+                        metrics.inter_token_latency.observe(gap)
+                last[out.row] = when
+            if not unfinished:
+                metrics.e2e_latency.observe(when - arrived)
             if ended and out.finish_reason is None:
                 job.stop(out.row)  # a stop string: the scheduler ends the row at its next call
             yield choice, new, ended
@@ -195,13 +235,15 @@ async def _respond(served: Served, http: Request, request, prompts: list[list[in
                 "total_tokens": prompt_tokens + completion}
 
     if not request.stream:
+        watcher = asyncio.create_task(_stop_on_disconnect(http, job))
         try:
             async for _ in events():
                 pass  # the choices collect the text
         except RuntimeError as e:
             raise RequestError(str(e), status=500, code="generation_failed") from None
         finally:
-            job.stop()
+            watcher.cancel()
+            job.cancel()  # (rows still running here: the client went, or the request failed)
         return {**meta, "object": "chat.completion" if chat else "text_completion",
                 "choices": [_whole(c, chat) for c in choices], "usage": usage()}
 
@@ -233,10 +275,18 @@ async def _respond(served: Served, http: Request, request, prompts: list[list[in
             error = RequestError(str(e), status=500, code="generation_failed")
             yield f"data: {json.dumps(protocol.error_body(error))}\n\n"
         finally:
-            job.stop()  # a client gone mid-stream ends its rows
+            job.cancel()  # a client gone mid-stream ends its rows
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def _stop_on_disconnect(http: Request, job, every: float = 0.25) -> None:
+    """Ends `job`'s rows once the client of a non-streamed request has gone (a stream notices on
+    its next write)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(every)
+    job.cancel()
 
 
 def _tool_call(call: Call) -> dict:

@@ -1,0 +1,52 @@
+"""The server's Prometheus metrics (`prometheus_client`): requests, tokens, the scheduler's load, latencies.
+
+One registry per app, so each server (or test) counts on its own. Latencies are in seconds:
+time to first token from the request's arrival, inter-token latency per generated token (a
+delivery of k tokens after a gap of t counts k latencies of t/k), and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from phi4_jax.engine.scheduler import Load
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # the scrape's media type
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The counters, gauges and histograms of one server; `load` reads the scheduler at each scrape."""
+
+    def __init__(self, load: Callable[[], Load]):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("phi4_jax_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("phi4_jax_prompt_tokens", "prompt tokens of accepted requests (n rows each)",
+                                     registry=registry)
+        self.generation_tokens = Counter("phi4_jax_generation_tokens", "tokens generated", registry=registry)
+        self.rows_finished = Counter("phi4_jax_rows_finished", "rows ended, by finish reason (abort: the client went)",
+                                     ["reason"], registry=registry)
+        gauges = {
+            "phi4_jax_rows_running": ("rows (one per choice of a request) decoding", lambda s: s.running),
+            "phi4_jax_rows_waiting": ("rows waiting for a decode slot", lambda s: s.waiting),
+            "phi4_jax_slots_allocated": ("decode slots allocated now (grown in powers of two)", lambda s: s.slots),
+            "phi4_jax_slots_max": ("decode slots at most (--max-batch)", lambda s: s.max_batch),
+            "phi4_jax_slot_occupancy": ("running rows / --max-batch", lambda s: s.running / s.max_batch),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=registry).set_function(lambda read=read: read(load()))
+        self.time_to_first_token = Histogram(
+            "phi4_jax_time_to_first_token_seconds", "from a request's arrival to its first token",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram(
+            "phi4_jax_inter_token_latency_seconds", "between consecutive tokens of a row",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.e2e_latency = Histogram(
+            "phi4_jax_e2e_request_latency_seconds", "from a request's arrival to its last token",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
