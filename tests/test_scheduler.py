@@ -59,11 +59,11 @@ def rows_of(engine, count, seed=0):
     rows = []
     for i in range(count):
         ids = rng.integers(3, 256, int(rng.integers(2, 24))).tolist()
-        kind = i % 4
-        params = [SamplingParams(max_tokens=int(rng.integers(1, 40))),
-                  SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=int(rng.integers(1, 40))),
+        limit = int(rng.integers(1, 40))
+        params = [SamplingParams(max_tokens=limit),
+                  SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=limit),
                   SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, seed=100 + i, max_tokens=30),
-                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=int(rng.integers(1, 40)))][kind]
+                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit)][i % 4]
         rows.append(Row(ids, params, frozenset()))
     # Stop ids for some rows: a token their lone greedy output reaches.
     for i in range(0, count, 4):
@@ -140,3 +140,45 @@ def test_a_full_queue_refuses_the_whole_job_and_shutdown_aborts_the_waiting(engi
     assert got.reasons == {("first", 0): "abort", ("first", 1): "abort"}
     with pytest.raises(QueueFullError, match="shutting down"):
         scheduler.submit([row], got.deliver("third"))
+
+
+@pytest.mark.parametrize("length", [7, 33, 40])  # one piece; pieces across LongRoPE's threshold of 16
+def test_a_prompt_prefilled_in_pieces_gets_the_tokens_of_one_call(engine, length):
+    prompt = np.random.default_rng(length).integers(3, 256, length).tolist()
+    for params in (SamplingParams(max_tokens=20), SamplingParams(temperature=1.0, seed=3, max_tokens=20)):
+        pieces = list(engine.start_in_pieces(prompt, params, [], piece=16))
+        assert pieces[:-1] == [None] * (-(-length // 16) - 1)
+        gen, out = pieces[-1], pieces[-1].advance(0)[0]
+        while not gen.finished:
+            out += gen.advance(8)[0]
+        assert (out, gen.finish_reasons()[0]) == alone(engine, Row(prompt, params, frozenset()))
+
+
+def test_a_long_prompt_is_read_in_pieces_while_a_stream_flows(engine):
+    stream = Row([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset())
+    long = Row(np.random.default_rng(9).integers(3, 256, 60).tolist(), SamplingParams(max_tokens=10), frozenset())
+    scheduler = Scheduler(engine, max_batch=2, steps_per_call=1, prefill_tokens=8)
+    scheduler.start()
+    got, order = Collector(), []
+
+    def recorded(key):
+        take = got.deliver(key)
+        def both(out):
+            with got.done:
+                order.append(key)
+                take(out)
+        return both
+
+    try:
+        scheduler.submit([stream], recorded("stream"))
+        with got.done:
+            assert got.done.wait_for(lambda: got.outputs.get(("stream", 0), 0) >= 2, TIMEOUT)
+        with got.done:
+            mark = len(order)  # (outputs are recorded under this lock)
+            scheduler.submit([long], recorded("long"))
+        got.wait(2)
+        assert (got.tokens["long", 0], got.reasons["long", 0]) == alone(engine, long)
+        between = order[mark:order.index("long")].count("stream")  # stream outputs while the prompt was read
+        assert between >= -(-60 // 8) - 1  # a decode call of the stream after every piece but the last
+    finally:
+        scheduler.shutdown(TIMEOUT)

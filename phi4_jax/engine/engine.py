@@ -12,7 +12,7 @@ same decode program. `_reencode` is LongRoPE's step at the original context's en
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -49,6 +49,17 @@ class DecodeState(NamedTuple):
     counts: jax.Array  # [B, V] int32: tokens in the output (presence/frequency penalties)
     sampler: SamplerState
     cache: KVCache
+
+
+class _Rows(NamedTuple):
+    """A batch's per-row arrays for `_start` (host NumPy), and the cache it needs."""
+
+    lengths: np.ndarray  # [B] prompt lengths
+    limits: np.ndarray  # [B] max new tokens
+    stops: np.ndarray  # [B, S] stop ids, padded with -1
+    sampler: SamplerState
+    needed: int  # slots: the longest prompt + the most new tokens
+    length: int  # the cache length for them
 
 
 def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
@@ -118,6 +129,45 @@ class Engine:
         prompt extends (a chat's next turn): its KV cache is reused (and consumed) for the common
         prefix, so only the new tokens are prefilled; `reused_tokens` says how many were reused.
         """
+        rows = self._rows(prompts, params, stop_ids)
+        lengths = rows.lengths
+        reused = self._reusable(continuing, prompts, rows.needed)
+        starts = np.array([reused], np.int32) if reused else np.zeros(len(prompts), np.int32)
+        if reused:
+            history, cache = continuing.state.history, continuing.state.cache
+        else:
+            history, cache = self._fresh(len(prompts), rows.length)
+        width = min(bucket(int((lengths - starts).max())), cache.length - int(starts.max()))
+        ids = np.zeros((len(prompts), width), np.int32)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p) - starts[b]] = p[starts[b]:]
+        gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)))
+        gen.reused_tokens = reused
+        return gen
+
+    def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
+                        piece: int) -> Iterator[Generation | None]:
+        """Prefills one prompt `piece` tokens per device call: yields None after each piece but the
+        last, then the Generation (its first token sampled), so a scheduler can run other rows'
+        decode steps between the pieces. The tokens are those of `start([prompt], ...)`: every
+        piece is encoded with the whole prompt's rotary table."""
+        if piece < 1:
+            raise ConfigError(f"piece must be at least 1, got {piece}")
+        rows = self._rows([prompt], [params], [stop_ids])
+        history, cache = self._fresh(1, rows.length)
+        for offset in range(0, len(prompt), piece):
+            end = min(offset + piece, len(prompt))
+            ids = np.zeros((1, min(bucket(end - offset), rows.length - offset)), np.int32)
+            ids[0, :end - offset] = prompt[offset:end]
+            state = self._prefill(ids, np.array([offset], np.int32), np.array([end], np.int32), rows, history, cache,
+                                  continuing=offset > 0)
+            if end == len(prompt):
+                break
+            yield None
+            history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
+        yield Generation(self, state)
+
+    def _rows(self, prompts, params, stop_ids) -> _Rows:
         batch = len(prompts)
         params = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if not prompts or len(params) != batch or len(stop_ids) != batch:
@@ -133,32 +183,27 @@ class Engine:
         # Generation stops at the context's end: a row may get fewer than max_tokens ("length").
         max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
         limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
-        length = cache_length(longest + max_new, self.max_context)
         stops = np.full((batch, max(1, max(len(s) for s in stop_ids))), -1, np.int32)
         for b, s in enumerate(stop_ids):
             stops[b, :len(s)] = sorted(s)
-        reused = self._reusable(continuing, prompts, longest + max_new)
-        starts = np.array([reused], np.int32) if reused else np.zeros(batch, np.int32)
-        if reused:
-            history, cache = continuing.state.history, continuing.state.cache
-            length = cache.length
-        else:
-            history = self.put(np.zeros((batch, length), np.int32))
-            cache = KVCache.create(self.config, batch, length, self.dtype, self.cache_sharding(batch, length))
-        width = min(bucket(int((lengths - starts).max())), length - int(starts.max()))
-        ids = np.zeros((batch, width), np.int32)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p) - starts[b]] = p[starts[b]:]
         # Rows without a seed differ from call to call, as in vLLM (on every process alike).
         seed = int(np.random.SeedSequence().entropy % 2**63) if self.mesh is None else _shared_seed()
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
-        state = _start(self.graphdef, self.params, *self.put((ids, starts, lengths, limits, stops, sampler)),
-                       history, cache, continuing=bool(reused),
-                       layout=self.cache_sharding(batch, length),
-                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length))
-        gen = Generation(self, state)
-        gen.reused_tokens = reused
-        return gen
+        needed = longest + max_new
+        return _Rows(lengths, limits, stops, sampler, needed, cache_length(needed, self.max_context))
+
+    def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
+        """An empty history and KV cache of `batch` rows of `length` slots."""
+        history = self.put(np.zeros((batch, length), np.int32))
+        return history, KVCache.create(self.config, batch, length, self.dtype, self.cache_sharding(batch, length))
+
+    def _prefill(self, ids, starts, ends, rows: _Rows, history, cache, continuing: bool) -> DecodeState:
+        """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends`."""
+        batch, length = ids.shape[0], cache.length
+        return _start(self.graphdef, self.params,
+                      *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
+                      history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
+                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length))
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
@@ -315,15 +360,16 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(8, 9), static_argnames=("continuing", "layout", "piece", "ring"))
-def _start(graphdef, params, ids, starts, lengths, limits, stop_ids, sampler, history, cache, *,
+@functools.partial(jax.jit, donate_argnums=(9, 10), static_argnames=("continuing", "layout", "piece", "ring"))
+def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
            continuing, layout=None, piece=None, ring=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
-    else from 0 into a fresh cache) and samples the first token."""
+    else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
+    through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring)
+    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths)
     rows = jnp.arange(batch)[:, None]
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.

@@ -49,7 +49,7 @@ def over_cache(slots: int, ring: Mesh | None) -> attn.Path:
 
 def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: KVCache,
             starts: jax.Array | None = None, piece: int | None = None,
-            ring: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+            ring: Mesh | None = None, rope_lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Runs right-padded prompts `ids` `[B, W]` into the cache; returns the logits `[B, vocab]` at
     each row's last prompt token (position `lengths[b] - 1`), and the cache.
 
@@ -59,24 +59,26 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     attending over the slots the prompt may reach (its first W from position 0, else all).
     `ring`: a mesh whose seq axis splits the cache (in contiguous shards) and the work: a prompt
     from position 0 whose W divides into 2·seq chunks runs with ring attention; other prompts and
-    pieces attend over the split cache.
+    pieces attend over the split cache. `rope_lengths` `[B]`: the whole prompt's length where `ids`
+    is only a part of it (for LongRoPE's table; default `lengths`).
     """
     batch, width = ids.shape
     fresh = starts is None
+    rope = lengths if rope_lengths is None else rope_lengths
     if ring is not None and fresh and width % (2 * ring.shape["seq"]) == 0:
         order = zigzag_order(width, ring.shape["seq"])
         last = jnp.asarray(np.argsort(order))[lengths - 1]  # where each row's last token went
-        return model.prefill(jnp.take(ids, order, axis=1), jnp.broadcast_to(order, ids.shape), lengths, last,
+        return model.prefill(jnp.take(ids, order, axis=1), jnp.broadcast_to(order, ids.shape), rope, last,
                              cache, attn.Ring(ring))
     slots = width if fresh else cache.length
     starts = jnp.zeros(batch, jnp.int32) if fresh else starts
     if piece is None or width <= piece:  # one piece: a fresh one attends among its own tokens
         path = attn.Dense() if fresh and ring is None else over_cache(slots, ring)
-        return _block(model, ids, lengths, cache, starts, path)
+        return _block(model, ids, lengths, rope, cache, starts, path)
 
     def one_piece(offset, size, logits, cache):
         block = jax.lax.dynamic_slice_in_dim(ids, offset, size, axis=1)
-        new, cache = _block(model, block, lengths, cache, starts + offset, over_cache(slots, ring))
+        new, cache = _block(model, block, lengths, rope, cache, starts + offset, over_cache(slots, ring))
         holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
         return jnp.where(holds_last[:, None], new, logits), cache
 
@@ -88,9 +90,9 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     return logits, cache
 
 
-def _block(model, ids, lengths, cache, starts, path):
+def _block(model, ids, lengths, rope_lengths, cache, starts, path):
     """Tokens `[B, W]` at positions `starts[b]` on; logits at each row's last prompt token
     (clipped to the block: only meaningful for rows whose last token lies in it)."""
     positions = starts[:, None] + jnp.arange(ids.shape[1])
     last = jnp.clip(lengths - starts - 1, 0, ids.shape[1] - 1)
-    return model.prefill(ids, positions, lengths, last, cache, path)
+    return model.prefill(ids, positions, rope_lengths, last, cache, path)

@@ -11,8 +11,9 @@ leave, and the cache is as long as the longest running row needs, so a lone requ
 batch 1. Each row gets the tokens it would get alone: its own positions, token count (its
 sampling step), stop ids, limit and sampling parameters.
 
-Prompts admitted in one round hold at most `prefill_tokens` tokens together (at least one
-prompt), so running streams wait at most about one such budget between their steps.
+Prompts admitted in one round hold at most `prefill_tokens` tokens together; a longer prompt is
+prefilled `prefill_tokens` at a time, one piece per round (`Engine.start_in_pieces`), so running
+streams wait at most about one such budget between their steps while it is read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from phi4_jax.engine.engine import Engine, Generation, bucket, cache_length
 from phi4_jax.engine.prefill import PREFILL_TOKENS
@@ -114,6 +115,7 @@ class Scheduler:
         self._closing = False
         self._gen: Generation | None = None  # the decode slots (None while every one is free)
         self._seats: list[_Seat | None] = []  # per slot
+        self._staged: tuple[Job, int, Iterator] | None = None  # a long prompt being prefilled in pieces
         self._thread = threading.Thread(target=self._loop, name="phi4_jax-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -133,8 +135,8 @@ class Scheduler:
 
     def load(self) -> Load:
         with self._wake:
-            return Load(running=sum(s is not None for s in self._seats), waiting=len(self._waiting),
-                        slots=len(self._seats), max_batch=self.max_batch)
+            return Load(running=self._occupied(), waiting=len(self._waiting), slots=len(self._seats),
+                        max_batch=self.max_batch)
 
     def warm_up(self, ids: Sequence[int], max_tokens: int, timeout: float | None = None) -> None:
         """Compiles what serving runs first: waves of 1, 2, 4 .. `max_batch` rows of prompt `ids`
@@ -180,11 +182,13 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running() and not self._closing:
+                while not self._waiting and not self._occupied() and not self._closing:
                     self._wake.wait()
-                if self._closing and not self._waiting and not self._running():
+                if self._closing and not self._waiting and not self._occupied():
                     return
                 admitted = self._admissible()
+            if self._staged is not None:
+                self._feed()
             for job, r in admitted:
                 self._admit(job, r)
             if self._running():
@@ -199,14 +203,29 @@ class Scheduler:
     def _running(self) -> bool:
         return any(s is not None for s in self._seats)
 
+    def _occupied(self) -> int:
+        """Rows holding a slot: decoding, or being prefilled in pieces."""
+        return sum(s is not None for s in self._seats) + (self._staged is not None)
+
     def _admissible(self) -> list[tuple[Job, int]]:
-        """Waiting rows to admit now (called holding the lock): while slots are free, prompts of at
-        most `prefill_tokens` tokens together (and always one)."""
-        free = self.max_batch - sum(s is not None for s in self._seats)
+        """Waiting rows to admit now (called holding the lock): while slots are free and no long
+        prompt is being read, prompts of at most `prefill_tokens` tokens together; a longer one at
+        the head of the queue starts its pieces (`_staged`) when it comes alone."""
+        if self._staged is not None:
+            return []  # this round's budget is the staged prompt's next piece
+        free = self.max_batch - self._occupied()
         taken, tokens = [], 0
         while self._waiting and len(taken) < free:
             job, r = self._waiting[0]
             size = len(job.rows[r].ids)
+            if size > self.prefill_tokens:
+                if not taken:
+                    self._waiting.popleft()
+                    row = job.rows[r]
+                    pieces = self.engine.start_in_pieces(row.ids, row.params, sorted(row.stop_ids),
+                                                         self.prefill_tokens)
+                    self._staged = (job, r, pieces)
+                break
             if taken and tokens + size > self.prefill_tokens:
                 break
             self._waiting.popleft()
@@ -214,16 +233,45 @@ class Scheduler:
             tokens += size
         return taken
 
+    def _feed(self) -> None:
+        """The staged prompt's next piece; seats the row once its last piece is in."""
+        job, r, pieces = self._staged
+        if r in job.stopped():
+            self._staged = None
+            job.deliver(RowOutput(r, [], "abort" if job.cancelled else "stop"))
+            return
+        try:
+            one = next(pieces)
+        except Exception as e:  # noqa: BLE001  a row that cannot start fails alone
+            with self._wake:
+                self._staged = None
+            self._fail([_Seat(job, r, 0)], e)
+            return
+        if one is None:
+            return  # more pieces to come, after the running rows' next call
+        with self._wake:
+            self._staged = None
+        self._seat(job, r, one)
+
     def _admit(self, job: Job, r: int) -> None:
-        """Prefills row `r` of `job` alone, delivers its first token, and seats it if it runs on."""
+        """Prefills row `r` of `job` alone, then `_seat`s it."""
         if r in job.stopped():
             job.deliver(RowOutput(r, [], "abort" if job.cancelled else "stop"))
             return
         row = job.rows[r]
         try:
             one = self.engine.start([row.ids], [row.params], [sorted(row.stop_ids)])
-            first, reason = one.advance(0)[0], one.finish_reasons()[0]
         except Exception as e:  # noqa: BLE001  a row that cannot start fails alone
+            self._fail([_Seat(job, r, 0)], e)
+            return
+        self._seat(job, r, one)
+
+    def _seat(self, job: Job, r: int, one: Generation) -> None:
+        """Delivers a prefilled row's first token and joins it to the running rows if it runs on."""
+        row = job.rows[r]
+        try:
+            first, reason = one.advance(0)[0], one.finish_reasons()[0]
+        except Exception as e:  # noqa: BLE001
             self._fail([_Seat(job, r, 0)], e)
             return
         job.deliver(RowOutput(r, first, reason))
