@@ -2,6 +2,8 @@
 client gone mid-stream frees its slots, a full queue answers 503 and the server serves on, and
 /metrics counts what happened."""
 
+import contextlib
+import dataclasses
 import http.client
 import json
 import socket
@@ -27,14 +29,9 @@ def demo():
     return phi4_jax.load("demo", dtype="float32", progress=False)
 
 
-@pytest.fixture(scope="module")
-def server(demo):
-    model, tokenizer = demo
-    # One step per device call: a stream of 200 tokens spans 200 calls, so a client that leaves
-    # early leaves while its rows still run.
-    scheduler = Scheduler(Engine(model), max_batch=4, max_queue=MAX_QUEUE, steps_per_call=1)
-    scheduler.start()
-    served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=256, default_max_tokens=16)
+@contextlib.contextmanager
+def listening(served):
+    """uvicorn serving `served` on a free loopback port, in a thread: yields the port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,16 +42,32 @@ def server(demo):
     while not http_server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert http_server.started
-    yield port, served
-    http_server.should_exit = True
-    thread.join(TIMEOUT)
-    scheduler.shutdown(TIMEOUT)
+    try:
+        yield port
+    finally:
+        http_server.should_exit = True
+        thread.join(TIMEOUT)
 
 
-def post(port, body: dict) -> http.client.HTTPResponse:
+@pytest.fixture(scope="module")
+def server(demo):
+    model, tokenizer = demo
+    # One step per device call: a stream of 200 tokens spans 200 calls, so a client that leaves
+    # early leaves while its rows still run.
+    scheduler = Scheduler(Engine(model), max_batch=4, max_queue=MAX_QUEUE, steps_per_call=1)
+    scheduler.start()
+    served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=256, default_max_tokens=16)
+    try:
+        with listening(served) as port:
+            yield port, served
+    finally:
+        scheduler.shutdown(TIMEOUT)
+
+
+def post(port, body: dict, headers: dict | None = None) -> http.client.HTTPResponse:
     """An open response to a POST of `body` (the caller reads and closes it)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
     response = connection.getresponse()
     response.connection = connection
     return response
@@ -141,3 +154,20 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     # Every token after a row's first has an inter-token latency.
     assert delta("phi4_jax_inter_token_latency_seconds_count") == sum(u["completion_tokens"] - 1 for u in usages)
     assert after[("phi4_jax_slots_max", ())] == 4 and after[("phi4_jax_rows_running", ())] == 0
+    assert delta("phi4_jax_scheduler_seconds_total", kind="prefill") > 0
+    assert delta("phi4_jax_scheduler_seconds_total", kind="decode") > 0
+
+
+def test_an_api_key_guards_v1_and_nothing_else(server):
+    _, served = server
+    with listening(dataclasses.replace(served, api_key="s3cret")) as port:
+        body = {"model": "demo", "prompt": "What is 2+2?", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = post(port, body, headers)
+            error = json.loads(refused.read())["error"]
+            assert (refused.status, error["code"]) == (401, "invalid_api_key"), headers
+        assert post(port, body, {"Authorization": "Bearer s3cret"}).status == 200
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        assert metrics(port)[("phi4_jax_requests_total", (("endpoint", "/v1/completions"), ("status", "401")))] == 3

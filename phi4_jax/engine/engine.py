@@ -121,15 +121,18 @@ class Engine:
         return jax.tree.map(lambda x: meshes.put(x, self._replicated), tree)
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-              stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None) -> Generation:
+              stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None,
+              length: int | None = None) -> Generation:
         """Prefills `prompts` (token ids) and samples each row's first token.
 
         `stop_ids[b]`: the token ids that end row b (its EOS set, unless ignored, plus its
         `stop_token_ids`). `continuing`: a finished one-prompt generation whose sequence the one
         prompt extends (a chat's next turn): its KV cache is reused (and consumed) for the common
         prefix, so only the new tokens are prefilled; `reused_tokens` says how many were reused.
+        `length`: a fresh cache holds at least this many slots (a running batch's, which the rows
+        then join as they are).
         """
-        rows = self._rows(prompts, params, stop_ids)
+        rows = self._rows(prompts, params, stop_ids, length)
         lengths = rows.lengths
         reused = self._reusable(continuing, prompts, rows.needed)
         starts = np.array([reused], np.int32) if reused else np.zeros(len(prompts), np.int32)
@@ -146,14 +149,14 @@ class Engine:
         return gen
 
     def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
-                        piece: int) -> Iterator[Generation | None]:
+                        piece: int, length: int | None = None) -> Iterator[Generation | None]:
         """Prefills one prompt `piece` tokens per device call: yields None after each piece but the
         last, then the Generation (its first token sampled), so a scheduler can run other rows'
         decode steps between the pieces. The tokens are those of `start([prompt], ...)`: every
-        piece is encoded with the whole prompt's rotary table."""
+        piece is encoded with the whole prompt's rotary table. `length` as in `start`."""
         if piece < 1:
             raise ConfigError(f"piece must be at least 1, got {piece}")
-        rows = self._rows([prompt], [params], [stop_ids])
+        rows = self._rows([prompt], [params], [stop_ids], length)
         history, cache = self._fresh(1, rows.length)
         for offset in range(0, len(prompt), piece):
             end = min(offset + piece, len(prompt))
@@ -167,7 +170,7 @@ class Engine:
             history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
         yield Generation(self, state)
 
-    def _rows(self, prompts, params, stop_ids) -> _Rows:
+    def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
         batch = len(prompts)
         params = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if not prompts or len(params) != batch or len(stop_ids) != batch:
@@ -183,14 +186,16 @@ class Engine:
         # Generation stops at the context's end: a row may get fewer than max_tokens ("length").
         max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
         limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
-        stops = np.full((batch, max(1, max(len(s) for s in stop_ids))), -1, np.int32)
+        # A power-of-two width (at least 4, which an EOS set fits) for fewer distinct programs.
+        stops = np.full((batch, bucket(max(len(s) for s in stop_ids), 4)), -1, np.int32)
         for b, s in enumerate(stop_ids):
             stops[b, :len(s)] = sorted(s)
         # Rows without a seed differ from call to call, as in vLLM (on every process alike).
         seed = int(np.random.SeedSequence().entropy % 2**63) if self.mesh is None else _shared_seed()
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         needed = longest + max_new
-        return _Rows(lengths, limits, stops, sampler, needed, cache_length(needed, self.max_context))
+        slots = max(cache_length(needed, self.max_context), min(length or 0, self.max_context))
+        return _Rows(lengths, limits, stops, sampler, needed, slots)
 
     def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
         """An empty history and KV cache of `batch` rows of `length` slots."""

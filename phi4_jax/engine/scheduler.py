@@ -19,8 +19,10 @@ streams wait at most about one such budget between their steps while it is read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from phi4_jax.engine.engine import Engine, Generation, bucket, cache_length
@@ -57,12 +59,15 @@ class RowOutput:
 
 @dataclasses.dataclass(frozen=True)
 class Load:
-    """What the scheduler holds now: rows decoding, rows waiting, and decode slots allocated."""
+    """What the scheduler holds now: rows decoding, rows waiting, and decode slots allocated; and the
+    wall seconds its thread has spent in prefill and in decode calls so far."""
 
     running: int
     waiting: int
     slots: int
     max_batch: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 class Job:
@@ -116,6 +121,7 @@ class Scheduler:
         self._gen: Generation | None = None  # the decode slots (None while every one is free)
         self._seats: list[_Seat | None] = []  # per slot
         self._staged: tuple[Job, int, Iterator] | None = None  # a long prompt being prefilled in pieces
+        self._seconds = {"prefill": 0.0, "decode": 0.0}  # wall time of the device calls, by kind
         self._thread = threading.Thread(target=self._loop, name="phi4_jax-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -136,7 +142,8 @@ class Scheduler:
     def load(self) -> Load:
         with self._wake:
             return Load(running=self._occupied(), waiting=len(self._waiting), slots=len(self._seats),
-                        max_batch=self.max_batch)
+                        max_batch=self.max_batch, prefill_seconds=self._seconds["prefill"],
+                        decode_seconds=self._seconds["decode"])
 
     def warm_up(self, ids: Sequence[int], max_tokens: int, timeout: float | None = None) -> None:
         """Compiles what serving runs first: waves of 1, 2, 4 .. `max_batch` rows of prompt `ids`
@@ -200,6 +207,10 @@ class Scheduler:
                         self._gen, self._seats = None, []
             self._shrink()
 
+    def _length(self) -> int | None:
+        """The running cache's length: a new row's cache is made as long, to join as it is."""
+        return None if self._gen is None else self._gen.length
+
     def _running(self) -> bool:
         return any(s is not None for s in self._seats)
 
@@ -223,7 +234,7 @@ class Scheduler:
                     self._waiting.popleft()
                     row = job.rows[r]
                     pieces = self.engine.start_in_pieces(row.ids, row.params, sorted(row.stop_ids),
-                                                         self.prefill_tokens)
+                                                         self.prefill_tokens, self._length())
                     self._staged = (job, r, pieces)
                 break
             if taken and tokens + size > self.prefill_tokens:
@@ -241,7 +252,8 @@ class Scheduler:
             job.deliver(RowOutput(r, [], "abort" if job.cancelled else "stop"))
             return
         try:
-            one = next(pieces)
+            with self._timed("prefill"):
+                one = next(pieces)
         except Exception as e:  # noqa: BLE001  a row that cannot start fails alone
             with self._wake:
                 self._staged = None
@@ -260,7 +272,8 @@ class Scheduler:
             return
         row = job.rows[r]
         try:
-            one = self.engine.start([row.ids], [row.params], [sorted(row.stop_ids)])
+            with self._timed("prefill"):
+                one = self.engine.start([row.ids], [row.params], [sorted(row.stop_ids)], length=self._length())
         except Exception as e:  # noqa: BLE001  a row that cannot start fails alone
             self._fail([_Seat(job, r, 0)], e)
             return
@@ -270,7 +283,8 @@ class Scheduler:
         """Delivers a prefilled row's first token and joins it to the running rows if it runs on."""
         row = job.rows[r]
         try:
-            first, reason = one.advance(0)[0], one.finish_reasons()[0]
+            with self._timed("prefill"):  # (the prefill's token: waits for the prefill to end)
+                first, reason = one.advance(0)[0], one.finish_reasons()[0]
         except Exception as e:  # noqa: BLE001
             self._fail([_Seat(job, r, 0)], e)
             return
@@ -306,7 +320,8 @@ class Scheduler:
         ended = [i for i, s in enumerate(self._seats) if s is not None and s.row in s.job.stopped()]
         if ended:
             gen.stop(ended)
-        new = gen.advance(self.steps_per_call)
+        with self._timed("decode"):
+            new = gen.advance(self.steps_per_call)
         reasons = gen.finish_reasons()
         for i, seat in enumerate(self._seats):
             if seat is None:
@@ -337,6 +352,15 @@ class Scheduler:
         gen.resize(rows, length)
         with self._wake:
             self._seats = [self._seats[i] if i is not None else None for i in rows]
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._seconds[kind] += time.perf_counter() - start
 
     def _fail(self, seats: list[_Seat], error: Exception) -> None:
         message = str(error) if isinstance(error, Phi4Error) else f"{type(error).__name__}: {error}"

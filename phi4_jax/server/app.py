@@ -54,20 +54,7 @@ def build_app(served: Served) -> FastAPI:
     async def refused(_, error: RequestError):
         return JSONResponse(protocol.error_body(error), status_code=error.status)
 
-    @app.middleware("http")
-    async def authorise_and_count(request: Request, call_next):
-        path = request.url.path
-        response = None
-        if served.api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                error = RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'",
-                                     status=401, code="invalid_api_key")
-                response = JSONResponse(protocol.error_body(error), status_code=401)
-        response = response or await call_next(request)
-        if path in ENDPOINTS:
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Gate, api_key=served.api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -109,6 +96,40 @@ def build_app(served: Served) -> FastAPI:
         return await _respond(served, request, arrived, parsed, prompts, chat=False)
 
     return app
+
+
+class _Gate:
+    """ASGI middleware: the API key check on /v1/ and the count of answers by endpoint and status.
+    (Plain ASGI: Starlette's BaseHTTPMiddleware costs milliseconds a request and pipes streams.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if self.api_key is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                error = RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'",
+                                     status=401, code="invalid_api_key")
+                await JSONResponse(protocol.error_body(error), status_code=401)(scope, receive, sending)
+                return self._count(path, status[0])
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self._count(path, status[0])
+
+    def _count(self, path: str, status: int) -> None:
+        if path in ENDPOINTS:
+            self.metrics.requests.labels(path, str(status)).inc()
 
 
 async def _json(request: Request):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from phi4_jax.engine.scheduler import Load
 
@@ -38,6 +39,7 @@ class Metrics:
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=registry).set_function(lambda read=read: read(load()))
+        registry.register(_SchedulerSeconds(load))
         self.time_to_first_token = Histogram(
             "phi4_jax_time_to_first_token_seconds", "from a request's arrival to its first token",
             buckets=_LATENCY_BUCKETS, registry=registry)
@@ -50,3 +52,19 @@ class Metrics:
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SchedulerSeconds:
+    """`phi4_jax_scheduler_seconds_total{kind}`: the scheduler's wall seconds in prefill and decode
+    calls, read from it at each scrape (a counter it keeps)."""
+
+    def __init__(self, load: Callable[[], Load]):
+        self.load = load
+
+    def collect(self):
+        load = self.load()
+        family = CounterMetricFamily("phi4_jax_scheduler_seconds", "wall seconds of the scheduler's device calls",
+                                     labels=["kind"])
+        family.add_metric(["prefill"], load.prefill_seconds)
+        family.add_metric(["decode"], load.decode_seconds)
+        yield family

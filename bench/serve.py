@@ -1,0 +1,423 @@
+"""Serving benchmark: streaming clients against an OpenAI-compatible server, beside offline batch-16 generation.
+
+By default it measures `python -m phi4_jax.serve` on a preset with random weights (a word-level
+tokenizer of the preset's vocabulary is written beside them), started and stopped here; `--url`
+drives any other OpenAI-compatible server instead (vLLM, llama.cpp, ...: /v1/completions with
+token-id prompts, streamed), so one run can measure two engines on the same machine.
+
+Phases, one record each in bench/results/serve.jsonl:
+- `offline`: the same model's `Engine` with no HTTP: steady decode tokens/s of 16 rows, and the
+  whole mix generated in static batches of 16 (prefill included): output tokens/s;
+- `lone_ttft`: a lone request's time to first token (TTFT) on an idle server against
+  `Engine.start`'s for the same prompt, measured in turns, for each `--probe-tokens` size;
+- `clients`: 1, 4, 16 and 64 concurrent streaming clients, each sending its share of the seeded
+  request mix one after another (after one unmeasured pass of the mix, which compiles what the
+  mix needs): output tokens/s, requests/s, TTFT, inter-token latency (ITL: a request's time per
+  output token after the first) and the gaps between streamed chunks, p50/p99; from the server's
+  /metrics (phi4_jax only) the slot occupancy and the share of its device time spent in prefill;
+- `ttft_under_load`: TTFT of the largest probe while 15 other clients stream, against the lone one.
+
+examples:
+  python bench/serve.py                                  # phi3-110m shape, phi4_jax's server
+  python bench/serve.py --model demo --clients 1,16
+  python bench/serve.py --url http://127.0.0.1:8000 --served-model NAME --no-offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serve.jsonl")
+SCHEMA = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="phi3-110m",
+                   help="a preset of phi4_jax.config.PRESETS (random weights), 'demo', or a model folder with a "
+                        "tokenizer (default phi3-110m)")
+    p.add_argument("--url", default=None,
+                   help="an OpenAI-compatible server to drive instead of starting phi4_jax's (its base URL)")
+    p.add_argument("--served-model", default=None, help="the model name the --url server serves")
+    p.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrent client counts")
+    p.add_argument("--requests", type=int, default=64, help="requests in each client count's phase")
+    p.add_argument("--prompt-tokens", default="16,256", help="MIN,MAX prompt tokens of the mix (log-uniform)")
+    p.add_argument("--output-tokens", default="64,256", help="MIN,MAX output tokens of the mix (uniform)")
+    p.add_argument("--max-batch", type=int, default=16, help="--max-batch of the started server")
+    p.add_argument("--probe-tokens", default="16,512", help="comma-separated prompt sizes of the TTFT probes")
+    p.add_argument("--probes", type=int, default=5, help="TTFT probes per probe phase")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    p.add_argument("--no-offline", action="store_true", help="skip the offline batch-16 phase")
+    p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to")
+    return p
+
+
+def request_mix(count: int, vocab: int, prompt_range, output_range, seed: int) -> list[dict]:
+    """`count` requests: token-id prompts of log-uniform lengths, uniform output lengths, greedy,
+    no EOS (each runs its length out)."""
+    rng = np.random.default_rng(seed)
+    low, high = np.log(prompt_range[0]), np.log(prompt_range[1])
+    mix = []
+    for _ in range(count):
+        n = int(np.exp(rng.uniform(low, high)))
+        mix.append({"prompt": rng.integers(100, vocab, n).tolist(),
+                    "max_tokens": int(rng.integers(output_range[0], output_range[1] + 1))})
+    return mix
+
+
+# The model folder and the server.
+
+def write_model(preset: str, folder: str) -> None:
+    """A preset with transformers' seeded random weights and a word-level tokenizer of its vocabulary."""
+    from compare_transformers import save_checkpoint
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from phi4_jax.config import PRESETS
+
+    shape = PRESETS[preset]
+    save_checkpoint(shape, folder)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(shape["vocab_size"] - 3)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>"}, f)
+
+
+def start_server(folder: str, max_batch: int, max_context: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "phi4_jax.serve", "--model", folder, "--port", str(port),
+                                "--served-model-name", "bench", "--max-batch", str(max_batch),
+                                "--max-context", str(max_context), "--log-level", "warning"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    log.seek(0)
+    sys.exit(f"the server did not come up:\n{log.read()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+# Clients.
+
+def stream_request(url: str, model: str, request: dict) -> dict:
+    """One streamed completion: when its tokens came (seconds after sending) and how many."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    body = {"model": model, "prompt": request["prompt"], "max_tokens": request["max_tokens"], "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"status {response.status}: {response.read()[:300]!r}")
+    arrivals, tokens = [], None
+    for line in response:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            arrivals.append(time.perf_counter() - sent)
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    connection.close()
+    return {"arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals),
+            "seconds": time.perf_counter() - sent}
+
+
+def server_metrics(url: str) -> dict[str, float]:
+    """phi4_jax's /metrics samples by their line's name and labels (empty from other servers)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        text = response.read().decode() if response.status == 200 else ""
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("phi4_jax_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def occupancy_sampler(url: str, stop: threading.Event, samples: list) -> None:
+    """Reads phi4_jax_slot_occupancy every 0.25 s until `stop`."""
+    while not stop.wait(0.25):
+        value = server_metrics(url).get("phi4_jax_slot_occupancy")
+        if value is not None:
+            samples.append(value)
+
+
+def run_clients(url: str, model: str, mix: list[dict], clients: int, requests: int) -> dict:
+    """`clients` threads share `requests` requests of the mix, each sending its next one when the
+    previous has ended."""
+    queue = list(range(requests))
+    lock = threading.Lock()
+    results = []
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop(0)
+            result = stream_request(url, model, mix[i % len(mix)])
+            with lock:
+                results.append(result)
+
+    stop, samples = threading.Event(), []
+    sampler = threading.Thread(target=occupancy_sampler, args=(url, stop, samples), daemon=True)
+    sampler.start()
+    before = server_metrics(url)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    after = server_metrics(url)
+    busy = {kind: after.get(f'phi4_jax_scheduler_seconds_total{{kind="{kind}"}}', 0.0)
+            - before.get(f'phi4_jax_scheduler_seconds_total{{kind="{kind}"}}', 0.0) for kind in ("prefill", "decode")}
+    ttft = [r["arrivals"][0] for r in results if r["arrivals"]]
+    # A chunk may carry several tokens (phi4_jax streams what one device call made): the ITL is each
+    # request's time per output token after its first (TPOT), and the chunk gaps show the stalls.
+    itl = [(r["arrivals"][-1] - r["arrivals"][0]) / (r["tokens"] - 1) for r in results
+           if len(r["arrivals"]) > 1 and r["tokens"] > 1]
+    gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+    return {"phase": "clients", "clients": clients, "requests": len(results), "output_tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "requests_per_s": len(results) / seconds,
+            **_quantiles("ttft", ttft), **_quantiles("itl", itl), **_quantiles("chunk_gap", gaps),
+            "slot_occupancy_mean": statistics.fmean(samples) if samples else None,
+            "prefill_share": busy["prefill"] / sum(busy.values()) if sum(busy.values()) else None}
+
+
+def probe_ttft(url: str, model: str, prompt: list[int], probes: int, background: int = 0,
+               background_mix: list[dict] | None = None, beside=None) -> tuple[list[float], list[float]]:
+    """TTFT of `probes` requests of `prompt` (1 output token each), one at a time, while
+    `background` clients stream requests of `background_mix` without pause; with `beside` (a
+    function of the prompt giving seconds), that measured in turns with each probe."""
+    stop = threading.Event()
+
+    def streamer(k):
+        i = k
+        while not stop.is_set():
+            stream_request(url, model, background_mix[i % len(background_mix)])
+            i += background
+
+    threads = [threading.Thread(target=streamer, args=(k,), daemon=True) for k in range(background)]
+    for t in threads:
+        t.start()
+    if background:
+        time.sleep(3.0)  # every background stream running
+    seconds, turns = [], []
+    for _ in range(probes):
+        if beside is not None:
+            turns.append(beside(prompt))
+        result = stream_request(url, model, {"prompt": prompt, "max_tokens": 1})
+        seconds.append(result["arrivals"][0])
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    return seconds, turns
+
+
+def _quantiles(name: str, seconds: list[float]) -> dict:
+    if not seconds:
+        return {f"{name}_p50_ms": None, f"{name}_p99_ms": None}
+    ms = np.array(seconds) * 1e3
+    return {f"{name}_p50_ms": float(np.percentile(ms, 50)), f"{name}_p99_ms": float(np.percentile(ms, 99))}
+
+
+# Offline.
+
+class Offline:
+    """The model's `Engine` in this process (no HTTP): what the server's numbers are set against."""
+
+    def __init__(self, folder: str, max_context: int):
+        import phi4_jax
+        from phi4_jax.engine.engine import Engine
+
+        model, _ = phi4_jax.load(folder, dtype="float32", progress=False)
+        self.engine = Engine(model, max_context=max_context)
+
+    def decode(self, mix: list[dict], steps: int = 64, repeats: int = 3) -> float:
+        """Steady decode tokens/s of 16 rows (prompts of the mix, cut to 128 tokens)."""
+        from phi4_jax import SamplingParams
+
+        prompts = [r["prompt"][:128] for r in mix[:16]]
+        params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        times = []
+        for i in range(repeats + 1):
+            gen = self.engine.start(prompts, params, [[]] * len(prompts))
+            gen.advance(0)
+            start = time.perf_counter()
+            gen.advance(steps)
+            times.append(time.perf_counter() - start)
+            del gen
+        return len(prompts) * steps / statistics.median(times[1:])  # the first compiles
+
+    def mix(self, mix: list[dict]) -> float:
+        """Output tokens/s of the whole mix in static batches of 16 (prefill included)."""
+        from phi4_jax import SamplingParams
+
+        def run(batch):
+            gen = self.engine.start([r["prompt"] for r in batch],
+                                    [SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True) for r in batch],
+                                    [[]] * len(batch))
+            while not gen.finished:
+                gen.advance(max(r["max_tokens"] for r in batch))
+
+        batches = [mix[i:i + 16] for i in range(0, len(mix), 16)]
+        for batch in batches:
+            run(batch)  # compiles each batch's shapes
+        start = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start)
+
+    def ttft(self, prompt: list[int]) -> float:
+        """Seconds of `Engine.start` to the first token of `prompt` (what `generate` waits)."""
+        from phi4_jax import SamplingParams
+
+        start = time.perf_counter()
+        self.engine.start([prompt], SamplingParams(max_tokens=1), [[]]).advance(0)
+        return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from runinfo import describe_run
+
+    from phi4_jax.checkpoints.hub import resolve
+    from phi4_jax.config import PRESETS, Phi4Config
+
+    clients = [int(c) for c in args.clients.split(",")]
+    prompt_range = tuple(int(x) for x in args.prompt_tokens.split(","))
+    output_range = tuple(int(x) for x in args.output_tokens.split(","))
+    probe_sizes = [int(x) for x in args.probe_tokens.split(",")]
+    work = tempfile.mkdtemp(prefix="phi4_jax-serve-bench-")
+    try:
+        if args.url is None and args.model in PRESETS and args.model != "demo":
+            folder = os.path.join(work, args.model)
+            write_model(args.model, folder)
+        else:
+            folder = resolve(args.model).folder if args.url is None else None
+        config = Phi4Config.from_json(folder) if folder else None
+        vocab = config.vocab_size if config else 32000
+        max_context = max(prompt_range[1], *probe_sizes) + output_range[1]
+        if config and max_context > config.max_position_embeddings:
+            sys.exit(f"prompts of up to {max(prompt_range[1], *probe_sizes)} tokens and outputs of up to "
+                     f"{output_range[1]} exceed the model's {config.max_position_embeddings} positions: lower "
+                     "--prompt-tokens, --probe-tokens or --output-tokens")
+        mix = request_mix(max(args.requests, 16), vocab, prompt_range, output_range, args.seed)
+        meta = {"benchmark": "serve", "schema": SCHEMA, **describe_run(), "model": args.model,
+                "engine": "phi4_jax" if args.url is None else args.url, "max_batch": args.max_batch,
+                "prompt_tokens": list(prompt_range), "output_tokens": list(output_range), "seed": args.seed,
+                "requests": args.requests}
+        records = []
+        offline = None
+        if not args.no_offline and args.url is None:
+            offline = Offline(folder, max_context)
+            record = {"phase": "offline", "batch": 16, "decode_tokens_per_s": offline.decode(mix),
+                      "mix_tokens_per_s": offline.mix(mix[:args.requests])}
+            records.append({**meta, **record})
+            print(f"offline batch 16: decode {record['decode_tokens_per_s']:.1f} tokens/s, the mix "
+                  f"{record['mix_tokens_per_s']:.1f} tokens/s", flush=True)
+        process = None
+        if args.url is None:
+            process, url = start_server(folder, args.max_batch, max_context)
+            model = "bench"
+        else:
+            url, model = args.url.rstrip("/"), args.served_model
+        try:
+            lone = {}
+            for size in probe_sizes:
+                probe = mix[0]["prompt"][:1] * size
+                stream_request(url, model, {"prompt": probe, "max_tokens": 2})  # compiles the probe's bucket
+                if offline:
+                    offline.ttft(probe)
+                served, alone = probe_ttft(url, model, probe, args.probes, beside=offline.ttft if offline else None)
+                lone[size] = statistics.median(served)
+                record = {"phase": "lone_ttft", "prompt_tokens": size, "ttft_ms": 1e3 * lone[size]}
+                if alone:
+                    record["generate_ttft_ms"] = 1e3 * statistics.median(alone)
+                    record["overhead_ms"] = record["ttft_ms"] - record["generate_ttft_ms"]
+                records.append({**meta, **record})
+                print(f"lone TTFT of {size} tokens: {record['ttft_ms']:.1f} ms"
+                      + (f" (generate {record['generate_ttft_ms']:.1f} ms)" if alone else ""), flush=True)
+            run_clients(url, model, mix, max(clients), max(args.requests, max(clients)))  # compiles
+            for n in clients:
+                result = run_clients(url, model, mix, n, max(args.requests, n))
+                if offline:
+                    result["vs_offline_decode"] = result["tokens_per_s"] / records[0]["decode_tokens_per_s"]
+                    result["vs_offline_mix"] = result["tokens_per_s"] / records[0]["mix_tokens_per_s"]
+                records.append({**meta, **result})
+                print(f"{n} clients: {result['tokens_per_s']:.1f} tokens/s, {result['requests_per_s']:.2f} req/s, "
+                      f"TTFT p50 {result['ttft_p50_ms']:.0f} ms p99 {result['ttft_p99_ms']:.0f} ms, "
+                      f"ITL p50 {result['itl_p50_ms']:.2f} ms p99 {result['itl_p99_ms']:.2f} ms, chunk gap p99 "
+                      f"{result['chunk_gap_p99_ms']:.1f} ms, slots {result['slot_occupancy_mean'] or 0:.2f}, "
+                      f"prefill share {result['prefill_share'] or 0:.2f}", flush=True)
+            size = max(probe_sizes)
+            loaded, _ = probe_ttft(url, model, mix[0]["prompt"][:1] * size, args.probes, background=15,
+                                   background_mix=mix)
+            record = {"phase": "ttft_under_load", "prompt_tokens": size, "background_clients": 15,
+                      "ttft_ms": 1e3 * statistics.median(loaded), "lone_ttft_ms": 1e3 * lone[size]}
+            record["vs_lone"] = record["ttft_ms"] / record["lone_ttft_ms"]
+            records.append({**meta, **record})
+            print(f"TTFT with 15 streaming: {record['ttft_ms']:.1f} ms ({record['vs_lone']:.2f}x lone)", flush=True)
+        finally:
+            if process is not None:
+                stop_server(process)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(records)} records to {args.output}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
