@@ -7,8 +7,8 @@ the longest running row in powers of two. This measures, on a preset with random
   slots: the work of attending over slots no row uses;
 - `paged_attention`: one layer's decode attention over a contiguous cache against the same keys
   in 128-token pages gathered through a page table (how XLA would read pages without a kernel);
-- `join`: `Generation.join` of a one-row prefill into a running batch, and `resize` from 8 to 16
-  rows, against a decode call of 8 steps.
+- `join`: `Generation.join` of a one-row prefill into a running batch, and `resize` from half the
+  rows to all, against a decode call of 8 steps (a cache of 1024 slots).
 
 example:
   python bench/cache_layout.py --model phi3-110m
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=400, help="tokens each row holds while measured")
     p.add_argument("--lengths", default="512,1024,2048,4096", help="cache lengths (slots) to decode in")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is kept)")
+    p.add_argument("--mesh", default=None, help="the device mesh of the decode and join measurements")
     p.add_argument("--output", default=RESULTS, help="the JSON record to write")
     return p
 
@@ -112,21 +113,26 @@ def join_cost(engine, config, batch, context, repeats) -> dict:
     gen = engine.start(prompts, params, [[]] * batch)
     decode = median_seconds(lambda: gen.advance(8), repeats)
 
-    def join():
+    def timed(setup, run) -> float:
+        """Median seconds of `run(setup())`, the setup untimed (after one run that compiles)."""
+        times = []
+        for i in range(repeats + 1):
+            ready = setup()
+            start = time.perf_counter()
+            run(ready)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    def one_row():
         gen.stop([0])
-        gen.join(0, engine.start(prompts[:1], params, [[]]))
+        return engine.start(prompts[:1], params, [[]])
 
-    start_s = median_seconds(lambda: engine.start(prompts[:1], params, [[]]).advance(0), repeats)
-    join_s = median_seconds(join, repeats) - start_s
-
-    def grow():
-        grown = engine.start(prompts[:batch // 2], params, [[]] * (batch // 2))
-        grown.resize(list(range(batch // 2)) + [None] * (batch - batch // 2))
-
-    resize_s = median_seconds(grow, repeats) - median_seconds(
-        lambda: engine.start(prompts[:batch // 2], params, [[]] * (batch // 2)).advance(0), repeats)
-    return {"cache_length": gen.length, "decode_call_8_steps_ms": 1e3 * decode, "join_ms": 1e3 * join_s,
-            "resize_8_to_16_ms": 1e3 * resize_s}
+    join = timed(one_row, lambda one: gen.join(0, one))
+    half = batch // 2
+    grow = timed(lambda: engine.start(prompts[:half], params, [[]] * half),
+                 lambda g: g.resize(list(range(half)) + [None] * (batch - half)))
+    return {"cache_length": gen.length, "decode_call_8_steps_ms": 1e3 * decode, "join_ms": 1e3 * join,
+            f"resize_{half}_to_{batch}_ms": 1e3 * grow}
 
 
 def main(argv=None) -> int:
@@ -144,11 +150,11 @@ def main(argv=None) -> int:
     lengths = [int(n) for n in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(PRESETS[args.model], folder)
-        model, _ = phi4_jax.load(folder, dtype="float32", progress=False)
+        model, _ = phi4_jax.load(folder, progress=False, mesh=args.mesh)
     config = Phi4Config.from_preset(args.model)
     engine = Engine(model, max_context=max(lengths))
     record = {"benchmark": "cache_layout", "schema": 1, **describe_run(), "model": args.model, "batch": args.batch,
-              "context": args.context}
+              "context": args.context, "mesh": args.mesh}
     record["decode_by_length"] = decode_by_length(engine, config, args.batch, args.context, lengths, args.repeats)
     print(json.dumps(record["decode_by_length"]), flush=True)
     record["paged_attention"] = paged_attention(config, args.batch, args.context, args.repeats)

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", default="16,256", help="MIN,MAX prompt tokens of the mix (log-uniform)")
     p.add_argument("--output-tokens", default="64,256", help="MIN,MAX output tokens of the mix (uniform)")
     p.add_argument("--max-batch", type=int, default=16, help="--max-batch of the started server")
+    p.add_argument("--mesh", default=None, help="the device mesh of the started server and the offline engine")
     p.add_argument("--probe-tokens", default="16,512", help="comma-separated prompt sizes of the TTFT probes")
     p.add_argument("--probes", type=int, default=5, help="TTFT probes per probe phase")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
@@ -100,14 +101,15 @@ def write_model(preset: str, folder: str) -> None:
                    "unk_token": "<unk>"}, f)
 
 
-def start_server(folder: str, max_batch: int, max_context: int) -> tuple[subprocess.Popen, str]:
+def start_server(folder: str, max_batch: int, max_context: int, mesh: str | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen([sys.executable, "-m", "phi4_jax.serve", "--model", folder, "--port", str(port),
                                 "--served-model-name", "bench", "--max-batch", str(max_batch),
-                                "--max-context", str(max_context), "--log-level", "warning"],
+                                "--max-context", str(max_context), "--log-level", "warning"]
+                               + (["--mesh", mesh] if mesh else []),
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -273,22 +275,24 @@ def _quantiles(name: str, seconds: list[float]) -> dict:
 class Offline:
     """The model's `Engine` in this process (no HTTP): what the server's numbers are set against."""
 
-    def __init__(self, folder: str, max_context: int):
+    def __init__(self, folder: str, max_context: int, mesh: str | None):
         import phi4_jax
         from phi4_jax.engine.engine import Engine
 
-        model, _ = phi4_jax.load(folder, dtype="float32", progress=False)
+        model, _ = phi4_jax.load(folder, progress=False, mesh=mesh)
         self.engine = Engine(model, max_context=max_context)
 
     def decode(self, mix: list[dict], steps: int = 64, repeats: int = 3) -> float:
-        """Steady decode tokens/s of 16 rows (prompts of the mix, cut to 128 tokens)."""
+        """Steady decode tokens/s of 16 rows (the mix's first prompts) in a cache as long as the
+        mix's longest request needs (as the server's is while those run)."""
         from phi4_jax import SamplingParams
 
-        prompts = [r["prompt"][:128] for r in mix[:16]]
+        prompts = [r["prompt"] for r in mix[:16]]
+        longest = max(len(r["prompt"]) + r["max_tokens"] for r in mix)
         params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
         times = []
         for i in range(repeats + 1):
-            gen = self.engine.start(prompts, params, [[]] * len(prompts))
+            gen = self.engine.start(prompts, params, [[]] * len(prompts), length=longest)
             gen.advance(0)
             start = time.perf_counter()
             gen.advance(steps)
@@ -353,12 +357,12 @@ def main(argv=None) -> int:
         mix = request_mix(max(args.requests, 16), vocab, prompt_range, output_range, args.seed)
         meta = {"benchmark": "serve", "schema": SCHEMA, **describe_run(), "model": args.model,
                 "engine": "phi4_jax" if args.url is None else args.url, "max_batch": args.max_batch,
-                "prompt_tokens": list(prompt_range), "output_tokens": list(output_range), "seed": args.seed,
-                "requests": args.requests}
+                "mix_prompt_tokens": list(prompt_range), "mix_output_tokens": list(output_range), "seed": args.seed,
+                "requests": args.requests, "mesh": args.mesh}
         records = []
         offline = None
         if not args.no_offline and args.url is None:
-            offline = Offline(folder, max_context)
+            offline = Offline(folder, max_context, args.mesh)
             record = {"phase": "offline", "batch": 16, "decode_tokens_per_s": offline.decode(mix),
                       "mix_tokens_per_s": offline.mix(mix[:args.requests])}
             records.append({**meta, **record})
@@ -366,7 +370,7 @@ def main(argv=None) -> int:
                   f"{record['mix_tokens_per_s']:.1f} tokens/s", flush=True)
         process = None
         if args.url is None:
-            process, url = start_server(folder, args.max_batch, max_context)
+            process, url = start_server(folder, args.max_batch, max_context, args.mesh)
             model = "bench"
         else:
             url, model = args.url.rstrip("/"), args.served_model

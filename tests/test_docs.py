@@ -139,3 +139,46 @@ def test_readme_is_a_guide_and_names_only_files_that_exist():
         assert not missing, (doc, missing)
     for figure in re.findall(r"!\[[^]]*\]\(([^)]+)\)", RESULTS.read_text()):
         assert (RESULTS.parent / figure).is_file(), figure
+
+
+def serve_row(r: dict) -> str:
+    """A `clients` record of bench/serve.py as its row of bench/RESULTS.md's serving table."""
+    ms = lambda a, b: f"{r[a]:.0f} / {r[b]:.0f} ms"  # noqa: E731
+    return (f"| {r['clients']} | {r['tokens_per_s']:.1f} | {r['vs_offline_decode']:.2f}× | {r['vs_offline_mix']:.2f}× | "
+            f"{r['requests_per_s']:.2f} | {ms('ttft_p50_ms', 'ttft_p99_ms')} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} ms | {r['chunk_gap_p99_ms']:.0f} ms | "
+            f"{100 * r['slot_occupancy_mean']:.0f}% | {100 * r['prefill_share']:.0f}% |")
+
+
+def test_serving_tables_are_the_committed_results():
+    """bench/serve.py on the phi3-110m shape: every client count, the offline base, the TTFT probes."""
+    readme = RESULTS.read_text()
+    records = [json.loads(line) for line in (ROOT / "bench" / "results" / "serve.jsonl").read_text().splitlines()]
+    newest = {(r["model"], r["engine"], r["phase"], r.get("clients"), r.get("prompt_tokens")): r for r in records}
+    ours = {k: r for k, r in newest.items() if k[:2] == ("phi3-110m", "phi4_jax")}
+    clients = sorted(r["clients"] for k, r in ours.items() if k[2] == "clients")
+    assert clients == [1, 4, 16, 64]
+    for k, r in ours.items():
+        if k[2] == "clients":
+            assert serve_row(r) in readme, serve_row(r)
+        elif k[2] == "offline":
+            assert (f"offline batch 16: {r['decode_tokens_per_s']:.1f} tokens/s of steady decode, "
+                    f"{r['mix_tokens_per_s']:.1f} tokens/s generating the mix") in readme
+        elif k[2] == "lone_ttft":
+            assert (f"| {r['prompt_tokens']} | {r['ttft_ms']:.1f} ms | {r['generate_ttft_ms']:.1f} ms | "
+                    f"{r['overhead_ms']:+.1f} ms |") in readme
+        else:
+            assert (f"{r['ttft_ms']:.0f} ms while 15 clients stream, {r['vs_lone']:.2f}× the lone "
+                    f"{r['lone_ttft_ms']:.0f} ms") in readme
+
+
+def test_cache_layout_table_is_the_committed_result():
+    r = json.loads((ROOT / "bench" / "results" / "cache_layout.json").read_text())
+    readme = RESULTS.read_text()
+    first = r["decode_by_length"][0]["step_ms"]
+    for row in r["decode_by_length"]:
+        assert f"| {row['length']} | {row['step_ms']:.1f} ms | {row['step_ms'] / first:.2f}× |" in readme
+    paged = r["paged_attention"]
+    assert (f"{paged['contiguous_ms']:.1f} ms from the contiguous cache,\n{paged['paged_gather_ms']:.1f} ms from "
+            f"{paged['page']}-token pages") in readme
+    assert f"takes {r['join']['join_ms']:.1f} ms against {r['join']['decode_call_8_steps_ms']:.0f} ms" in readme

@@ -34,6 +34,11 @@ def test_sampling_fields_become_the_engines_params():
     assert protocol.sampling_params(chat(stop="x"), 5).stop == ("x",)
     # The newer name wins, as in OpenAI's API.
     assert protocol.sampling_params(chat(max_tokens=3, max_completion_tokens=8), 99).max_tokens == 8
+    # Log-probabilities: the chat's flag and count, the text completion's count (vLLM's `logprobs`).
+    assert [protocol.sampling_params(chat(**f), 9).logprobs for f in (
+        {}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 3})] == [None, 0, 3]
+    text = parse(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 2})
+    assert protocol.sampling_params(text, 9).logprobs == 2
 
 
 def test_messages_become_the_chat_templates_conversation(fixtures_dir):
@@ -95,6 +100,7 @@ BAD_CHAT = [  # (fields replacing a valid chat request's, the field named)
     ({"n": 0}, "n"),
     ({"n": protocol.MAX_N + 1}, "n"),
     ({"top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # (without logprobs: true)
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"logit_bias": {"5": 10}}, "logit_bias"),
@@ -114,7 +120,7 @@ def test_a_bad_chat_request_is_refused_naming_the_field(fields, param):
 
 @pytest.mark.parametrize("body,param", [([], None), ("text", None), ({"prompt": ""}, "prompt"), ({}, "prompt"),
                                         ({"prompt": []}, "prompt"), ({"prompt": [[1], []]}, "prompt"),
-                                        ({"prompt": [1, "a"]}, "prompt"), ({"prompt": "x", "logprobs": 6}, "logprobs"),
+                                        ({"prompt": [1, "a"]}, "prompt"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
                                         ({"prompt": "x", "suffix": "y"}, "suffix")])
 def test_a_bad_completion_request_is_refused_naming_the_field(body, param):
     with pytest.raises(RequestError) as refused:

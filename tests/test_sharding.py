@@ -202,7 +202,7 @@ def test_a_mesh_over_some_of_the_devices_gives_the_one_device_results(tiny_check
     assert on == set(picked)
     want_logits, (want_tokens, _) = reference("phi-4")
     logits = np.asarray(phi4_jax.forward(*nnx.split(model), IDS))
-    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5)  # as every mesh above (a 4-way split sums apart)
     assert greedy(Engine(model))[0] == want_tokens
     which = "devices 0-3 of 8" if devices is None else f"devices {'4-7' if devices == '4-7' else '1, 3, 5, 7'} of 8"
     assert f"(4 cpu devices: {which};" in meshes.describe(nnx.to_pure_dict(nnx.state(model)))

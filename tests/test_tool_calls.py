@@ -99,3 +99,33 @@ def test_arguments_may_be_json_text_or_under_parameters():
     calls = parse_tool_calls('functools[{"name": "f", "arguments": "{\\"x\\": 2}"}, '
                              '{"name": "g", "parameters": {"y": "ü"}}, {"name": "h"}]').calls
     assert calls == (Call(0, "f", '{"x": 2}'), Call(1, "g", '{"y": "ü"}'), Call(2, "h", "{}"))
+
+
+@pytest.mark.parametrize("case", ["two calls after text", "functools"])
+def test_the_servers_streamed_deltas_add_up_to_its_whole_message(phi4_mini, case):
+    """The server's assembly of one choice from the scheduler's outputs (a few real token ids at a
+    time, then the stop token): its streamed `delta`s carry the text and every call once, equal to
+    the non-streamed message, and the finish reason is "tool_calls"."""
+    from types import SimpleNamespace
+
+    from phi4_jax.engine.sampling import SamplingParams
+    from phi4_jax.engine.scheduler import RowOutput
+    from phi4_jax.server.app import _Choice, _delta, _whole
+
+    output, content, calls = OUTPUTS[case]
+    end = phi4_mini.token_to_id("<|end|>")
+    ids = phi4_mini.encode(output) + [end]
+    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), SamplingParams(), {end}, tools=True)
+    deltas = []
+    for start in range(0, len(ids), 3):
+        last = start + 3 >= len(ids)
+        events, ended = choice.add(RowOutput(0, ids[start:start + 3], "stop" if last else None))
+        deltas += [_delta(choice, e, chat=True)["delta"] for e in events]
+        assert ended == last
+    message = _whole(choice, chat=True)
+    assert message["finish_reason"] == "tool_calls" == choice.finish_reason
+    assert "".join(d.get("content", "") for d in deltas) == content == (message["message"]["content"] or "")
+    streamed_calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [c["index"] for c in streamed_calls] == list(range(len(calls)))
+    pairs = lambda cs: [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in cs]  # noqa: E731
+    assert pairs(streamed_calls) == pairs(message["message"]["tool_calls"]) == calls

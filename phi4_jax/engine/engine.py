@@ -22,7 +22,7 @@ from flax import nnx
 
 from phi4_jax.engine import longrope
 from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, seq_mesh
-from phi4_jax.engine.sampling import SamplerState, SamplingParams, sample, sampler_state, update_history
+from phi4_jax.engine.sampling import MAX_LOGPROBS, SamplerState, SamplingParams, sample, sampler_state, update_history
 from phi4_jax.errors import ConfigError
 from phi4_jax.model.cache import KVCache
 from phi4_jax.model.phi4 import Phi4ForCausalLM
@@ -31,6 +31,7 @@ from phi4_jax.parallel import rules
 
 MIN_PROMPT_BUCKET = MIN_PIECE  # prompts are padded to powers of two from here: they share compiles
 MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
+LOGPROB_RING = 16  # log-probabilities are kept for a row's newest this many tokens: a call runs at most as many steps
 
 
 class DecodeState(NamedTuple):
@@ -48,6 +49,10 @@ class DecodeState(NamedTuple):
     seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
     counts: jax.Array  # [B, V] int32: tokens in the output (presence/frequency penalties)
     sampler: SamplerState
+    # Rows asking for log-probabilities (R = LOGPROB_RING, K = MAX_LOGPROBS; 0 when no row asks):
+    logprob_ring: jax.Array  # [B, R] float32: of the newest R tokens, at index (token count % R)
+    top_ids: jax.Array  # [B, R, K] int32: the K most likely tokens at those steps
+    top_logprobs: jax.Array  # [B, R, K] float32
     cache: KVCache
 
 
@@ -60,6 +65,13 @@ class _Rows(NamedTuple):
     sampler: SamplerState
     needed: int  # slots: the longest prompt + the most new tokens
     length: int  # the cache length for them
+    logprobs: list[int | None]  # per row: SamplingParams.logprobs
+
+
+def _logprob_sizes(wants: Sequence[int | None]) -> tuple[int, int]:
+    """(ring, top): the logprob arrays' sizes for rows asking `wants` (SamplingParams.logprobs)."""
+    ring = LOGPROB_RING if any(w is not None for w in wants) else 0
+    return ring, MAX_LOGPROBS if any(w for w in wants) else 0
 
 
 def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
@@ -144,7 +156,8 @@ class Engine:
         ids = np.zeros((len(prompts), width), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p) - starts[b]] = p[starts[b]:]
-        gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)))
+        gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)),
+                         rows.logprobs)
         gen.reused_tokens = reused
         return gen
 
@@ -168,7 +181,7 @@ class Engine:
                 break
             yield None
             history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
-        yield Generation(self, state)
+        yield Generation(self, state, rows.logprobs)
 
     def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
         batch = len(prompts)
@@ -195,7 +208,7 @@ class Engine:
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         needed = longest + max_new
         slots = max(cache_length(needed, self.max_context), min(length or 0, self.max_context))
-        return _Rows(lengths, limits, stops, sampler, needed, slots)
+        return _Rows(lengths, limits, stops, sampler, needed, slots, [p.logprobs for p in params])
 
     def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
         """An empty history and KV cache of `batch` rows of `length` slots."""
@@ -205,10 +218,11 @@ class Engine:
     def _prefill(self, ids, starts, ends, rows: _Rows, history, cache, continuing: bool) -> DecodeState:
         """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends`."""
         batch, length = ids.shape[0], cache.length
+        ring, top = _logprob_sizes(rows.logprobs)
         return _start(self.graphdef, self.params,
                       *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
-                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length))
+                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top)
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
@@ -233,12 +247,18 @@ class Generation:
     call and returns the tokens they produced; `stop(rows)` ends rows the host decided to end (stop
     strings, a client gone). A finished row is free: `join` puts another generation's row there,
     and `resize` changes the number of rows and the cache length between calls (continuous
-    batching; `scheduler.py`)."""
+    batching; `scheduler.py`). Rows whose SamplingParams ask for `logprobs` get, after each
+    `advance`, `new_logprobs[row]`: per new token, (its log-probability, [(token, log-probability)
+    of the most likely ones]); None for the other rows."""
 
-    def __init__(self, engine: Engine, state: DecodeState):
+    def __init__(self, engine: Engine, state: DecodeState, wants: Sequence[int | None] | None = None):
         self.engine, self.state = engine, state
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
         self._read = np.zeros(self.batch, np.int32)  # tokens already returned per row
+        self._wants = list(wants) if wants is not None else [None] * self.batch  # logprobs asked, per row
+        self._harvested = np.zeros(self.batch, np.int32)  # tokens whose log-probabilities were read
+        self._pending: list[list] = [[] for _ in range(self.batch)]  # read, not yet returned
+        self.new_logprobs: list[list | None] = [None] * self.batch
         self._sync()
 
     @property
@@ -258,8 +278,10 @@ class Generation:
         """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
         engine = self.engine
         left = steps
+        ring = self.state.logprob_ring.shape[1]  # (a call may not run more steps than its ring holds)
         while not self._done.all() and left > 0:
-            self.state, ran = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(left)),
+            self.state, ran = _decode(engine.graphdef, engine.params, self.state,
+                                      engine.put(np.int32(min(left, ring) if ring else left)),
                                       layout=self._layout, ring=self._ring)
             left -= int(ran)
             self._sync()
@@ -271,6 +293,8 @@ class Generation:
                 self._sync()
         new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
         self._read = self._generated.copy()
+        self.new_logprobs = [None if w is None else p for w, p in zip(self._wants, self._pending)]
+        self._pending = [[] for _ in range(self.batch)]
         return new
 
     def stop(self, rows: Sequence[int]) -> None:
@@ -293,23 +317,32 @@ class Generation:
         if other.batch != 1 or not self._done[row]:
             raise ConfigError(f"join takes a one-row generation into a finished row; got {other.batch} row(s) "
                               f"for row {row} (finished: {bool(self._done[row])})")
-        stop_width = max(self.state.stop_ids.shape[1], other.state.stop_ids.shape[1])
-        if other.length > self.length or stop_width > self.state.stop_ids.shape[1]:
-            self.resize(list(range(self.batch)), max(self.length, other.length), stop_width)
+        sizes = lambda s: (s.cache.length, s.stop_ids.shape[1], *s.top_ids.shape[1:])  # noqa: E731
+        wanted = tuple(max(a, b) for a, b in zip(sizes(self.state), sizes(other.state)))
+        if wanted != sizes(self.state):
+            self.resize(list(range(self.batch)), *wanted)
         self.state = _join(self.state, other.state, self.engine.put(np.int32(row)),
                            layout=self._layout)
-        self._read[row] = other._read[0]
+        self._read[row], self._harvested[row] = other._read[0], other._harvested[0]
+        self._wants[row], self._pending[row] = other._wants[0], list(other._pending[0])
         self._sync()
 
-    def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None) -> None:
+    def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None,
+               logprob_ring: int | None = None, top: int | None = None) -> None:
         """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
-        (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table."""
+        (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table,
+        `logprob_ring` and `top` the log-probability arrays (to LOGPROB_RING, MAX_LOGPROBS)."""
+        s = self.state
         length = length or self.length
-        stop_width = stop_width or self.state.stop_ids.shape[1]
+        sizes = dict(length=length, stop_width=stop_width or s.stop_ids.shape[1],
+                     logprob_ring=s.top_ids.shape[1] if logprob_ring is None else logprob_ring,
+                     top=s.top_ids.shape[2] if top is None else top)
         index = np.array([-1 if r is None else r for r in rows], np.int32)
-        self.state = _resize(self.state, self.engine.put(index), length=length, stop_width=stop_width,
-                             layout=self.engine.cache_sharding(len(rows), length))
+        self.state = _resize(s, self.engine.put(index), **sizes, layout=self.engine.cache_sharding(len(rows), length))
+        kept = lambda values, empty: [values[i] if i >= 0 else empty() for i in index]  # noqa: E731
         self._read = np.where(index >= 0, self._read[np.maximum(index, 0)], 0).astype(np.int32)
+        self._harvested = np.where(index >= 0, self._harvested[np.maximum(index, 0)], 0).astype(np.int32)
+        self._wants, self._pending = kept(self._wants, lambda: None), kept(self._pending, list)
         self._sync()
 
     def _sync(self) -> None:
@@ -318,10 +351,26 @@ class Generation:
         self._layout = self.engine.cache_sharding(self.batch, self.length)
         self._ring = seq_mesh(self.engine.mesh, self.length)
         crossing = longrope.crossing(self.engine.config, s.done, s.positions) if self.engine._longrope else None
-        self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing = (
-            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing)))
+        ring = s.logprob_ring.shape[1] > 0
+        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if ring else None
+        self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing, logprobs = (
+            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs)))
         if self._crossing is None:
             self._crossing = np.zeros_like(self._done)
+        if ring:
+            self._harvest(*logprobs)
+
+    def _harvest(self, chosen, top_ids, top_logprobs) -> None:
+        """Moves the log-probabilities of the tokens generated since the last look out of the ring."""
+        size = chosen.shape[1]
+        for b, want in enumerate(self._wants):
+            if want is None:
+                continue
+            for g in range(self._harvested[b], self._generated[b]):
+                i = g % size
+                self._pending[b].append((float(chosen[b, i]), [(int(t), float(v)) for t, v in
+                                                               zip(top_ids[b, i, :want], top_logprobs[b, i, :want])]))
+        self._harvested = self._generated.copy()
 
 
 def _shared_seed() -> int:
@@ -359,15 +408,35 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
     is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
     generated = jnp.where(active, state.generated + 1, state.generated)
     finished = active & (is_stop | (generated >= state.limit))
+    state = _logprobs_recorded(state, logits, token, active)
     return _laid_out(state._replace(
         tokens=tokens, last=jnp.where(active, token, state.last), positions=positions, history=history,
         seen=seen, counts=counts, cache=cache, generated=generated,
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(9, 10), static_argnames=("continuing", "layout", "piece", "ring"))
+def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, active: jax.Array) -> DecodeState:
+    """Writes the chosen tokens' log-probabilities (and the most likely ones) into the ring, when
+    the state has one (its sizes are static: nothing is computed without)."""
+    ring, top = state.top_ids.shape[1:]
+    if not ring:
+        return state
+    rows = jnp.arange(token.shape[0])
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    index = jnp.where(active, state.generated % ring, ring)  # a finished row writes nothing (dropped)
+    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    state = state._replace(logprob_ring=state.logprob_ring.at[rows, index].set(chosen, mode="drop"))
+    if top:
+        values, ids = jax.lax.top_k(logprobs, top)
+        state = state._replace(top_ids=state.top_ids.at[rows, index].set(ids, mode="drop"),
+                               top_logprobs=state.top_logprobs.at[rows, index].set(values, mode="drop"))
+    return state
+
+
+@functools.partial(jax.jit, donate_argnums=(9, 10),
+                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top"))
 def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None) -> DecodeState:
+           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
     through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
@@ -385,7 +454,10 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
         tokens=jnp.zeros(history.shape, jnp.int32), last=jnp.zeros(batch, jnp.int32),
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
-        seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler, cache=cache)
+        seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler,
+        logprob_ring=jnp.zeros((batch, logprob_ring), jnp.float32),
+        top_ids=jnp.zeros((batch, logprob_ring, top), jnp.int32),
+        top_logprobs=jnp.zeros((batch, logprob_ring, top), jnp.float32), cache=cache)
     return _advance(state, logits, cache, layout)
 
 
@@ -431,27 +503,32 @@ def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)
 
 
-def _fitted(state: DecodeState, length: int, stop_width: int) -> DecodeState:
-    """`state` with `length` cache slots (and token and history columns) and `stop_width` stop ids."""
+def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int, top: int) -> DecodeState:
+    """`state` with `length` cache slots (and token and history columns), `stop_width` stop ids and
+    log-probability arrays of `logprob_ring` x `top`."""
     cache = jax.tree.map(lambda c: _fit(c, 2, length, 0), state.cache)
+    ring = lambda x: _fit(_fit(x, 1, logprob_ring, 0), 2, top, 0) if x.ndim == 3 else _fit(x, 1, logprob_ring, 0)  # noqa: E731
     return state._replace(tokens=_fit(state.tokens, 1, length, 0), history=_fit(state.history, 1, length, 0),
-                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache)
+                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache,
+                          logprob_ring=ring(state.logprob_ring), top_ids=ring(state.top_ids),
+                          top_logprobs=ring(state.top_logprobs))
 
 
-@functools.partial(jax.jit, static_argnames=("length", "stop_width", "layout"))  # (new shapes: no donation)
-def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, layout=None) -> DecodeState:
-    """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to `length`
-    slots and `stop_width` stop ids."""
+@functools.partial(jax.jit, static_argnames=("length", "stop_width", "logprob_ring", "top", "layout"))  # (no donation: new shapes)
+def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, logprob_ring: int, top: int,
+            layout=None) -> DecodeState:
+    """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to the sizes
+    (`_fitted`)."""
     rows = jax.tree.map(lambda x: jnp.take(x, jnp.maximum(index, 0), axis=0), state)
     free = index < 0
     rows = rows._replace(done=rows.done | free, generated=jnp.where(free, 0, rows.generated))
-    return _laid_out(_fitted(rows, length, stop_width), layout)
+    return _laid_out(_fitted(rows, length, stop_width, logprob_ring, top), layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("layout",))
 def _join(state: DecodeState, other: DecodeState, row: jax.Array, *, layout=None) -> DecodeState:
     """`state` with row `row` replaced by `other`'s only row (fitted to `state`'s sizes)."""
-    other = _fitted(other, state.cache.length, state.stop_ids.shape[1])
+    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], *state.top_ids.shape[1:])
     joined = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y[0].astype(x.dtype), row, 0),
                           state, other)
     return _laid_out(joined, layout)

@@ -22,6 +22,7 @@ _PRNG_IMPL = "threefry2x32"
 # torch.manual_seed's range (what vLLM seeds with); a seed is taken modulo 2**64.
 _SEED_RANGE = (-(2**63), 2**64)
 _INT32_END = 2**31  # top_k and token ids become int32 arrays
+MAX_LOGPROBS = 20  # most likely tokens a row may ask the log-probabilities of (OpenAI's bound)
 
 
 def _is_int(value) -> bool:
@@ -40,7 +41,9 @@ class SamplingParams:
     `repetition_penalty` follows HF (tokens seen in the prompt or output: a positive logit is divided
     by it, any other multiplied); `presence_penalty` and `frequency_penalty` follow vLLM/OpenAI (output
     tokens only: `logit -= presence * (count > 0) + frequency * count`). `stop` is for the
-    detokenizer; the sampler never reads it.
+    detokenizer; the sampler never reads it. `logprobs` (vLLM): None, or return each generated
+    token's log-probability and those of the `logprobs` most likely tokens (0 to MAX_LOGPROBS),
+    under the model's own distribution (log-softmax of its logits, before any penalty or filter).
     """
 
     temperature: float = 0.0  # 0 = greedy (argmax)
@@ -55,6 +58,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         def check_number(name, ok, allowed):
@@ -80,6 +84,9 @@ class SamplingParams:
         for name in ("top_k", "max_tokens", "seed"):  # NumPy integers become ints (seed math needs it)
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                                "logprobs")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", "ignore_eos")
 

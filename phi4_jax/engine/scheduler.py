@@ -49,12 +49,14 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class RowOutput:
     """New tokens of one row of a job; `finish_reason` ("stop", "length", "abort", or "error" with
-    `error`) is set on the row's last output."""
+    `error`) is set on the row's last output. `logprobs` (when the row's params ask): per token,
+    (its log-probability, [(token, log-probability) of the most likely ones])."""
 
     row: int
     tokens: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +290,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001
             self._fail([_Seat(job, r, 0)], e)
             return
-        job.deliver(RowOutput(r, first, reason))
+        job.deliver(RowOutput(r, first, reason, logprobs=one.new_logprobs[0]))
         if reason is not None:
             return
         needed = min(len(row.ids) + row.params.max_tokens, self.engine.max_context)
@@ -328,7 +330,7 @@ class Scheduler:
                 continue
             reason = "abort" if reasons[i] is not None and i in ended and seat.job.cancelled else reasons[i]
             if new[i] or reason is not None:
-                seat.job.deliver(RowOutput(seat.row, new[i], reason))
+                seat.job.deliver(RowOutput(seat.row, new[i], reason, logprobs=gen.new_logprobs[i]))
             if reasons[i] is not None:
                 with self._wake:
                     self._seats[i] = None

@@ -73,8 +73,6 @@ def build_app(served: Served) -> FastAPI:
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         parsed = protocol.parse(ChatCompletionRequest, await _json(request))
-        if parsed.logprobs:
-            raise RequestError("logprobs are not supported yet", "logprobs")
         try:
             ids = served.tokenizer.apply_chat_template(parsed.conversation(), tools=parsed.tool_schemas())
         except TokenizerError as e:
@@ -85,8 +83,8 @@ def build_app(served: Served) -> FastAPI:
     async def completions(request: Request):
         arrived = time.perf_counter()
         parsed = protocol.parse(CompletionRequest, await _json(request))
-        if parsed.logprobs is not None or parsed.echo:
-            raise RequestError("logprobs and echo are not supported yet", "echo" if parsed.echo else "logprobs")
+        if parsed.echo:
+            raise RequestError("echo is not supported yet", "echo")
         prompts = []
         for prompt in parsed.prompts():
             ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -147,13 +145,14 @@ async def _json(request: Request):
 class _Choice:
     """One row's text as it comes: its stream decoder, tool-call parser and counts."""
 
-    def __init__(self, index: int, served: Served, params, stop_ids, tools: bool):
+    def __init__(self, index: int, served: Served, params, stop_ids, tools: bool, chat: bool = True):
         self.index = index
         self.decoder = served.tokenizer.stream(stop=params.stop, stop_ids=stop_ids)
         self.tools = ToolCallParser() if tools else None
         self.tokens = 0
         self.finish_reason: str | None = None
         self.text, self.calls = "", []
+        self.logprobs = None if params.logprobs is None else _Logprobs(served.tokenizer, chat)
 
     def add(self, output: RowOutput) -> tuple[list, bool]:
         """The row's new events (Content / Call), and whether this output ended the choice (its
@@ -161,9 +160,11 @@ class _Choice:
         if self.finish_reason is not None:
             return [], False  # what the scheduler ran after a stop string
         pieces = []
-        for token in output.tokens:
+        for k, token in enumerate(output.tokens):
             self.tokens += 1
             pieces.append(self.decoder.add(token))
+            if self.logprobs is not None and output.logprobs is not None:
+                self.logprobs.add(token, *output.logprobs[k])
             if self.decoder.stopped:
                 break
         if self.decoder.stopped or output.finish_reason is not None:
@@ -187,6 +188,37 @@ class _Choice:
         return events
 
 
+class _Logprobs:
+    """A choice's log-probabilities in OpenAI's shape: the chat's `content` entries, or the text
+    completion's parallel lists; `take()` gives what came since the last take (a stream's chunk)."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.entries: list = []
+        self.taken = 0
+        self.offset = 0  # text offset of the next token (text completions)
+
+    def add(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        text = self.tokenizer.decode([token])
+        self.entries.append((text, logprob, [(self.tokenizer.decode([t]), v) for t, v in top], self.offset))
+        self.offset += len(text)
+
+    def take(self) -> dict | None:
+        new, self.taken = self.entries[self.taken:], len(self.entries)
+        return self._shaped(new)
+
+    def whole(self) -> dict:
+        return self._shaped(self.entries)
+
+    def _shaped(self, entries) -> dict:
+        if self.chat:
+            entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode())}  # noqa: E731
+            return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]}
+                                for text, lp, top, _ in entries]}
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [dict(e[2]) for e in entries], "text_offset": [e[3] for e in entries]}
+
+
 async def _respond(served: Served, http: Request, arrived: float, request, prompts: list[list[int]], chat: bool):
     """Runs a validated request's rows; `arrived`: its perf_counter time, for the latencies."""
     for ids in prompts:
@@ -206,7 +238,7 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             # Rows of one request differ: row j samples with seed + j (row 0 is the lone seeded output).
             row_params = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
             rows.append(Row(ids, row_params, stop_ids))
-            choices.append(_Choice(p * request.n + j, served, row_params, stop_ids, tools))
+            choices.append(_Choice(p * request.n + j, served, row_params, stop_ids, tools, chat))
     loop, metrics = asyncio.get_running_loop(), served.metrics
     outputs: asyncio.Queue[tuple[float, RowOutput]] = asyncio.Queue()
 
@@ -288,7 +320,8 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
                 for e in new:
                     yield chunk([_delta(choice, e, chat)])
                 if ended:
-                    end = {"index": choice.index, "logprobs": None, "finish_reason": choice.finish_reason}
+                    logprobs = choice.logprobs.take() if choice.logprobs else None  # (tokens whose text was held)
+                    end = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason}
                     yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
             if include_usage:
                 yield chunk([], usage())
@@ -316,16 +349,18 @@ def _tool_call(call: Call) -> dict:
 
 
 def _whole(choice: _Choice, chat: bool) -> dict:
+    logprobs = choice.logprobs.whole() if choice.logprobs else None
     if not chat:
-        return {"index": choice.index, "text": choice.text, "logprobs": None, "finish_reason": choice.finish_reason}
+        return {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
     message = {"role": "assistant", "content": choice.text if choice.text or not choice.calls else None}
     if choice.calls:
         message["tool_calls"] = [_tool_call(c) for c in choice.calls]
-    return {"index": choice.index, "message": message, "logprobs": None, "finish_reason": choice.finish_reason}
+    return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
 def _delta(choice: _Choice, event, chat: bool) -> dict:
-    base = {"index": choice.index, "logprobs": None, "finish_reason": None}
+    base = {"index": choice.index, "logprobs": choice.logprobs.take() if choice.logprobs else None,
+            "finish_reason": None}
     if not chat:
         return {**base, "text": event.text}
     if isinstance(event, Content):

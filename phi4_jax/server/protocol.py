@@ -148,7 +148,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # (OpenAI's bound is 5; vLLM's 20)
     echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
@@ -199,6 +199,12 @@ def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingPara
         "seed", "stop", "stop_token_ids") if getattr(request, name) is not None}
     limit = request.token_limit()
     fields["max_tokens"] = default_max_tokens if limit is None else limit
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        fields["logprobs"] = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        fields["logprobs"] = request.logprobs
     try:
         return SamplingParams(**fields, ignore_eos=request.ignore_eos)
     except SamplingError as e:
