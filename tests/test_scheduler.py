@@ -22,19 +22,21 @@ def engine(tiny_checkpoint):
     return Engine(phi4_jax.load(tiny_checkpoint("phi-4-mini")[0], dtype="float32")[0])
 
 
-def alone(engine, row: Row, steps_per_call=8) -> tuple[list[int], str]:
+def alone(engine, row: Row, steps_per_call=8, logprobs=False):
+    """(tokens, finish reason) of `row` generated alone; with `logprobs`, also its log-probabilities."""
     gen = engine.start([row.ids], row.params, [sorted(row.stop_ids)])
-    out = gen.advance(0)[0]
+    out, lps = gen.advance(0)[0], gen.new_logprobs[0] or []
     while not gen.finished:
         out += gen.advance(steps_per_call)[0]
-    return out, gen.finish_reasons()[0]
+        lps += gen.new_logprobs[0] or []
+    return (out, gen.finish_reasons()[0], lps) if logprobs else (out, gen.finish_reasons()[0])
 
 
 class Collector:
     """Tokens, outputs and finish reasons by (job key, row), as the scheduler delivers them."""
 
     def __init__(self):
-        self.tokens, self.reasons, self.outputs = {}, {}, {}
+        self.tokens, self.reasons, self.outputs, self.logprobs = {}, {}, {}, {}
         self.lock, self.done = threading.Lock(), threading.Condition()
 
     def deliver(self, key):
@@ -42,6 +44,7 @@ class Collector:
             with self.done:
                 row = (key, out.row)
                 self.tokens.setdefault(row, []).extend(out.tokens)
+                self.logprobs.setdefault(row, []).extend(out.logprobs or [])
                 self.outputs[row] = self.outputs.get(row, 0) + 1
                 if out.finish_reason is not None:
                     assert row not in self.reasons, f"{row} finished twice"
@@ -63,7 +66,8 @@ def rows_of(engine, count, seed=0):
         params = [SamplingParams(max_tokens=limit),
                   SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=limit),
                   SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, seed=100 + i, max_tokens=30),
-                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit)][i % 4]
+                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit, logprobs=2 * (i % 8 == 3))
+                  ][i % 4]  # (log-probabilities of the likeliest 2 or the chosen token alone: the slots widen for them)
         rows.append(Row(ids, params, frozenset()))
     # Stop ids for some rows: a token their lone greedy output reaches.
     for i in range(0, count, 4):
@@ -75,7 +79,7 @@ def rows_of(engine, count, seed=0):
 
 def test_rows_joining_a_running_batch_get_their_lone_tokens(engine):
     rows = rows_of(engine, 24)
-    want = [alone(engine, row) for row in rows]
+    want = [alone(engine, row, logprobs=True) for row in rows]
     scheduler = Scheduler(engine, max_batch=4, steps_per_call=2)
     scheduler.start()
     got = Collector()
@@ -98,7 +102,12 @@ def test_rows_joining_a_running_batch_get_their_lone_tokens(engine):
         for i in range(6):
             scheduler.submit([rows[i]], deliver(i))
         got.wait(len(rows))
-        assert [(got.tokens[i, 0], got.reasons[i, 0]) for i in range(len(rows))] == want
+        assert [(got.tokens[i, 0], got.reasons[i, 0]) for i in range(len(rows))] == [w[:2] for w in want]
+        for i, (_, _, logprobs) in enumerate(want):  # equal to float noise: batch sizes sum apart
+            assert len(got.logprobs[i, 0]) == len(logprobs) == (len(want[i][0]) if rows[i].params.logprobs is not None
+                                                                 else 0)
+            for (value, top), (lone_value, lone_top) in zip(got.logprobs[i, 0], logprobs):
+                assert value == pytest.approx(lone_value, abs=1e-5) and [t for t, _ in top] == [t for t, _ in lone_top]
         assert {1, 2, 4} <= seen_slots and max(seen_slots) == 4  # grown in powers of two up to max_batch
         deadline = time.monotonic() + TIMEOUT
         while scheduler.load().slots and time.monotonic() < deadline:  # freed once the last row finished
