@@ -1,8 +1,8 @@
 """phi4_jax against transformers on the same model, the same prompts and the same greedy tokens.
 
-One checkpoint, float32: a preset with transformers' own seeded random weights (`phi3-110m` by
-default), saved once as safetensors, or a real HF folder (--model); each engine loads it in its
-own process (its own peak RSS, and no imports of the other framework):
+For each --model (by default the two shapes the CPU numbers are set on: `phi3-110m`, 4 thick
+layers, and `deep-thin`, 30 thin ones), float32: a preset with transformers' own seeded random
+weights, saved once as safetensors, or a real HF folder; each engine loads it in its own process (its own peak RSS, and no imports of the other framework):
   transformers-eager, transformers-sdpa   PyTorch on the CPU, `model.generate`, greedy
   phi4_jax                                the engine, greedy (sharded over --mesh when given)
 The engines then take turns: each measurement is taken once by every engine in a round, for
@@ -51,9 +51,10 @@ ANSWER_TIMEOUT_S = 3600  # a worker silent for this long is taken for hung
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/compare_transformers.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="phi3-110m",
-                   help="a preset of phi4_jax.config.PRESETS, run with transformers' own seeded random weights "
-                        "(default phi3-110m), or an HF folder (config.json and safetensors: its real weights)")
+    p.add_argument("--model", nargs="+", default=list(generate.MODELS),
+                   help="presets of phi4_jax.config.PRESETS, run with transformers' own seeded random weights, "
+                        "or HF folders (config.json and safetensors: their real weights), measured one after "
+                        f"the other (default {' '.join(generate.MODELS)})")
     p.add_argument("--mesh", default=None,
                    help="run phi4_jax sharded over this mesh, e.g. tensor=2 (on a CPU: that many fake devices; "
                         "transformers runs on one device)")
@@ -278,9 +279,20 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.child:
+        args.model = args.model[-1]
         serve(args)
         return 0
-    check(parser, args)
+    for model in args.model:
+        check(parser, argparse.Namespace(**{**vars(args), "model": model}))
+    worst = 0
+    for model in args.model:
+        one = argparse.Namespace(**{**vars(args), "model": model})
+        worst = max(worst, compare_one(one, [*argv, "--model", model]))  # (the last --model counts)
+    return worst
+
+
+def compare_one(args, argv: list[str]) -> int:
+    """Every engine on one model (args.model); its records appended; 1 if tokens differ."""
     workers, reader = [], None
     with tempfile.TemporaryDirectory(prefix="phi4-jax-compare-") as scratch:
         folder = args.model if generate.has_weights(args.model) else scratch

@@ -1,7 +1,8 @@
 """Generation speed against the device's rooflines: prefill, decode, compile; one JSON line each.
 
-A random-weight model (a preset, `phi3-110m` by default, cut to --layers; or the real weights of an
-HF/Orbax --model folder) generates through the engine, greedy, with every token forced (no stop):
+Each --model in turn (by default the two shapes the CPU numbers are set on: `phi3-110m`, 4 thick
+layers, and `deep-thin`, 30 thin ones): a preset with random weights, cut to --layers, or the real
+weights of an HF/Orbax folder) generates through the engine, greedy, with every token forced (no stop):
   prefill: --prefill-len prompts (batch 1): seconds, tokens/s, and MFU = the prefill's matmul
            FLOPs / time / the measured matmul peak.
   decode:  each --batch x --prompt-len: time to first token, decode tokens/s of --new-tokens as one
@@ -40,16 +41,17 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "generate.jsonl")
 SCHEMA = "phi4_jax.bench.generate/2"  # 2: each record holds its own roofline readings
+MODELS = ("phi3-110m", "deep-thin")  # thick and shallow, deep and thin: a speed-up must hold on both
 
 def build_parser() -> argparse.ArgumentParser:
     from phi4_jax.cli_shared import token_count as tokens
 
     p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="phi3-110m",
-                   help="a preset of phi4_jax.config.PRESETS with random weights (default phi3-110m, the model "
-                        "the CPU numbers are set on; also tiny, phi-4, phi-4-mini, phi-3.5-mini), or an HF / "
-                        "Orbax folder (its real weights, when it has them)")
+    p.add_argument("--model", nargs="+", default=list(MODELS),
+                   help="presets of phi4_jax.config.PRESETS with random weights (default: phi3-110m deep-thin, "
+                        "the models the CPU numbers are set on; also tiny, phi-4, phi-4-mini, phi-3.5-mini), or "
+                        "HF / Orbax folders (their real weights, when they have them), measured one after the other")
     p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers (default: all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
@@ -240,6 +242,7 @@ def first_token_seconds(args) -> dict:
 
     from phi4_jax import SamplingParams
 
+    devices(args)
     config, mesh, dtype = setup(args)
     from phi4_jax import Engine, compilation_cache
 
@@ -283,15 +286,21 @@ def measure_compile(args, argv: list[str]) -> dict:
             **{f"cold_{k}": cold[k] for k in PHASES.values()}, **{f"warm_{k}": warm[k] for k in PHASES.values()}}
 
 
-def setup(args):
-    """Devices for the mesh, then (config, mesh or None, dtype name)."""
+def devices(args) -> None:
+    """Before any device is used: a CPU host splits into as many devices as the mesh has (GPU/TPU
+    hosts: ignored)."""
     import jax
 
     from phi4_jax.parallel import mesh as meshes
 
-    if args.mesh:  # a CPU host splits into as many devices as the mesh has (GPU/TPU hosts: ignored)
+    if args.mesh:
         jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(args.mesh).values()))
+
+
+def setup(args):
+    """(config, mesh or None, dtype name); the devices are set (`devices`)."""
     from phi4_jax.model.phi4 import default_dtype
+    from phi4_jax.parallel import mesh as meshes
 
     mesh = meshes.make_mesh(args.mesh) if args.mesh else None
     return model_config(args), mesh, args.dtype or default_dtype().name
@@ -358,11 +367,22 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    models, args.model = args.model, args.model[-1]  # a child process measures the last one
     if args.first_token_child:
         print(json.dumps(first_token_seconds(args)))
         return 0
+    devices(args)
+    runs = [argparse.Namespace(**{**vars(args), "model": m}) for m in models]
+    for one in runs:  # every model's arguments are checked before anything is measured
+        check(parser, one, model_config(one))
+    for one in runs:
+        measure_model(one, [*argv, "--model", one.model])  # (the last --model counts)
+    return 0
+
+
+def measure_model(args, argv: list[str]) -> None:
+    """Every part of args.parts on one model (args.model), each record appended as it is measured."""
     config, mesh, dtype = setup(args)
-    check(parser, args, config)
     import jax
     import jax.numpy as jnp
 
@@ -387,8 +407,8 @@ def main(argv=None) -> int:
         measurements.append(("compile (two fresh processes)", lambda peaks: measure_compile(args, argv)))
     base = metadata(args, config, dtype)
     # Fake CPU devices share one machine's cores and memory; real ones each bring their own.
-    devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size
-    base["peak_devices"] = devices
+    peak_devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size
+    base["peak_devices"] = peak_devices
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     read_bytes = args.read_buffer_mb and args.read_buffer_mb * 2**20
     for what, run in measurements:
@@ -397,12 +417,11 @@ def main(argv=None) -> int:
         measured = run(peaks)
         memory = peak_memory()  # (with the rooflines' buffers, which are freed next)
         record = {**base, **measured, **peaks.close(), **memory}
-        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, devices))
+        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, peak_devices))
         print(f"  {describe(record)}", file=sys.stderr)
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-    print(f"appended {len(measurements)} records to {args.output}", file=sys.stderr)
-    return 0
+    print(f"appended {len(measurements)} records of {args.model} to {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,10 @@ class GenerationResponse:
     finish_reason: str | None  # "stop" (stop token or string), "length", or None while running
     prompt_tokens: int
     generation_tokens: int
-    prompt_tps: float  # prompt tokens per second of the prefill
-    generation_tps: float  # generated tokens per second of decoding
-    compile_seconds: float  # XLA compilation spent in this request (0 once compiled)
+    prompt_tps: float  # prompt tokens per second of the prefill, its compiling left out
+    generation_tps: float  # tokens per second of the decode steps after the first token, compiling left out
+    compile_seconds: float  # tracing, lowering and compiling in this request (0 once compiled) ...
+    compile_cache_seconds: float  # ... of it, loading programs from the persistent compilation cache
     peak_memory_gb: float | None  # the device's peak where the backend reports it (last response only)
 
 
@@ -105,20 +106,23 @@ class PromptCache:
 
 
 class _CompileClock:
-    """Seconds JAX spends compiling, summed from its monitoring events."""
+    """Seconds JAX spends making programs (tracing, lowering, compiling or loading them from the
+    persistent cache), summed from its monitoring events: `total`, and `cached` of it loading."""
 
     EVENTS = ("/jax/core/compile/backend_compile_duration",
               "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/jaxpr_trace_duration")
+    CACHE_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
 
     def __init__(self):
-        self.total = 0.0
+        self.total = self.cached = 0.0
         self._lock = threading.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **_):
-        if event in self.EVENTS:
+        if event in self.EVENTS or event == self.CACHE_EVENT:
             with self._lock:
                 self.total += duration
+                self.cached += duration if event == self.CACHE_EVENT else 0.0
 
 
 _compile_clock = _CompileClock()
@@ -171,23 +175,27 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
     ids = prompt_ids(tokenizer, prompt)
     stops = _stop_ids(tokenizer, params)
     decoder = tokenizer.stream(stop=params.stop, stop_ids=stops)
-    compile_before = _compile_clock.total
+    compile_before, cached_before = _compile_clock.total, _compile_clock.cached
     start = time.perf_counter()
     previous = prompt_cache.generation if prompt_cache is not None else None
     if prompt_cache is not None:
         prompt_cache.generation = None  # its cache is consumed by the next start
     gen = engine.start([ids], params, [sorted(stops)], continuing=previous)
     new = gen.advance(0)[0]  # the prefill's token
-    prefill_s = time.perf_counter() - start
-    decode_start = time.perf_counter()
+    prefill_compile = _compile_clock.total - compile_before
+    # The rates leave compiling out: a first request's would otherwise show its compile, not its speed.
+    prefill_s = max(time.perf_counter() - start - prefill_compile, 1e-9)
+    decode_start, decode_compile_before = time.perf_counter(), _compile_clock.total
     count = 0
 
     def response(text, token, reason):
-        decode_s = max(time.perf_counter() - decode_start, 1e-9)
+        decode_s = max(time.perf_counter() - decode_start - (_compile_clock.total - decode_compile_before), 1e-9)
         return GenerationResponse(
             text=text, token=token, finish_reason=reason, prompt_tokens=len(ids), generation_tokens=count,
-            prompt_tps=len(ids) / prefill_s, generation_tps=count / decode_s,
+            # (the first token came with the prefill)
+            prompt_tps=len(ids) / prefill_s, generation_tps=max(count - 1, 0) / decode_s,
             compile_seconds=_compile_clock.total - compile_before,
+            compile_cache_seconds=_compile_clock.cached - cached_before,
             peak_memory_gb=_peak_memory_gb() if reason else None)  # asked of the device once, at the end
 
     while True:

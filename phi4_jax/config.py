@@ -326,7 +326,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # Small shapes, in the same form. phi3-110m is the model the CPU benchmarks are set on (float32,
-# 110M parameters, Phi-3.5-mini's vocabulary); tiny is for smoke runs; demo is the built-in demo
+# 110M parameters, Phi-3.5-mini's vocabulary), with deep-thin as its deep counterpart; tiny is for smoke runs; demo is the built-in demo
 # model's shape (train/demo.py, its vocabulary fixed by the tokenizer it trains); the tiny-* shapes
 # carry each family member's distinguishing features at test size (transformers-v5 dialect).
 def _factors(n: int, start: float, step: float) -> list[float]:
@@ -339,6 +339,12 @@ PRESETS.update({
     "phi3-110m": dict(model_type="phi3", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                       max_position_embeddings=4096, original_max_position_embeddings=4096),
+    # 30 thin layers with a tied 49152 vocabulary: the shape of the common trained ~135M models, where
+    # per-op overhead rather than bandwidth bounds a step (Phi-4-mini has 32 layers, phi-4 40)
+    "deep-thin": dict(model_type="phi3", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      max_position_embeddings=8192, original_max_position_embeddings=8192,
+                      rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
     "tiny": dict(model_type="phi3", vocab_size=512, hidden_size=128, intermediate_size=256,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=2048, original_max_position_embeddings=2048,

@@ -104,7 +104,8 @@ def _prompt(args, tokenizer, text: str, history: list[dict]):
 def _stats(last) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
             "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
-            "peak_memory_gb": last.peak_memory_gb, "compile_seconds": last.compile_seconds}
+            "peak_memory_gb": last.peak_memory_gb, "compile_seconds": last.compile_seconds,
+            "compile_cache_seconds": last.compile_cache_seconds}
 
 
 def _print_stats(last) -> None:
@@ -113,7 +114,9 @@ def _print_stats(last) -> None:
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=sys.stderr)
     if last.peak_memory_gb is not None:
         print(f"Peak memory: {last.peak_memory_gb:.3f} GB", file=sys.stderr)
-    print(f"Compile: {last.compile_seconds:.2f} s", file=sys.stderr)
+    cached = f" ({last.compile_cache_seconds:.2f} s of it loading from the compilation cache)" \
+        if last.compile_cache_seconds else ""
+    print(f"Compile: {last.compile_seconds:.2f} s{cached}, left out of the rates above", file=sys.stderr)
 
 
 def _run_once(args, engine, tokenizer, sampling, prompt, prompt_cache=None) -> tuple[str, object]:

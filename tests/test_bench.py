@@ -1,6 +1,7 @@
 """The benchmark suite's arithmetic and records: roofline work counted from the model itself, records
 that agree with their own numbers, and greedy tokens identical to transformers' in the comparison."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -87,7 +88,7 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     parts = [(r["part"], r["batch"]) for r in records]
     assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("compile", 1)]
-    config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
+    config = generate.model_config(argparse.Namespace(model="tiny", layers=None))
     for r in records:
         assert r["schema"] == generate.SCHEMA
         assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit", "weights"} <= set(r)
@@ -128,6 +129,8 @@ def test_roofline_readings_combine_as_each_method_s_median_and_the_fastest_of_th
 @pytest.mark.parametrize("flags, message", [
     (["--new-tokens", "1"], "--new-tokens must be at least 2"),
     (["--prefill-len", "4096"], "do not fit tiny's context of 2048"),
+    # every model is checked before the first is measured
+    (["--model", "tiny", "tiny-phi-4", "--prefill-len", "100"], "do not fit tiny-phi-4's context of 64"),
 ])
 def test_generate_bench_refuses_what_it_cannot_measure_before_writing(tmp_path, capsys, flags, message):
     generate = bench_module("generate")
@@ -172,7 +175,7 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     prefill = next(r for r in records if r["part"] == "prefill")
     assert prefill["roofline_tokens_per_s"] == pytest.approx(prefill["matmul_flop_per_s"] * 32 / prefill["flops"])
     generate = bench_module("generate")
-    config = generate.model_config(generate.build_parser().parse_args(["--model", "tiny"]))
+    config = generate.model_config(argparse.Namespace(model="tiny", layers=None))
     step = decode_step_bytes(config, 3, 16 + 5, 4)  # 11 steps read 16 .. 26 cached tokens
     assert ours["read_readings"] == 1
     assert ours["bandwidth_bound_tokens_per_s"] == pytest.approx(3 * ours["read_bytes_per_s"] / step)

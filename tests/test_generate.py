@@ -84,6 +84,24 @@ def test_stream_pieces_add_up_and_report(chat_model):
     assert last.prompt_tps > 0 and last.generation_tps > 0
 
 
+def test_stream_rates_leave_compiling_out(chat_model):
+    """A first request's rates are of its prefill and decode steps, not of its compiles; the second
+    request of the same shapes compiles nothing."""
+    import time
+
+    _, model, tokenizer = chat_model
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)  # shapes no other test here compiles
+    engine = Engine(model)
+    start = time.perf_counter()
+    first = list(phi4_jax.stream_generate(engine, tokenizer, "Fresh shapes", params))[-1]
+    wall = time.perf_counter() - start
+    assert first.compile_seconds > 0 and first.compile_cache_seconds <= first.compile_seconds
+    # Decoding is only part of the wall time left once every compile is taken out.
+    assert first.generation_tps >= (first.generation_tokens - 1) / (wall - first.compile_seconds)
+    again = list(phi4_jax.stream_generate(engine, tokenizer, "Fresh shapes", params))[-1]
+    assert again.compile_seconds == 0 and again.generation_tokens == first.generation_tokens == 12
+
+
 def test_stop_string_spanning_tokens(chat_model):
     _, model, tokenizer = chat_model
     ids = greedy_ids(model, tokenizer.encode("Hello there"), 16)
@@ -124,7 +142,7 @@ def test_cli_json(chat_model, capsys):
     assert result["prompt_tokens"] == len(prompt) and result["finish_reason"] == "length"
     assert result["tokens"] == greedy_ids(model, prompt, 6)
     assert result["text"] == tokenizer.decode(result["tokens"])
-    assert {"prompt_tps", "generation_tps", "compile_seconds"} <= set(result["stats"])
+    assert {"prompt_tps", "generation_tps", "compile_seconds", "compile_cache_seconds"} <= set(result["stats"])
     assert "Prompt: " in err and "tokens-per-sec" in err and "Generation: 6 tokens" in err
 
 
