@@ -189,3 +189,47 @@ def test_compare_finds_the_first_differing_token():
     compare = bench_module("compare_transformers")
     assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == [1, 1]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_step_on_tiny_shapes(tmp_path):
+    """bench/gpu.sh --dry-run: the GPU check's steps on tiny presets on this CPU, each record written."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_BUDGET_S": "600"}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["rc"]) for s in steps] == [(name, 0) for name in (
+        "parity", "generate-mini-xla", "generate-mini-cudnn", "generate-big", "memory")]
+    parity, memory = (json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines())
+    assert parity["tokens_identical"] and parity["bf16_max_relative_logit_error"] <= parity["bf16_tolerance"]
+    assert memory["cache_slots"] == memory["context"] == 512 and memory["planned_needed_bytes"] > 0
+    records = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
+    runs = [(r["model"], r["part"], r["batch"] if r["part"] == "decode" else r["prompt_len"]) for r in records]
+    assert runs == [("tiny", "prefill", 16), ("tiny", "prefill", 32), ("tiny", "decode", 1), ("tiny", "decode", 2),
+                    ("tiny", "prefill", 16), ("tiny", "prefill", 32), ("tiny", "decode", 1),
+                    ("tiny-phi-4", "prefill", 16), ("tiny-phi-4", "prefill", 32), ("tiny-phi-4", "decode", 1),
+                    ("tiny-phi-4", "decode", 2)]
+    assert all(0 < r.get("mbu", r.get("mfu")) for r in records)
+
+
+def test_gpu_parity_check_fails_on_differing_tokens(tmp_path, monkeypatch):
+    """The parity check's verdict comes from the tokens: a difference on one side fails it."""
+    check = bench_module("gpu_check")
+    real = check._greedy
+    calls = []
+
+    def greedy(model, prompts, n):
+        tokens = real(model, prompts, n)
+        calls.append(1)
+        if len(calls) == 2:  # the CPU's run: one token changed
+            tokens[1][5] = (tokens[1][5] + 1) % model.config.vocab_size
+        return tokens
+
+    monkeypatch.setattr(check, "_greedy", greedy)
+    assert check.main(["parity", "--new-tokens", "8", "--output", str(tmp_path / "c.jsonl")]) == 1
+    record = json.loads((tmp_path / "c.jsonl").read_text())
+    assert record["first_difference"] == [1, 5] and not record["passed"]
