@@ -38,7 +38,10 @@ def test_convert_table_is_the_committed_result():
     assert (f"| `hf_to_orbax.py` | {r['convert_wall_s']:.1f} s | {r['convert_gb_per_s']:.2f} GB/s | "
             f"{r['convert_peak_rss_bytes'] / 1e9:.2f} GB") in readme
     assert f"| {r['read_floor_s']:.1f} s | {r['read_floor_gb_per_s']:.2f} GB/s |" in readme
-    assert f"{r['convert_vs_read_floor']:.1f}× the read floor" in readme
+    assert f"| {r['copy_floor_s']:.1f} s | {r['copy_floor_gb_per_s']:.2f} GB/s |" in readme
+    assert (f"{r['convert_vs_read_floor']:.1f}× the read floor and {r['convert_vs_copy_floor']:.1f}× "
+            "the copy floor") in readme
+    assert f"throughput, is {2 * r['read_floor_s']:.1f} s" in readme
     assert (f"peaks at {r['load_hf_peak_rss_bytes'] / 1e9:.2f} GB of RSS from the HF folder "
             f"({r['load_hf_wall_s']:.1f} s)\nand {r['load_orbax_peak_rss_bytes'] / 1e9:.2f} GB from the Orbax output "
             f"({r['load_orbax_wall_s']:.1f} s)") in readme

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import phi4_jax
-from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.engine import Engine, Generation
 from phi4_jax.errors import ConfigError
 from phi4_jax.engine.sampling import SamplingParams
 
@@ -119,6 +119,24 @@ def test_steps_per_call_do_not_change_tokens(engines):
     engine, _ = engines("phi-4-mini")
     batch = prompts(seed=2)
     assert run(engine, batch, steps_per_call=1)[0] == run(engine, batch, steps_per_call=NEW)[0]
+
+
+def test_decode_attending_over_the_reached_slots_equals_transformers(engines, monkeypatch):
+    """Each decode call attends over the first 128 or 256 slots its rows can reach (the cache holds
+    256): the tokens are transformers', and a call ends where its rows would pass them."""
+    engine, hf = engines("phi-4-mini")
+    batch, new = prompts(seed=4, lengths=(100, 40, 3)), 150
+    attended = []
+    spy = Generation._attended
+    monkeypatch.setattr(Generation, "_attended", lambda g, steps: attended.append(spy(g, steps)) or attended[-1])
+    got, _ = run(engine, batch, SamplingParams(max_tokens=new), steps_per_call=64)
+    assert {a for a, _ in attended} == {128, 256}
+    assert attended[0] == (128, 128 - 100)  # row 0 writes slots 100 .. 127, then the call ends
+    for prompt, tokens in zip(batch, got):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == want
 
 
 def test_stop_tokens_and_limits_per_row(engines):

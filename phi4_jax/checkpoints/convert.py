@@ -6,6 +6,7 @@ Everything is written into a hidden sibling folder and renamed onto the output a
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import datetime
@@ -18,7 +19,6 @@ from collections.abc import Callable
 
 import numpy as np
 from flax import nnx, traverse_util
-from tqdm.auto import tqdm
 
 from phi4_jax.checkpoints import orbax
 from phi4_jax.checkpoints.hf import (INDEX_FILE, SourceTensor, inspect_hf, param_key, read_hf_params,
@@ -101,41 +101,55 @@ def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress
     with atomic_folder(output, overwrite) as tmp, disk_full_is_typed(output):
         check_space(tmp, int(plan.output_bytes * 1.05) + 2**20)
         copied = _copy_side_files(plan.source.folder, tmp)
-        ocp = orbax.ocp()
         params_dir = os.path.join(tmp, orbax.PARAMS)
-        # Each partial save costs more than the last (Orbax merges metadata), so tensors are
-        # written in batches of up to one largest tensor's bytes: peak RAM stays ~3 largest tensors.
-        budget = plan.largest_output_bytes
-        pending: dict[tuple, np.ndarray] = {}
-        for source, parts in read_hf_params(plan.tensors, plan.dtype, progress):
-            pending.update((param_key(path), array) for path, array in parts.items())
-            del parts
-            if sum(a.nbytes for a in pending.values()) >= budget:
-                ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
-                pending.clear()
-                _return_freed_memory()
-            if on_tensor is not None:
-                on_tensor(source.name)
-        if pending:
-            ocp.partial.save(params_dir, traverse_util.unflatten_dict(pending))
-        pending.clear()
-        ocp.partial.finalize(params_dir)
         files = sorted({s.file for s in plan.tensors} | set(copied))
         index = os.path.join(plan.source.folder, INDEX_FILE)
         if os.path.exists(index):
             files.append(index)
+        # Hashed beside the reading, in the order it reads them: each file comes from the disk
+        # once (the other reader finds it in the page cache), and the hash costs no wall time.
+        hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        try:
+            described = [hasher.submit(_describe_file, f) for f in files]
+            with orbax.ParamsWriter(params_dir) as writer:
+                _write_params(plan, writer, progress, on_tensor)
+            source_files = {os.path.basename(f): d.result() for f, d in zip(files, described)}
+        finally:
+            hasher.shutdown(cancel_futures=True)
         orbax.write_manifest(tmp, {
             "tool": "phi4_jax", "tool_version": _version(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": os.path.abspath(plan.source.folder), "repo_id": plan.source.repo_id,
                        "revision": plan.source.revision},
-            "source_files": {os.path.basename(f): _describe_file(f, progress) for f in files},
+            "source_files": source_files,
             "dtype": plan.dtype.name, "params": orbax.PARAMS,
             "num_parameters": plan.config.num_parameters,
         })
         if verify:
             verify_logits(plan.source.folder, tmp, plan.dtype)
     return os.path.abspath(output)
+
+
+def _write_params(plan: ConversionPlan, writer: orbax.ParamsWriter, progress: bool,
+                  on_tensor: Callable[[str], None] | None) -> None:
+    """Streams the source tensors into `writer`, in batches."""
+    # Each partial save costs more than the last (Orbax merges metadata), so tensors are
+    # written in batches of about half the largest tensor's bytes: one batch being written
+    # and one being read keep peak RAM within ~3 largest tensors.
+    budget = plan.largest_output_bytes // 2
+    pending: dict[tuple, np.ndarray] = {}
+    for source, parts in read_hf_params(plan.tensors, plan.dtype, progress):
+        pending.update((param_key(path), array) for path, array in parts.items())
+        del parts
+        if sum(a.nbytes for a in pending.values()) >= budget:
+            writer.write(traverse_util.unflatten_dict(pending))
+            pending = {}
+            _return_freed_memory()
+        if on_tensor is not None:
+            on_tensor(source.name)
+    if pending:
+        writer.write(traverse_util.unflatten_dict(pending))
+    writer.finish()
 
 
 def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: int = 0) -> None:
@@ -173,16 +187,11 @@ def _copy_side_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-def _describe_file(path: str, progress: bool) -> dict:
+def _describe_file(path: str) -> dict:
     """Size and sha256; in an HF cache, a blob named by its sha256 must match it."""
-    digest = hashlib.sha256()
     size = os.path.getsize(path)
-    with open(path, "rb") as f, tqdm(total=size, desc=f"sha256 {os.path.basename(path)}", unit="B",
-                                     unit_scale=True, disable=None if progress else True) as bar:
-        while block := f.read(1 << 24):
-            digest.update(block)
-            bar.update(len(block))
-    sha = digest.hexdigest()
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
     blob = os.path.basename(os.path.realpath(path))
     if re.fullmatch(r"[0-9a-f]{64}", blob) and blob != sha:
         raise CheckpointError(f"{path} is corrupt: the Hugging Face cache names its content sha256 "

@@ -32,6 +32,50 @@ def ocp():
     return v1
 
 
+class ParamsWriter:
+    """Writes a parameter tree into an Orbax checkpoint a batch of tensors at a time: each batch is
+    saved in the background (one Orbax partial save at a time) while the caller reads the next, and
+    `finish` waits for the last and finalizes the checkpoint. As a context manager it waits for the
+    save in flight when the block raises, so nothing writes into a folder being removed.
+
+    Uncompressed: zstd cost 12.7 of 28.5 save seconds converting Phi-4-mini on 2 cores and saved
+    14% of the bytes (bench/RESULTS.md, "Converting and loading"); loading skips decompressing too.
+    """
+
+    def __init__(self, params_dir: str):
+        v1 = ocp()
+        self._dir = params_dir
+        self._context = v1.Context(array_options=v1.options.ArrayOptions(
+            saving=v1.options.ArrayOptions.Saving(use_compression=False)))
+        self._saving = None  # the save in flight, and the batch it holds
+
+    def __enter__(self) -> "ParamsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saving is not None:
+            try:
+                self._wait()
+            except Exception:  # noqa: BLE001  (the error that got here is the one to report)
+                pass
+
+    def write(self, batch: dict) -> None:
+        """Starts saving `batch` (a nested dict of host arrays) once the previous save is done."""
+        self._wait()
+        with self._context:
+            self._saving = ocp().partial.save_async(self._dir, batch), batch
+
+    def finish(self) -> None:
+        self._wait()
+        with self._context:
+            ocp().partial.finalize(self._dir)
+
+    def _wait(self) -> None:
+        if self._saving is not None:
+            self._saving[0].result()
+            self._saving = None
+
+
 def is_orbax_folder(folder: str) -> bool:
     """True for a folder phi4_jax wrote (it has our manifest)."""
     try:

@@ -31,6 +31,9 @@ from phi4_jax.parallel import rules
 
 MIN_PROMPT_BUCKET = MIN_PIECE  # prompts are padded to powers of two from here: they share compiles
 MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
+# A decode call attends over the cache's first slots that its rows can reach, a power of two from
+# here (at most the cache): the products over unused slots cost as much as over used ones.
+MIN_ATTENDED = 128
 LOGPROB_RING = 16  # log-probabilities are kept for a row's newest this many tokens: a call runs at most as many steps
 
 
@@ -280,9 +283,9 @@ class Generation:
         left = steps
         ring = self.state.logprob_ring.shape[1]  # (a call may not run more steps than its ring holds)
         while not self._done.all() and left > 0:
-            self.state, ran = _decode(engine.graphdef, engine.params, self.state,
-                                      engine.put(np.int32(min(left, ring) if ring else left)),
-                                      layout=self._layout, ring=self._ring)
+            attended, run = self._attended(min(left, ring) if ring else left)
+            self.state, ran = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(run)),
+                                      attended=attended, layout=self._layout, ring=self._ring)
             left -= int(ran)
             self._sync()
             if left > 0 and self._crossing.any():
@@ -296,6 +299,14 @@ class Generation:
         self.new_logprobs = [None if w is None else p for w, p in zip(self._wants, self._pending)]
         self._pending = [[] for _ in range(self.batch)]
         return new
+
+    def _attended(self, steps: int) -> tuple[int, int]:
+        """The cache slots the next decode call attends over (the power of two, from MIN_ATTENDED,
+        above every running row's position, at most the cache) and the steps it may run within
+        them. (A finished row's attention is not used.)"""
+        start = int(self._positions[~self._done].max())
+        attended = min(self.length, bucket(start + 1, MIN_ATTENDED))
+        return attended, max(1, min(steps, attended - start))
 
     def stop(self, rows: Sequence[int]) -> None:
         """Ends these rows now, with finish reason "stop" (a stop string the host found: it wins
@@ -461,18 +472,19 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
     return _advance(state, logits, cache, layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout", "ring"))
-def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, layout=None,
-            ring=None) -> tuple[DecodeState, jax.Array]:
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("attended", "layout", "ring"))
+def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, attended: int | None = None,
+            layout=None, ring=None) -> tuple[DecodeState, jax.Array]:
     """Up to `steps` decode steps, fewer when every row is done or a row is at the LongRoPE
-    crossing; returns the state and the steps run."""
+    crossing; returns the state and the steps run. The queries attend over the cache's first
+    `attended` slots (default all): every row's positions in these steps must lie below it."""
     model = nnx.merge(graphdef, params)
     longrope_model = model.config.rope_type == "longrope"
     # One row, one device, on XLA:CPU: the loop carries the cache layers without their batch axis.
     # With it, XLA:CPU dropped that axis only around the attention's dot and copied every layer
     # several times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
     squeeze = state.done.shape[0] == 1 and layout is None and model.backend.one_row_cache
-    path = over_cache(state.cache.length, ring)
+    path = over_cache(attended or state.cache.length, ring)
 
     def carried(cache):
         return jax.tree.map(lambda c: c[0], cache) if squeeze else cache
