@@ -1,4 +1,4 @@
-"""Generation speed against the device's rooflines: prefill, decode, compile; one JSON line each.
+"""Generation speed against the device's rooflines: prefill, decode, products, compile; one JSON line each.
 
 Each --model in turn (by default the two shapes the CPU numbers are set on: `phi3-110m`, 4 thick
 layers, and `deep-thin`, 30 thin ones): a preset with random weights, cut to --layers, or the real
@@ -9,6 +9,9 @@ weights of an HF/Orbax folder) generates through the engine, greedy, with every 
            device call (the median of --repeats), per-token latency p50/p90/p99 with the host
            looking after every token, and MBU = bytes a step must read (weights once, the input
            embedding one row per sequence, plus the KV cache) x steps/s / the measured read bandwidth.
+  products: each --batch: the step's weight products alone in one program (every weight matrix
+           a step reads times that many rows): beside the step, what its other work costs; beside
+           the read bandwidth, the rate at which XLA's products read the weights.
   compile: two fresh processes sharing an empty compilation cache time their first token: cold
            (compiling) and warm (from JAX's persistent cache).
 The rooflines are read beside the work they judge, since a shared machine's speed drifts: before
@@ -59,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation (default auto)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
-    p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "compile"],
-                   default=["prefill", "decode", "compile"], help="what to measure (see above; default all three)")
+    p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile"],
+                   default=["prefill", "decode", "products", "compile"],
+                   help="what to measure (see above; default all four)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="decode batch sizes (default 1 4 16 64)")
     p.add_argument("--prompt-len", "--prompt_len", type=tokens, nargs="+", default=[16],
@@ -228,6 +232,36 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
             "mean_context": prompt_len + (steps - 1) / 2}
 
 
+def measure_products(engine, config, batch: int, repeats: int, peaks: Rooflines) -> dict:
+    """The decode step's weight products alone, in one program: every weight matrix a step reads
+    (the input embedding only where it is also the head), as `[out, in]`, times `batch` rows, in
+    the faster of the two plain forms (rows x weights, weights x rows). Beside the step of the same
+    batch it shows what the rest of the step costs; beside the read bandwidth, the rate at which
+    XLA's products read the weights."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx, traverse_util
+
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(engine.params))
+    weights = [w.reshape(-1, w.shape[-1]) for path, w in sorted(flat.items(), key=lambda kv: str(kv[0]))
+               if w.ndim >= 2 and not ("embed_tokens" in path and not config.tie_word_embeddings)]
+    rows = [jnp.ones((batch, w.shape[-1]), w.dtype) for w in weights]
+    forms = {"rows_x_weights": lambda w, x: x @ w.T, "weights_x_rows": lambda w, x: w @ x.T}
+    measured = {}
+    for name, form in forms.items():
+        products = jax.jit(lambda weights, rows, form=form: sum(form(w, x).sum() for w, x in zip(weights, rows)))
+        times = timings(lambda: products(weights, rows).block_until_ready(), repeats, peaks.read_bandwidth)
+        measured[name] = (statistics.median(times), min(times))
+    best = min(measured, key=lambda name: measured[name][0])
+    seconds = measured[best][0]
+    weight_bytes = sum(w.nbytes for w in weights)
+    return {"part": "products", "batch": batch, "products_ms": 1e3 * seconds,
+            "best_products_ms": 1e3 * measured[best][1], "products_form": best,
+            "form_ms": {name: 1e3 * m[0] for name, m in measured.items()},
+            "weight_bytes": weight_bytes, "products_gb_per_s": weight_bytes / seconds / 1e9,
+            "products": len(weights)}
+
+
 # JAX's own timings of the work before a first run: where a warm start's time goes.
 PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
@@ -326,6 +360,8 @@ def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
     if record["part"] == "prefill":
         achieved = record["flops"] / record["seconds"]
         return {"flop_per_s": achieved, "mfu": achieved / (devices * record["matmul_flop_per_s"])}
+    if record["part"] == "products":
+        return {"products_of_read_bandwidth": record["products_gb_per_s"] * 1e9 / (devices * record["read_bytes_per_s"])}
     if record["part"] == "decode":
         step = decode_step_bytes(config, record["batch"], record["mean_context"], dtype_bytes)
         achieved = step * record["tokens_per_s"] / record["batch"]
@@ -357,6 +393,10 @@ def describe(r: dict) -> str:
                 f"step {r['step_ms']:.2f} ms (p50/p90/p99 {r['latency_p50_ms']:.2f}/{r['latency_p90_ms']:.2f}/"
                 f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}% "
                 f"of {r['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    if r["part"] == "products":
+        return (f"products batch {r['batch']:3d}: {r['products_ms']:.2f} ms for {r['weight_bytes'] / 1e6:.0f} MB of "
+                f"weights, {r['products_gb_per_s']:.1f} GB/s ({100 * r['products_of_read_bandwidth']:.0f}% of "
+                f"{r['read_bytes_per_s'] / 1e9:.1f} GB/s)")
     phases = lambda when: ", ".join(f"{k[:-2]} {r[f'{when}_{k}']:.2f}" for k in PHASES.values())  # noqa: E731
     return (f"first token: cold {r['cold_first_token_s']:.2f} s ({phases('cold')}), warm "
             f"{r['warm_first_token_s']:.2f} s ({phases('warm')}): {r['warm_speedup']:.1f}x; "
@@ -403,6 +443,9 @@ def measure_model(args, argv: list[str]) -> None:
                                      lambda peaks, b=batch, n=prompt_len, t=profile: measure_decode(
                                          engine, config, b, n, args.new_tokens, args.repeats, t, peaks)))
                 profile = None
+    if "products" in args.parts:
+        measurements += [(f"products batch {b}", lambda peaks, b=b: measure_products(engine, config, b, args.repeats, peaks))
+                         for b in args.batch]
     if "compile" in args.parts:
         measurements.append(("compile (two fresh processes)", lambda peaks: measure_compile(args, argv)))
     base = metadata(args, config, dtype)

@@ -87,8 +87,15 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
                           "--repeats", "1", "--read-buffer-mb", "64", "--output", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     parts = [(r["part"], r["batch"]) for r in records]
-    assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("compile", 1)]
+    assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("products", 1), ("products", 2), ("compile", 1)]
     config = generate.model_config(argparse.Namespace(model="tiny", layers=None))
+    # The products read every weight matrix a step reads: all parameters but the norms' vectors,
+    # and the input embedding when the head is a table of its own.
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
+    untied = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    for r in records[3:5]:
+        assert r["weight_bytes"] == 4 * (config.num_parameters - norms - untied)
+        assert r["products_gb_per_s"] == pytest.approx(r["weight_bytes"] / r["products_ms"] * 1e3 / 1e9)
     for r in records:
         assert r["schema"] == generate.SCHEMA
         assert {"jax", "jaxlib", "device", "mesh", "dtype", "attention", "git_commit", "weights"} <= set(r)
