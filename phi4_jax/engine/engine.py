@@ -303,7 +303,10 @@ class Generation:
     def _attended(self, steps: int) -> tuple[int, int]:
         """The cache slots the next decode call attends over (the power of two, from MIN_ATTENDED,
         above every running row's position, at most the cache) and the steps it may run within
-        them. (A finished row's attention is not used.)"""
+        them. (A finished row's attention is not used.) A cache split over seq attends over all of
+        it: the bound would only make more programs."""
+        if self._ring is not None:
+            return self.length, steps
         start = int(self._positions[~self._done].max())
         attended = min(self.length, bucket(start + 1, MIN_ATTENDED))
         return attended, max(1, min(steps, attended - start))
