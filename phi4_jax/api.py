@@ -119,10 +119,12 @@ class _CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **_):
-        if event in self.EVENTS or event == self.CACHE_EVENT:
-            with self._lock:
+        # A cache load is also inside its backend-compile event: it counts in `total` once.
+        with self._lock:
+            if event in self.EVENTS:
                 self.total += duration
-                self.cached += duration if event == self.CACHE_EVENT else 0.0
+            elif event == self.CACHE_EVENT:
+                self.cached += duration
 
 
 _compile_clock = _CompileClock()

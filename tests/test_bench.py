@@ -192,6 +192,20 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     assert {r["read_bytes_per_s"] for r in decode if r["batch"] == 3} == {ours["read_bytes_per_s"]}
 
 
+def test_startup_bench_times_fresh_processes_cold_and_warm_with_the_same_tokens(tmp_path):
+    """bench/startup.py on the demo folder: transformers' script and the CLI, cold then warm."""
+    startup = bench_module("startup")
+    out = tmp_path / "startup.jsonl"
+    code = startup.main(["--model", str(ROOT / "phi4_jax" / "demo_model"), "--max-tokens", "3", "--repeats", "1",
+                         "--output", str(out)])
+    records = {r["run"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert code == 0 and set(records) == set(startup.RUNS)
+    assert all(r["tokens_identical"] for r in records.values())
+    cold, warm, reference = records["phi4_jax-cold"], records["phi4_jax-warm"], records["transformers"]
+    assert cold["compile_cache_seconds"] == 0 < warm["compile_cache_seconds"] <= warm["compile_seconds"]
+    assert warm["vs_transformers"] == pytest.approx(warm["wall_s"] / reference["wall_s"])
+
+
 def test_compare_finds_the_first_differing_token():
     compare = bench_module("compare_transformers")
     assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None

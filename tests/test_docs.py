@@ -105,6 +105,28 @@ def test_real_shape_bounds_are_the_committed_results():
     assert f"MBU is {100 * by[('deep-thin', 'decode', 1)]['mbu']:.1f}%" in readme
 
 
+def test_startup_table_is_the_committed_result():
+    """bench/startup.py's fresh processes, and the first-token ratios of the targets table."""
+    readme = RESULTS.read_text()
+    runs = {(r["model"], r["run"]): r for r in
+            (json.loads(line) for line in (ROOT / "bench" / "results" / "startup.jsonl").read_text().splitlines())}
+    for model in ("phi3-110m", "deep-thin"):
+        script, cold, warm = (runs[(model, run)] for run in ("transformers", "phi4_jax-cold", "phi4_jax-warm"))
+        assert script["date"][:10] == cold["date"][:10] == warm["date"][:10] and cold["tokens_identical"]
+        line = (f"| `{model}` | {script['wall_s']:.2f} s | {cold['wall_s']:.2f} s ({cold['vs_transformers']:.2f}×) | "
+                f"{warm['wall_s']:.2f} s ({warm['vs_transformers']:.2f}×) | "
+                f"{cold['compile_seconds']:.2f} / {warm['compile_seconds']:.2f} s |")
+        assert line in readme, line
+    deep, thick = runs[("deep-thin", "phi4_jax-cold")], runs[("phi3-110m", "phi4_jax-cold")]
+    assert (f"| warm {runs[('phi3-110m', 'phi4_jax-warm')]['vs_transformers']:.2f}×, cold "
+            f"{thick['vs_transformers']:.2f}× | warm {runs[('deep-thin', 'phi4_jax-warm')]['vs_transformers']:.2f}×, "
+            f"cold {deep['vs_transformers']:.2f}× |") in readme
+    assert f"{deep['compile_seconds']:.2f} s of its {deep['wall_s']:.2f} s" in readme
+    first = {r["model"]: r for r in jsonl("real_shapes.jsonl") if r["part"] == "compile"}
+    assert (f"| warm first token ≥ 3× cold | {first['phi3-110m']['warm_speedup']:.2f}× | "
+            f"{first['deep-thin']['warm_speedup']:.2f}× |") in readme
+
+
 def test_plan_table_is_the_committed_result():
     record = json.loads((ROOT / "bench" / "results" / "plan.json").read_text())
     readme = RESULTS.read_text()

@@ -261,8 +261,21 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array,
     return nnx.merge(graphdef, state)(input_ids, positions, ring)
 
 
+class _Keys:
+    """The keys `nnx.Rngs(seed).params()` draws, counted in Python. Under `eval_shape` the count of
+    an `nnx.Rngs` is a traced variable, and each update of one cost about 3 ms (JAX builds an error
+    message for its `sharding` attribute): a second of a 30-layer model's load."""
+
+    def __init__(self, seed: int):
+        self.key, self.count = jax.random.key(seed), 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count - 1)
+
+
 def abstract_model(config: Phi4Config, param_dtype=None, dtype=None, attention: str = "auto",
                    backend: Backend | None = None) -> Phi4ForCausalLM:
     """The model with `ShapeDtypeStruct`s for parameters: shapes and dtypes, no memory."""
     return nnx.eval_shape(lambda: Phi4ForCausalLM(
-        config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, attention=attention, backend=backend))
+        config, rngs=_Keys(0), param_dtype=param_dtype, dtype=dtype, attention=attention, backend=backend))
