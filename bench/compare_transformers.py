@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-buffer-mb", "--read_buffer_mb", type=int, default=None,
                    help="size of the buffer read to measure bandwidth (default 1024 on a CPU, 4096 elsewhere; "
                         "keep it far larger than the last-level cache)")
+    p.add_argument("--matmul-sizes", "--matmul_sizes", type=int, nargs="+", default=None,
+                   help="square matmul sizes the peak is read at, the fastest counting (default 1024 2048 4096 on a "
+                        "CPU, 4096 8192 16384 elsewhere; smaller ones read a lower peak, for quick checks)")
     p.add_argument("--output", default=RESULTS,
                    help="JSON-lines file the records are appended to (default bench/results/compare_transformers.jsonl)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's process
@@ -135,7 +138,7 @@ def serve(args) -> None:
         from roofline import MatmulPeak, ReadBandwidth
 
         read = ReadBandwidth(args.read_buffer_mb and args.read_buffer_mb * 2**20)
-        matmul = MatmulPeak("float32")  # what the engines compute in
+        matmul = MatmulPeak("float32", args.matmul_sizes and tuple(args.matmul_sizes))  # what the engines compute in
         answer.write(json.dumps({"ready": True}) + "\n")
         for _ in sys.stdin:
             answer.write(json.dumps({**read.measure(repeats=2), **matmul.measure(repeats=2)}) + "\n")

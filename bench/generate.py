@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-buffer-mb", "--read_buffer_mb", type=int, default=None,
                    help="size of the buffer read to measure bandwidth (default 1024 on a CPU, 4096 elsewhere; "
                         "keep it far larger than the last-level cache)")
+    p.add_argument("--matmul-sizes", "--matmul_sizes", type=int, nargs="+", default=None,
+                   help="square matmul sizes the peak is read at, the fastest counting (default 1024 2048 4096 on a "
+                        "CPU, 4096 8192 16384 elsewhere; smaller ones read a lower peak, for quick checks)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write a jax.profiler trace of one decode run (the first batch) to DIR")
     p.add_argument("--output", default=RESULTS,
@@ -154,8 +157,9 @@ class Rooflines:
     reader (and its buffer) lives until `close()`, so the timed runs between readings see no
     allocation of it."""
 
-    def __init__(self, read_bytes: int | None, dtype: str):
+    def __init__(self, read_bytes: int | None, dtype: str, matmul_sizes: tuple[int, ...] | None = None):
         self.read_bytes, self.dtype, self.readings, self._readers = read_bytes, dtype, [], {}
+        self.matmul_sizes = matmul_sizes
 
     def _read(self, kind, make) -> None:
         if kind not in self._readers:
@@ -170,7 +174,7 @@ class Rooflines:
     def matmul_peak(self) -> None:
         from roofline import MatmulPeak
 
-        self._read("matmul", lambda: MatmulPeak(self.dtype))
+        self._read("matmul", lambda: MatmulPeak(self.dtype, self.matmul_sizes))
 
     def close(self) -> dict:
         """Frees the readers; returns the median of the readings (empty when none were taken)."""
@@ -456,7 +460,7 @@ def measure_model(args, argv: list[str]) -> None:
     read_bytes = args.read_buffer_mb and args.read_buffer_mb * 2**20
     for what, run in measurements:
         print(f"{what} ...", file=sys.stderr)
-        peaks = Rooflines(read_bytes, dtype)
+        peaks = Rooflines(read_bytes, dtype, args.matmul_sizes and tuple(args.matmul_sizes))
         measured = run(peaks)
         memory = peak_memory()  # (with the rooflines' buffers, which are freed next)
         record = {**base, **measured, **peaks.close(), **memory}

@@ -33,10 +33,10 @@ DEADLINE=$(( $(date +%s) + BUDGET ))
 
 if [ "$DRY" = 1 ]; then
   MINI=tiny; BIG=tiny-phi-4; DTYPE=float32; CUDNN=xla
-  BATCH="1 2"; PREFILL="16 32"; NEW=6; MEMORY_CONTEXT=512; REPEATS=1; READ_MB="--read-buffer-mb 64"
+  BATCH="1 2"; PREFILL="16 32"; NEW=6; MEMORY_CONTEXT=512; REPEATS=1; PEAKS="--read-buffer-mb 64 --matmul-sizes 256 512"
 else
   MINI=phi-4-mini; BIG=phi-4; DTYPE=bfloat16; CUDNN=cudnn
-  BATCH="1 16 64"; PREFILL="2048 8192"; NEW=32; MEMORY_CONTEXT=32k; REPEATS=2; READ_MB=""
+  BATCH="1 16 64"; PREFILL="2048 8192"; NEW=32; MEMORY_CONTEXT=32k; REPEATS=2; PEAKS=""
 fi
 
 FAILED=0
@@ -64,10 +64,10 @@ CHECK=("$PY" "$ROOT/bench/gpu_check.py" --output "$OUT/gpu_check.jsonl")
 {
   step parity "${CHECK[@]}" parity
   step generate-mini-xla "${GEN[@]}" --model "$MINI" --attention xla --parts prefill decode \
-    --batch $BATCH --prefill-len $PREFILL $READ_MB
+    --batch $BATCH --prefill-len $PREFILL $PEAKS
   step generate-mini-cudnn "${GEN[@]}" --model "$MINI" --attention "$CUDNN" --parts prefill decode \
-    --batch 1 --prefill-len $PREFILL $READ_MB
-  step generate-big "${GEN[@]}" --model "$BIG" --parts prefill decode --batch $BATCH --prefill-len $PREFILL $READ_MB
+    --batch 1 --prefill-len $PREFILL $PEAKS
+  step generate-big "${GEN[@]}" --model "$BIG" --parts prefill decode --batch $BATCH --prefill-len $PREFILL $PEAKS
   step memory "${CHECK[@]}" memory --model "$MINI" --context "$MEMORY_CONTEXT" --dtype "$DTYPE"
 }
 echo "gpu.sh: records in $OUT" >&2

@@ -76,12 +76,14 @@ class ReadBandwidth:
 
 class MatmulPeak:
     """Measures the FLOP/s of the fastest square matmul (float32 on a CPU, bfloat16 elsewhere,
-    unless `dtype`) as often as asked; holds its operands until `close()` (see `ReadBandwidth`)."""
+    unless `dtype`; of `sizes`, by default 1024-4096 on a CPU, 4096-16384 elsewhere) as often as
+    asked; holds its operands until `close()` (see `ReadBandwidth`)."""
 
-    def __init__(self, dtype=None):
+    def __init__(self, dtype=None, sizes: tuple[int, ...] | None = None):
         on_cpu = jax.default_backend() == "cpu"
         self.dtype = jnp.dtype(dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
-        self._operands = {n: jnp.ones((n, n), self.dtype) for n in ((1024, 2048, 4096) if on_cpu else (4096, 8192, 16384))}
+        sizes = sizes or ((1024, 2048, 4096) if on_cpu else (4096, 8192, 16384))
+        self._operands = {n: jnp.ones((n, n), self.dtype) for n in sizes}
         self._matmul = jax.jit(jnp.matmul)
 
     def measure(self, repeats: int = 5) -> dict:

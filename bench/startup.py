@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "--max_tokens", type=int, default=64,
                    help="tokens generated, every one (no stop token; default 64)")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the median of each run counts (default 3)")
+    p.add_argument("--warm-up", "--warm_up", type=int, default=1,
+                   help="uncounted cold runs before the rounds, so every counted run finds the files in the page "
+                        "cache and Python's bytecode compiled (default 1)")
     p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to "
                                                      "(default bench/results/startup.jsonl)")
     return p
@@ -76,8 +79,8 @@ def check(parser, args) -> None:
     """Refuses what cannot be measured, before anything runs."""
     from phi4_jax.config import PRESETS
 
-    if args.repeats < 1 or args.max_tokens < 1:
-        parser.error("--repeats and --max-tokens must be at least 1")
+    if args.repeats < 1 or args.max_tokens < 1 or args.warm_up < 0:
+        parser.error("--repeats and --max-tokens must be at least 1, --warm-up at least 0")
     for model in args.model:
         if model in PRESETS:
             if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
@@ -133,8 +136,9 @@ def run_once(run: str, folder: str, args, caches: dict) -> dict:
 def measure(args, folder: str, scratch: str) -> dict[str, list[dict]]:
     caches = {"folder": os.path.join(scratch, "compilation-cache")}
     runs: dict[str, list[dict]] = {run: [] for run in RUNS}
-    first = run_once("phi4_jax-cold", folder, args, caches)  # fills the cache and the page cache: not counted
-    print(f"  (a first cold run: {first['wall_s']:.2f} s, not counted)", file=sys.stderr)
+    for _ in range(args.warm_up):  # fills the caches (also the compilation cache): not counted
+        first = run_once("phi4_jax-cold", folder, args, caches)
+        print(f"  (a warm-up cold run: {first['wall_s']:.2f} s, not counted)", file=sys.stderr)
     for round_ in range(args.repeats):
         # A warm run before this round's cold one finds the cache the previous cold run filled.
         for run in RUNS[round_ % 3:] + RUNS[:round_ % 3]:

@@ -84,7 +84,8 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path):
     generate = bench_module("generate")
     out = tmp_path / "generate.jsonl"
     assert generate.main(["--model", "tiny", "--batch", "1", "2", "--prefill-len", "32", "--new-tokens", "6",
-                          "--repeats", "1", "--read-buffer-mb", "64", "--output", str(out)]) == 0
+                          "--repeats", "1", "--read-buffer-mb", "64", "--matmul-sizes", "256", "512",
+                          "--output", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     parts = [(r["part"], r["batch"]) for r in records]
     assert parts == [("prefill", 1), ("decode", 1), ("decode", 2), ("products", 1), ("products", 2), ("compile", 1)]
@@ -170,7 +171,8 @@ def test_compare_transformers_generates_the_same_tokens_as_transformers(tmp_path
     compare = bench_module("compare_transformers")
     out = tmp_path / "compare.jsonl"
     code = compare.main(["--model", "tiny", "--batch", "3", "--prefill-len", "32", "--new-tokens", "12",
-                         "--repeats", "1", "--read-buffer-mb", "64", "--output", str(out)])
+                         "--repeats", "1", "--read-buffer-mb", "64", "--matmul-sizes", "256", "512",
+                         "--output", str(out)])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     decode = [r for r in records if r["part"] == "decode"]
     assert code == 0 and {r["engine"] for r in records} == set(compare.ENGINES)
@@ -197,7 +199,7 @@ def test_startup_bench_times_fresh_processes_cold_and_warm_with_the_same_tokens(
     startup = bench_module("startup")
     out = tmp_path / "startup.jsonl"
     code = startup.main(["--model", str(ROOT / "phi4_jax" / "demo_model"), "--max-tokens", "3", "--repeats", "1",
-                         "--output", str(out)])
+                         "--warm-up", "0", "--output", str(out)])
     records = {r["run"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert code == 0 and set(records) == set(startup.RUNS)
     assert all(r["tokens_identical"] for r in records.values())
