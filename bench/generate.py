@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="cut the model to this many decoder layers (default: all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
                    help="attention implementation (default auto)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
@@ -106,6 +106,8 @@ def build_model(args, config, mesh, dtype):
     from flax import nnx
 
     from phi4_jax import Phi4ForCausalLM, load
+    from phi4_jax.model.attention import resolve
+    from phi4_jax.model.backend import Backend
     from phi4_jax.parallel import heads
     from phi4_jax.parallel import mesh as meshes
 
@@ -113,8 +115,11 @@ def build_model(args, config, mesh, dtype):
         return load(args.model, dtype=dtype, mesh=mesh, attention=args.attention)[0]
     if mesh is None:
         return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention)
+    # "auto" for a mesh: no kernel XLA cannot split (splash)
+    platform = Backend.of(mesh.devices.flat).platform
+    attention = resolve(args.attention, dtype, platform, config.head_dim, mesh.devices.size)
     return meshes.place(Phi4ForCausalLM(heads.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
-                                          param_dtype=jnp.dtype(dtype), attention=args.attention), mesh)
+                                          param_dtype=jnp.dtype(dtype), attention=attention), mesh)
 
 
 def prompts_of(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -346,13 +351,17 @@ def setup(args):
 
 def metadata(args, config, dtype) -> dict:
     from phi4_jax.model.attention import resolve
+    from phi4_jax.parallel import mesh as meshes
     from runinfo import describe_run
 
     import jax
 
+    devices = math.prod(meshes.parse_mesh(args.mesh).values()) if args.mesh else 1
+
     return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
-            "attention": resolve(args.attention, dtype, jax.default_backend()), "mesh": args.mesh or "",
+            "attention": resolve(args.attention, dtype, jax.default_backend(), config.head_dim, devices),
+            "mesh": args.mesh or "",
             "weights": "loaded" if has_weights(args.model) else "random",
             "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", "")}
 

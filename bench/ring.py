@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and its first generated token fill a cache of this length)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="timed model dtype (float32 on CPU: XLA:CPU runs bf16 matmuls slowly)")
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
                    help="timed model's attention implementation")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best counts)")
     p.add_argument("--plan-model", "--plan_model", default="phi-4-mini", help="planned model (preset or folder)")
@@ -115,6 +115,7 @@ def _time(config, mesh, length: int, args) -> dict:
 
     from phi4_jax import Engine, Phi4ForCausalLM, SamplingParams
     from phi4_jax.engine import plan
+    from phi4_jax.model.attention import resolve
     from phi4_jax.model.backend import Backend
     from phi4_jax.parallel import mesh as meshes
     from phi4_jax.parallel.heads import config_for_mesh
@@ -122,8 +123,10 @@ def _time(config, mesh, length: int, args) -> dict:
     n = mesh.shape["seq"]
     dtype = jnp.dtype(args.dtype)
     backend = Backend.of(mesh.devices.flat)
+    # "auto" for a mesh: no kernel XLA cannot split (splash)
+    attention = resolve(args.attention, dtype, backend.platform, config.head_dim, mesh.devices.size)
     model = meshes.place(Phi4ForCausalLM(config_for_mesh(config, mesh), rngs=nnx.Rngs(0), param_dtype=dtype,
-                                         attention=args.attention, backend=backend), mesh)
+                                         attention=attention, backend=backend), mesh)
     engine = Engine(model, max_context=length)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, length - 1).tolist()
     params = SamplingParams(max_tokens=1, ignore_eos=True)

@@ -45,8 +45,8 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, pr
         does not divide the KV heads they are repeated (`parallel.heads.kv_repeat`), and
         `model.config` says how many there are. None: everything on the first device.
       progress: show a progress bar while reading HF weights.
-      attention: the attention implementation: "auto" (cuDNN on a GPU in 16 bits, else XLA),
-        "xla" or "cudnn" (see `phi4_jax.model.attention`).
+      attention: the attention implementation: "auto" (cuDNN on a GPU in 16 bits, splash on a TPU
+        for head_dim 128, else XLA), "xla", "cudnn" or "splash" (see `phi4_jax.model.attention`).
     Returns:
       `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
     Raises:

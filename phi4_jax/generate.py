@@ -68,7 +68,8 @@ def build_parser() -> argparse_flags.ArgumentParser:
     cli.add_mesh_flags(p)
     p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
                    help="attention kernel: 'auto' (cuDNN flash attention on an NVIDIA GPU in bfloat16/float16, "
-                        "else XLA), 'xla' (the reference, any backend) or 'cudnn'")
+                        "splash attention on a TPU for head_dim 128, else XLA), 'xla' (the reference, any "
+                        "backend), 'cudnn' or 'splash' (TPU; prefill only, decode by XLA)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object: {"text", "tokens", "prompt_tokens", "finish_reason", "stats"}')
     verbosity = p.add_mutually_exclusive_group()

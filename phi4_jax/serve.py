@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     cli.add_mesh_flags(p, multihost=False)
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
-                   help="attention kernel: auto (cuDNN flash attention on NVIDIA GPUs in 16-bit, else XLA)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
+                   help="attention kernel: auto (cuDNN flash attention on NVIDIA GPUs in 16-bit, splash attention "
+                        "on TPUs for head_dim 128, else XLA)")
     p.add_argument(*cli.flag("--log-level"), default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="how much the server logs")
     return p

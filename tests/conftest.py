@@ -6,6 +6,12 @@ import tempfile
 
 # Meshes are simulated with 8 CPU devices; this must happen before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU only, also where libtpu is installed (the test extra has it, to compile for TPU slices):
+# JAX would otherwise look for TPU chips first, and libtpu warns on every process start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a lockfile per host so that two processes never drive the same chips; compiling for a
+# described slice drives none, and xdist's workers each load libtpu.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One compilation cache per test run, shared by its xdist workers (they inherit the controller's
 # environment) and the processes tests start: the same tiny programs compile in many tests. A fresh
 # folder, so no run reads another's; the controller removes it at the end.

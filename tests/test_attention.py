@@ -94,7 +94,8 @@ def test_attend_is_the_normalised_block_in_the_query_dtype(block):
 
 def test_implementations_are_chosen_and_checked():
     assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"  # cuDNN only on a GPU
-    assert attention.resolve("auto", jnp.bfloat16, "tpu") == "xla"
+    assert attention.resolve("auto", jnp.bfloat16, "tpu", 128) == "splash"  # tests/test_tpu_kernels.py
+    assert attention.resolve("auto", jnp.bfloat16, "tpu", 96) == "xla"
     assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
     attention.check("xla", jnp.float32, "cpu")

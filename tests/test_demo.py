@@ -97,14 +97,14 @@ def test_training_never_sees_the_held_out_problems():
 
 @pytest.mark.slow
 def test_retraining_with_the_same_seed_gives_the_same_weights(tmp_path):
-    """The script is deterministic for a seed (here 20 steps and 20 held-out problems; the shipped model is the command in
+    """The script is deterministic for a seed (here 8 steps and 4 held-out problems; the shipped model is the command in
     its training.json, on this machine kind)."""
     spec = importlib.util.spec_from_file_location("train_demo", ROOT / "train" / "demo.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     digests = []
     for name in ("a", "b"):
-        assert script.main(["--output", str(tmp_path / name), "--steps", "20", "--held-out", "20", "--quiet"]) == cli.EXIT_OK
+        assert script.main(["--output", str(tmp_path / name), "--steps", "8", "--held-out", "4", "--quiet"]) == cli.EXIT_OK
         digests.append(json.loads((tmp_path / name / "training.json").read_text())["model_safetensors_sha256"])
     assert digests[0] == digests[1]
     assert script.main(["--output", str(tmp_path / "a"), "--steps", "20", "--quiet"]) == cli.EXIT_USAGE  # exists

@@ -134,12 +134,32 @@ def test_plan_table_is_the_committed_result():
         ("phi-4-mini", spec, 131072) for spec in ("tensor=1", "tensor=8", "seq=8")}
     assert wanted <= {(r["name"], r["mesh_spec"], r["context"]) for r in record["records"]}
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
-    for r in record["records"]:
+    for r in (r for r in record["records"] if "topology" not in r):  # planned on fake CPU devices
         d, s = r["per_device"], r["steps"]
         line = (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
                 f"{gb(d['weights_bytes'])} | {gb(d['kv_cache_bytes'])} | {gb(s['prefill']['temp_bytes'])} / "
                 f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
         assert line in readme, line
+
+
+def test_compiled_table_is_the_committed_result():
+    """The rows bench/plan.py compiled for TPU slices and NVIDIA GPUs, as the page shows them, under
+    its label: compiled here, never run there."""
+    from test_bench import bench_module
+
+    plan = bench_module("plan")
+    records = [r for r in json.loads((ROOT / "bench" / "results" / "plan.json").read_text())["records"]
+               if "topology" in r]
+    have = {(r["name"], r["topology"], r["mesh_spec"], r["context"], r["batch"]) for r in records}
+    wanted = {("phi-4-mini", t, m, c, 1) for t in ("v5e:2x4", "v6e:2x4") for m in ("tensor=8", "seq=8")
+              for c in (8192, 32768, 131072)} | {("phi-4", t, "tensor=8", 16384, 1) for t in ("v5e:2x4", "v6e:2x4")}
+    assert wanted <= have, wanted - have
+    assert any(not r["fits"] for r in records)  # what does not fit, with what it would need
+    page = RESULTS.read_text()
+    section = page[page.index("## Compiled for TPU and GPU"):]
+    assert "compiled for TPU on a CPU machine; not run on a TPU" in section
+    for r in records:
+        assert plan.compiled_table_row(r) in section, plan.compiled_table_row(r)
 
 
 def test_demo_accuracy_is_the_shipped_models():

@@ -7,6 +7,9 @@ from phi4_jax.engine import plan
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.config import Phi4Config
 
+pytestmark = pytest.mark.xdist_group("plan")  # one worker compiles the module's plans
+
+
 def tiny(shape):
     return Phi4Config.from_preset(f"tiny-{shape}")
 
@@ -54,3 +57,12 @@ def test_fits_on_lists_the_accelerators_whose_usable_memory_holds_it():
         assert fits == [n for n, s in sizes.items() if s >= size]  # every larger one, in the table's order
         assert name not in plan.fits_on(size)  # headroom is kept
     assert plan.fits_on(10**15) == [] and plan.fits_on(1) == list(sizes)
+
+
+def test_a_compiler_refusal_for_memory_reads_as_the_temporaries_it_names():
+    """XLA's TPU compiler refuses a program whose temporaries overflow the chip (Phi-4-mini's 128K
+    ring prefill on v5e): the plan records what it would need rather than failing."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(16.19G) exceeds available HBM (15.75G).")
+    assert plan._temporaries_refused(message) == int(16.19 * 2**30)
+    assert plan._temporaries_refused("RESOURCE_EXHAUSTED: something else") is None

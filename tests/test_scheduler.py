@@ -78,7 +78,7 @@ def rows_of(engine, count, seed=0):
 
 
 def test_rows_joining_a_running_batch_get_their_lone_tokens(engine):
-    rows = rows_of(engine, 24)
+    rows = rows_of(engine, 16)
     want = [alone(engine, row, logprobs=True) for row in rows]
     scheduler = Scheduler(engine, max_batch=4, steps_per_call=2)
     scheduler.start()

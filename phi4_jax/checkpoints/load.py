@@ -19,6 +19,7 @@ from phi4_jax.checkpoints.hf import load_hf_params
 from phi4_jax.checkpoints.hub import resolve
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import ConfigError, MeshError
+from phi4_jax.model import attention as attn
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM, abstract_model, default_dtype
 from phi4_jax.parallel.heads import config_for_mesh, repeat_kv_heads
@@ -41,6 +42,9 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = No
     dtype = dtype or default_dtype(backend.platform)
     model_config = config if mesh is None else config_for_mesh(config, mesh)
     repeat = model_config.num_key_value_heads // config.num_key_value_heads
+    devices = 1 if mesh is None else mesh.devices.size  # "auto" over a mesh: no kernel XLA cannot split
+    attn.check(attention, dtype, backend.platform, devices)
+    attention = attn.resolve(attention, dtype, backend.platform, config.head_dim, devices)
     graphdef, abstract = nnx.split(abstract_model(model_config, param_dtype=dtype, attention=attention,
                                                   backend=backend))
     placed = None if mesh is None else param_shardings(mesh, abstract)

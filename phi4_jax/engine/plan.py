@@ -19,7 +19,7 @@ with the CPU-only upcasts found in the bf16 program's HLO.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import functools
 import math
 import re
@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from flax import nnx
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import engine
+from phi4_jax.engine import engine, hlo
 from phi4_jax.engine.prefill import piece_for, seq_mesh
 from phi4_jax.engine.sampling import SamplingParams, sampler_state
 from phi4_jax.model.backend import Backend
@@ -42,7 +42,6 @@ from phi4_jax.parallel import rules
 from phi4_jax.parallel.heads import config_for_mesh
 from phi4_jax.parallel.rules import placed_shapes
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\]\) -> f32\[")
 
 
@@ -52,17 +51,40 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
     "tpu": the plain forms, never XLA:CPU's own; "cpu": XLA:CPU's program), attention by XLA.
-    Returns per-device bytes and collective counts (a JSON-ready dict)."""
+    A mesh of accelerator devices described without one (`parallel.targets.devices`: a TPU slice,
+    NVIDIA GPUs) compiles that accelerator's programs themselves: their temporaries are its own, and
+    XLA's cost analysis comes with them where the compiler gives one (TPU's; GPU's has none).
+    Each step reports, per device and call, its matmul FLOPs and main-memory bytes read from the
+    program (`hlo`: loops counted as many times as they run; decode's loop of steps once, a step)
+    and the bytes it copies within main memory. A step the accelerator's compiler refuses for want
+    of memory reports the temporaries it would need ("refused"). Returns a JSON-ready dict."""
     model_config = config_for_mesh(config, mesh)
     prefill_piece = prefill_piece or piece_for(batch)
+    platform = mesh.devices.flat[0].platform
+    own = platform in ("tpu", "gpu")  # the accelerator's own compiler, not XLA:CPU tracing for it
+    target = platform if own else target
     backend = Backend(target)
     steps = {}
     for name in ("prefill", "decode"):
-        real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece, backend).compile()
-        upper = real if jnp.dtype(dtype) == jnp.float32 else lower_step(
+        try:
+            with _no_persistent_cache(own):
+                real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece,
+                                  backend).compile()
+        except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler refuses what overflows its memory
+            needed = _temporaries_refused(str(e))
+            if needed is None:
+                raise
+            steps[name] = {"refused": str(e).splitlines()[0], "temp_bytes": needed}
+            continue
+        # XLA:CPU's bf16 upcasts (see the module's docstring) need a float32 bound; an accelerator's has none.
+        upper = real if own or jnp.dtype(dtype) == jnp.float32 else lower_step(
             name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend).compile()
         steps[name] = _report(real, upper)
-    weights, cache = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
+        if own:  # XLA's own figures, each loop body counted once (XLA:CPU's would be for its own program)
+            cost = real.cost_analysis() or {}
+            steps[name].update(xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
+                               xla_optimal_seconds=cost.get("optimal_seconds"))
+    weights, cache, table = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
     need = weights + cache + max(s["temp_bytes"] for s in steps.values())
     return {
         "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
@@ -70,7 +92,10 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
                   "kv_heads_on_mesh": model_config.num_key_value_heads, "parameters": config.num_parameters},
         "mesh": dict(mesh.shape), "devices": mesh.devices.size, "context": context, "batch": batch,
         "dtype": str(jnp.dtype(dtype)), "prefill_piece": prefill_piece, "target": target,
-        "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need},
+        "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need,
+                       # What a decode step must read: all but an embedding table apart from the head
+                       # (a row of it per token), and the whole cache.
+                       "decode_reads_bytes": weights - table + cache},
         "steps": steps,
     }
 
@@ -124,25 +149,58 @@ def _report(real, upper) -> dict:
     memory = real.memory_analysis()
     text = real.as_text()
     upcasts = sum(math.prod(map(int, filter(None, dims.split(",")))) * 4 for dims in _CONVERT.findall(text))
-    counts = collections.Counter(re.findall(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", text))
+    program = hlo.parse(text)
+    counts = hlo.collective_counts(program)
     return {
+        "matmul_flops": hlo.matmul_flops(program),
+        "main_memory_bytes": hlo.main_memory_bytes(program),
+        "main_memory_bytes_in_loops": hlo.main_memory_bytes(program, looped=True),  # decode: one step's
+        "memory_copy_bytes": hlo.memory_copy_bytes(program),
+        "collective_result_bytes": hlo.collective_result_bytes(program),
+        "permutes_under_compute": hlo.permutes_under_compute(program),
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
         "alias_bytes": memory.alias_size_in_bytes,
         "temp_bytes": upper.memory_analysis().temp_size_in_bytes,  # the float32 upper bound
         "temp_bytes_cpu_compile": memory.temp_size_in_bytes,
         "cpu_only_upcast_bytes": upcasts,
-        "collectives": {c: counts.get(c, 0) for c in COLLECTIVES},
+        "collectives": {c: counts.get(c, 0) for c in hlo.COLLECTIVES},
     }
 
 
-def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int]:
-    """Per-device bytes of the weights and of the KV cache, from their shardings (the fullest device)."""
-    weights = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                  for a in jax.tree.leaves(abstract_on_mesh(config, mesh, dtype)[1]))
+def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int, int]:
+    """Per-device bytes of the weights, of the KV cache and of an untied embedding table (0 when the
+    LM head is the table), from their shardings (the fullest device)."""
+    shard = lambda a: math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize  # noqa: E731
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_on_mesh(config, mesh, dtype)[1])
+    weights = sum(shard(a) for _, a in leaves)
+    table = 0 if config.tie_word_embeddings else sum(
+        shard(a) for path, a in leaves if "embed_tokens" in jax.tree_util.keystr(path))
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
     layer = math.prod(rules.sharding(mesh, rules.CACHE_AXES, shape).shard_shape(shape)) * dtype.itemsize
-    return weights, 2 * config.num_hidden_layers * layer
+    return weights, 2 * config.num_hidden_layers * layer, table
+
+
+def _temporaries_refused(message: str) -> int | None:
+    """The temporaries' bytes an out-of-memory refusal of XLA's TPU compiler names ("the total memory
+    required for HLO temporaries (16.19G) exceeds available HBM (15.75G)"), or None."""
+    match = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    return None if match is None else int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024)
+
+
+@contextlib.contextmanager
+def _no_persistent_cache(off: bool):
+    """Compiles for a described accelerator stay out of the persistent compilation cache: what they
+    produce can only run on that accelerator, and this process has none to load it on."""
+    if not off:
+        yield
+        return
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 # Memory per device of accelerators people rent, as sold (GB = 1e9 bytes).

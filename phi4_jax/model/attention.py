@@ -7,9 +7,14 @@ exactly (`merge`). Implementations:
 
 - "xla": the reference, einsums and a float32 softmax, on every backend (CPU and the tests use it);
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
-  bfloat16/float16).
+  bfloat16/float16);
+- "splash": JAX's splash attention kernel for TPUs (`model/tpu_attention.py`) for calls of at
+  least 128 queries, XLA for fewer (decode); on a "cpu" backend in Pallas interpret mode (checks).
 
-"auto" picks cuDNN on a GPU for 16-bit compute and XLA otherwise. Which path a layer takes is one
+"auto" picks cuDNN on a GPU for 16-bit compute, splash on a TPU for a head_dim that is a multiple
+of 128 (phi-4, Phi-4-mini: the kernel's own lane width; Phi-3.5-mini's 96 runs under "splash" as it
+is, but untimed on a chip, so "auto" keeps XLA there) on one device (XLA cannot partition the
+kernel over a mesh), and XLA otherwise. Which path a layer takes is one
 of the static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
 """
 
@@ -22,9 +27,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from phi4_jax.errors import ConfigError
+from phi4_jax.model import tpu_attention
 from phi4_jax.model.backend import Backend
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
@@ -39,8 +45,9 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
     return mask
 
 
-def check(implementation: str, dtype, platform: str) -> None:
-    """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`."""
+def check(implementation: str, dtype, platform: str, devices: int = 1) -> None:
+    """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`
+    over a mesh of `devices`."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"unknown attention implementation {implementation!r}; "
                           f"choose one of {', '.join(IMPLEMENTATIONS)}")
@@ -51,12 +58,22 @@ def check(implementation: str, dtype, platform: str) -> None:
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             raise ConfigError(f"attention 'cudnn' computes in bfloat16 or float16, not {jnp.dtype(dtype)}: "
                               "use --dtype bfloat16, or --attention xla")
+    if implementation == "splash" and platform == "gpu":
+        raise ConfigError("attention 'splash' is a TPU kernel (Pallas/Mosaic), it cannot run on a GPU: "
+                          "use --attention cudnn (or auto, or xla)")
+    if implementation == "splash" and devices > 1:
+        # XLA does not partition a Mosaic kernel; a shard_map around it over heads and batch is not written yet.
+        raise ConfigError(f"attention 'splash' runs on one device, not a mesh of {devices}: "
+                          "use --attention xla (or auto) with --mesh")
 
 
-def resolve(implementation: str, dtype, platform: str) -> str:
-    """The implementation "auto" stands for on `platform` with this compute dtype."""
+def resolve(implementation: str, dtype, platform: str, head_dim: int | None = None, devices: int = 1) -> str:
+    """The implementation "auto" stands for on `platform` with this compute dtype and `head_dim`
+    (None: not known, taken as a multiple of 128), over a mesh of `devices`."""
     if implementation != "auto":
         return implementation
+    if platform == "tpu" and devices == 1 and (head_dim is None or head_dim % tpu_attention.LANES == 0):
+        return "splash"
     cudnn = platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if cudnn else "xla"
 
@@ -69,7 +86,7 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
       q: `[batch, q_len, heads, head_dim]`, already rotated.
       k, v: `[batch, kv_heads, k_len, head_dim]` (the KV-cache layout).
       mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
-      implementation: "xla" or "cudnn" (see the module doc).
+      implementation: "xla", "cudnn" or "splash" (see the module doc).
       backend: the backend traced for (`heads_as_rows` picks the form of the XLA products).
     Returns:
       `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
@@ -78,6 +95,8 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
     """
     if implementation == "cudnn":
         return _jax_nn_block(q, k, v, mask, "cudnn")
+    if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
+        return tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu")
     return _xla_block(q, k, v, mask, backend.heads_as_rows)
 
 
@@ -139,6 +158,10 @@ def merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tup
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
            backend: Backend = Backend("cpu")) -> jax.Array:
     """Softmax attention over all of `k`/`v` (arguments as in `attend_block`), in q's dtype."""
+    if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
+        # Without the log-sum-exp, which nothing here reads: the kernel differentiates only so.
+        out, _ = tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", with_lse=False)
+        return out.astype(q.dtype)
     return attend_block(q, k, v, mask, implementation, backend)[0].astype(q.dtype)
 
 

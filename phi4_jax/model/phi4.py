@@ -199,8 +199,9 @@ class Phi4ForCausalLM(nnx.Module):
       param_dtype: storage dtype of the parameters (default: the backend's, see `default_dtype`).
       dtype: compute dtype of activations (default: `param_dtype`). Norm statistics, rotary
         angles and softmax are float32 whatever it is.
-      attention: the attention implementation, "auto", "xla" or "cudnn" (`model/attention.py`;
-        ConfigError when it cannot run on the backend). `self.attention` holds the resolved one.
+      attention: the attention implementation, "auto", "xla", "cudnn" or "splash"
+        (`model/attention.py`; ConfigError when it cannot run on the backend). `self.attention`
+        holds the resolved one.
       backend: the backend the programs are traced for (default: that of JAX's default devices),
         which picks the forms of a few products (`model/backend.py`).
     """
@@ -211,7 +212,7 @@ class Phi4ForCausalLM(nnx.Module):
         param_dtype = jnp.dtype(param_dtype or default_dtype(backend.platform))
         kw = dict(param_dtype=param_dtype, dtype=jnp.dtype(dtype or param_dtype), backend=backend)
         attn.check(attention, kw["dtype"], backend.platform)
-        self.attention = attn.resolve(attention, kw["dtype"], backend.platform)
+        self.attention = attn.resolve(attention, kw["dtype"], backend.platform, config.head_dim)
         self.model = Phi4Model(config, self.attention, rngs=rngs, **kw)
         if not config.tie_word_embeddings:
             self.lm_head = VocabTable(config.vocab_size, config.hidden_size, rngs=rngs,

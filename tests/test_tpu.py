@@ -1,0 +1,117 @@
+"""TPU programs compiled on this CPU machine for a described v5e slice (libtpu; no TPU): the engine's
+prefill and decode on `tensor` and `seq` meshes, their memory, bytes and collectives as designed."""
+
+import re
+
+import pytest
+
+from phi4_jax.config import Phi4Config
+from phi4_jax.engine import plan
+from phi4_jax.errors import ConfigError
+from phi4_jax.parallel import mesh as meshes
+from phi4_jax.parallel import targets
+
+pytestmark = pytest.mark.xdist_group("tpu")  # one worker compiles the module's plans
+
+pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU")
+
+SLICE = "v5e:2x2"  # one host's 4 chips, the smallest slice libtpu describes
+# Head dim 128 as phi-4 and Phi-4-mini (TPU tiles are 128 lanes wide; 4-wide test heads would be
+# padded 32x and swamp every byte count); 2 KV heads, repeated to 4 on tensor=4.
+CONFIG = Phi4Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    original_max_position_embeddings=512)
+CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def plans():
+    devices = targets.devices(SLICE)
+    return {axis: plan.plan(CONFIG, meshes.make_mesh(f"{axis}=4", devices), CONTEXT, batch=1, dtype="bfloat16",
+                            prefill_piece=256)
+            for axis in ("tensor", "seq")}
+
+
+@pytest.mark.parametrize("axis", ["tensor", "seq"])
+def test_prefill_and_decode_compile_for_the_slice_with_xla_costs(plans, axis):
+    p = plans[axis]
+    assert p["target"] == "tpu" and p["devices"] == 4
+    for step in p["steps"].values():
+        assert step["xla_flops"] > 0 and step["xla_bytes_accessed"] > 0 and step["main_memory_bytes"] > 0
+        # TPU's compile: no CPU-only upcasts of bf16 operands, and its own temporaries.
+        assert step["cpu_only_upcast_bytes"] == 0 and step["temp_bytes"] == step["temp_bytes_cpu_compile"]
+
+
+def test_a_prompt_in_pieces_counts_each_piece_of_its_loop(plans):
+    """Two 256-token pieces, each over the 512 slots, are the work of one 512-token piece over them:
+    the program's matmul FLOPs count the loop's body twice (XLA's own count has it once)."""
+    whole = plan.plan(CONFIG, meshes.make_mesh("tensor=4", targets.devices(SLICE)), CONTEXT, batch=1,
+                      dtype="bfloat16", prefill_piece=CONTEXT)["steps"]["prefill"]
+    pieces = plans["tensor"]["steps"]["prefill"]
+    assert pieces["matmul_flops"] == whole["matmul_flops"]
+    assert pieces["xla_flops"] < 0.6 * whole["xla_flops"]
+    # Without a loop, the matmuls are nearly all of XLA's FLOPs.
+    assert 0.9 * whole["xla_flops"] <= whole["matmul_flops"] <= whole["xla_flops"]
+
+
+@pytest.mark.parametrize("axis", ["tensor", "seq"])
+def test_a_decode_step_reads_the_weights_and_cache_once_and_copies_none_within_hbm(plans, axis):
+    """TPU reads what it computes on through VMEM (asynchronous copies into memory space S(1));
+    a weight or a cache layer copied within HBM would cost a second read and write every step.
+    The step's HBM traffic is the weights (less the untied embedding table: a row of it is read)
+    and the cache read once, plus at most the cache written
+    back: at this short context TPU stages each whole cache layer in VMEM, updates its slot there
+    and writes the layer back (at Phi-4-mini's 8K it writes the slot alone). XLA's "bytes accessed"
+    counts the staging copies on top of the reads, several times the weights and the cache."""
+    p = plans[axis]
+    decode = p["steps"]["decode"]
+    smallest_layer = 2 * CONFIG.hidden_size * CONFIG.head_dim // 4  # one head's bf16 projection shard
+    assert decode["memory_copy_bytes"] < smallest_layer
+    reads, cache = p["per_device"]["decode_reads_bytes"], p["per_device"]["kv_cache_bytes"]
+    # A call (one step and what runs around the loop) reads them all; a step of its loop no more than
+    # that (weights staged in VMEM before the loop are read once per call).
+    assert decode["main_memory_bytes_in_loops"] <= 1.02 * reads + cache and reads <= decode["main_memory_bytes"]
+    assert decode["xla_bytes_accessed"] > 3 * reads
+
+
+def test_tensor_parallel_all_reduces_twice_per_layer(plans):
+    """Of the all-reduces that move activations, each layer has two (the attention's and the MLP's
+    outputs) and the vocabulary-split embedding lookup one; the rest are a few scalars per row
+    (the sampler's), and the decode step gathers nothing larger than a row of logits."""
+    steps = plans["tensor"]["steps"]
+    for name, rows in (("prefill", 256), ("decode", 1)):  # a piece of the prompt, or one token
+        sizes = steps[name]["collective_result_bytes"]
+        activations = [b for b in sizes["all-reduce"] if b >= rows * CONFIG.hidden_size * 2]
+        assert len(activations) == 2 * CONFIG.num_hidden_layers + 1, (name, sizes)
+        assert max(sizes["all-reduce"][len(activations):], default=0) <= 64, (name, sizes)
+        assert max(sizes.get("all-gather", [0])) <= rows * CONFIG.vocab_size * 4, (name, sizes)
+
+
+def test_the_seq_ring_sends_the_next_block_while_it_computes_this_one(plans):
+    """Each layer's ring passes its key, value and position blocks on (3 collective-permutes per
+    step but the last, in each prompt piece), and TPU's scheduler puts every transfer's start
+    before the block's attention and its done after it."""
+    prefill = plans["seq"]["steps"]["prefill"]
+    permutes = prefill["collectives"]["collective-permute"]
+    assert permutes >= 3 * CONFIG.num_hidden_layers and prefill["collectives"]["all-to-all"] == 0
+    assert prefill["permutes_under_compute"] == permutes
+
+
+def test_a_slice_that_libtpu_cannot_describe_is_a_config_error():
+    with pytest.raises(ConfigError, match=re.escape(targets.TPU_EXAMPLES)):
+        targets.devices("v5e:1x1")  # a slice fills a host
+    with pytest.raises(ConfigError, match="not an accelerator target"):
+        targets.devices("v5e-8")
+
+
+def test_target_names_give_their_chips_and_a_gpu_without_its_compiler_is_a_config_error(monkeypatch):
+    assert targets.chip("v6e:2x4").hbm_bytes == 32 * 2**30 and targets.chip("h200:8").hbm_bytes == 141 * 10**9
+    assert targets.is_target("h100:8") and not targets.is_target("gpu") and not targets.is_target("h100")
+    from jax.experimental import topologies
+
+    def no_plugin(**_):
+        raise NotImplementedError("topology not implemented for cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
+    with pytest.raises(ConfigError, match=r"phi4-jax\[gpu-compile\]"):
+        targets.devices("h100:8")
