@@ -7,14 +7,14 @@ from phi4_jax.engine import plan
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.config import Phi4Config
 
-pytestmark = pytest.mark.xdist_group("plan")  # one worker compiles the module's plans
+pytestmark = pytest.mark.xdist_group("plan")  # one worker compiles the plans, once
 
 
 def tiny(shape):
     return Phi4Config.from_preset(f"tiny-{shape}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept while xdist interleaves other modules on its worker
 def plans():
     config = tiny("phi-4")  # 40 q / 10 kv heads: tensor=4 repeats each KV head twice
     return {spec: plan.plan(config, meshes.make_mesh(spec, jax.devices()[:n]), context=64, batch=4,

@@ -11,7 +11,7 @@ from phi4_jax.errors import ConfigError
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.parallel import targets
 
-pytestmark = pytest.mark.xdist_group("tpu")  # one worker compiles the module's plans
+pytestmark = pytest.mark.xdist_group("tpu")  # one worker compiles the plans, once
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU")
 
@@ -24,7 +24,7 @@ CONFIG = Phi4Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, nu
 CONTEXT = 512
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept while xdist interleaves other modules on its worker
 def plans():
     devices = targets.devices(SLICE)
     return {axis: plan.plan(CONFIG, meshes.make_mesh(f"{axis}=4", devices), CONTEXT, batch=1, dtype="bfloat16",
