@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
                    help="attention implementation (default auto)")
+    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8"],
+                   help="weights measured, one after the other for each model: none (float, --dtype) and/or int8 "
+                        "(weight-only, phi4_jax.load(quantize='int8')); MBU counts int8 weights at a byte (default none)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
     p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile"],
@@ -111,15 +114,22 @@ def build_model(args, config, mesh, dtype):
     from phi4_jax.parallel import heads
     from phi4_jax.parallel import mesh as meshes
 
+    quantize = quantized(args)
     if has_weights(args.model) and not args.layers:
-        return load(args.model, dtype=dtype, mesh=mesh, attention=args.attention)[0]
+        return load(args.model, dtype=dtype, mesh=mesh, attention=args.attention, quantize=quantize)[0]
     if mesh is None:
-        return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention)
+        return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention,
+                               quantize=quantize)
     # "auto" for a mesh: no kernel XLA cannot split (splash)
     platform = Backend.of(mesh.devices.flat).platform
     attention = resolve(args.attention, dtype, platform, config.head_dim, mesh.devices.size)
     return meshes.place(Phi4ForCausalLM(heads.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
-                                          param_dtype=jnp.dtype(dtype), attention=attention), mesh)
+                                          param_dtype=jnp.dtype(dtype), attention=attention, quantize=quantize), mesh)
+
+
+def quantized(args) -> str | None:
+    """The run's weight quantization ("int8"), or None for float weights."""
+    return None if args.quantize[-1] == "none" else args.quantize[-1]
 
 
 def prompts_of(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -251,19 +261,31 @@ def measure_products(engine, config, batch: int, repeats: int, peaks: Rooflines)
     import jax.numpy as jnp
     from flax import nnx, traverse_util
 
+    from phi4_jax.model import int8
+    from phi4_jax.model.backend import Backend
+
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(engine.params))
-    weights = [w.reshape(-1, w.shape[-1]) for path, w in sorted(flat.items(), key=lambda kv: str(kv[0]))
-               if w.ndim >= 2 and not ("embed_tokens" in path and not config.tie_word_embeddings)]
-    rows = [jnp.ones((batch, w.shape[-1]), w.dtype) for w in weights]
-    forms = {"rows_x_weights": lambda w, x: x @ w.T, "weights_x_rows": lambda w, x: w @ x.T}
+    # int8 weights [out, in] with their scales [out]; float ones with None.
+    weights = [(w, flat.get((*path[:-1], "scale"))) for path, w in sorted(flat.items(), key=lambda kv: str(kv[0]))
+               if path[-1] == "weight" and w.ndim >= 2 and not ("embed_tokens" in path and not config.tie_word_embeddings)]
+    weights = [(w.reshape(-1, w.shape[-1]), None) if s is None else (w.reshape(s.size, -1), s.reshape(-1))
+               for w, s in weights]
+    dtype, chunked = engine.dtype, Backend.of(jax.tree.leaves(engine.params)[0].devices()).chunked_dequantize
+    rows = [jnp.ones((batch, w.shape[-1]), dtype) for w, _ in weights]
+    forms = {"rows_x_weights": lambda x, w: x @ w.T, "weights_x_rows": lambda x, w: (w @ x.T).T}
+
+    def product(x, w, scale, dense):  # as the model computes it: int8 weights dequantized inside
+        return dense(x, w) if scale is None else int8.product(x, w, scale, dtype, dense, chunked)
+
     measured = {}
     for name, form in forms.items():
-        products = jax.jit(lambda weights, rows, form=form: sum(form(w, x).sum() for w, x in zip(weights, rows)))
+        products = jax.jit(lambda weights, rows, form=form: sum(product(x, w, s, form).sum()
+                                                                for (w, s), x in zip(weights, rows)))
         times = timings(lambda: products(weights, rows).block_until_ready(), repeats, peaks.read_bandwidth)
         measured[name] = (statistics.median(times), min(times))
     best = min(measured, key=lambda name: measured[name][0])
     seconds = measured[best][0]
-    weight_bytes = sum(w.nbytes for w in weights)
+    weight_bytes = sum(w.nbytes + (0 if s is None else s.nbytes) for w, s in weights)
     return {"part": "products", "batch": batch, "products_ms": 1e3 * seconds,
             "best_products_ms": 1e3 * measured[best][1], "products_form": best,
             "form_ms": {name: 1e3 * m[0] for name, m in measured.items()},
@@ -361,12 +383,12 @@ def metadata(args, config, dtype) -> dict:
     return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
             "attention": resolve(args.attention, dtype, jax.default_backend(), config.head_dim, devices),
-            "mesh": args.mesh or "",
+            "mesh": args.mesh or "", "quantize": quantized(args),
             "weights": "loaded" if has_weights(args.model) else "random",
             "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", "")}
 
 
-def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
+def utilisation(record: dict, config, dtype_bytes: int, devices: int, quantize: str | None = None) -> dict:
     """MFU / MBU against the measured peak of one device times the `devices` that do the work."""
     from roofline import decode_step_bytes
 
@@ -376,7 +398,9 @@ def utilisation(record: dict, config, dtype_bytes: int, devices: int) -> dict:
     if record["part"] == "products":
         return {"products_of_read_bandwidth": record["products_gb_per_s"] * 1e9 / (devices * record["read_bytes_per_s"])}
     if record["part"] == "decode":
-        step = decode_step_bytes(config, record["batch"], record["mean_context"], dtype_bytes)
+        # int8 weights at a byte (their scales and the norms, under 0.5% of the bytes, left out).
+        step = decode_step_bytes(config, record["batch"], record["mean_context"], 1 if quantize else dtype_bytes,
+                                 cache_bytes=dtype_bytes)
         achieved = step * record["tokens_per_s"] / record["batch"]
         return {"step_bytes": step, "bytes_per_s": achieved, "mbu": achieved / (devices * record["read_bytes_per_s"])}
     return {}
@@ -425,11 +449,12 @@ def main(argv=None) -> int:
         print(json.dumps(first_token_seconds(args)))
         return 0
     devices(args)
-    runs = [argparse.Namespace(**{**vars(args), "model": m}) for m in models]
+    kinds, args.quantize = args.quantize, args.quantize[-1:]
+    runs = [argparse.Namespace(**{**vars(args), "model": m, "quantize": [q]}) for m in models for q in kinds]
     for one in runs:  # every model's arguments are checked before anything is measured
         check(parser, one, model_config(one))
-    for one in runs:
-        measure_model(one, [*argv, "--model", one.model])  # (the last --model counts)
+    for one in runs:  # (the last --model and --quantize count)
+        measure_model(one, [*argv, "--model", one.model, "--quantize", one.quantize[0]])
     return 0
 
 
@@ -473,7 +498,7 @@ def measure_model(args, argv: list[str]) -> None:
         measured = run(peaks)
         memory = peak_memory()  # (with the rooflines' buffers, which are freed next)
         record = {**base, **measured, **peaks.close(), **memory}
-        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, peak_devices))
+        record.update(utilisation(record, config, jnp.dtype(dtype).itemsize, peak_devices, quantized(args)))
         print(f"  {describe(record)}", file=sys.stderr)
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -12,7 +12,9 @@
 #   2. generate Phi-4-mini, XLA attention: decode MBU at batch 1/16/64, prefill MFU at 2048/8192
 #   3. generate Phi-4-mini, cuDNN attention: the same prefills and batch-1 decode (the A/B of step 2)
 #   4. generate phi-4 (default attention, cuDNN): decode at batch 1/16/64, prefill at 2048/8192
-#   5. memory   Phi-4-mini 32K prefill: the device's peak bytes against the planner's figure
+#   5. int8     Phi-4-mini and phi-4, batch-1 decode with bf16 and then int8 weights (weight-only,
+#               --quantize int8): the speed-up and MBU on the int8 bytes, in one run
+#   6. memory   Phi-4-mini 32K prefill: the device's peak bytes against the planner's figure
 # Records: OUTPUT_DIR/generate.jsonl (bench/generate.py's), gpu_check.jsonl, and steps.jsonl (each
 # step's exit code and seconds, or why it was skipped).
 #
@@ -33,10 +35,12 @@ DEADLINE=$(( $(date +%s) + BUDGET ))
 
 if [ "$DRY" = 1 ]; then
   MINI=tiny; BIG=tiny-phi-4; DTYPE=float32; CUDNN=xla
-  BATCH="1 2"; PREFILL="16 32"; NEW=6; MEMORY_CONTEXT=512; REPEATS=1; PEAKS="--read-buffer-mb 64 --matmul-sizes 256 512"
+  BATCH="1 2"; PREFILL=16; NEW=6; MEMORY_CONTEXT=512; REPEATS=1; PEAKS="--read-buffer-mb 64 --matmul-sizes 256 512"
+  INT8_MODELS="$MINI"
 else
   MINI=phi-4-mini; BIG=phi-4; DTYPE=bfloat16; CUDNN=cudnn
   BATCH="1 16 64"; PREFILL="2048 8192"; NEW=32; MEMORY_CONTEXT=32k; REPEATS=2; PEAKS=""
+  INT8_MODELS="$MINI $BIG"
 fi
 
 FAILED=0
@@ -68,6 +72,7 @@ CHECK=("$PY" "$ROOT/bench/gpu_check.py" --output "$OUT/gpu_check.jsonl")
   step generate-mini-cudnn "${GEN[@]}" --model "$MINI" --attention "$CUDNN" --parts prefill decode \
     --batch 1 --prefill-len $PREFILL $PEAKS
   step generate-big "${GEN[@]}" --model "$BIG" --parts prefill decode --batch $BATCH --prefill-len $PREFILL $PEAKS
+  step int8 "${GEN[@]}" --model $INT8_MODELS --quantize none int8 --parts decode --batch 1 $PEAKS
   step memory "${CHECK[@]}" memory --model "$MINI" --context "$MEMORY_CONTEXT" --dtype "$DTYPE"
 }
 echo "gpu.sh: records in $OUT" >&2

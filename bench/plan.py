@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="parameter, KV-cache and compute dtype")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="plan int8 weights with a float32 scale per output channel (phi4_jax.load(quantize=)); "
+                        "activations and the KV cache stay in --dtype")
     p.add_argument("--target", default="gpu", type=target_name,
                    help="gpu or tpu: the platform whose forms of the products are traced (never XLA:CPU's own), "
                         "compiled on fake CPU devices; or an accelerator to compile for, with its chip's rooflines: "
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     for spec, n in zip(args.mesh, sizes):
         mesh = meshes.make_mesh(spec, devices[:n])
         result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_piece,
-                           target=devices[0].platform if described else args.target)
+                           target=devices[0].platform if described else args.target, quantize=args.quantize)
         result = {"name": args.model, "mesh_spec": spec, **result}
         if described:
             result.update(topology=args.target, **chip_roofline(config, result, args.target, devices))
@@ -164,7 +167,7 @@ def table_row(r: dict) -> str:
     """The record as a row of bench/RESULTS.md's table (tests/test_docs.py checks that the page has it)."""
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
     d, s = r["per_device"], r["steps"]
-    return (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
+    return (f"| {_model(r)} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
             f"{gb(d['weights_bytes'])} | {gb(d['kv_cache_bytes'])} | {gb(s['prefill']['temp_bytes'])} / "
             f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
 
@@ -182,7 +185,7 @@ def compiled_table_row(r: dict) -> str:
     decode = (refused(decode) + " | " if "refused" in decode else
               f"{1e3 * decode['roofline_s']:.2f} ms, {decode['tokens_per_s_bound']:.0f} tokens/s, "
               f"{100 * decode['mbu_bound']:.0f}% | {decode['bytes_over_must_read']:.2f}×")
-    return (f"| {r['name']} | {r['topology']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
+    return (f"| {_model(r)} | {r['topology']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
             f"{need} | {prefill} | {decode} |")
 
 
@@ -194,9 +197,14 @@ TABLE_HEADER = ("| model | mesh | context × batch | weights | KV cache | tempor
                  "needed | fits on (that many of) |\n|---|---|---|---|---|---|---|---|")
 
 
+def _model(r: dict) -> str:
+    """The model's name, with its weights' quantization when it has one ("phi-4 int8")."""
+    return r["name"] + (f" {r['quantize']}" if r.get("quantize") else "")
+
+
 def _key(r: dict) -> tuple:
     return (r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"], r["prefill_piece"], r["target"],
-            r.get("topology"))
+            r.get("topology"), r.get("quantize"))
 
 
 def _existing(path: str) -> list[dict]:
@@ -212,7 +220,7 @@ def _print(r: dict) -> None:
 
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     d = r["per_device"]
-    print(f"{r['name']} on {r['mesh_spec']} ({r['devices']} devices), context {r['context']}, batch {r['batch']}, "
+    print(f"{_model(r)} on {r['mesh_spec']} ({r['devices']} devices), context {r['context']}, batch {r['batch']}, "
           f"{r['dtype']}:", file=sys.stderr)
     print(f"  per device: weights {gb(d['weights_bytes'])}, KV cache {gb(d['kv_cache_bytes'])}, "
           f"needed {gb(d['needed_bytes'])}", file=sys.stderr)

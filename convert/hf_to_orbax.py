@@ -19,6 +19,7 @@ import sys
 from phi4_jax import cli_shared as cli
 from phi4_jax.checkpoints import convert
 from phi4_jax.checkpoints.hub import resolve
+from phi4_jax.model import int8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--dtype", default="auto", choices=["auto", *convert.DTYPES],
                    help="dtype of the saved parameters; auto keeps the checkpoint's own")
+    p.add_argument("--quantize", default=None, choices=list(int8.KINDS),
+                   help="store the projections, the LM head and the embedding table as int8 with a float32 "
+                        "scale per output channel (weight-only; `phi4_jax.load` reads them without "
+                        "quantizing again); the norms stay in --dtype. Default: float weights")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a repo id")
     p.add_argument(*cli.flag("--offline"), action="store_true",
                    help="never download: use only the local HF cache (also HF_HUB_OFFLINE=1)")
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
 
     def body():
         source = resolve(args.model, revision=args.revision, offline=args.offline or None)
-        plan = convert.plan_conversion(source, args.dtype)
+        plan = convert.plan_conversion(source, args.dtype, args.quantize)
         convert.check_output(args.output, args.overwrite, source=source.folder, clean=not args.dry_run)
         if args.dry_run:
             print(plan.describe())
@@ -56,7 +61,8 @@ def main(argv=None) -> int:
         out = convert.convert(plan, args.output, overwrite=args.overwrite,
                                  progress=not args.quiet, verify=args.verify)
         verified = ", logits verified equal to the source's" if args.verify else ""
-        print(f"wrote {out} ({len(plan.tensors)} tensors, {plan.dtype.name}{verified})", file=sys.stderr)
+        kind = f"{plan.quantize} weights, norms {plan.dtype.name}" if plan.quantize else plan.dtype.name
+        print(f"wrote {out} ({len(plan.tensors)} tensors, {kind}{verified})", file=sys.stderr)
         return 0
 
     return cli.run(body)

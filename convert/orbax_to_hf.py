@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported tensors (default: the checkpoint's)")
     p.add_argument(*cli.flag("--max-shard-size"), type=_size, default="5GB",
                    help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument(*cli.flag("--dequantize"), action="store_true",
+                   help="export an int8 checkpoint (hf_to_orbax.py --quantize int8) as float weights q * scale, "
+                        "each within half a scale step of the original; without it such a checkpoint is refused")
     p.add_argument(*cli.flag("--overwrite"), action="store_true",
                    help="replace an existing OUTPUT (kept until the new one is complete)")
     p.add_argument(*cli.flag("--quiet"), action="store_true", help="no progress bars")
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     def body():
         out = convert.export_hf(args.model, args.output, dtype=args.dtype,
                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, dequantize=args.dequantize)
         print(f"wrote {out}", file=sys.stderr)
 
     return cli.run(body)

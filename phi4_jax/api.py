@@ -30,7 +30,7 @@ STEPS_PER_CALL = 16  # decode steps per device call while streaming; the host lo
 
 
 def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, progress: bool = True,
-         attention: str = "auto") -> tuple[Phi4ForCausalLM, Tokenizer | None]:
+         attention: str = "auto", quantize: str | None = None) -> tuple[Phi4ForCausalLM, Tokenizer | None]:
     """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
     `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache. Turns on
     JAX's persistent compilation cache (`compilation_cache.enable`) unless it is set already.
@@ -47,6 +47,10 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, pr
       progress: show a progress bar while reading HF weights.
       attention: the attention implementation: "auto" (cuDNN on a GPU in 16 bits, splash on a TPU
         for head_dim 128, else XLA), "xla", "cudnn" or "splash" (see `phi4_jax.model.attention`).
+      quantize: "int8" quantizes the projections, the LM head and the embedding table as they are
+        read (weight-only, a float32 scale per output channel: `phi4_jax.model.int8`); activations
+        and the norms stay in `dtype`. A folder written by `hf_to_orbax.py --quantize int8` loads
+        int8 without it. None: float weights (ConfigError for an unknown kind).
     Returns:
       `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
     Raises:
@@ -54,7 +58,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, pr
       model), CheckpointError (all `phi4_jax.errors.Phi4Error`), naming the file at fault.
     """
     compilation_cache.enable()
-    model = load_model(path, dtype=dtype, mesh=mesh, progress=progress, attention=attention)
+    model = load_model(path, dtype=dtype, mesh=mesh, progress=progress, attention=attention, quantize=quantize)
     folder = resolve(path).folder
     has_tokenizer = any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
     return model, Tokenizer(folder) if has_tokenizer else None

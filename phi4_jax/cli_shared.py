@@ -1,4 +1,4 @@
-"""What phi4_jax's command lines share: exit codes, error reporting, help formatting, mesh and multi-host flags."""
+"""What phi4_jax's command lines share: exit codes, error reporting, help formatting, mesh, multi-host and quantize flags."""
 
 from __future__ import annotations
 
@@ -74,6 +74,17 @@ def add_mesh_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
     group.add_argument(*flag("--process-id"), type=int, default=None,
                        help="this process's index, 0 .. num-processes - 1 (implies --distributed; or set "
                             "JAX_PROCESS_ID)")
+
+
+def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    """--quantize: weight-only int8 as the weights are read (`phi4_jax.load(quantize=)`)."""
+    from phi4_jax.model.int8 import KINDS
+
+    p.add_argument("--quantize", default=None, choices=list(KINDS),
+                   help="quantize the weights as they are read: int8 projections, LM head and embedding table "
+                        "with a float32 scale per output channel (about half the bf16 memory and bytes per "
+                        "decode step; activations stay in --dtype). A folder converted with "
+                        "hf_to_orbax.py --quantize int8 is int8 without it. Default: float weights")
 
 
 def mesh_from(args):

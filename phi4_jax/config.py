@@ -136,6 +136,12 @@ class Phi4Config:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Phi4Config:
         """Parses an HF config dict in either dialect (legacy `rope_scaling` or v5 `rope_parameters`)."""
+        if raw.get("quantization_config"):
+            method = (raw["quantization_config"] or {}).get("quant_method", "unnamed method") if isinstance(
+                raw["quantization_config"], dict) else "unnamed method"
+            raise ConfigError(f"{source}: the model is quantized already ({method}; its quantization_config); "
+                              "phi4_jax reads float weights and quantizes them itself (quantize='int8', "
+                              "--quantize int8): use the model's float checkpoint")
         try:
             return cls(**_fields_from_hf(raw))
         except ConfigError as e:

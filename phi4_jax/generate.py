@@ -66,6 +66,7 @@ def build_parser() -> argparse_flags.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     cli.add_mesh_flags(p)
+    cli.add_quantize_flag(p)
     p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
                    help="attention kernel: 'auto' (cuDNN flash attention on an NVIDIA GPU in bfloat16/float16, "
                         "splash attention on a TPU for head_dim 128, else XLA), 'xla' (the reference, any "
@@ -192,7 +193,7 @@ def _main(args) -> int:
 
     main_process = distributed.is_main_process()
     model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=main_process,
-                            attention=args.attention)
+                            attention=args.attention, quantize=args.quantize)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     if args.verbose and args.mesh and main_process:

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     cli.add_mesh_flags(p, multihost=False)
+    cli.add_quantize_flag(p)
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
                    help="attention kernel: auto (cuDNN flash attention on NVIDIA GPUs in 16-bit, splash attention "
                         "on TPUs for head_dim 128, else XLA)")
@@ -79,7 +80,7 @@ def _main(args) -> int:
     log = logging.getLogger("phi4_jax.serve")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=False,
-                            attention=args.attention)
+                            attention=args.attention, quantize=args.quantize)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     engine = Engine(model, max_context=args.max_context)

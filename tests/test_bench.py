@@ -226,16 +226,21 @@ def test_gpu_script_runs_every_step_on_tiny_shapes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [(s["step"], s["rc"]) for s in steps] == [(name, 0) for name in (
-        "parity", "generate-mini-xla", "generate-mini-cudnn", "generate-big", "memory")]
+        "parity", "generate-mini-xla", "generate-mini-cudnn", "generate-big", "int8", "memory")]
     parity, memory = (json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines())
     assert parity["tokens_identical"] and parity["bf16_max_relative_logit_error"] <= parity["bf16_tolerance"]
     assert memory["cache_slots"] == memory["context"] == 512 and memory["planned_needed_bytes"] > 0
     records = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
-    runs = [(r["model"], r["part"], r["batch"] if r["part"] == "decode" else r["prompt_len"]) for r in records]
-    assert runs == [("tiny", "prefill", 16), ("tiny", "prefill", 32), ("tiny", "decode", 1), ("tiny", "decode", 2),
-                    ("tiny", "prefill", 16), ("tiny", "prefill", 32), ("tiny", "decode", 1),
-                    ("tiny-phi-4", "prefill", 16), ("tiny-phi-4", "prefill", 32), ("tiny-phi-4", "decode", 1),
-                    ("tiny-phi-4", "decode", 2)]
+    runs = [(r["model"], r["quantize"], r["part"], r["batch"] if r["part"] == "decode" else r["prompt_len"])
+            for r in records]
+    assert runs == [("tiny", None, "prefill", 16), ("tiny", None, "decode", 1), ("tiny", None, "decode", 2),
+                    ("tiny", None, "prefill", 16), ("tiny", None, "decode", 1),
+                    ("tiny-phi-4", None, "prefill", 16), ("tiny-phi-4", None, "decode", 1),
+                    ("tiny-phi-4", None, "decode", 2),
+                    ("tiny", None, "decode", 1), ("tiny", "int8", "decode", 1)]  # the int8 step: float, then int8
+    # MBU counts the int8 weights at a byte: the int8 step reads a quarter of float32's weight bytes.
+    float_step, int8_step = records[-2]["step_bytes"], records[-1]["step_bytes"]
+    assert int8_step < 0.5 * float_step
     assert all(0 < r.get("mbu", r.get("mfu")) for r in records)
 
 

@@ -133,13 +133,11 @@ def test_plan_table_is_the_committed_result():
     wanted = {("phi-4", f"tensor={t}", 16384) for t in (1, 2, 4, 8)} | {
         ("phi-4-mini", spec, 131072) for spec in ("tensor=1", "tensor=8", "seq=8")}
     assert wanted <= {(r["name"], r["mesh_spec"], r["context"]) for r in record["records"]}
-    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    from test_bench import bench_module
+
+    plan = bench_module("plan")
     for r in (r for r in record["records"] if "topology" not in r):  # planned on fake CPU devices
-        d, s = r["per_device"], r["steps"]
-        line = (f"| {r['name']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
-                f"{gb(d['weights_bytes'])} | {gb(d['kv_cache_bytes'])} | {gb(s['prefill']['temp_bytes'])} / "
-                f"{gb(s['decode']['temp_bytes'])} | {gb(d['needed_bytes'])} | {', '.join(r['fits_on']) or 'none'} |")
-        assert line in readme, line
+        assert plan.table_row(r) in readme, plan.table_row(r)
 
 
 def test_compiled_table_is_the_committed_result():
@@ -246,3 +244,36 @@ def test_cache_layout_table_is_the_committed_result():
     assert (f"{paged['contiguous_ms']:.1f} ms from the contiguous cache,\n{paged['paged_gather_ms']:.1f} ms from "
             f"{paged['page']}-token pages") in readme
     assert f"takes {r['join']['join_ms']:.1f} ms against {r['join']['decode_call_8_steps_ms']:.0f} ms" in readme
+
+
+def test_int8_tables_are_the_committed_results():
+    """bench/quantize.py's logit and demo comparisons, bench/generate.py's int8 and float32 decode
+    from one run per model, and the planned int8 rows the quantization issue asks for."""
+    page = RESULTS.read_text()
+    section = page[page.index("## Weight-only int8"):]
+    record = json.loads((ROOT / "bench" / "results" / "quantize.json").read_text())
+    for r in record["records"]:
+        assert (f"| `{r['model']}` | {r['weights']} | {r['max_abs_logit_diff']:.3f} | "
+                f"{100 * r['rms_diff_over_std']:.1f}% | {100 * r['top1_agreement']:.1f}% |") in section, r["model"]
+    demo = record["records"][-1]
+    assert demo["int8"]["held_out_accuracy"] >= demo["float32"]["held_out_accuracy"] - 0.01
+    assert (f"{100 * demo['float32']['held_out_accuracy']:.1f}% in float32 and "
+            f"{100 * demo['int8']['held_out_accuracy']:.1f}% with int8 weights") in section
+    assert (f"{demo['float32']['answer_perplexity']:.5f} and {demo['int8']['answer_perplexity']:.5f} "
+            f"({100 * demo['perplexity_increase']:+.3f}%)") in section
+    runs = [json.loads(line) for line in (ROOT / "bench" / "results" / "int8.jsonl").read_text().splitlines()]
+    pairs = {}
+    for r in (r for r in runs if r["part"] == "decode"):
+        pairs.setdefault((r["model"], r["batch"]), {})[r["quantize"]] = r
+    assert {(m, b) for m in ("phi3-110m", "deep-thin") for b in (1, 16)} <= set(pairs)
+    for (model, batch), pair in pairs.items():
+        f32, q = pair[None], pair["int8"]
+        assert f32["date"][:10] == q["date"][:10]  # one run
+        line = (f"| `{model}` | {batch} | {f32['tokens_per_s']:.1f} | {q['tokens_per_s']:.1f} | "
+                f"{q['tokens_per_s'] / f32['tokens_per_s']:.2f}× | {100 * f32['mbu']:.1f}% | {100 * q['mbu']:.1f}% |")
+        assert line in section, line
+    plans = {(r["name"], r.get("topology"), r["context"], r["prefill_piece"]): r for r in
+             json.loads((ROOT / "bench" / "results" / "plan.json").read_text())["records"] if r.get("quantize") == "int8"}
+    assert "L4" in plans[("phi-4", None, 8192, 1024)]["fits_on"]  # one 24 GB GPU at 8K
+    assert not plans[("phi-4", "v5e:2x2", 8192, 2048)]["fits"]  # one 16 GB chip: refused, with its need
+    assert plans[("phi-4-mini", "v5e:2x2", 32768, 1024)]["fits"]

@@ -115,3 +115,27 @@ def test_target_names_give_their_chips_and_a_gpu_without_its_compiler_is_a_confi
     monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
     with pytest.raises(ConfigError, match=r"phi4-jax\[gpu-compile\]"):
         targets.devices("h100:8")
+
+
+@pytest.fixture(scope="session")
+def int8_plan():
+    return plan.plan(CONFIG, meshes.make_mesh("tensor=4", targets.devices(SLICE)), CONTEXT, batch=1,
+                     dtype="bfloat16", prefill_piece=256, quantize="int8")
+
+
+def test_an_int8_decode_step_reads_the_int8_weights_and_no_float_copy_of_them(plans, int8_plan):
+    """Weight-only int8 on the slice: the weights take half their bf16 bytes per chip (scales beside
+    them split as their channels do), and a decode step's HBM traffic is those int8 bytes and the
+    cache, once: the int8 -> bf16 conversion happens inside the matmul's fusion, with no bf16 copy
+    of a weight written to HBM (which would read and write twice the int8 bytes again)."""
+    bf16, int8 = plans["tensor"]["per_device"], int8_plan["per_device"]
+    assert 0.5 * bf16["weights_bytes"] < int8["weights_bytes"] < 0.55 * bf16["weights_bytes"]
+    decode = int8_plan["steps"]["decode"]
+    assert int8_plan["quantize"] == "int8" and decode["cpu_only_dequantized_bytes"] == 0
+    # As bf16's step (above), and at most the int8 embedding shard beside (its lookup may read the shard
+    # whole: TPU gathers int8 rows through its (32, 128) tiling). No copy within HBM.
+    table_shard = CONFIG.vocab_size // 4 * CONFIG.hidden_size
+    assert decode["memory_copy_bytes"] < 1024
+    assert (decode["main_memory_bytes_in_loops"]
+            <= 1.02 * int8["decode_reads_bytes"] + int8["kv_cache_bytes"] + table_shard)
+    assert decode["main_memory_bytes_in_loops"] < 0.7 * plans["tensor"]["steps"]["decode"]["main_memory_bytes_in_loops"]

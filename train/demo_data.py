@@ -99,22 +99,28 @@ def batches(tokenizer, batch: int, length: int, seed: int, skip: set[str]):
     """Endless training batches `(ids [batch, length], weights)`; weights mark the answer and its
     closing <|end|>, the tokens the model learns to produce."""
     rng = np.random.default_rng(seed)
-    pad = SPECIAL_TOKENS.index("<|endoftext|>")
     while True:
         problems = []
         while len(problems) < batch:
             question, answer = problem(rng)
             if question not in skip:
                 problems.append((question, answer))
-        prompts = tokenizer.encode_batch([chat_text(q) for q, _ in problems])
-        answers = tokenizer.encode_batch([a + "<|end|>" for _, a in problems])
-        ids = np.full((batch, length), pad, np.int32)
-        weights = np.zeros((batch, length), np.float32)
-        for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-            full = prompt.ids + answer.ids
-            ids[row, :len(full)] = full
-            weights[row, len(prompt.ids):len(full)] = 1.0
-        yield ids, weights
+        yield encode(tokenizer, problems, length)
+
+
+def encode(tokenizer, problems: list[tuple[str, str]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-formatted problems as `(ids [len(problems), length], weights)`, padded; weights mark the
+    answer and its closing <|end|>."""
+    pad = SPECIAL_TOKENS.index("<|endoftext|>")
+    prompts = tokenizer.encode_batch([chat_text(q) for q, _ in problems])
+    answers = tokenizer.encode_batch([a + "<|end|>" for _, a in problems])
+    ids = np.full((len(problems), length), pad, np.int32)
+    weights = np.zeros((len(problems), length), np.float32)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        full = prompt.ids + answer.ids
+        ids[row, :len(full)] = full
+        weights[row, len(prompt.ids):len(full)] = 1.0
+    return ids, weights
 
 
 def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 100) -> float:

@@ -21,12 +21,13 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from phi4_jax.checkpoints import orbax
-from phi4_jax.checkpoints.hf import (INDEX_FILE, SourceTensor, inspect_hf, param_key, read_hf_params,
-                                     write_hf_weights)
+from phi4_jax.checkpoints.hf import (INDEX_FILE, SourceTensor, inspect_hf, int8_scale_key, param_key,
+                                     read_hf_params, write_hf_weights)
 from phi4_jax.checkpoints.hub import ModelSource
 from phi4_jax.checkpoints.output import atomic_folder, check_output, check_space, disk_full_is_typed, gb
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import CheckpointError, ConfigError, ModelNotFoundError
+from phi4_jax.model import int8
 from phi4_jax.model.phi4 import abstract_model
 from phi4_jax.parallel.rules import placed_shapes
 
@@ -45,15 +46,21 @@ class ConversionPlan:
     source: ModelSource
     config: Phi4Config
     tensors: list[SourceTensor]
-    dtype: np.dtype  # of the saved parameters
+    dtype: np.dtype  # of the saved float parameters
+    quantize: str | None = None  # "int8": projections and tables int8, with float32 scales per row
+
+    def _output_bytes(self, s: SourceTensor) -> int:
+        if self.quantize and len(s.shape) == 2:  # int8 values, a float32 scale per output row
+            return int(np.prod(s.shape)) + 4 * s.shape[0]
+        return int(np.prod(s.shape)) * self.dtype.itemsize
 
     @property
     def output_bytes(self) -> int:
-        return sum(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
+        return sum(map(self._output_bytes, self.tensors))
 
     @property
     def largest_output_bytes(self) -> int:
-        return max(int(np.prod(s.shape)) for s in self.tensors) * self.dtype.itemsize
+        return max(map(self._output_bytes, self.tensors))
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -68,16 +75,25 @@ class ConversionPlan:
                                                    if self.source.repo_id else ""),
                 f"{'tensor':58} {'shape':>16} {'from':>8} -> {'to':<8}"]
         for s in self.tensors:
-            rows.append(f"{s.name:58} {'x'.join(map(str, s.shape)):>16} {s.dtype.name:>8} -> {self.dtype.name:<8}")
+            stored = self.quantize if self.quantize and len(s.shape) == 2 else self.dtype.name
+            rows.append(f"{s.name:58} {'x'.join(map(str, s.shape)):>16} {s.dtype.name:>8} -> {stored:<8}")
+        kind = f"{self.quantize} (float32 scales; norms {self.dtype.name})" if self.quantize else self.dtype.name
         rows.append(f"{len(self.tensors)} tensors, {gb(sum(s.nbytes for s in self.tensors))} read, "
-                    f"{gb(self.output_bytes)} written as {self.dtype.name}; "
+                    f"{gb(self.output_bytes)} written as {kind}; "
                     f"estimated peak RAM {gb(self.peak_ram_bytes)}")
         return "\n".join(rows)
 
 
-def plan_conversion(source: ModelSource, dtype: str = "auto") -> ConversionPlan:
+def plan_conversion(source: ModelSource, dtype: str = "auto", quantize: str | None = None) -> ConversionPlan:
     """Checks the source folder (config and safetensors headers) and decides the output dtype:
-    `auto` keeps the checkpoint's own (its tensors' dtype)."""
+    `auto` keeps the checkpoint's own (its tensors' dtype). `quantize="int8"` stores the projections
+    and vocabulary tables as int8 with per-channel scales (`model/int8.py`), quantized as they stream."""
+    int8.check_kind(quantize)
+    if orbax.is_orbax_folder(source.folder):
+        kind = orbax.quantization(source.folder)
+        raise ConfigError(f"{source.folder} is a phi4_jax Orbax folder"
+                          + (f" of {kind} weights, quantized already" if kind else "")
+                          + "; convert the Hugging Face folder it came from")
     config = Phi4Config.from_json(source.folder)
     tensors = inspect_hf(source.folder, config)
     if dtype == "auto":
@@ -87,7 +103,7 @@ def plan_conversion(source: ModelSource, dtype: str = "auto") -> ConversionPlan:
         target = np.dtype(dtype)
     else:
         raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return ConversionPlan(source, config, tensors, target)
+    return ConversionPlan(source, config, tensors, target, quantize)
 
 
 # HF -> Orbax.
@@ -123,11 +139,11 @@ def convert(plan: ConversionPlan, output: str, overwrite: bool = False, progress
             "source": {"path": os.path.abspath(plan.source.folder), "repo_id": plan.source.repo_id,
                        "revision": plan.source.revision},
             "source_files": source_files,
-            "dtype": plan.dtype.name, "params": orbax.PARAMS,
+            "dtype": plan.dtype.name, "quantization": plan.quantize, "params": orbax.PARAMS,
             "num_parameters": plan.config.num_parameters,
         })
         if verify:
-            verify_logits(plan.source.folder, tmp, plan.dtype)
+            verify_logits(plan.source.folder, tmp, plan.dtype, quantize=plan.quantize)
     return os.path.abspath(output)
 
 
@@ -139,8 +155,16 @@ def _write_params(plan: ConversionPlan, writer: orbax.ParamsWriter, progress: bo
     # and one being read keep peak RAM within ~3 largest tensors.
     budget = plan.largest_output_bytes // 2
     pending: dict[tuple, np.ndarray] = {}
-    for source, parts in read_hf_params(plan.tensors, plan.dtype, progress):
-        pending.update((param_key(path), array) for path, array in parts.items())
+    scales = {k: len(v.shape) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(
+        abstract_model(plan.config, quantize=plan.quantize)))).items() if k[-1] == "scale"}
+    # Quantized from the checkpoint's own values (as `load(..., quantize=)` does), the rest cast.
+    for source, parts in read_hf_params(plan.tensors, None if plan.quantize else plan.dtype, progress):
+        for path, array in parts.items():
+            key = param_key(path)
+            if int8_scale_key(key) in scales:
+                pending[key], pending[int8_scale_key(key)] = int8.quantize_rows(array, scales[int8_scale_key(key)])
+            else:
+                pending[key] = np.ascontiguousarray(array.astype(plan.dtype, copy=False))
         del parts
         if sum(a.nbytes for a in pending.values()) >= budget:
             writer.write(traverse_util.unflatten_dict(pending))
@@ -153,14 +177,16 @@ def _write_params(plan: ConversionPlan, writer: orbax.ParamsWriter, progress: bo
     writer.finish()
 
 
-def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: int = 0) -> None:
+def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: int = 0,
+                  quantize: str | None = None) -> None:
     """Raises CheckpointError unless `folder` gives exactly `reference`'s logits on a short random
-    prompt (both loaded in `dtype`, one after the other to keep one model in memory)."""
+    prompt (both loaded in `dtype`, one after the other to keep one model in memory; the reference
+    quantized as it is read, with `quantize`)."""
     from phi4_jax.checkpoints.load import load_model
 
     config = Phi4Config.from_json(reference)
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, seq_len), dtype=np.int32)
-    want = np.asarray(load_model(reference, dtype=dtype)(ids))
+    want = np.asarray(load_model(reference, dtype=dtype, quantize=quantize)(ids))
     got = np.asarray(load_model(folder, dtype=dtype)(ids))
     if not np.array_equal(want, got):
         diff = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
@@ -209,18 +235,29 @@ def _version() -> str:
 
 # Orbax -> HF.
 def export_hf(folder: str, output: str, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
-              overwrite: bool = False, progress: bool = True) -> str:
+              overwrite: bool = False, progress: bool = True, dequantize: bool = False) -> str:
     """Writes an HF folder (fused `qkv_proj`/`gate_up_proj`, safetensors shards of at most
-    `max_shard_bytes` with an index when there are several) from an Orbax folder."""
+    `max_shard_bytes` with an index when there are several) from an Orbax folder. A quantized folder
+    is refused unless `dequantize`: then each weight written is `q * scale`, within half a scale
+    step of the original, not the original."""
     if not orbax.is_orbax_folder(folder):
         raise ModelNotFoundError(f"{folder} is not a phi4_jax Orbax folder (no {orbax.MANIFEST} from convert)")
     manifest = orbax.read_manifest(folder)
+    quantized = manifest.get("quantization")
+    if quantized and not dequantize:
+        raise ConfigError(f"{folder} holds {quantized} weights, and a Hugging Face folder holds float ones: "
+                          "export the float checkpoint it was converted from, or pass --dequantize "
+                          "(dequantize=True) to write q * scale (not the original weights)")
     config = Phi4Config.from_json(folder)
     dtype = np.dtype(dtype or manifest["dtype"])
-    abstract = placed_shapes(nnx.state(abstract_model(config, param_dtype=dtype)))
+    abstract = placed_shapes(nnx.state(abstract_model(config, param_dtype=dtype, quantize=quantized)))
+    stored = traverse_util.flatten_dict(abstract)
 
-    def read(wanted: set) -> dict:  # only these parameters, from the Orbax checkpoint
-        return traverse_util.flatten_dict(orbax.restore_params(folder, abstract, wanted))
+    def read(wanted: set) -> dict:  # only these parameters (and their scales), from the Orbax checkpoint
+        scales = {int8_scale_key(k) for k in wanted} & stored.keys()
+        params = traverse_util.flatten_dict(orbax.restore_params(folder, abstract, wanted | scales))
+        return {k: int8.dequantize(np.asarray(v), np.asarray(params[int8_scale_key(k)]))
+                if int8_scale_key(k) in scales else v for k, v in params.items() if k in wanted}
 
     check_output(output, overwrite, source=folder)
     with atomic_folder(output, overwrite) as tmp, disk_full_is_typed(output):

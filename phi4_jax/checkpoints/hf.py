@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from phi4_jax.checkpoints.output import atomic_folder, check_output
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from phi4_jax.model import int8
 from phi4_jax.parallel.heads import repeat_kv_heads, stored_heads
 
 SINGLE_FILE = "model.safetensors"
@@ -265,8 +266,7 @@ def inspect_hf(folder: str, config: Phi4Config) -> list[SourceTensor]:
 def read_hf_params(sources: list[SourceTensor], dtype, progress: bool = True,
                    ) -> Iterator[tuple[SourceTensor, dict[str, np.ndarray]]]:
     """Streams the tensors `inspect_hf` found, one at a time, as `(source, {our path: host array
-    in dtype})`; only one source tensor (and its parts) is held at once."""
-    dtype = np.dtype(dtype)
+    in dtype})` (None: the checkpoint's own); only one source tensor (and its parts) is held at once."""
     with tqdm(total=sum(s.nbytes for s in sources), desc="Reading weights", unit="B",
               unit_scale=True, disable=None if progress else True) as bar:
         for source in sources:
@@ -277,7 +277,7 @@ def read_hf_params(sources: list[SourceTensor], dtype, progress: bool = True,
                     tensor = f.get_tensor(source.name)
                 except (SafetensorError, TypeError, ValueError) as e:
                     raise CheckpointError(f"cannot read tensor {source.name} from {source.file}: {e}") from None
-            parts = {p: np.ascontiguousarray(a.astype(dtype, copy=False))
+            parts = {p: np.ascontiguousarray(a if dtype is None else a.astype(dtype, copy=False))
                      for p, a in split_hf_tensor(tensor, source.targets).items()}
             del tensor
             yield source, parts
@@ -318,7 +318,15 @@ def load_hf_params(folder: str, config: Phi4Config, abstract: dict, shardings: d
                     key = param_key(target.path)
                     # A mismatch here is a bug in the mapping table, not in the user's files.
                     assert target.shape == wanted[key].shape, (target.path, target.shape, wanted[key].shape)
-                    filled[key] = _place(source, rows, start, target, wanted[key].dtype, placed[key])
+                    scale = int8_scale_key(key)
+                    if scale in wanted:  # int8: each output channel's scale needs all its inputs
+                        weight = target.layout.read(_reader(source, rows, start), full_index(target.shape))
+                        q, s = int8.quantize_rows(weight, len(wanted[scale].shape))
+                        del weight
+                        filled[key] = jax.make_array_from_callback(q.shape, placed[key], lambda i, q=q: q[i])
+                        filled[scale] = jax.make_array_from_callback(s.shape, placed[scale], lambda i, s=s: s[i])
+                    else:
+                        filled[key] = _place(source, rows, start, target, wanted[key].dtype, placed[key])
             bar.update(source.nbytes)
     assert filled.keys() == wanted.keys(), set(filled) ^ set(wanted)
     return traverse_util.unflatten_dict(filled)
@@ -327,13 +335,7 @@ def load_hf_params(folder: str, config: Phi4Config, abstract: dict, shardings: d
 def _place(source: SourceTensor, rows, start: int, target: Target, dtype, sharding) -> jax.Array:
     """One parameter on its devices; devices holding the same block share one read of it."""
     blocks: dict[tuple, np.ndarray] = {}
-
-    def get(hf_index: Index) -> np.ndarray:
-        first = hf_index[0]
-        try:
-            return rows[(slice(start + first.start, start + first.stop), *hf_index[1:])]
-        except (SafetensorError, TypeError, ValueError) as e:
-            raise CheckpointError(f"cannot read tensor {source.name} from {source.file}: {e}") from None
+    get = _reader(source, rows, start)
 
     def block(index: Index) -> np.ndarray:
         index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, target.shape))
@@ -343,6 +345,23 @@ def _place(source: SourceTensor, rows, start: int, target: Target, dtype, shardi
         return blocks[key]
 
     return jax.make_array_from_callback(target.shape, sharding, block)
+
+
+def _reader(source: SourceTensor, rows, start: int) -> Callable[[Index], np.ndarray]:
+    """Reads a block of the HF rows from `start` on (`Layout.read`'s `get`) from an open safetensors slice."""
+    def get(hf_index: Index) -> np.ndarray:
+        first = hf_index[0]
+        try:
+            return rows[(slice(start + first.start, start + first.stop), *hf_index[1:])]
+        except (SafetensorError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {source.name} from {source.file}: {e}") from None
+
+    return get
+
+
+def int8_scale_key(key: tuple) -> tuple:
+    """The key of the scales of the weight at `key`, in a quantized model's pure-dict tree."""
+    return (*key[:-1], "scale")
 
 
 def param_key(path: str) -> tuple:

@@ -20,6 +20,7 @@ from phi4_jax.checkpoints.hub import resolve
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import ConfigError, MeshError
 from phi4_jax.model import attention as attn
+from phi4_jax.model import int8
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM, abstract_model, default_dtype
 from phi4_jax.parallel.heads import config_for_mesh, repeat_kv_heads
@@ -28,11 +29,16 @@ from phi4_jax.parallel.rules import param_shardings, placed_shapes
 
 
 def load_model(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, progress: bool = True,
-               attention: str = "auto") -> Phi4ForCausalLM:
+               attention: str = "auto", quantize: str | None = None) -> Phi4ForCausalLM:
     """The model of a folder or repo id, on one device or sharded over `mesh` (see `phi4_jax.load`)."""
     dtype = None if dtype is None else float_dtype(dtype)
+    int8.check_kind(quantize)
     folder = resolve(path).folder
     config = Phi4Config.from_json(folder)
+    stored = orbax.quantization(folder) if orbax.is_orbax_folder(folder) else None
+    if stored is not None and quantize not in (None, stored):
+        raise ConfigError(f"{folder} holds {stored} weights already; load it without quantize={quantize!r}")
+    quantize = quantize or stored
     if mesh is None and jax.process_count() > 1:
         raise MeshError(f"this is one of {jax.process_count()} processes of a multi-host run: give a "
                         "mesh over all their devices (--mesh, or load(..., mesh=)), e.g. "
@@ -46,20 +52,21 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = No
     attn.check(attention, dtype, backend.platform, devices)
     attention = attn.resolve(attention, dtype, backend.platform, config.head_dim, devices)
     graphdef, abstract = nnx.split(abstract_model(model_config, param_dtype=dtype, attention=attention,
-                                                  backend=backend))
+                                                  backend=backend, quantize=quantize))
     placed = None if mesh is None else param_shardings(mesh, abstract)
     if orbax.is_orbax_folder(folder):
-        params = _restore(folder, config, dtype, mesh, repeat, placed)
+        params = _restore(folder, config, dtype, mesh, repeat, placed, quantize)
     else:
         params = load_hf_params(folder, config, nnx.to_pure_dict(abstract), placed, repeat, progress)
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)
 
 
-def _restore(folder: str, config: Phi4Config, dtype, mesh: Mesh | None, repeat: int, placed: dict | None) -> dict:
+def _restore(folder: str, config: Phi4Config, dtype, mesh: Mesh | None, repeat: int, placed: dict | None,
+             quantize: str | None) -> dict:
     """Orbax parameters, restored straight onto their shardings; the checkpoint holds the model's
     own KV heads, so with `repeat` > 1 they are restored unsplit and repeated on the devices."""
-    stored = placed_shapes(nnx.state(abstract_model(config, param_dtype=dtype)), mesh)
+    stored = placed_shapes(nnx.state(abstract_model(config, param_dtype=dtype, quantize=quantize)), mesh)
     params = orbax.restore_params(folder, stored)
     if repeat == 1:
         return params

@@ -14,6 +14,7 @@ import os
 import shlex
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from phi4_jax.errors import CheckpointError, ModelNotFoundError
@@ -85,6 +86,11 @@ def is_orbax_folder(folder: str) -> bool:
         return False
 
 
+def quantization(folder: str) -> str | None:
+    """The kind of quantized weights a phi4_jax Orbax folder holds ("int8"), or None for float weights."""
+    return read_manifest(folder).get("quantization")
+
+
 def write_manifest(folder: str, fields: dict) -> None:
     """Writes the manifest (our format and version, then `fields`); last, once the rest is written."""
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
@@ -116,6 +122,28 @@ def _on_devices(abstract: dict) -> dict:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding or device), abstract)
 
 
+def _check_stored(params_dir: str, abstract: dict) -> None:
+    """CheckpointError naming the first tensor the checkpoint lacks or holds in another shape or
+    kind than `abstract` (an int8 weight's scales included), before anything is read."""
+    try:
+        stored = traverse_util.flatten_dict(ocp().pytree_metadata(params_dir).metadata)
+    except (ValueError, KeyError, OSError, AttributeError) as e:
+        raise CheckpointError(f"cannot read the metadata of {params_dir}: {e}") from None
+    stored = {tuple(map(str, k)): v for k, v in stored.items()}
+    for key, want in traverse_util.flatten_dict(abstract).items():
+        name = ".".join(map(str, key))
+        have = stored.get(tuple(map(str, key)))
+        if have is None:
+            raise CheckpointError(f"{params_dir} has no tensor {name}" + (
+                " (the int8 scales of its weight)" if key[-1] == "scale" else "") + "; convert the model again")
+        if tuple(have.shape) != tuple(want.shape):
+            raise CheckpointError(f"tensor {name} in {params_dir} has shape {tuple(have.shape)}; the model's "
+                                  f"config.json implies {tuple(want.shape)}")
+        if (jnp.dtype(have.dtype) == jnp.int8) != (jnp.dtype(want.dtype) == jnp.int8):
+            raise CheckpointError(f"tensor {name} in {params_dir} is {jnp.dtype(have.dtype).name}; the manifest's "
+                                  f"quantization implies {jnp.dtype(want.dtype).name}")
+
+
 def restore_params(folder: str, abstract: dict, wanted: set | None = None) -> dict:
     """The parameter tree of an Orbax folder, restored into `abstract`'s shapes and dtypes (a pure
     dict of `ShapeDtypeStruct`s), onto its shardings when it has them (each device reads its own
@@ -125,6 +153,7 @@ def restore_params(folder: str, abstract: dict, wanted: set | None = None) -> di
     if not os.path.isdir(params_dir):
         raise ModelNotFoundError(f"{params_dir} is missing; the folder is not a complete phi4_jax checkpoint")
     abstract = _on_devices(abstract)
+    _check_stored(params_dir, abstract)
     if wanted is not None:
         v1 = ocp()
         flat = traverse_util.flatten_dict(abstract)

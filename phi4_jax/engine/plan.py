@@ -43,10 +43,12 @@ from phi4_jax.parallel.heads import config_for_mesh
 from phi4_jax.parallel.rules import placed_shapes
 
 _CONVERT = re.compile(r"convert_computation[.\w]* \(param[.\w]*: bf16\[([\d,]*)\]\) -> f32\[")
+# A computation of one int8 operand giving a float array as large: an int8 weight dequantized.
+_DEQUANTIZE = re.compile(r"^%\S+ \(param[.\w]*: s8\[([\d,]*)\]\) -> (f32|bf16|f16)\[([\d,]*)\]", re.M)
 
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
-         prefill_piece: int | None = None, target: str = "gpu") -> dict:
+         prefill_piece: int | None = None, target: str = "gpu", quantize: str | None = None) -> dict:
     """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
@@ -57,7 +59,8 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     Each step reports, per device and call, its matmul FLOPs and main-memory bytes read from the
     program (`hlo`: loops counted as many times as they run; decode's loop of steps once, a step)
     and the bytes it copies within main memory. A step the accelerator's compiler refuses for want
-    of memory reports the temporaries it would need ("refused"). Returns a JSON-ready dict."""
+    of memory reports the temporaries it would need ("refused"). `quantize="int8"`: the model's
+    weights are int8 with their scales (`model/int8.py`). Returns a JSON-ready dict."""
     model_config = config_for_mesh(config, mesh)
     prefill_piece = prefill_piece or piece_for(batch)
     platform = mesh.devices.flat[0].platform
@@ -69,7 +72,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
         try:
             with _no_persistent_cache(own):
                 real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece,
-                                  backend).compile()
+                                  backend, quantize).compile()
         except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler refuses what overflows its memory
             needed = _temporaries_refused(str(e))
             if needed is None:
@@ -78,20 +81,23 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
             continue
         # XLA:CPU's bf16 upcasts (see the module's docstring) need a float32 bound; an accelerator's has none.
         upper = real if own or jnp.dtype(dtype) == jnp.float32 else lower_step(
-            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend).compile()
-        steps[name] = _report(real, upper)
+            name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend,
+            quantize).compile()
+        steps[name] = _report(real, upper, cpu_compile=not own)
         if own:  # XLA's own figures, each loop body counted once (XLA:CPU's would be for its own program)
             cost = real.cost_analysis() or {}
             steps[name].update(xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
                                xla_optimal_seconds=cost.get("optimal_seconds"))
-    weights, cache, table = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype))
-    need = weights + cache + max(s["temp_bytes"] for s in steps.values())
+    weights, cache, table = _resident_bytes(model_config, mesh, context, batch, jnp.dtype(dtype), quantize)
+    # A refusal's figure covers the step's parameters too (phi-4 int8 decode on one v5e named 18.2 GiB
+    # beside 16.4 GB of weights and cache): it is the step's whole need.
+    need = max(s["temp_bytes"] if "refused" in s else weights + cache + s["temp_bytes"] for s in steps.values())
     return {
         "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "kv_heads_on_mesh": model_config.num_key_value_heads, "parameters": config.num_parameters},
         "mesh": dict(mesh.shape), "devices": mesh.devices.size, "context": context, "batch": batch,
-        "dtype": str(jnp.dtype(dtype)), "prefill_piece": prefill_piece, "target": target,
+        "dtype": str(jnp.dtype(dtype)), "quantize": quantize, "prefill_piece": prefill_piece, "target": target,
         "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need,
                        # What a decode step must read: all but an embedding table apart from the head
                        # (a row of it per token), and the whole cache.
@@ -101,12 +107,12 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 
 def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, batch: int, dtype, piece: int,
-               backend: Backend) -> jax.stages.Lowered:
+               backend: Backend, quantize: str | None = None) -> jax.stages.Lowered:
     """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
     from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
     `Engine` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
     the cache holds `context` slots of `batch` rows, a prompt fills them."""
-    graphdef, state = abstract_on_mesh(config, mesh, dtype, backend)
+    graphdef, state = abstract_on_mesh(config, mesh, dtype, backend, quantize)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
     if mesh is None:
         layout = None
@@ -132,11 +138,13 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
     return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
 
 
-def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu")):
+def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu"),
+                     quantize: str | None = None):
     """The model (its config already suited to `mesh`: `heads.config_for_mesh`) split into its
     graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh` (None: the first device), with
     XLA attention, traced for `backend`: what `jit(...).lower` takes to compile without weights."""
-    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype, attention="xla", backend=backend))
+    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype, attention="xla", backend=backend,
+                                               quantize=quantize))
     nnx.replace_by_pure_dict(state, placed_shapes(state, mesh))
     return graphdef, state
 
@@ -145,10 +153,11 @@ def _sds(a, s) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
 
-def _report(real, upper) -> dict:
+def _report(real, upper, cpu_compile: bool) -> dict:
     memory = real.memory_analysis()
     text = real.as_text()
-    upcasts = sum(math.prod(map(int, filter(None, dims.split(",")))) * 4 for dims in _CONVERT.findall(text))
+    upcasts = sum(_elements(dims) * 4 for dims in _CONVERT.findall(text))
+    dequantized = _dequantized_bytes(upper.as_text()) if cpu_compile else 0
     program = hlo.parse(text)
     counts = hlo.collective_counts(program)
     return {
@@ -161,18 +170,33 @@ def _report(real, upper) -> dict:
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
         "alias_bytes": memory.alias_size_in_bytes,
-        "temp_bytes": upper.memory_analysis().temp_size_in_bytes,  # the float32 upper bound
+        # The float32 upper bound, less XLA:CPU's copies of dequantized int8 weights (GPU and TPU
+        # compilers convert inside the matmul; XLA:CPU writes each, and hoists them out of loops).
+        "temp_bytes": upper.memory_analysis().temp_size_in_bytes - dequantized,
+        "cpu_only_dequantized_bytes": dequantized,
         "temp_bytes_cpu_compile": memory.temp_size_in_bytes,
         "cpu_only_upcast_bytes": upcasts,
         "collectives": {c: counts.get(c, 0) for c in hlo.COLLECTIVES},
     }
 
 
-def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype) -> tuple[int, int, int]:
-    """Per-device bytes of the weights, of the KV cache and of an untied embedding table (0 when the
-    LM head is the table), from their shardings (the fullest device)."""
+def _elements(dims: str) -> int:
+    return math.prod(map(int, filter(None, dims.split(","))))
+
+
+def _dequantized_bytes(text: str) -> int:
+    """Bytes of the float copies of int8 weights an XLA:CPU program writes (`_DEQUANTIZE`)."""
+    sizes = {"f32": 4, "bf16": 2, "f16": 2}
+    return sum(_elements(out) * sizes[kind] for weight, kind, out in _DEQUANTIZE.findall(text)
+               if _elements(weight) == _elements(out))
+
+
+def _resident_bytes(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype,
+                    quantize: str | None = None) -> tuple[int, int, int]:
+    """Per-device bytes of the weights (int8 ones with their scales), of the KV cache and of an untied
+    embedding table (0 when the LM head is the table), from their shardings (the fullest device)."""
     shard = lambda a: math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize  # noqa: E731
-    leaves = jax.tree_util.tree_leaves_with_path(abstract_on_mesh(config, mesh, dtype)[1])
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_on_mesh(config, mesh, dtype, quantize=quantize)[1])
     weights = sum(shard(a) for _, a in leaves)
     table = 0 if config.tie_word_embeddings else sum(
         shard(a) for path, a in leaves if "embed_tokens" in jax.tree_util.keystr(path))

@@ -49,5 +49,11 @@ class Backend:
         a plain update (`cache.write`, the engine's decode loop)."""
         return self.platform == "cpu"
 
+    @property
+    def chunked_dequantize(self) -> bool:
+        """int8 products convert their weight a block of output rows at a time (`int8.product`):
+        XLA:CPU writes a converted operand to memory before its matmul; accelerators fuse it."""
+        return self.platform == "cpu"
+
 
 ACCELERATOR = Backend("gpu")  # the plain forms (GPU and TPU programs are traced alike)

@@ -4,7 +4,8 @@ Parameter names and layouts follow Hugging Face's `Phi3ForCausalLM`: a projectio
 `(outputs..., inputs...)` as in HF, with heads as their own axis (`q_proj.weight` is `[heads,
 head_dim, embed]`), and the fused `qkv_proj` / `gate_up_proj` are split into separate projections
 (`checkpoints/hf.py` maps one onto the other). Every parameter carries the logical axis names of
-its dimensions in `axes`. Each attention layer writes its own slice of the KV cache; which
+its dimensions in `axes`. Quantized (`quantize="int8"`), a projection's or table's `weight` is int8
+beside a float32 `scale` per output channel (`model/int8.py`). Each attention layer writes its own slice of the KV cache; which
 attention it runs (`attention.Dense`, `Ring`, `SplitCache`) is a static choice per call.
 """
 
@@ -20,6 +21,7 @@ from jax.sharding import Mesh
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.model import attention as attn
+from phi4_jax.model import int8
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.cache import KVCache, write
 from phi4_jax.model.ring import cache_attend, ring_attend
@@ -48,45 +50,70 @@ def project(x: jax.Array, weight: jax.Array, weight_first_rows: int = 0) -> jax.
 
 class Linear(nnx.Module):
     """A bias-free projection with HF's layout: the weight `out_shape + in_shape` (axes named in
-    `axes`) contracts the input's last `len(in_shape)` axes."""
+    `axes`) contracts the input's last `len(in_shape)` axes. With `quantize="int8"` the weight is int8
+    and `scale` holds one float32 per output channel (`model/int8.py`)."""
 
     def __init__(self, in_shape, out_shape, axes, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype,
-                 backend: Backend):
+                 backend: Backend, quantize: str | None = None):
         # Drawn as (inputs, outputs) and moved: a seed gives the weights it gave in that layout.
         init = stddev * jax.random.normal(rngs.params(), (*in_shape, *out_shape), jnp.float32)
         init = jnp.moveaxis(init, tuple(range(len(in_shape))), tuple(range(-len(in_shape), 0)))
-        self.weight = nnx.Param(init.astype(param_dtype), axes=axes)
+        _init_weight(self, init, axes, len(out_shape), param_dtype, quantize)
         self.inputs, self.dtype, self.backend = len(in_shape), dtype, backend
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.weight[...].astype(self.dtype)
+        weight = self.weight[...]
         outputs = weight.shape[:weight.ndim - self.inputs]
         lead = x.shape[:x.ndim - self.inputs]
         # One product over flattened head axes (reshapes of row-major arrays are free): given an einsum
         # over several head axes at batch 1, XLA:CPU copied the whole weight transposed every step.
-        y = project(x.reshape(*lead, -1), weight.reshape(math.prod(outputs), -1), self.backend.weight_first_rows)
+        y = _product(self, x.reshape(*lead, -1), weight.reshape(math.prod(outputs), -1))
         return y.reshape(*lead, *outputs)
 
 
+def _init_weight(module: nnx.Module, init: jax.Array, axes, outputs: int, param_dtype, quantize: str | None):
+    """`module.weight` from the float32 `init` `[out..., in...]`: in `param_dtype`, or int8 with
+    `module.scale` (its first `outputs` axes' channels) when quantized."""
+    if quantize is None:
+        module.weight = nnx.Param(init.astype(param_dtype), axes=axes)
+        return
+    q, scale = int8.quantize(init, outputs, xp=jnp)
+    module.weight = nnx.Param(q, axes=axes)
+    module.scale = nnx.Param(scale, axes=axes[:outputs])
+
+
+def _product(module: nnx.Module, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """`x` `[..., in]` times a module's weight as `[out, in]` (`project`), int8 dequantized inside."""
+    dense = functools.partial(project, weight_first_rows=module.backend.weight_first_rows)
+    if not hasattr(module, "scale"):
+        return dense(x, weight.astype(module.dtype))
+    return int8.product(x, weight, module.scale[...].reshape(-1), module.dtype, dense,
+                        module.backend.chunked_dequantize)
+
+
 class VocabTable(nnx.Module):
-    """A `[vocab, embed]` table (HF layout): looks up token embeddings, or scores hidden states."""
+    """A `[vocab, embed]` table (HF layout): looks up token embeddings, or scores hidden states.
+    Quantized, it is int8 with one scale per token row (for its lookup and its scores alike)."""
 
     def __init__(self, vocab: int, embed: int, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype,
-                 backend: Backend):
+                 backend: Backend, quantize: str | None = None):
         init = stddev * jax.random.normal(rngs.params(), (vocab, embed), jnp.float32)
-        self.weight = nnx.Param(init.astype(param_dtype), axes=("vocab", "embed"))
+        _init_weight(self, init, ("vocab", "embed"), 1, param_dtype, quantize)
         self.dtype, self.backend = dtype, backend
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return self.weight[...][input_ids].astype(self.dtype)
+        rows = self.weight[...][input_ids]
+        if hasattr(self, "scale"):
+            return (rows * self.scale[...][input_ids][..., None]).astype(self.dtype)
+        return rows.astype(self.dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """`[B, T, vocab]` scores of hidden states `[B, T, embed]` against the table."""
-        return project(h, self.weight[...].astype(self.dtype), self.backend.weight_first_rows)
+        return _product(self, h, self.weight[...])
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, **_):  # (**_: the projections' backend)
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, **_):  # (**_: the projections' options)
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
         self.eps, self.dtype = eps, dtype
 
@@ -204,13 +231,17 @@ class Phi4ForCausalLM(nnx.Module):
         holds the resolved one.
       backend: the backend the programs are traced for (default: that of JAX's default devices),
         which picks the forms of a few products (`model/backend.py`).
+      quantize: "int8" for int8 projections and vocabulary tables with per-channel scales
+        (`model/int8.py`; the norms stay in `param_dtype`), or None. `self.quantize` says which.
     """
 
     def __init__(self, config: Phi4Config, *, rngs: nnx.Rngs, param_dtype=None, dtype=None,
-                 attention: str = "auto", backend: Backend | None = None):
+                 attention: str = "auto", backend: Backend | None = None, quantize: str | None = None):
         backend = backend or Backend.of()
         param_dtype = jnp.dtype(param_dtype or default_dtype(backend.platform))
-        kw = dict(param_dtype=param_dtype, dtype=jnp.dtype(dtype or param_dtype), backend=backend)
+        self.quantize = int8.check_kind(quantize)
+        kw = dict(param_dtype=param_dtype, dtype=jnp.dtype(dtype or param_dtype), backend=backend,
+                  quantize=quantize)
         attn.check(attention, kw["dtype"], backend.platform)
         self.attention = attn.resolve(attention, kw["dtype"], backend.platform, config.head_dim)
         self.model = Phi4Model(config, self.attention, rngs=rngs, **kw)
@@ -276,7 +307,7 @@ class _Keys:
 
 
 def abstract_model(config: Phi4Config, param_dtype=None, dtype=None, attention: str = "auto",
-                   backend: Backend | None = None) -> Phi4ForCausalLM:
+                   backend: Backend | None = None, quantize: str | None = None) -> Phi4ForCausalLM:
     """The model with `ShapeDtypeStruct`s for parameters: shapes and dtypes, no memory."""
-    return nnx.eval_shape(lambda: Phi4ForCausalLM(
-        config, rngs=_Keys(0), param_dtype=param_dtype, dtype=dtype, attention=attention, backend=backend))
+    return nnx.eval_shape(lambda: Phi4ForCausalLM(config, rngs=_Keys(0), param_dtype=param_dtype, dtype=dtype,
+                                                  attention=attention, backend=backend, quantize=quantize))
