@@ -157,7 +157,7 @@ def _report(real, upper, cpu_compile: bool) -> dict:
     memory = real.memory_analysis()
     text = real.as_text()
     upcasts = sum(_elements(dims) * 4 for dims in _CONVERT.findall(text))
-    dequantized = _dequantized_bytes(upper.as_text()) if cpu_compile else 0
+    dequantized = _dequantized_bytes(text if upper is real else upper.as_text()) if cpu_compile else 0
     program = hlo.parse(text)
     counts = hlo.collective_counts(program)
     return {
