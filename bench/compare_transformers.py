@@ -2,7 +2,8 @@
 
 For each --model (by default the two shapes the CPU numbers are set on: `phi3-110m`, 4 thick
 layers, and `deep-thin`, 30 thin ones), float32: a preset with transformers' own seeded random
-weights, saved once as safetensors, or a real HF folder; each engine loads it in its own process (its own peak RSS, and no imports of the other framework):
+weights, saved once as safetensors, or a real HF folder; each engine loads it in its own process
+(its own peak RSS, and no imports of the other framework):
   transformers-eager, transformers-sdpa   PyTorch on the CPU, `model.generate`, greedy
   phi4_jax                                the engine, greedy (sharded over --mesh when given)
 The engines then take turns: each measurement is taken once by every engine in a round, for
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square matmul sizes the peak is read at, the fastest counting (default 1024 2048 4096 on a "
                         "CPU, 4096 8192 16384 elsewhere; smaller ones read a lower peak, for quick checks)")
     p.add_argument("--output", default=RESULTS,
-                   help="JSON-lines file the records are appended to (default bench/results/compare_transformers.jsonl)")
+                   help="JSON-lines file the records are appended to "
+                        "(default bench/results/compare_transformers.jsonl)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE:FOLDER, one engine's process
     return p
 
@@ -205,7 +207,8 @@ class Worker:
         if not line:
             code = self._process.wait()
             self._log.seek(0)
-            why = f"gave no answer in {ANSWER_TIMEOUT_S} s and was killed" if not ready else f"failed (exit status {code})"
+            why = (f"gave no answer in {ANSWER_TIMEOUT_S} s and was killed" if not ready
+                   else f"failed (exit status {code})")
             raise EngineFailed(f"{self.engine} {why}:\n{self._log.read()}")
         return json.loads(line)
 
@@ -348,7 +351,9 @@ def rooflines(config, record: dict, readings: list[dict], new_tokens: int) -> di
     """The median readings of a measurement's rounds, and the tokens/s they allow it: a prefill
     at the matmul peak; a decode step at the slower of reading its weights and mean KV cache at the
     read bandwidth and doing its matmuls at the matmul peak."""
-    from roofline import decode_step_bytes, decode_step_flops, median_reading, prefill_flops
+    from roofline import median_reading
+
+    from phi4_jax.planner.roofline import decode_step_bytes, decode_step_flops, prefill_flops
 
     if not readings:
         return {}
@@ -383,7 +388,8 @@ def write(args, runs: dict) -> int:
         for d in run["decode"]:
             diff = None if reference is None else first_difference(
                 d["tokens"], next(r["tokens"] for r in reference["decode"] if r["batch"] == d["batch"]))
-            records.append({**common, "part": "decode", **{k: v for k, v in d.items() if k not in ("tokens", "readings")},
+            records.append({**common, "part": "decode",
+                            **{k: v for k, v in d.items() if k not in ("tokens", "readings")},
                             "tokens_identical_to_eager": diff is None if reference else None,
                             "first_difference": diff})
             records[-1].update(rooflines(config, records[-1], d["readings"], args.new_tokens))
@@ -399,7 +405,8 @@ def write(args, runs: dict) -> int:
             f.write(json.dumps(r) + "\n")
             what = f"prefill {r['prompt_len']}" if r["part"] == "prefill" else f"decode batch {r['batch']}"
             same = "" if r["part"] == "prefill" else (
-                "  tokens identical" if r["tokens_identical_to_eager"] else f"  TOKENS DIFFER at {r['first_difference']}")
+                "  tokens identical" if r["tokens_identical_to_eager"]
+                else f"  TOKENS DIFFER at {r['first_difference']}")
             roofline = f"  (roofline {r['roofline_tokens_per_s']:.1f})" if "roofline_tokens_per_s" in r else ""
             print(f"{r['engine']:>20} {what:>15}: {r['tokens_per_s']:9.1f} tok/s{roofline}  "
                   f"{r.get('speedup_vs_sdpa', float('nan')):5.2f}x sdpa  RSS {r['peak_rss_bytes'] / 1e9:.2f} GB{same}",

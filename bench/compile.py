@@ -54,7 +54,7 @@ def compile_once(args) -> dict:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", math.prod(meshes.parse_mesh(args.mesh).values()))
     from phi4_jax import Phi4Config, forward
-    from phi4_jax.engine.plan import abstract_on_mesh
+    from phi4_jax.planner.plan import abstract_on_mesh
     from phi4_jax.model.backend import Backend
     from phi4_jax.parallel.heads import config_for_mesh
 

@@ -212,7 +212,8 @@ def main(argv=None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"{record['model']}: {source_bytes / 1e9:.2f} GB in {wall_s:.1f} s ({record['convert_gb_per_s']:.2f} GB/s); "
-          f"read floor {floor_s:.1f} s ({record['read_floor_gb_per_s']:.2f} GB/s), {record['convert_vs_read_floor']:.1f}x it; "
+          f"read floor {floor_s:.1f} s ({record['read_floor_gb_per_s']:.2f} GB/s), "
+          f"{record['convert_vs_read_floor']:.1f}x it; "
           f"copy floor {copy_s:.1f} s, {record['convert_vs_copy_floor']:.1f}x it; "
           f"peak RSS {peak_rss / 1e9:.2f} GB (target {target / 1e9:.2f} GB: "
           f"{'met' if record['meets_rss_target'] else 'MISSED'})", file=sys.stderr)

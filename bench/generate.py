@@ -47,7 +47,7 @@ SCHEMA = "phi4_jax.bench.generate/2"  # 2: each record holds its own roofline re
 MODELS = ("phi3-110m", "deep-thin")  # thick and shallow, deep and thin: a speed-up must hold on both
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4_jax.cli_shared import token_count as tokens
+    from phi4_jax.cli.common import token_count as tokens
 
     p = argparse.ArgumentParser(prog="bench/generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention implementation (default auto)")
     p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8"],
                    help="weights measured, one after the other for each model: none (float, --dtype) and/or int8 "
-                        "(weight-only, phi4_jax.load(quantize='int8')); MBU counts int8 weights at a byte (default none)")
+                        "(weight-only, phi4_jax.load(quantize='int8')); MBU counts int8 weights at a byte "
+                        "(default none)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
     p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile"],
@@ -202,7 +203,7 @@ class Rooflines:
 
 
 def measure_prefill(engine, config, length: int, repeats: int, peaks: Rooflines) -> dict:
-    from roofline import prefill_flops
+    from phi4_jax.planner.roofline import prefill_flops
     from phi4_jax import SamplingParams
 
     prompts, params = prompts_of(config.vocab_size, 1, length), SamplingParams(max_tokens=1, ignore_eos=True)
@@ -267,7 +268,8 @@ def measure_products(engine, config, batch: int, repeats: int, peaks: Rooflines)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(engine.params))
     # int8 weights [out, in] with their scales [out]; float ones with None.
     weights = [(w, flat.get((*path[:-1], "scale"))) for path, w in sorted(flat.items(), key=lambda kv: str(kv[0]))
-               if path[-1] == "weight" and w.ndim >= 2 and not ("embed_tokens" in path and not config.tie_word_embeddings)]
+               if path[-1] == "weight" and w.ndim >= 2
+                  and not ("embed_tokens" in path and not config.tie_word_embeddings)]
     weights = [(w.reshape(-1, w.shape[-1]), None) if s is None else (w.reshape(s.size, -1), s.reshape(-1))
                for w, s in weights]
     dtype, chunked = engine.dtype, Backend.of(jax.tree.leaves(engine.params)[0].devices()).chunked_dequantize
@@ -314,7 +316,8 @@ def first_token_seconds(args) -> dict:
     compilation_cache.enable()  # in the folder the parent gave this child
 
     engine = Engine(build_model(args, config, mesh, dtype))
-    prompts, params = prompts_of(config.vocab_size, 1, args.prompt_len[0]), SamplingParams(max_tokens=1, ignore_eos=True)
+    prompts, params = (prompts_of(config.vocab_size, 1, args.prompt_len[0]),
+                       SamplingParams(max_tokens=1, ignore_eos=True))
     phases = dict.fromkeys(PHASES.values(), 0.0)
 
     def listen(event, seconds, **_):
@@ -390,13 +393,14 @@ def metadata(args, config, dtype) -> dict:
 
 def utilisation(record: dict, config, dtype_bytes: int, devices: int, quantize: str | None = None) -> dict:
     """MFU / MBU against the measured peak of one device times the `devices` that do the work."""
-    from roofline import decode_step_bytes
+    from phi4_jax.planner.roofline import decode_step_bytes
 
     if record["part"] == "prefill":
         achieved = record["flops"] / record["seconds"]
         return {"flop_per_s": achieved, "mfu": achieved / (devices * record["matmul_flop_per_s"])}
     if record["part"] == "products":
-        return {"products_of_read_bandwidth": record["products_gb_per_s"] * 1e9 / (devices * record["read_bytes_per_s"])}
+        return {"products_of_read_bandwidth":
+                record["products_gb_per_s"] * 1e9 / (devices * record["read_bytes_per_s"])}
     if record["part"] == "decode":
         # int8 weights at a byte (their scales and the norms, under 0.5% of the bytes, left out).
         step = decode_step_bytes(config, record["batch"], record["mean_context"], 1 if quantize else dtype_bytes,
@@ -428,7 +432,8 @@ def describe(r: dict) -> str:
     if r["part"] == "decode":
         return (f"decode batch {r['batch']:3d}, prompt {r['prompt_len']}: {r['tokens_per_s']:8.1f} tok/s, "
                 f"step {r['step_ms']:.2f} ms (p50/p90/p99 {r['latency_p50_ms']:.2f}/{r['latency_p90_ms']:.2f}/"
-                f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, MBU {100 * r['mbu']:.1f}% "
+                f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, "
+                f"MBU {100 * r['mbu']:.1f}% "
                 f"of {r['read_bytes_per_s'] / 1e9:.1f} GB/s")
     if r["part"] == "products":
         return (f"products batch {r['batch']:3d}: {r['products_ms']:.2f} ms for {r['weight_bytes'] / 1e6:.0f} MB of "
@@ -482,7 +487,8 @@ def measure_model(args, argv: list[str]) -> None:
                                          engine, config, b, n, args.new_tokens, args.repeats, t, peaks)))
                 profile = None
     if "products" in args.parts:
-        measurements += [(f"products batch {b}", lambda peaks, b=b: measure_products(engine, config, b, args.repeats, peaks))
+        measurements += [(f"products batch {b}",
+                          lambda peaks, b=b: measure_products(engine, config, b, args.repeats, peaks))
                          for b in args.batch]
     if "compile" in args.parts:
         measurements.append(("compile (two fresh processes)", lambda peaks: measure_compile(args, argv)))

@@ -6,7 +6,7 @@
           float32 matmuls run at "highest" precision (XLA would use TF32 on NVIDIA GPUs otherwise).
   memory: one --context-token prompt prefilled into a cache of as many slots (the engine's pieces),
           on one accelerator, with zero weights: the device's peak bytes in use against the planner's needed bytes for
-          the same model, context and dtype (`engine/plan.py`, compiled here on the host's CPU).
+          the same model, context and dtype (`planner/plan.py`, compiled here on the host's CPU).
 
 Each check appends one JSON line to --output.
 
@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from phi4_jax.cli_shared import token_count
+from phi4_jax.cli.common import token_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "gpu_check.jsonl")
@@ -67,35 +67,61 @@ def parity(args) -> dict:
 
 def _parity(args) -> dict:
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from phi4_jax import Phi4Config, Phi4ForCausalLM
-    from phi4_jax.model.backend import Backend
-    from phi4_jax.model.phi4 import forward
+    from phi4_jax import Phi4Config
 
     config = Phi4Config.from_preset("tiny-phi-4-mini")  # GQA 3:1, partial rotary, LongRoPE, tied head
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (7, 12)]
     accelerator, host = jax.devices()[0], jax.devices("cpu")[0]
-
-    def build(device, dtype):
-        with jax.default_device(device):
-            return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=dtype, backend=Backend(device.platform))
-
-    tokens = {}
-    for name, device in (("accelerator", accelerator), ("cpu", host)):
-        with jax.default_device(device):
-            tokens[name] = _greedy(build(device, jnp.float32), prompts, args.new_tokens)
-    ids = jnp.asarray([prompts[1]], device=accelerator)
-    # Jitted: run op by op, the forward compiled each of its ~200 ops alone (9 s of a CPU dry run).
-    full, half = (np.asarray(forward(*nnx.split(build(accelerator, dtype)), ids), np.float32)
-                  for dtype in (jnp.float32, jnp.bfloat16))
-    error = float(np.abs(full - half).max() / np.abs(full).max())
-    first = next(([b, t] for b, (x, y) in enumerate(zip(tokens["accelerator"], tokens["cpu"]))
-                  for t, (p, q) in enumerate(zip(x, y)) if p != q), None)
+    tokens = {name: _greedy_on(device, config, prompts, args.new_tokens)
+              for name, device in (("accelerator", accelerator), ("cpu", host))}
+    error = _bf16_error(accelerator, config, prompts[1])
     return {"check": "parity", "model": "tiny-phi-4-mini", "accelerator": accelerator.device_kind,
-            "new_tokens": args.new_tokens, "tokens_identical": first is None, "first_difference": first,
+            "new_tokens": args.new_tokens, **verdict(tokens["accelerator"], tokens["cpu"], error)}
+
+
+def _build(config, device, dtype):
+    """The seeded tiny model, made on `device` in `dtype`."""
+    import jax
+    from flax import nnx
+
+    from phi4_jax import Phi4ForCausalLM
+    from phi4_jax.model.backend import Backend
+
+    with jax.default_device(device):
+        return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=dtype, backend=Backend(device.platform))
+
+
+def _greedy_on(device, config, prompts, new_tokens: int) -> list[list[int]]:
+    """The float32 model's greedy tokens, made and run on `device`."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.default_device(device):
+        return _greedy(_build(config, device, jnp.float32), prompts, new_tokens)
+
+
+def _bf16_error(device, config, prompt) -> float:
+    """The largest |bf16 logit - float32 logit| of one prompt on `device`, over the largest |float32 logit|."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi4_jax.model.phi4 import forward
+
+    ids = jnp.asarray([prompt], device=device)
+    # Jitted: run op by op, the forward compiled each of its ~200 ops alone (9 s of a CPU dry run).
+    full, half = (np.asarray(forward(*nnx.split(_build(config, device, dtype)), ids), np.float32)
+                  for dtype in (jnp.float32, jnp.bfloat16))
+    return float(np.abs(full - half).max() / np.abs(full).max())
+
+
+def verdict(accelerator: list[list[int]], cpu: list[list[int]], error: float) -> dict:
+    """The parity check's verdict: where the accelerator's greedy tokens first differ from the CPU's
+    ([row, position], None when identical), and the bf16 logits' error against the tolerance."""
+    first = next(([b, t] for b, (x, y) in enumerate(zip(accelerator, cpu))
+                  for t, (p, q) in enumerate(zip(x, y)) if p != q), None)
+    return {"tokens_identical": first is None, "first_difference": first,
             "bf16_max_relative_logit_error": error, "bf16_tolerance": BF16_TOLERANCE,
             "bf16_within_tolerance": error <= BF16_TOLERANCE, "passed": first is None and error <= BF16_TOLERANCE}
 
@@ -105,7 +131,7 @@ def planned_bytes(config, context: int, dtype: str) -> int:
     import jax
     from jax.sharding import Mesh
 
-    from phi4_jax.engine import plan
+    from phi4_jax.planner import plan
 
     mesh = Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "tensor", "seq"))
     return plan.plan(config, mesh, context, 1, dtype, target="gpu")["per_device"]["needed_bytes"]

@@ -65,7 +65,7 @@ def random_checkpoint(name: str, folder: str) -> None:
         save_checkpoint(PRESETS[name], folder)
         return
     sys.path[:0] = [os.path.join(ROOT, "tests")]
-    from conftest import make_hf_model
+    from tiny_models import make_hf_model
 
     make_hf_model(name[len("tiny-"):]).save_pretrained(folder)
 
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
             **logit_agreement(DEMO_FOLDER, Phi4Config.from_json(DEMO_FOLDER).vocab_size), **demo_scores(args.held_out)}
     records.append(demo)
     print(demo, file=sys.stderr)
-    write_record(args.output, {"benchmark": "quantize", "schema": 1, **describe_run(), "held_out_problems": args.held_out,
+    write_record(args.output, {"benchmark": "quantize", "schema": 1, **describe_run(),
+                               "held_out_problems": args.held_out,
                                "records": records})
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from phi4_jax.cli_shared import token_count as tokens
+from phi4_jax.cli.common import token_count as tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "ring.json")
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                                  "intermediate": args.intermediate, "vocab": args.vocab, "dtype": args.dtype,
                                  "attention": args.attention, "parameters": config.num_parameters}
-        record["timed"] = [_time(config, _mesh(n, args.mesh), length, args) for length in args.lengths for n in args.seq]
+        record["timed"] = [_time(config, _mesh(n, args.mesh), length, args)
+                           for length in args.lengths for n in args.seq]
     if "plan" in args.parts:
         config = Phi4Config.from_name(args.plan_model)
         record["planned"] = [_plan(config, args.plan_model, _mesh(n, args.mesh, "cpu"), args.plan_context)
@@ -114,7 +115,7 @@ def _time(config, mesh, length: int, args) -> dict:
     from flax import nnx
 
     from phi4_jax import Engine, Phi4ForCausalLM, SamplingParams
-    from phi4_jax.engine import plan
+    from phi4_jax.planner import plan
     from phi4_jax.model.attention import resolve
     from phi4_jax.model.backend import Backend
     from phi4_jax.parallel import mesh as meshes
@@ -153,7 +154,7 @@ def _time(config, mesh, length: int, args) -> dict:
 
 
 def _plan(config, name: str, mesh, context: int) -> dict:
-    from phi4_jax.engine import plan
+    from phi4_jax.planner import plan
 
     n = mesh.shape["seq"]
     result = plan.plan(config, mesh, context, 1, "bfloat16")  # planned on CPU devices, even on a GPU host

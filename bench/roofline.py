@@ -1,9 +1,7 @@
-"""Rooflines: what the device can do (measured read bandwidth and matmul peak), and what a step of
-the model must do (bytes a decode step reads, FLOPs a prefill computes).
+"""Rooflines measured on this device: the rate at which it reads memory and its matmul peak.
 
-Utilisation is then work / time / peak: model-bandwidth utilisation (MBU) for decode, which is
-bound by reading the weights and the KV cache once per step, and model-FLOP utilisation (MFU)
-for prefill, which is bound by its matmuls.
+What a step of the model must do (bytes a decode step reads, FLOPs a prefill computes) is counted
+by `phi4_jax.planner.roofline`; utilisation is that work / time / the peak measured here.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from phi4_jax.config import Phi4Config
 
 
 def _best_seconds(run, repeats: int) -> float:
@@ -104,49 +100,11 @@ def median_reading(readings: list[dict]) -> dict:
     results, taken at different times) as one of the same form: each method's median rate, and the
     fastest of those. A machine whose speed drifts is best compared with readings taken beside the work."""
     combined = dict(readings[0])
-    for kind, rate, method in (("read", "read_bytes_per_s", "read_method"), ("matmul", "matmul_flop_per_s", "matmul_size")):
+    for kind, rate, method in (("read", "read_bytes_per_s", "read_method"),
+                               ("matmul", "matmul_flop_per_s", "matmul_size")):
         if f"{kind}_rates" in combined:
             rates = {m: statistics.median(r[f"{kind}_rates"][m] for r in readings) for m in combined[f"{kind}_rates"]}
             best = max(rates, key=rates.get)
             combined.update({rate: rates[best], method: best if kind == "read" else int(best),
                              f"{kind}_rates": rates, f"{kind}_readings": len(readings)})
     return combined
-
-
-def decode_step_bytes(config: Phi4Config, batch: int, context: float, weight_bytes: int,
-                      cache_bytes: int | None = None) -> float:
-    """Bytes one decode step must move: every weight once (the input embedding one row per
-    sequence; the head, or the tied table, whole), each sequence's `context` cached keys and
-    values read (no more than its sliding window) and its new ones written."""
-    e = config.hidden_size
-    if config.window is not None:
-        context = min(context, config.window - 1)
-    # Every parameter, but of an untied input table only the rows looked up.
-    weights = config.num_parameters - (0 if config.tie_word_embeddings else (config.vocab_size - batch) * e)
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return weights * weight_bytes + batch * (context + 1) * kv_per_token * (cache_bytes or weight_bytes)
-
-
-def prefill_flops(config: Phi4Config, batch: int, length: int) -> float:
-    """Matmul FLOPs of prefilling `batch` prompts of `length` tokens from position 0 (causal
-    attention counts only the scores it keeps; logits only at each row's last token)."""
-    e, n, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    projections = 2 * (config.layer_parameters - 2 * e)  # the norms are no matmul
-    pairs = length * (length + 1) / 2  # (query, key) pairs a causal prompt scores
-    if config.window is not None and config.window < length:
-        w = config.window
-        pairs = w * (w + 1) / 2 + (length - w) * w
-    attention = 2 * 2 * n * d * pairs  # scores and the weighted sum of values
-    per_row = config.num_hidden_layers * (projections * length + attention) + 2 * e * config.vocab_size
-    return batch * per_row
-
-
-def decode_step_flops(config: Phi4Config, batch: int, context: float) -> float:
-    """Matmul FLOPs of one decode step of `batch` rows, each with `context` cached tokens (no more
-    than its sliding window) plus the new one: the projections, the scores and weighted values,
-    and the logits."""
-    e, n, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    keys = context + 1 if config.window is None else min(context + 1, config.window)
-    projections = 2 * (config.layer_parameters - 2 * e)
-    per_row = config.num_hidden_layers * (projections + 2 * 2 * n * d * keys) + 2 * e * config.vocab_size
-    return batch * per_row

@@ -13,7 +13,7 @@ from phi4_jax.errors import (CheckpointError, ConfigError, MeshError, ModelNotFo
 from phi4_jax.model.phi4 import Phi4ForCausalLM, forward
 from phi4_jax.text.tokenizer import Tokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "Engine", "GenerationResponse", "MeshError",
            "ModelNotFoundError", "Phi4Config", "Phi4Error", "Phi4ForCausalLM", "PromptCache", "SamplingError",
            "SamplingParams", "Tokenizer", "TokenizerError", "UnsafeCheckpointError", "forward", "generate", "load",

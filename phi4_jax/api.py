@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh
 
-from phi4_jax import compilation_cache
+from phi4_jax import compilation_cache, platforms
 from phi4_jax.checkpoints.hub import resolve
 from phi4_jax.checkpoints.load import load_model
 from phi4_jax.engine.engine import Engine
@@ -32,8 +32,9 @@ STEPS_PER_CALL = 16  # decode steps per device call while streaming; the host lo
 def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, progress: bool = True,
          attention: str = "auto", quantize: str | None = None) -> tuple[Phi4ForCausalLM, Tokenizer | None]:
     """Loads a model folder: Hugging Face (config.json + safetensors) or one written by
-    `convert/hf_to_orbax.py`; a repo id (`microsoft/phi-4`) is looked up in the HF cache. Turns on
-    JAX's persistent compilation cache (`compilation_cache.enable`) unless it is set already.
+    `phi4-jax convert`; a repo id (`microsoft/phi-4`) is looked up in the HF cache. Turns on
+    JAX's persistent compilation cache (`compilation_cache.enable`) unless it is set already, and
+    where libtpu is installed but no TPU is, starts JAX on the CPU (`platforms.quiet_without_tpu`).
 
     Args:
       path: the folder or repo id.
@@ -49,7 +50,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, pr
         for head_dim 128, else XLA), "xla", "cudnn" or "splash" (see `phi4_jax.model.attention`).
       quantize: "int8" quantizes the projections, the LM head and the embedding table as they are
         read (weight-only, a float32 scale per output channel: `phi4_jax.model.int8`); activations
-        and the norms stay in `dtype`. A folder written by `hf_to_orbax.py --quantize int8` loads
+        and the norms stay in `dtype`. A folder written by `phi4-jax convert --quantize int8` loads
         int8 without it. None: float weights (ConfigError for an unknown kind).
     Returns:
       `(model, tokenizer)`; the tokenizer is None when the folder has no tokenizer files.
@@ -57,6 +58,7 @@ def load(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = None, pr
       ModelNotFoundError, ConfigError (`MeshError` for a mesh that does not fit the devices or the
       model), CheckpointError (all `phi4_jax.errors.Phi4Error`), naming the file at fault.
     """
+    platforms.quiet_without_tpu()
     compilation_cache.enable()
     model = load_model(path, dtype=dtype, mesh=mesh, progress=progress, attention=attention, quantize=quantize)
     folder = resolve(path).folder

@@ -169,15 +169,21 @@ class Phi4Config:
 
     @classmethod
     def from_preset(cls, name: str) -> Phi4Config:
-        """The config of a released model by name: one of `PRESETS`."""
+        """The config of a preset by name: a released model (`RELEASED`) or a test shape (`TEST_SHAPES`)."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; the released models are {', '.join(RELEASED)} (test "
+                              f"shapes: {', '.join(TEST_SHAPES)})")
         return cls.from_dict(PRESETS[name], source=f"preset {name}")
 
     @classmethod
     def from_name(cls, name: str) -> Phi4Config:
         """A preset (`from_preset`) by its name, else a config.json or its folder (`from_json`)."""
-        return cls.from_preset(name) if name in PRESETS else cls.from_json(name)
+        if name in PRESETS:
+            return cls.from_preset(name)
+        if not os.path.exists(name):
+            raise ModelNotFoundError(f"{name!r} is neither a preset ({', '.join(RELEASED)}; test shapes: "
+                                     f"{', '.join(TEST_SHAPES)}) nor a config.json or a folder holding one")
+        return cls.from_json(name)
 
     def replace(self, **changes) -> Phi4Config:
         """A copy with some fields changed (validated again), e.g. fewer layers for a benchmark."""
@@ -331,10 +337,11 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-# Small shapes, in the same form. phi3-110m is the model the CPU benchmarks are set on (float32,
-# 110M parameters, Phi-3.5-mini's vocabulary), with deep-thin as its deep counterpart; tiny is for smoke runs; demo is the built-in demo
-# model's shape (train/demo.py, its vocabulary fixed by the tokenizer it trains); the tiny-* shapes
-# carry each family member's distinguishing features at test size (transformers-v5 dialect).
+# Test and benchmark shapes (`TEST_SHAPES`), in the same form: no model was released in them.
+# phi3-110m is the model the CPU benchmarks are set on (float32, 110M parameters, Phi-3.5-mini's
+# vocabulary), with deep-thin as its deep counterpart; tiny is for smoke runs; demo is the built-in
+# demo model's shape (train/demo.py, its vocabulary fixed by the tokenizer it trains); the tiny-*
+# shapes carry each family member's distinguishing features at test size (transformers-v5 dialect).
 def _factors(n: int, start: float, step: float) -> list[float]:
     return [round(start + step * i, 4) for i in range(n)]
 
@@ -373,13 +380,15 @@ PRESETS.update({
                             num_key_value_heads=8, max_position_embeddings=256, original_max_position_embeddings=16,
                             partial_rotary_factor=0.75,
                             rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
-                                                 short_factor=_factors(3, 1.0, 0.15), long_factor=_factors(3, 1.5, 8.0)),
+                                                 short_factor=_factors(3, 1.0, 0.15),
+                                                 long_factor=_factors(3, 1.5, 8.0)),
                             tie_word_embeddings=True, sliding_window=262144),
     # MHA, longrope, untied head
     "tiny-phi-3.5-mini": dict(_TINY, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                               num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=16,
                               rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
-                                                   short_factor=_factors(8, 1.0, 0.1), long_factor=_factors(8, 2.0, 3.0)),
+                                                   short_factor=_factors(8, 1.0, 0.1),
+                                                   long_factor=_factors(8, 2.0, 3.0)),
                               tie_word_embeddings=False, sliding_window=262144),
     # MHA, default rope, a sliding window shorter than the test sequences
     "tiny-phi-3-mini-4k": dict(_TINY, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -388,3 +397,5 @@ PRESETS.update({
                                tie_word_embeddings=False, sliding_window=7),
 })
 RELEASED = ("phi-4", "phi-4-mini", "phi-3.5-mini")  # the presets of released models
+# The rest are test and benchmark shapes: no model was released in them.
+TEST_SHAPES = tuple(name for name in PRESETS if name not in RELEASED)

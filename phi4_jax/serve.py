@@ -1,109 +1,13 @@
-"""`python -m phi4_jax.serve`: an OpenAI-compatible HTTP server for a Phi-4 family model.
+"""`python -m phi4_jax.serve` is `phi4-jax serve`: the OpenAI-compatible server (the serve extra)."""
 
-It loads the model, compiles the first programs with warm-up requests, then answers
-POST /v1/chat/completions and /v1/completions (streamed with server-sent events or not),
-GET /v1/models, GET /health and GET /metrics (Prometheus). Requests join and leave the running
-batch between device calls (continuous batching), each getting the tokens it would get alone.
-
-examples:
-  python -m phi4_jax.serve                                   # the built-in demo model on 127.0.0.1:8000
-  python -m phi4_jax.serve --model ~/models/Phi-4-mini-instruct --port 8080 --api-key SECRET
-  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "demo", "messages": [{"role": "user", "content": "What is 482+37?"}]}'
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import signal
 import sys
 
-from phi4_jax import cli_shared as cli
-from phi4_jax.errors import ConfigError
 
+def main(argv: list[str] | None = None) -> int:
+    """`phi4-jax serve` with `argv` (flags only); returns the exit code once the server has stopped."""
+    from phi4_jax.cli.main import main as phi4_jax
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m phi4_jax.serve", description=__doc__,
-                                epilog=cli.EXIT_CODES_HELP, formatter_class=cli.HelpFormatter)
-    p.add_argument("--model", default="demo",
-                   help="HF folder, folder from convert/hf_to_orbax.py, repo id in the local HF cache, or 'demo'")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument(*cli.flag("--served-model-name"), default=None,
-                   help="the model name clients give and /v1/models lists (default: --model as given)")
-    p.add_argument(*cli.flag("--api-key"), default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: no key, so keep the "
-                        "default loopback --host)")
-    p.add_argument(*cli.flag("--max-batch"), type=int, default=16,
-                   help="decode slots: rows decoded together on the device (allocated in powers of two as they fill)")
-    p.add_argument(*cli.flag("--max-queue"), type=int, default=256,
-                   help="rows that may wait for a slot; a request beyond it gets status 503")
-    p.add_argument(*cli.flag("--max-tokens"), type=int, default=256,
-                   help="tokens a request generates when it does not say (max_tokens)")
-    p.add_argument(*cli.flag("--max-context"), type=int, default=None,
-                   help="longest prompt + generation (default: the model's max_position_embeddings)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    cli.add_mesh_flags(p, multihost=False)
-    cli.add_quantize_flag(p)
-    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"],
-                   help="attention kernel: auto (cuDNN flash attention on NVIDIA GPUs in 16-bit, splash attention "
-                        "on TPUs for head_dim 128, else XLA)")
-    p.add_argument(*cli.flag("--log-level"), default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="how much the server logs")
-    return p
-
-
-def main(argv=None) -> int:
-    """Runs the server with `argv` (flags only); returns the exit code once it has stopped."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        return cli.EXIT_OK if e.code in (0, None) else cli.EXIT_USAGE
-    return cli.run(lambda: _main(args))
-
-
-def _main(args) -> int:
-    for name in ("max_batch", "max_queue", "max_tokens"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 <= args.port < 65536:
-        raise ConfigError(f"--port must be in [0, 65536), got {args.port}")
-    import uvicorn
-
-    from phi4_jax.api import load
-    from phi4_jax.engine.engine import Engine
-    from phi4_jax.engine.scheduler import Scheduler
-    from phi4_jax.server.app import Served, build_app
-
-    log = logging.getLogger("phi4_jax.serve")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=False,
-                            attention=args.attention, quantize=args.quantize)
-    if tokenizer is None:
-        raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
-    engine = Engine(model, max_context=args.max_context)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
-    scheduler.start()
-    # Compile before reporting healthy: the decode programs of 1, 2, 4 .. --max-batch rows.
-    log.info("compiling (warm-up requests)")
-    scheduler.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens)
-    name = args.served_model_name or str(args.model)
-    served = Served(name=name, tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
-                    default_max_tokens=args.max_tokens, api_key=args.api_key)
-    log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
-    config = uvicorn.Config(build_app(served), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=30)
-    # uvicorn takes SIGINT/SIGTERM while it runs (stop taking requests, finish the running ones) and
-    # raises the signal again once stopped: that second one is ours to ignore, so the exit is 0.
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: None)
-    try:
-        uvicorn.Server(config).run()
-    finally:
-        scheduler.shutdown(timeout=30)
-    return cli.EXIT_OK
+    return phi4_jax(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ and both give the same tokens."""
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from phi4_jax import Engine, Phi4Config, Phi4ForCausalLM
-from phi4_jax.engine.plan import lower_step
+from phi4_jax.model.phi4 import forward
+from phi4_jax.planner.plan import lower_step
 from phi4_jax.model.backend import Backend
 
 from conftest import greedy_run
@@ -51,26 +53,38 @@ def test_cpu_and_accelerator_programs_differ_exactly_in_the_cpu_forms(step, batc
     assert not plain["one_row_cache"]
 
 
+def built(**options) -> Phi4ForCausalLM:
+    """The model as its constructor builds it, its weights shapes only (nothing to draw or compile)."""
+    return nnx.eval_shape(lambda: Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32, **options))
+
+
 def test_the_model_carries_its_backend_and_defaults_to_its_devices():
-    model = Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    model = built()
     assert model.backend == Backend.of()
     graphdef, _ = nnx.split(model)
-    other, _ = nnx.split(Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32,
-                                         backend=Backend("tpu" if model.backend.platform != "tpu" else "gpu")))
+    other, _ = nnx.split(built(backend=Backend("tpu" if model.backend.platform != "tpu" else "gpu")))
     assert graphdef != other  # the backend is in the graph definition: a jit key of its own
     with pytest.raises(ValueError, match="platform 'metal'"):
         Backend("metal")
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_both_forms_give_the_same_tokens(batch):
+@pytest.fixture(scope="module")
+def both_forms(tiny_model):
+    """The tiny phi-4 checkpoint's weights (CONFIG's shape) as a model of each form: {"cpu": ..., "gpu": ...}."""
+    weights = nnx.state(tiny_model("phi-4")[0])
+    assert jax.tree.map(jnp.shape, weights) == jax.tree.map(jnp.shape, nnx.state(built()))
+    return {p: nnx.merge(nnx.graphdef(built(backend=Backend(p))), weights) for p in ("cpu", "gpu")}
+
+
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_both_forms_give_the_same_tokens(both_forms, batch):
     """The same weights traced with XLA:CPU's forms and with the plain ones (both run here) decode
     the same greedy tokens, and their prefill logits agree."""
-    engines = [Engine(Phi4ForCausalLM(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.float32, backend=Backend(p)))
-               for p in ("cpu", "gpu")]
+    assert [m.backend.platform for m in both_forms.values()] == ["cpu", "gpu"]
+    engines = [Engine(m) for m in both_forms.values()]
     prompts = [np.random.default_rng(row).integers(3, 256, 5 + 3 * row).tolist() for row in range(batch)]
     cpu, plain = (greedy_run(e, prompts, max_tokens=16)[0] for e in engines)
     assert cpu == plain and all(len(row) == 16 for row in cpu)
     ids = np.array([prompts[0]], np.int32)
-    logits = [np.asarray(nnx.merge(e.graphdef, e.params)(ids)) for e in engines]
+    logits = [np.asarray(forward(e.graphdef, e.params, ids)) for e in engines]
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-5)

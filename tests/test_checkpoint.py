@@ -3,7 +3,6 @@ itself, dry runs write nothing, failures and kills leave no partial output (or t
 intact), corrupt inputs get the documented exit codes, and repo ids resolve through the HF cache."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,10 +22,12 @@ from safetensors.numpy import load_file, save_file
 from conftest import TINY_SHAPES
 
 import phi4_jax
-from phi4_jax import cli_shared as cli
 from phi4_jax.checkpoints import convert, orbax
-from phi4_jax.errors import CheckpointError
 from phi4_jax.checkpoints.hub import ModelSource
+from phi4_jax.cli import common as cli
+from phi4_jax.cli.main import build_parser
+from phi4_jax.cli.main import main as phi4_jax_main
+from phi4_jax.errors import CheckpointError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 UNTIED, TIED = "phi-4", "phi-4-mini"
@@ -36,23 +37,14 @@ NORM = "model.norm.weight"
 SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "convert" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hf_to_orbax = _script("hf_to_orbax")
-orbax_to_hf = _script("orbax_to_hf")
-
-
 def to_orbax(source, output, *flags):
-    return hf_to_orbax.main(["--model", str(source), "--output", str(output), "--quiet", *flags])
+    """`phi4-jax convert`, as the console script runs it."""
+    return phi4_jax_main(["convert", "--model", str(source), "--output", str(output), "--quiet", *flags])
 
 
 def to_hf(source, output, *flags):
-    return orbax_to_hf.main(["--model", str(source), "--output", str(output), "--quiet", *flags])
+    """`phi4-jax export`, as the console script runs it."""
+    return phi4_jax_main(["export", "--model", str(source), "--output", str(output), "--quiet", *flags])
 
 
 def plan_for(folder, dtype="auto"):
@@ -365,7 +357,7 @@ def test_an_older_format_version_is_refused_with_the_command_that_converts_again
     (folder / orbax.MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(CheckpointError, match=f"format version 1 .* reads version {orbax.FORMAT_VERSION}") as e:
         phi4_jax.load(folder, progress=False)
-    assert f"convert/hf_to_orbax.py --model {tiny_checkpoint(UNTIED)[0]} --output {folder}" in str(e.value)
+    assert f"phi4-jax convert --model {tiny_checkpoint(UNTIED)[0]} --output {folder}" in str(e.value)
     capsys.readouterr()
     assert to_hf(folder, tmp_path / "export") == cli.EXIT_CORRUPT
     assert "format version 1" in capsys.readouterr().err and not (tmp_path / "export").exists()
@@ -448,7 +440,7 @@ def test_out_of_memory_exits_4_and_leaves_nothing(tiny_checkpoint, tmp_path, cap
 
 SIGNAL_SCRIPT = """
 import signal, sys
-from phi4_jax import cli_shared as cli
+from phi4_jax.cli import common as cli
 from phi4_jax.checkpoints import convert, orbax
 from phi4_jax.checkpoints.hub import resolve
 
@@ -714,15 +706,14 @@ def test_export_of_a_folder_that_is_not_orbax(tiny_checkpoint, tmp_path, capsys)
     assert not output.exists() and leftovers(output) == []
 
 
-@pytest.mark.parametrize("script", [hf_to_orbax, orbax_to_hf], ids=lambda m: m.__name__)
-def test_help_names_every_exit_code_and_flag(script, capsys):
-    with pytest.raises(SystemExit) as info:
-        script.main(["--help"])
-    assert info.value.code == 0
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_help_names_every_exit_code_and_flag(command, capsys):
+    assert phi4_jax_main([command, "--help"]) == cli.EXIT_OK
     text = capsys.readouterr().out
     for code in (cli.EXIT_OK, cli.EXIT_USAGE, cli.EXIT_CORRUPT, cli.EXIT_RESOURCES, cli.EXIT_INTERRUPTED):
         assert re.search(rf"^\s+{code}\s+\w", text, re.M), code
-    flags = [s for action in script.build_parser()._actions for s in action.option_strings]
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command")
+    flags = [s for action in subcommands.choices[command]._actions for s in action.option_strings]
     assert "--quiet" in flags and "--overwrite" in flags
     for name in flags:
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), name

@@ -31,8 +31,11 @@ def test_real_configs_parse_and_equal_presets(fixtures_dir, name):
 def test_from_name_takes_a_preset_or_a_folder(fixtures_dir):
     assert Phi4Config.from_name("phi-4") == Phi4Config.from_preset("phi-4")
     assert Phi4Config.from_name(str(fixtures_dir / "phi-4")) == Phi4Config.from_preset("phi-4")
-    with pytest.raises(ModelNotFoundError, match="phi-5"):  # neither a preset nor a folder
+    # Neither a preset nor a folder: the error names the presets.
+    with pytest.raises(ModelNotFoundError, match=r"'phi-5' is neither a preset \(phi-4, phi-4-mini, phi-3.5-mini;"):
         Phi4Config.from_name("phi-5")
+    with pytest.raises(ConfigError, match="the released models are phi-4, phi-4-mini, phi-3.5-mini"):
+        Phi4Config.from_preset("phi-5")
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)

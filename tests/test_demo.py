@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import phi4_jax
-from phi4_jax import cli_shared as cli
+from phi4_jax.cli import common as cli
 from phi4_jax.generate import main as generate_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,6 +51,7 @@ def test_recorded_sha256_is_the_shipped_weights():
     assert (FOLDER / "model.safetensors").stat().st_size < 10 * 2**20
 
 
+@pytest.mark.slow  # transformers generates 48 answers one by one
 def test_transformers_gives_our_greedy_answers(shipped):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +105,8 @@ def test_retraining_with_the_same_seed_gives_the_same_weights(tmp_path):
     spec.loader.exec_module(script)
     digests = []
     for name in ("a", "b"):
-        assert script.main(["--output", str(tmp_path / name), "--steps", "8", "--held-out", "4", "--quiet"]) == cli.EXIT_OK
+        assert (script.main(["--output", str(tmp_path / name), "--steps", "8", "--held-out", "4", "--quiet"])
+                == cli.EXIT_OK)
         digests.append(json.loads((tmp_path / name / "training.json").read_text())["model_safetensors_sha256"])
     assert digests[0] == digests[1]
     assert script.main(["--output", str(tmp_path / "a"), "--steps", "20", "--quiet"]) == cli.EXIT_USAGE  # exists

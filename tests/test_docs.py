@@ -80,7 +80,8 @@ def test_speed_tables_are_the_committed_results():
     for model in ("phi3-110m", "deep-thin"):
         for part, batch, label in (("decode", 1, "decode, batch 1"), ("decode", 16, "decode, batch 16"),
                                    ("decode", 64, "decode, batch 64"), ("prefill", 1, "prefill, 512 tokens")):
-            eager, sdpa, ours = (tok[(model, e, part, batch)] for e in ("transformers-eager", "transformers-sdpa", "phi4_jax"))
+            eager, sdpa, ours = (tok[(model, e, part, batch)]
+                                 for e in ("transformers-eager", "transformers-sdpa", "phi4_jax"))
             assert eager["date"] == sdpa["date"] == ours["date"]  # one run
             line = (f"| `{model}` | {label} | {eager['tokens_per_s']:.1f} | {sdpa['tokens_per_s']:.1f} | "
                     f"{ours['tokens_per_s']:.1f} | {ours['speedup_vs_sdpa']:.2f}× | "
@@ -169,7 +170,8 @@ def test_demo_accuracy_is_the_shipped_models():
 
 
 def test_every_generate_flag_is_documented():
-    source = (ROOT / "phi4_jax" / "generate.py").read_text() + (ROOT / "phi4_jax" / "cli_shared.py").read_text()
+    source = ((ROOT / "phi4_jax" / "cli" / "generate.py").read_text()
+              + (ROOT / "phi4_jax" / "cli" / "common.py").read_text())
     flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))
     readme = (ROOT / "README.md").read_text()
     assert flags and not {f for f in flags if f not in readme}
@@ -206,7 +208,8 @@ def test_readme_is_a_guide_and_names_only_files_that_exist():
 def serve_row(r: dict) -> str:
     """A `clients` record of bench/serve.py as its row of bench/RESULTS.md's serving table."""
     ms = lambda a, b: f"{r[a]:.0f} / {r[b]:.0f} ms"  # noqa: E731
-    return (f"| {r['clients']} | {r['tokens_per_s']:.1f} | {r['vs_offline_decode']:.2f}× | {r['vs_offline_mix']:.2f}× | "
+    return (f"| {r['clients']} | {r['tokens_per_s']:.1f} | {r['vs_offline_decode']:.2f}× | "
+            f"{r['vs_offline_mix']:.2f}× | "
             f"{r['requests_per_s']:.2f} | {ms('ttft_p50_ms', 'ttft_p99_ms')} | "
             f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} ms | {r['chunk_gap_p99_ms']:.0f} ms | "
             f"{100 * r['slot_occupancy_mean']:.0f}% | {100 * r['prefill_share']:.0f}% |")
@@ -273,7 +276,8 @@ def test_int8_tables_are_the_committed_results():
                 f"{q['tokens_per_s'] / f32['tokens_per_s']:.2f}× | {100 * f32['mbu']:.1f}% | {100 * q['mbu']:.1f}% |")
         assert line in section, line
     plans = {(r["name"], r.get("topology"), r["context"], r["prefill_piece"]): r for r in
-             json.loads((ROOT / "bench" / "results" / "plan.json").read_text())["records"] if r.get("quantize") == "int8"}
+             json.loads((ROOT / "bench" / "results" / "plan.json").read_text())["records"]
+             if r.get("quantize") == "int8"}
     assert "L4" in plans[("phi-4", None, 8192, 1024)]["fits_on"]  # one 24 GB GPU at 8K
     assert not plans[("phi-4", "v5e:2x2", 8192, 2048)]["fits"]  # one 16 GB chip: refused, with its need
     assert plans[("phi-4-mini", "v5e:2x2", 32768, 1024)]["fits"]

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import phi4_jax
 from phi4_jax.engine.engine import Engine, Generation
 from phi4_jax.errors import ConfigError
 from phi4_jax.engine.sampling import SamplingParams
@@ -14,13 +13,14 @@ LENGTHS = (5, 11, 3)  # different lengths in one batch; with 32 new tokens all c
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_checkpoint):
+def engines(tiny_model):
+    """`engines(shape)` -> (an Engine of the shared tiny model, transformers' model)."""
     made = {}
 
     def get(shape):
         if shape not in made:
-            folder, hf = tiny_checkpoint(shape)
-            made[shape] = (Engine(phi4_jax.load(folder, dtype="float32")[0]), hf)
+            model, hf = tiny_model(shape)
+            made[shape] = (Engine(model), hf)
         return made[shape]
 
     return get
@@ -58,7 +58,8 @@ def hf_greedy(hf, prompt, drop_cache_at_crossing=True):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("shape", ["phi-4", "phi-4-mini", "phi-3-mini-4k"])
+@pytest.mark.parametrize("shape", [pytest.param("phi-4", marks=pytest.mark.slow), "phi-4-mini",
+                                   pytest.param("phi-3-mini-4k", marks=pytest.mark.slow)])
 def test_greedy_batch_equals_transformers_per_prompt(engines, shape):
     """phi-4: GQA 4:1; Phi-4-mini: LongRoPE crossing original_max_position_embeddings (16)
     during generation; Phi-3-mini-4k: sliding window (7) shorter than the sequences."""
@@ -71,18 +72,20 @@ def test_greedy_batch_equals_transformers_per_prompt(engines, shape):
         assert run(engine, [prompt])[0][0] == tokens  # alone == in the batch
 
 
-@pytest.mark.parametrize("shape, prefill_piece", [("phi-4-mini", 4), ("phi-4-mini", 6), ("phi-3-mini-4k", 3)])
-def test_prefill_in_pieces_equals_transformers(tiny_checkpoint, shape, prefill_piece):
+@pytest.mark.parametrize("shape, prefill_piece", [
+    pytest.param("phi-4-mini", 4, marks=pytest.mark.slow), ("phi-4-mini", 6),
+    pytest.param("phi-3-mini-4k", 3, marks=pytest.mark.slow)])
+def test_prefill_in_pieces_equals_transformers(tiny_model, shape, prefill_piece):
     """Prompts (and Phi-4-mini's re-encode at the threshold) prefilled `prefill_piece` tokens at a
     time, each piece attending over the cache; 6 and 3 leave a shorter last piece of the bucket."""
-    folder, hf = tiny_checkpoint(shape)
-    engine = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0], prefill_piece=prefill_piece)
+    model, hf = tiny_model(shape)
+    engine = Engine(model, prefill_piece=prefill_piece)
     batch = prompts(seed=5)
     got, _ = run(engine, batch)
     assert got == [hf_greedy(hf, p) for p in batch]
 
 
-@pytest.mark.parametrize("shape", ["phi-4", "phi-4-mini"])
+@pytest.mark.parametrize("shape", ["phi-4", pytest.param("phi-4-mini", marks=pytest.mark.slow)])
 def test_repetition_penalty_equals_transformers_generate(engines, shape):
     """Greedy with HF's repetition penalty (tokens of the prompt and the output so far), per row in
     one batch, against transformers' `generate(repetition_penalty=1.3)` on each prompt alone."""
@@ -121,6 +124,7 @@ def test_steps_per_call_do_not_change_tokens(engines):
     assert run(engine, batch, steps_per_call=1)[0] == run(engine, batch, steps_per_call=NEW)[0]
 
 
+@pytest.mark.slow  # 150 tokens across the 128-slot boundary, against transformers
 def test_decode_attending_over_the_reached_slots_equals_transformers(engines, monkeypatch):
     """Each decode call attends over the first 128 or 256 slots its rows can reach (the cache holds
     256): the tokens are transformers', and a call ends where its rows would pass them."""
@@ -190,10 +194,10 @@ def test_context_limits(engines):
     assert len(got[0]) == 4 and reasons == ["length"]
 
 
-def test_prompt_bucket_wider_than_a_capped_context(tiny_checkpoint):
+def test_prompt_bucket_wider_than_a_capped_context(tiny_model):
     """A 40-token prompt is padded to 64, past a 50-token context: the prompt still fits."""
-    folder, hf = tiny_checkpoint("phi-4")
-    engine = Engine(phi4_jax.load(folder, dtype="float32")[0], max_context=50)
+    model, hf = tiny_model("phi-4")
+    engine = Engine(model, max_context=50)
     prompt = prompts(seed=6, lengths=(40,))[0]
     got, reasons = run(engine, [prompt], SamplingParams(max_tokens=NEW))
     assert len(got[0]) == 10 and reasons == ["length"]
@@ -223,10 +227,10 @@ def test_next_turn_reuses_the_cache_and_gives_the_same_tokens(engines, shape, fi
     assert again.reused_tokens == (0 if crosses else len(turn1) + len(reply) - 1)
 
 
-@pytest.mark.parametrize("shape", ["phi-4", "phi-3-mini-4k"])
-def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_checkpoint, shape):
+@pytest.mark.parametrize("shape", ["phi-4", pytest.param("phi-3-mini-4k", marks=pytest.mark.slow)])
+def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_model, shape):
     """A chat's next turn (starts > 0) prefilled 3 tokens at a time over the cached sequence."""
-    model = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32", progress=False)[0]
+    model, _ = tiny_model(shape)
     engine, whole = Engine(model, prefill_piece=3), Engine(model)
     turn1 = prompts(seed=9, lengths=(7,))[0]
     params = SamplingParams(max_tokens=4)
@@ -240,7 +244,7 @@ def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_checkpoint, s
     assert again.advance(8)[0] == whole.start([turn2], SamplingParams(max_tokens=8), [[]]).advance(8)[0]
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_decode_updates_the_cache_in_place_and_reads_it_as_it_lies(engines, batch):
     """The compiled decode loop makes one in-place update per layer's keys and values a step, and
     no copy of a cache layer (at batch 1 XLA:CPU once copied every layer several times a step) nor

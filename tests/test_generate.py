@@ -1,40 +1,16 @@
 """Text generation: the Python API (generate / stream_generate) and `python -m phi4_jax.generate`."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 import phi4_jax
-from phi4_jax import cli_shared as cli
+from conftest import PHI4_JAX, user_environment
+from phi4_jax.cli import common as cli
 from phi4_jax.engine.engine import Engine
 from phi4_jax.engine.sampling import SamplingParams
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "generation_config.json")
-
-
-@pytest.fixture(scope="module")
-def chat_model(fixtures_dir, tmp_path_factory):
-    """A tiny random Phi-3.5-shaped model (vocab 32064) with Phi-3.5-mini's real tokenizer and chat template."""
-    import torch
-    from transformers import Phi3ForCausalLM
-
-    from conftest import hf_config
-
-    config = hf_config("phi-3.5-mini", vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(config)
-    folder = tmp_path_factory.mktemp("chat-model")
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(fixtures_dir / "phi-3.5-mini" / name, folder / name)
-    loaded, tokenizer = phi4_jax.load(folder, dtype="float32")
-    return folder, loaded, tokenizer
-
 
 def greedy_ids(model, ids, n):
     engine = Engine(model)
@@ -111,7 +87,8 @@ def test_stop_string_spanning_tokens(chat_model):
     start = next(i for i in range(1, len(ids) - 2) if len(pieces[i]) > len(pieces[i - 1]) + 1)
     stop = full[len(pieces[start]) - 1: len(pieces[start + 1]) + 1]
     assert stop and stop in full
-    text = phi4_jax.generate(model, tokenizer, "Hello there", SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))
+    text = phi4_jax.generate(model, tokenizer, "Hello there",
+                             SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))
     assert text == full[:full.index(stop)]
     responses = list(phi4_jax.stream_generate(model, tokenizer, "Hello there",
                                               SamplingParams(max_tokens=16, ignore_eos=True, stop=(stop,))))
@@ -180,18 +157,27 @@ def test_cli_missing_model_and_missing_prompt(tmp_path, capsys):
 
 
 def test_cli_in_a_real_process(chat_model):
-    folder, _, _ = chat_model
-    env = dict(os.environ, XLA_FLAGS="", PHI4_JAX_COMPILATION_CACHE="off")
-    out = subprocess.run([sys.executable, "-m", "phi4_jax.generate", "--model", str(folder), "--prompt", "Hi",
-                          "--max-tokens", "3", "--ignore-eos", "--json"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    """The installed `phi4-jax` console script, and `python -m phi4_jax.generate`, in fresh processes
+    with the user's environment (no JAX_PLATFORMS: libtpu of the tpu extra is installed here, and
+    no TPU): the tokens, the statistics, and not one line of libtpu's start-up errors or warnings."""
+    import importlib.util
+
+    folder, model, tokenizer = chat_model
+    assert importlib.util.find_spec("libtpu") is not None  # the test extra installs the tpu extra
+    env = user_environment(PHI4_JAX_COMPILATION_CACHE="off")
+    out = subprocess.run([PHI4_JAX, "generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "3",
+                          "--ignore-eos", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert len(result["tokens"]) == 3 and "Generation: 3 tokens" in out.stderr
-    assert "RuntimeWarning" not in out.stderr
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert result["tokens"] == greedy_ids(model, prompt, 3)
+    lines = out.stderr.splitlines()
+    assert lines[0] == "==========" and lines[1].startswith("Prompt: ") and lines[2].startswith("Generation: 3 tokens")
+    assert len(lines) == 4 and lines[3].startswith("Compile: "), out.stderr  # nothing else: no warning
     code = subprocess.run([sys.executable, "-m", "phi4_jax.generate", "--model", str(folder), "--temp", "-2",
                            "-p", "x"], capture_output=True, text=True, env=env, timeout=300)
-    assert code.returncode == cli.EXIT_USAGE and "--temp" in code.stderr
+    assert code.returncode == cli.EXIT_USAGE
+    assert code.stderr == "error: --temp: temperature must be a number >= 0 (0 = greedy), got -2.0\n"
 
 
 def test_cli_chat_reuses_the_cache_across_turns(chat_model, capsys, monkeypatch):

@@ -4,9 +4,10 @@ of the `gpu-compile` extra; no GPU, no driver): the engine's prefill and decode 
 import pytest
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import plan
+from phi4_jax.errors import ConfigError
+from phi4_jax.planner import plan
 from phi4_jax.parallel import mesh as meshes
-from phi4_jax.parallel import targets
+from phi4_jax.planner import targets
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="the gpu-compile extra (the CUDA plugin) compiles for GPUs")
 
@@ -19,7 +20,7 @@ CONFIG = Phi4Config(vocab_size=1024, hidden_size=512, intermediate_size=1024, nu
 def tensor_plan():
     try:
         devices = targets.devices("h100:2")
-    except Exception as e:  # the plugin without ptxas, or a jaxlib of another version
+    except ConfigError as e:  # the plugin without ptxas, or a jaxlib of another version
         pytest.skip(f"no GPU compiler here: {e}")
     return plan.plan(CONFIG, meshes.make_mesh("tensor=2", devices), 512, batch=1, dtype="bfloat16", prefill_piece=256)
 

@@ -1,7 +1,7 @@
-"""Reading compiled programs (`engine/hlo.py`): loop trips, matmul FLOPs, main-memory bytes and
+"""Reading compiled programs (`planner/hlo.py`): loop trips, matmul FLOPs, main-memory bytes and
 copies, on a small hand-written scheduled module whose every count is worked out below."""
 
-from phi4_jax.engine import hlo
+from phi4_jax.planner import hlo
 
 # A one-token step: a row of the embedding sliced out, 8 trips of a loop multiplying it by a
 # [512, 256] weight, that weight staged into VMEM (S(1)) once and copied within main memory once,

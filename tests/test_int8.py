@@ -15,7 +15,7 @@ from conftest import TINY_SHAPES
 from test_checkpoint import to_hf, to_orbax
 
 import phi4_jax
-from phi4_jax import cli_shared as cli
+from phi4_jax.cli import common as cli
 from phi4_jax.checkpoints import orbax
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import CheckpointError, ConfigError
@@ -33,6 +33,29 @@ def params(model) -> dict:
 
 def ids_for(config, shape=(2, 128), seed=0):
     return np.random.default_rng(seed).integers(0, config.vocab_size, shape, dtype=np.int32)
+
+
+def logits(model, ids) -> np.ndarray:
+    """The model's logits, through the jitted forward: one program per kind of model and shape of
+    `ids` (the tests below use the same ones), not an eager dispatch per operation."""
+    return np.asarray(phi4_jax.forward(*nnx.split(model), ids))
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_checkpoint, tiny_model):
+    """`one_device(shape)` -> (float32 logits, int8 logits) of the tiny checkpoint on one device, for
+    `ids_for(config)`."""
+    made = {}
+
+    def get(shape):
+        if shape not in made:
+            folder, _ = tiny_checkpoint(shape)
+            ids = ids_for(Phi4Config.from_json(folder))
+            made[shape] = (logits(tiny_model(shape)[0], ids),
+                           logits(phi4_jax.load(folder, dtype="float32", quantize="int8", progress=False)[0], ids))
+        return made[shape]
+
+    return get
 
 
 @pytest.mark.parametrize("outputs, shape", [(1, (96, 40)), (2, (6, 8, 40)), (1, (40, 6, 8))])
@@ -72,11 +95,9 @@ def test_every_quantized_tensor_of_a_checkpoint_is_within_half_a_step(tiny_check
 
 
 @pytest.mark.parametrize("shape", [UNTIED, TIED])
-def test_int8_logits_are_near_float32_and_pick_the_same_tokens(tiny_checkpoint, shape):
+def test_int8_logits_are_near_float32_and_pick_the_same_tokens(tiny_checkpoint, one_device, shape):
     folder, _ = tiny_checkpoint(shape)
-    ids = ids_for(Phi4Config.from_json(folder))
-    want = np.asarray(phi4_jax.load(folder, dtype="float32", progress=False)[0](ids))
-    got = np.asarray(phi4_jax.load(folder, dtype="float32", quantize="int8", progress=False)[0](ids))
+    want, got = one_device(shape)
     assert got.shape == want.shape == (2, 128, Phi4Config.from_json(folder).vocab_size)
     # Random weights, every part of them moving the logits (std ~1, max ~4.5), and nearly flat
     # top-2 margins: int8 moves them by 3-4.5% RMS and at most ~0.1 of their largest (measured),
@@ -106,13 +127,12 @@ def test_chunked_dequantization_gives_the_plain_product(monkeypatch):
 
 
 @pytest.mark.parametrize("shape, spec", [(UNTIED, "data=2,tensor=4"), (TIED, "fsdp=2,tensor=2")])
-def test_sharded_int8_model_matches_the_one_device_int8_model(tiny_checkpoint, shape, spec):
+def test_sharded_int8_model_matches_the_one_device_int8_model(tiny_checkpoint, one_device, shape, spec):
     folder, _ = tiny_checkpoint(shape)
-    ids = ids_for(Phi4Config.from_json(folder), (4, 16))
-    one = phi4_jax.load(folder, dtype="float32", quantize="int8", progress=False)[0]
+    ids = ids_for(Phi4Config.from_json(folder))
     mesh = make_mesh(spec)
     sharded = phi4_jax.load(folder, dtype="float32", quantize="int8", mesh=mesh, progress=False)[0]
-    np.testing.assert_allclose(np.asarray(sharded(ids)), np.asarray(one(ids)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(sharded, ids), one_device(shape)[1], rtol=1e-5, atol=1e-5)
     # The scales follow their channels: a projection's scales split as its output axes do.
     attn = sharded.model.layers[0].self_attn
     assert attn.q_proj.scale[...].sharding.spec[0] == attn.q_proj.weight[...].sharding.spec[0] == "tensor"
@@ -146,9 +166,9 @@ def test_an_int8_checkpoint_exports_to_hf_only_dequantized(tiny_checkpoint, tmp_
     err = capsys.readouterr().err
     assert "int8" in err and "--dequantize" in err and not (tmp_path / "hf").exists()
     assert to_hf(out, tmp_path / "hf", "--dequantize") == 0
-    ids = ids_for(Phi4Config.from_json(folder), (1, 32))
-    exported = np.asarray(phi4_jax.load(tmp_path / "hf", dtype="float32", progress=False)[0](ids))
-    quantized = np.asarray(phi4_jax.load(out, dtype="float32", progress=False)[0](ids))
+    ids = ids_for(Phi4Config.from_json(folder))  # (the shape of the tests above: their programs)
+    exported = logits(phi4_jax.load(tmp_path / "hf", dtype="float32", progress=False)[0], ids)
+    quantized = logits(phi4_jax.load(out, dtype="float32", progress=False)[0], ids)
     np.testing.assert_allclose(exported, quantized, rtol=1e-5, atol=1e-5)  # q * scale, as the int8 model computes
 
 
@@ -173,9 +193,8 @@ def test_unknown_kinds_are_usage_errors_naming_the_kinds(tiny_checkpoint, tmp_pa
     folder, _ = tiny_checkpoint(UNTIED)
     with pytest.raises(ConfigError, match="'int4'.*int8"):
         phi4_jax.load(folder, quantize="int4", progress=False)
-    with pytest.raises(SystemExit) as exit_:
-        to_orbax(folder, tmp_path / "out", "--quantize", "int4")
-    assert exit_.value.code == cli.EXIT_USAGE and "int8" in capsys.readouterr().err
+    assert to_orbax(folder, tmp_path / "out", "--quantize", "int4") == cli.EXIT_USAGE
+    assert "int8" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="int8"):
         Phi4ForCausalLM(Phi4Config.from_dict(TINY_SHAPES[UNTIED]), rngs=nnx.Rngs(0), quantize="fp8")
 
@@ -207,13 +226,14 @@ def test_missing_or_misshapen_scales_are_checkpoint_errors_naming_the_tensor(tin
         phi4_jax.load(bad, progress=False)
 
 
+@pytest.mark.slow  # a 1-layer model of full-size weight blocks, compiled
 def test_xla_cpu_dequantizes_a_block_at_a_time_never_a_whole_weight(monkeypatch):
     """The decode step XLA:CPU runs: every float array converted from int8 is a block of at most
     `CHUNK_BYTES` and at most half a weight. The accelerators' form, compiled by XLA:CPU, converts
     each weight whole (what the check would find)."""
-    from phi4_jax.engine import plan
+    from phi4_jax.planner import plan
 
-    config = Phi4Config.from_dict(TINY_SHAPES[UNTIED])
+    config = Phi4Config.from_dict({**TINY_SHAPES[UNTIED], "num_hidden_layers": 1})  # one layer has every weight
     smallest = min(config.num_key_value_heads * config.head_dim, config.hidden_size) * config.hidden_size
 
     def dequantized_arrays(platform):

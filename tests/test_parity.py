@@ -22,8 +22,15 @@ def hf_logits(hf_model, ids: np.ndarray) -> np.ndarray:
 
 
 def our_logits(model, ids: np.ndarray) -> np.ndarray:
+    """The jitted forward's logits (`phi4_jax.forward`, one program per shape)."""
     with jax.default_matmul_precision("highest"):
-        return np.asarray(model(ids.astype(np.int32)))
+        return np.asarray(phi4_jax.forward(*nnx.split(model), ids.astype(np.int32)))
+
+
+def eager_logits(model, ids: np.ndarray, positions=None) -> np.ndarray:
+    """The model called op by op, outside jit."""
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(model(ids.astype(np.int32), positions))
 
 
 def random_ids(seq_len: int, seed: int = 0) -> np.ndarray:
@@ -37,9 +44,8 @@ CASES = [("phi-4", 24), ("phi-4-mini", 12), ("phi-4-mini", 40), ("phi-3.5-mini",
 
 
 @pytest.mark.parametrize("shape,seq_len", CASES)
-def test_logits_match_transformers(tiny_checkpoint, shape, seq_len):
-    folder, hf_model = tiny_checkpoint(shape)
-    model, _ = phi4_jax.load(folder, dtype="float32")
+def test_logits_match_transformers(tiny_model, shape, seq_len):
+    model, hf_model = tiny_model(shape)
     ids = random_ids(seq_len)
     got = our_logits(model, ids)
     want = hf_logits(hf_model, ids)
@@ -50,22 +56,17 @@ def test_logits_match_transformers(tiny_checkpoint, shape, seq_len):
     assert np.abs(want).max() > 1.0
 
 
-@pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
-def test_jitted_forward_matches_eager(tiny_checkpoint, shape):
-    model, _ = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32")
+@pytest.mark.parametrize("shape", [s if s in ("phi-4", "phi-4-mini") else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in sorted(TINY_SHAPES)])  # op by op: many small compiles
+def test_jitted_forward_matches_eager_and_explicit_positions_are_the_default(tiny_model, shape):
+    """The jitted forward equals the model run op by op, and positions 0..T-1 given explicitly
+    change nothing."""
+    model, _ = tiny_model(shape)
     ids = random_ids(20, seed=1).astype(np.int32)
-    graphdef, state = nnx.split(model)
-    with jax.default_matmul_precision("highest"):
-        jitted = phi4_jax.forward(graphdef, state, ids)
-    np.testing.assert_allclose(np.asarray(jitted), our_logits(model, ids), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
-def test_explicit_positions_are_the_default(tiny_checkpoint, shape):
-    model, _ = phi4_jax.load(tiny_checkpoint(shape)[0], dtype="float32")
-    ids = random_ids(9, seed=2).astype(np.int32)
-    positions = np.broadcast_to(np.arange(9, dtype=np.int32), ids.shape)
-    np.testing.assert_array_equal(np.asarray(model(ids, positions)), np.asarray(model(ids)))
+    positions = np.broadcast_to(np.arange(20, dtype=np.int32), ids.shape)
+    eager = eager_logits(model, ids)
+    np.testing.assert_allclose(our_logits(model, ids), eager, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(eager_logits(model, ids, positions), eager)
 
 
 def _legacy_config(v5: dict) -> dict:
@@ -84,7 +85,7 @@ def _legacy_config(v5: dict) -> dict:
 
 
 @pytest.mark.parametrize("shape", sorted(TINY_SHAPES))
-def test_legacy_dialect_config_gives_identical_logits(tiny_checkpoint, tmp_path, shape):
+def test_legacy_dialect_config_gives_identical_logits(tiny_checkpoint, tiny_model, tmp_path, shape):
     folder, _ = tiny_checkpoint(shape)
     v5 = json.loads((folder / "config.json").read_text())
     assert "rope_parameters" in v5 and "rope_scaling" not in v5  # the file is v5 dialect
@@ -94,7 +95,7 @@ def test_legacy_dialect_config_gives_identical_logits(tiny_checkpoint, tmp_path,
     (tmp_path / "config.json").write_text(json.dumps(legacy, indent=2))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
     ids = random_ids(40, seed=3)
-    v5_model, _ = phi4_jax.load(folder, dtype="float32")
+    v5_model, _ = tiny_model(shape)
     legacy_model, _ = phi4_jax.load(tmp_path, dtype="float32")
     assert legacy_model.config == v5_model.config
     np.testing.assert_array_equal(our_logits(legacy_model, ids), our_logits(v5_model, ids))
@@ -131,15 +132,15 @@ def test_bfloat16_checkpoint_is_cast_on_load(tmp_path):
     np.testing.assert_allclose(our_logits(model, ids), hf_logits(hf_model, ids), atol=TOL, rtol=0)
 
 
-def test_bfloat16_parameters_and_compute(tiny_checkpoint):
+def test_bfloat16_parameters_and_compute(tiny_checkpoint, tiny_model):
     """dtype="bfloat16": parameters and logits in bf16, close to the float32 run."""
     folder, _ = tiny_checkpoint("phi-4-mini")
     model, _ = phi4_jax.load(folder, dtype=jax.numpy.bfloat16)
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model))} == {np.dtype(jax.numpy.bfloat16)}
     ids = random_ids(12)
-    got = model(ids.astype(np.int32))
+    got = phi4_jax.forward(*nnx.split(model), ids.astype(np.int32))
     assert got.dtype == jax.numpy.bfloat16
-    want = our_logits(phi4_jax.load(folder, dtype="float32")[0], ids)
+    want = our_logits(tiny_model("phi-4-mini")[0], ids)
     assert np.abs(np.asarray(got, np.float32) - want).max() < 0.1 * np.abs(want).max()
 
 

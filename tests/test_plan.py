@@ -3,11 +3,12 @@
 import jax
 import pytest
 
-from phi4_jax.engine import plan
+from phi4_jax.planner import plan
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.config import Phi4Config
 
-pytestmark = pytest.mark.xdist_group("plan")  # one worker compiles the plans, once
+# One worker compiles the plans, once; with the slow tests (`phi4-jax plan` has a quick test in test_commands).
+pytestmark = [pytest.mark.xdist_group("plan"), pytest.mark.slow]
 
 
 def tiny(shape):

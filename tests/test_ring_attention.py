@@ -17,26 +17,49 @@ from conftest import greedy_run
 PAD_POSITION = 10**6  # padding sits after every real token: no real query sees it
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def dense_attention(q, k, v, window):
+    """The reference: causal attention over the whole sequence on one device (jitted: one program
+    where the same ops run eagerly would compile each on its own)."""
+    positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return attend(q, k, v, causal_mask(positions, positions, window))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def padded_ring(mesh, q, k, v, window, query_block):
+    """Ring attention over `mesh`'s seq axis of a sequence padded to 2n equal chunks (padding at
+    `PAD_POSITION` on), zig-zagged, and the result put back in order with the padding cut."""
+    n = mesh.shape["seq"]
+    batch, length = q.shape[:2]
+    pad = -length % (2 * n)  # zig-zag needs 2n equal chunks
+    positions = jnp.concatenate([jnp.arange(length), PAD_POSITION + jnp.arange(pad)])
+    positions = zigzag(jnp.broadcast_to(positions, (batch, length + pad)), n, 1)
+    seq_axis = lambda x, axis: zigzag(jnp.pad(x, [(0, pad) if a == axis else (0, 0)  # noqa: E731
+                                                  for a in range(x.ndim)]), n, axis)
+    out, _ = ring_attend(mesh, seq_axis(q, 1), seq_axis(k, 2), seq_axis(v, 2), positions, positions, window,
+                         query_block)
+    return unzigzag(out, n, 1)[:, :length]
+
+
 def ring_vs_dense(n, length, heads, kv_heads, window, batch=2, head_dim=16, seed=0, query_block=2048):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
     k, v = (rng.standard_normal((batch, kv_heads, length, head_dim)).astype(np.float32) for _ in range(2))
-    positions = np.broadcast_to(np.arange(length), (batch, length))
-    dense = attend(q, k, v, causal_mask(positions, positions, window))
-    pad = -length % (2 * n)  # zig-zag needs 2n equal chunks
-    padded = np.concatenate([positions, np.broadcast_to(PAD_POSITION + np.arange(pad), (batch, pad))], 1)
     mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
-    seq_axis = lambda x, axis: zigzag(jnp.asarray(np.pad(x, [(0, pad) if a == axis else (0, 0)  # noqa: E731
-                                                            for a in range(x.ndim)])), n, axis)
-    out, _ = ring_attend(mesh, seq_axis(q, 1), seq_axis(k, 2), seq_axis(v, 2), zigzag(jnp.asarray(padded), n, 1),
-                         zigzag(jnp.asarray(padded), n, 1), window, query_block)
-    return np.asarray(unzigzag(out, n, 1)[:, :length]), np.asarray(dense)
+    return np.asarray(padded_ring(mesh, q, k, v, window, query_block)), np.asarray(dense_attention(q, k, v, window))
 
 
-@pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 2)])  # GQA 4:1 and 3:1
-@pytest.mark.parametrize("length", [64, 50])  # a multiple of 2n chunks, and not (padded)
-@pytest.mark.parametrize("n", [2, 4, 8])
+# Every pair of levels of (devices n, length, GQA heads, window) at least once: 6 cases where all
+# combinations are 24. The factors that interact meet in every combination of their levels:
+# n x length (how much padding the devices' blocks hold: 50 tokens pad to 52, 56 or 64), n x window
+# (chunks of 16, 8 or 4 tokens: a 7-token window reaches into the one before, or two before at
+# n=8), length x window (padded queries see only padding within the window, every key without
+# one). The GQA ratio only shapes each block's product.
+@pytest.mark.parametrize("n, length, heads, kv_heads, window", [
+    (2, 64, 8, 2, None), (2, 50, 6, 2, 7),
+    (4, 64, 6, 2, 7), (4, 50, 8, 2, None),
+    (8, 64, 6, 2, None), (8, 50, 8, 2, 7),  # GQA 4:1 and 3:1; 64 a multiple of 2n chunks, 50 not (padded)
+])
 def test_ring_equals_dense_causal_attention(n, length, heads, kv_heads, window):
     ring, dense = ring_vs_dense(n, length, heads, kv_heads, window)
     assert ring.shape == dense.shape == (2, length, heads, 16) and ring.dtype == np.float32
@@ -92,7 +115,7 @@ def test_next_block_is_sent_before_this_blocks_dot_products():
     assert names.index("ppermute") < names.index("dot_general"), names
 
 
-@pytest.mark.parametrize("spec", ["seq=4", "tensor=2,seq=4"])
+@pytest.mark.parametrize("spec", ["seq=4", pytest.param("tensor=2,seq=4", marks=pytest.mark.slow)])
 def test_model_with_ring_attention_gives_the_one_device_logits(tiny_checkpoint, spec):
     """Tiny Phi-4-mini (LongRoPE threshold 16): a 40-token prompt split over seq=4, zig-zagged,
     also composed with tensor parallelism; logits equal the single-device run's."""
@@ -113,7 +136,7 @@ def test_model_with_ring_attention_gives_the_one_device_logits(tiny_checkpoint, 
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["seq=4", "tensor=2,seq=4"])
+@pytest.mark.parametrize("spec", ["seq=4", pytest.param("tensor=2,seq=4", marks=pytest.mark.slow)])
 def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_checkpoint, monkeypatch, spec):
     """A seq mesh: fresh prompts are prefilled with ring attention (here a 20-token prompt past
     the LongRoPE threshold of 16, in a batch), the KV cache is split over seq, and greedy decoding
@@ -138,10 +161,22 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     assert gen.state.cache.keys[0].sharding.spec[2] == "seq"
 
 
+@functools.partial(jax.jit, static_argnums=5)
+def dense_write_and_attend(q, k, v, cache, starts, window):
+    """The reference: the new tokens' keys/values written at slots starts[b].. of the whole cache
+    on one device, and the new queries' attention over it."""
+    from phi4_jax.model.cache import write
+
+    cache = tuple(write(c, x, starts) for c, x in zip(cache, (k, v)))
+    batch, slots = q.shape[0], cache[0].shape[2]
+    positions = starts[:, None] + jnp.arange(q.shape[1])
+    mask = causal_mask(positions, jnp.broadcast_to(jnp.arange(slots), (batch, slots)), window)
+    return attend(q, *cache, mask), cache
+
+
 def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=16, seed=0):
     """New tokens at positions starts[b].. of rows whose earlier slots are filled, attended over a
     cache split over seq=n, against the dense write and attention."""
-    from phi4_jax.model.cache import write
     from phi4_jax.model.ring import cache_attend
 
     rng = np.random.default_rng(seed)
@@ -151,9 +186,7 @@ def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=1
     k, v = (rng.standard_normal((batch, kv_heads, q_len, head_dim)).astype(np.float32) for _ in range(2))
     cache = tuple(rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32) for _ in range(2))
     positions = starts[:, None] + np.arange(q_len)
-    dense_cache = tuple(write(jnp.asarray(c), jnp.asarray(x), jnp.asarray(starts)) for c, x in zip(cache, (k, v)))
-    mask = causal_mask(positions, np.broadcast_to(np.arange(slots), (batch, slots)), window)
-    dense = attend(q, *dense_cache, mask)
+    dense, dense_cache = dense_write_and_attend(q, k, v, cache, starts, window)
     mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "seq"))
     out, got_cache = jax.jit(cache_attend, static_argnums=(0, 6))(
@@ -161,10 +194,16 @@ def split_cache_vs_dense(n, q_len, heads, kv_heads, window, slots=64, head_dim=1
     return out, got_cache, dense, dense_cache
 
 
-@pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 2)])
-@pytest.mark.parametrize("q_len", [1, 5])  # a decode step; a chat turn's new tokens
-@pytest.mark.parametrize("n", [2, 4, 8])
+# Every pair of levels of (devices n, new tokens, GQA heads, window) at least once: 6 cases where
+# all combinations are 24. The factors that interact meet in every combination of their levels:
+# n x new tokens (5 new tokens at 14.. cross the shard boundary at 16 for n=4 and n=8, not for
+# n=2), n x window (a 7-slot window within one shard or over two), new tokens x window. The GQA
+# ratio only shapes each shard's product.
+@pytest.mark.parametrize("n, q_len, heads, kv_heads, window", [
+    (2, 1, 8, 2, None), (2, 5, 6, 2, 7),
+    (4, 1, 6, 2, None), (4, 5, 8, 2, 7),
+    (8, 1, 8, 2, 7), (8, 5, 6, 2, None),  # a decode step (1); a chat turn's new tokens (5)
+])
 def test_attention_over_a_split_cache_equals_dense(n, q_len, heads, kv_heads, window):
     """Each device attends over its shard; log-sum-exp combined, the result is dense attention's,
     and the new keys/values land in the shards that own their slots, as the dense write puts them."""
@@ -186,16 +225,22 @@ def test_ring_prefill_fills_each_devices_cache_shard_as_the_blocks_pass(n):
     batch, length, slots, heads, kv_heads, d = 2, 64, 128, 4, 2, 8
     q = rng.standard_normal((batch, length, heads, d)).astype(np.float32)
     k, v = (rng.standard_normal((batch, kv_heads, length, d)).astype(np.float32) for _ in range(2))
-    positions = np.broadcast_to(np.arange(length), (batch, length))
     empty = np.zeros((batch, kv_heads, slots, d), np.float32)
     mesh = meshes.make_mesh(f"seq={n}", jax.devices()[:n])
-    zig = lambda x, axis: zigzag(jnp.asarray(x), n, axis)  # noqa: E731
-    out, cache = ring_attend(mesh, zig(q, 1), zig(k, 2), zig(v, 2), zig(positions, 1), zig(positions, 1),
-                             cache=(empty, empty))
-    np.testing.assert_allclose(np.asarray(unzigzag(out, n, 1)),
-                               np.asarray(attend(q, k, v, causal_mask(positions, positions, None))), atol=1e-5)
+
+    @jax.jit
+    def ring_prefill(q, k, v, cache):
+        zig = lambda x, axis: zigzag(x, n, axis)  # noqa: E731
+        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        out, cache = ring_attend(mesh, zig(q, 1), zig(k, 2), zig(v, 2), zig(positions, 1), zig(positions, 1),
+                                 cache=cache)
+        return unzigzag(out, n, 1), cache
+
+    out, cache = ring_prefill(q, k, v, (empty, empty))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense_attention(q, k, v, None)), atol=1e-5)
+    dense_write = jax.jit(write)
     for got, new in zip(cache, (k, v)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(write(empty, new, jnp.zeros(batch, jnp.int32))))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(dense_write(empty, new, jnp.zeros(batch, jnp.int32))))
 
 
 def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
@@ -203,7 +248,7 @@ def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
     positions around the ring (3 collective-permutes per layer) and fills the cache without any
     other collective; each decode step combines the shards' softmaxes with 2 all-reduces per
     layer (max, then denominator and accumulator) and nothing else."""
-    from phi4_jax.engine import plan
+    from phi4_jax.planner import plan
 
     from test_plan import tiny
 
@@ -218,6 +263,7 @@ def test_a_seq_mesh_communicates_only_the_ring_and_the_softmax_combine():
                       "collective-permute": 0, "all-to-all": 0}
 
 
+@pytest.mark.slow  # the quick loop keeps the ring prefill and decode (test_engine_prefills_with_the_ring...)
 @pytest.mark.parametrize("prefill_piece", [None, 3])
 def test_next_chat_turn_on_a_seq_mesh_reuses_the_split_cache(tiny_checkpoint, monkeypatch, prefill_piece):
     """A chat's next turn on seq=4: its new tokens (in pieces of 3, too) attend over the split cache

@@ -35,7 +35,8 @@ def test_inverse_frequencies_match_transformers(fixtures_dir, name):
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
-@pytest.mark.parametrize("length", [100, 4096, 4097, 16384, 131072])
+@pytest.mark.parametrize("length", [100, 4096, 4097, pytest.param(16384, marks=pytest.mark.slow),
+                                    pytest.param(131072, marks=pytest.mark.slow)])
 def test_tables_match_transformers(fixtures_dir, name, length):
     """Lengths at and just past Phi-4-mini's original context (4096) cross the short/long switch."""
     hf, config = hf_rotary(fixtures_dir, name)

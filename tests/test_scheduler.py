@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 
-import phi4_jax
 from phi4_jax.engine.engine import Engine
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import QueueFullError, Row, RowOutput, Scheduler
@@ -17,9 +16,9 @@ TIMEOUT = 300  # seconds any wait in this module may take
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
+def engine(tiny_model):
     # Phi-4-mini's shape: LongRoPE with an original context of 16, so rows cross it in the batch.
-    return Engine(phi4_jax.load(tiny_checkpoint("phi-4-mini")[0], dtype="float32")[0])
+    return Engine(tiny_model("phi-4-mini")[0])
 
 
 def alone(engine, row: Row, steps_per_call=8, logprobs=False):
@@ -66,7 +65,8 @@ def rows_of(engine, count, seed=0):
         params = [SamplingParams(max_tokens=limit),
                   SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=limit),
                   SamplingParams(temperature=1.2, top_k=20, repetition_penalty=1.3, seed=100 + i, max_tokens=30),
-                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit, logprobs=2 * (i % 8 == 3))
+                  SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit,
+                                 logprobs=2 * (i % 8 == 3))
                   ][i % 4]  # (log-probabilities of the likeliest 2 or the chosen token alone: the slots widen for them)
         rows.append(Row(ids, params, frozenset()))
     # Stop ids for some rows: a token their lone greedy output reaches.
@@ -77,6 +77,7 @@ def rows_of(engine, count, seed=0):
     return rows
 
 
+@pytest.mark.slow  # the quick loop keeps joins through the server (test_serve: 32 requests on 4 slots)
 def test_rows_joining_a_running_batch_get_their_lone_tokens(engine):
     rows = rows_of(engine, 16)
     want = [alone(engine, row, logprobs=True) for row in rows]

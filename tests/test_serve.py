@@ -1,13 +1,15 @@
-"""`python -m phi4_jax.serve` on the demo model, through the official `openai` client: the text
+"""The OpenAI-compatible server on the demo model, through the official `openai` client: the text
 equals `phi4_jax.generate`'s greedy output, streamed or not, alone or among concurrent requests;
-bad requests get OpenAI's error JSON and the server keeps serving; SIGTERM stops it cleanly."""
+bad requests get OpenAI's error JSON and the server keeps serving. The API tests share one server
+in this process (uvicorn in a thread); `phi4-jax serve` itself runs once, as a user starts it, and
+SIGTERM stops it cleanly."""
 
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,8 +19,12 @@ import openai
 import pytest
 
 import phi4_jax
+from conftest import PHI4_JAX, listening, user_environment
 from phi4_jax import SamplingParams
 from phi4_jax.checkpoints.hub import resolve
+from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.scheduler import Scheduler
+from phi4_jax.server.app import Served
 
 QUESTIONS = ["What is 482+37?", "What is 904-317?", "What is 5+5?", "What is 71-9?", "What is 300+45?",
              "What is 12-3?", "What is 999-1?", "What is 64+64?"]
@@ -41,40 +47,30 @@ def request(url: str, body: bytes | None = None) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "phi4_jax.serve", "--port", str(port), "--max-batch", "4",
-                                "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if request(f"{url}/health") == (200, {"status": "ok"}):
-                break
-        except OSError:  # not listening yet
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not come up:\n{process.communicate()[0]}")
-    yield process, url
-    # SIGTERM (as a service manager stops it): the server stops cleanly, status 0. The module's
-    # tests share this one process (a worker runs them all), so this runs after the last of them.
-    process.send_signal(signal.SIGTERM)
+def demo():
+    return phi4_jax.load("demo", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    """(this process's id, the URL) of the demo model served as `phi4-jax serve --max-batch 4` serves
+    it (the command's defaults otherwise), in this process."""
+    model, tokenizer = demo
+    engine = Engine(model)
+    scheduler = Scheduler(engine, max_batch=4, max_queue=256)
+    scheduler.start()
+    served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
+                    default_max_tokens=256)
     try:
-        assert process.wait(timeout=60) == 0, process.communicate()[0][-3000:]
+        with listening(served) as port:
+            yield os.getpid(), f"http://127.0.0.1:{port}"
     finally:
-        if process.poll() is None:
-            process.kill()
+        scheduler.shutdown(60)
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return phi4_jax.load("demo", dtype="float32", progress=False)
 
 
 def lone(demo, prompt, max_tokens):
@@ -151,7 +147,7 @@ def test_hostile_requests_leave_the_answers_and_the_memory_as_they_were(server, 
     """A few hundred fuzzed bodies (random bytes, JSON of wrong types, huge numbers, deep nesting):
     each gets a 4xx error JSON (or, where the fuzz made a valid request, an answer), never a 5xx;
     then a valid request gets the right answer and the server's resident memory has not grown."""
-    url, pid = server[1], server[0].pid
+    pid, url = server
     rng = np.random.default_rng(1)
     valid = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     mutations = [
@@ -246,3 +242,34 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.chat.completions.create(model="demo", messages=messages, max_tokens=6).choices[0].message.content \
         == lone(demo, messages, 6)
     assert client.models.list().data[0].id == "demo"
+
+
+@pytest.mark.slow  # a fresh process with its own warm-up
+def test_the_command_serves_until_sigterm_and_exits_0(demo):
+    """`phi4-jax serve` as a user starts it (the console script, a fresh process): healthy once its
+    warm-up compiled, answers a request with the lone `generate` text, and on SIGTERM (as a service
+    manager stops it) finishes and exits 0."""
+    port = free_port()
+    process = subprocess.Popen([PHI4_JAX, "serve", "--port", str(port), "--max-batch", "1", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=user_environment())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if request(f"{url}/health") == (200, {"status": "ok"}):
+                    break
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"the server did not come up:\n{process.communicate(timeout=60)[0]}")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": QUESTIONS[3]}]
+        answer = client.chat.completions.create(model="demo", messages=messages, max_tokens=6)
+        assert answer.choices[0].message.content == lone(demo, messages, 6)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, process.communicate()[0][-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()

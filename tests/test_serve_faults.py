@@ -2,23 +2,21 @@
 client gone mid-stream frees its slots, a full queue answers 503 and the server serves on, and
 /metrics counts what happened."""
 
-import contextlib
 import dataclasses
 import http.client
 import json
-import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import listening
 
 import phi4_jax
 from phi4_jax import SamplingParams
 from phi4_jax.engine.engine import Engine
 from phi4_jax.engine.scheduler import Scheduler
-from phi4_jax.server.app import Served, build_app
+from phi4_jax.server.app import Served
 
 TIMEOUT = 120  # seconds any wait here may take
 MAX_QUEUE = 20
@@ -27,26 +25,6 @@ MAX_QUEUE = 20
 @pytest.fixture(scope="module")
 def demo():
     return phi4_jax.load("demo", dtype="float32", progress=False)
-
-
-@contextlib.contextmanager
-def listening(served):
-    """uvicorn serving `served` on a free loopback port, in a thread: yields the port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    http_server = uvicorn.Server(uvicorn.Config(build_app(served), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=http_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not http_server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert http_server.started
-    try:
-        yield port
-    finally:
-        http_server.should_exit = True
-        thread.join(TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +36,7 @@ def server(demo):
     scheduler.start()
     served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=256, default_max_tokens=16)
     try:
-        with listening(served) as port:
+        with listening(served, TIMEOUT) as port:
             yield port, served
     finally:
         scheduler.shutdown(TIMEOUT)
@@ -67,7 +45,8 @@ def server(demo):
 def post(port, body: dict, headers: dict | None = None) -> http.client.HTTPResponse:
     """An open response to a POST of `body` (the caller reads and closes it)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+    connection.request("POST", "/v1/completions", json.dumps(body),
+                       {"Content-Type": "application/json", **(headers or {})})
     response = connection.getresponse()
     response.connection = connection
     return response
@@ -160,7 +139,7 @@ def test_metrics_count_requests_tokens_and_latencies(server):
 
 def test_an_api_key_guards_v1_and_nothing_else(server):
     _, served = server
-    with listening(dataclasses.replace(served, api_key="s3cret")) as port:
+    with listening(dataclasses.replace(served, api_key="s3cret"), TIMEOUT) as port:
         body = {"model": "demo", "prompt": "What is 2+2?", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             refused = post(port, body, headers)

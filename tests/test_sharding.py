@@ -18,8 +18,8 @@ from phi4_jax.parallel import mesh as meshes
 from phi4_jax.parallel import rules
 from phi4_jax.config import Phi4Config
 from phi4_jax.engine.engine import Engine
-from phi4_jax.engine.plan import abstract_on_mesh
-from phi4_jax.model.phi4 import Phi4ForCausalLM, abstract_model
+from phi4_jax.planner.plan import abstract_on_mesh
+from phi4_jax.model.phi4 import abstract_model
 from phi4_jax.errors import MeshError
 
 from conftest import greedy_run
@@ -28,9 +28,11 @@ MESHES = ("tensor=2", "tensor=4", "tensor=8", "fsdp=8", "data=2,tensor=4", "data
 LENGTHS = (5, 11, 3, 7)  # phi-4-mini's tiny LongRoPE threshold is 16: its rows cross it while decoding
 
 
-def mesh(spec: str):
-    sizes = meshes.parse_mesh(spec)
-    return meshes.make_mesh(spec, jax.devices()[:math.prod(sizes.values())])
+def mesh(spec: str, devices: str | None = None):
+    """A mesh over the first devices it needs (make_mesh's default), or over those `devices` names
+    (as --devices takes them)."""
+    return meshes.make_mesh(spec, None if devices is None else
+                            [jax.devices()[i] for i in meshes.parse_devices(devices, len(jax.devices()))])
 
 
 # --- mesh specs ------------------------------------------------------------------------------------
@@ -40,6 +42,7 @@ def test_mesh_spec_fills_missing_axes_with_one():
     m = meshes.make_mesh("data=2,fsdp=2,tensor=2")
     assert m.axis_names == ("data", "fsdp", "tensor", "seq") and tuple(m.shape.values()) == (2, 2, 2, 1)
     assert meshes.make_mesh(m) is m
+    assert meshes.parse_mesh("data=2,tensor=4,") == meshes.parse_mesh("data=2,tensor=4")  # a trailing comma is fine
 
 
 def test_a_mesh_with_other_axes_is_refused():
@@ -139,14 +142,13 @@ def test_per_device_weights_of_real_phi4_are_total_over_fsdp_times_tensor(fixtur
 # --- loading onto a mesh ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
+def reference(tiny_model):
     """Single-device logits and greedy tokens per shape."""
     made = {}
 
     def get(shape):
         if shape not in made:
-            folder, _ = tiny_checkpoint(shape)
-            model = phi4_jax.load(folder, dtype="float32", progress=False)[0]
+            model = tiny_model(shape)[0]
             made[shape] = (np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), greedy(Engine(model)))
         return made[shape]
 
@@ -162,21 +164,45 @@ def greedy(engine):
 
 # phi-4 (its KV heads repeated on tensor=4 and 8) on every mesh; Phi-4-mini (LongRoPE crossed while
 # decoding, tied embeddings) on the meshes that split it differently: tensor only (2 and 8), fsdp only,
-# and all three axes together.
-CASES = [("phi-4", spec) for spec in MESHES] + [
-    ("phi-4-mini", spec) for spec in ("tensor=2", "tensor=8", "fsdp=8", "data=2,fsdp=2,tensor=2")]
+# and all three axes together. Meshes of fewer than 8 devices take the first ones (make_mesh's
+# default), except two over devices named as --devices names them: a range without device 0, and a
+# list with gaps. Each case: (shape, mesh, devices, how describe() names the devices).
+DEVICES = {("phi-4", "tensor=2"): ("6-7", "devices 6-7 of 8"),
+           ("phi-4", "tensor=4"): ("1,3,5,7", "devices 1, 3, 5, 7 of 8"),
+           ("phi-4-mini", "tensor=2"): (None, "devices 0-1 of 8")}
+CASES = [(shape, spec, *DEVICES.get((shape, spec), (None, "all"))) for shape, spec in
+         [("phi-4", spec) for spec in MESHES]
+         + [("phi-4-mini", spec) for spec in ("tensor=2", "tensor=8", "fsdp=8", "data=2,fsdp=2,tensor=2")]]
 
 
-@pytest.mark.parametrize("shape,spec", CASES, ids=[f"{shape}-{spec}" for shape, spec in CASES])
-def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, reference, shape, spec):
+# The quick loop (`-m "not slow"`) keeps phi-4 with its KV heads repeated over named devices, and all
+# three axes at once; the other meshes run with the slow tests.
+QUICK = {("phi-4", "tensor=4"), ("phi-4", "data=2,fsdp=2,tensor=2")}
+
+
+@pytest.mark.parametrize("shape,spec,devices,which", [
+    pytest.param(*case, marks=() if case[:2] in QUICK else pytest.mark.slow,
+                 id=f"{case[0]}-{case[1]}" + (f"-on-{case[2]}" if case[2] else "")) for case in CASES])
+def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, reference, shape, spec, devices, which):
+    """On every mesh (8 simulated devices): the model lies on exactly the mesh's devices (the first
+    ones, or those named), gives the one-device logits and greedy tokens, lays the KV cache out by
+    the rules table, holds 1/(fsdp*tensor) of the weights per device, and its layout names the devices."""
     folder, _ = tiny_checkpoint(shape)
-    m = mesh(spec)
+    everything = jax.devices()
+    assert len(everything) == 8
+    size = math.prod(meshes.parse_mesh(spec).values())
+    picked = everything[:size] if devices is None else [everything[i] for i in meshes.parse_devices(devices, 8)]
+    m = mesh(spec, devices)
+    assert list(m.devices.flat) == picked
     model, _ = phi4_jax.load(folder, dtype="float32", mesh=m, progress=False)
     params = nnx.to_pure_dict(nnx.state(model))
     assert all(a.sharding.mesh == m for a in jax.tree.leaves(params))
+    assert {d for a in jax.tree.leaves(params) for d in a.sharding.device_set} == set(picked)
+    assert f"({size} cpu devices: {which};" in meshes.describe(params)
     want_logits, (want_tokens, _) = reference(shape)
     logits = phi4_jax.forward(*nnx.split(model), IDS)
     assert logits.shape == (2, 12, 256) and logits.dtype == np.float32
+    # (a 4-way split sums apart: to 1e-5, on every mesh)
     np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=0, atol=1e-5)
 
     tokens, gen = greedy(Engine(model))
@@ -186,26 +212,6 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, refe
     # Per-device weights: 1/(fsdp*tensor) of the whole (the tiny models' norms stay whole on tensor).
     total = sum(a.nbytes for a in jax.tree.leaves(params))
     assert meshes.device_bytes(params) == pytest.approx(total / (m.shape["fsdp"] * m.shape["tensor"]), rel=0.02)
-
-
-@pytest.mark.parametrize("devices", [None, "4-7", "1,3,5,7"])
-def test_a_mesh_over_some_of_the_devices_gives_the_one_device_results(tiny_checkpoint, reference, devices):
-    """`tensor=4` on 8 devices: the first 4 by default, or those named (as --devices takes them)."""
-    folder, _ = tiny_checkpoint("phi-4")
-    everything = jax.devices()
-    assert len(everything) == 8
-    picked = everything[:4] if devices is None else [everything[i] for i in meshes.parse_devices(devices, 8)]
-    m = meshes.make_mesh("tensor=4", None if devices is None else picked)
-    assert list(m.devices.flat) == picked
-    model, _ = phi4_jax.load(folder, dtype="float32", mesh=m, progress=False)
-    on = {d for a in jax.tree.leaves(nnx.state(model)) for d in a.sharding.device_set}
-    assert on == set(picked)
-    want_logits, (want_tokens, _) = reference("phi-4")
-    logits = np.asarray(phi4_jax.forward(*nnx.split(model), IDS))
-    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-5)  # as every mesh above (a 4-way split sums apart)
-    assert greedy(Engine(model))[0] == want_tokens
-    which = "devices 0-3 of 8" if devices is None else f"devices {'4-7' if devices == '4-7' else '1, 3, 5, 7'} of 8"
-    assert f"(4 cpu devices: {which};" in meshes.describe(nnx.to_pure_dict(nnx.state(model)))
 
 
 def test_device_lists_are_parsed_and_checked():
@@ -226,13 +232,14 @@ def test_kv_heads_are_repeated_on_tensor_meshes_that_need_it(tiny_checkpoint):
     np.testing.assert_array_equal(k, np.repeat(np.asarray(plain.model.layers[0].self_attn.k_proj.weight[...]), 4, 0))
 
 
-@pytest.mark.parametrize("spec", ["tensor=4", "data=2,fsdp=2,tensor=2"])
-def test_orbax_checkpoints_restore_onto_the_mesh(tiny_checkpoint, reference, tmp_path, spec):
+@pytest.mark.parametrize("spec, devices", [("tensor=4", "1,3,5,7"), ("data=2,fsdp=2,tensor=2", None)])
+def test_orbax_checkpoints_restore_onto_the_mesh(tiny_checkpoint, reference, tmp_path, spec, devices):
+    """(The meshes of the phi-4 cases above: their forward is compiled once.)"""
     folder, _ = tiny_checkpoint("phi-4")
     orbax = str(tmp_path / "orbax")
     convert.convert(convert.plan_conversion(resolve(str(folder)), "float32"), orbax,
                        progress=False)
-    m = mesh(spec)
+    m = mesh(spec, devices)
     model, _ = phi4_jax.load(orbax, mesh=m, progress=False)
     placed = rules.param_shardings(m, nnx.state(model))
     for array, want in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model))), jax.tree.leaves(placed)):
@@ -323,9 +330,11 @@ def test_place_moves_a_model_in_memory_onto_the_mesh(tiny_checkpoint, reference)
     assert meshes.mesh_of(nnx.state(placed)).shape["tensor"] == 4
     np.testing.assert_allclose(np.asarray(phi4_jax.forward(*nnx.split(placed), IDS)), reference("phi-4-mini")[0],
                                rtol=0, atol=1e-5)
-    random = Phi4ForCausalLM(Phi4Config.from_json(tiny_checkpoint("phi-4")[0]), rngs=nnx.Rngs(0))
+    # A phi-4 in memory as one device holds it (its 10 KV heads as stored): tensor=4 needs them repeated.
+    unrepeated = phi4_jax.load(tiny_checkpoint("phi-4")[0], dtype="float32", progress=False)[0]
+    assert unrepeated.config.num_key_value_heads == 10
     with pytest.raises(MeshError, match="config_for_mesh"):
-        meshes.place(random, mesh("tensor=4"))  # 10 KV heads: needs repeating
+        meshes.place(unrepeated, mesh("tensor=4"))
 
 
 def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):
@@ -343,31 +352,14 @@ def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):
 
 
 # --- the command line, and several processes -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def phi4_with_tokenizer(fixtures_dir, tmp_path_factory):
-    """A tiny phi-4-shaped model (40 q / 10 kv heads, vocab 32064) with Phi-3.5-mini's tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import Phi3ForCausalLM
-
-    from conftest import hf_config
-
-    config = hf_config("phi-4", vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("phi4-tok")
-    Phi3ForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-        shutil.copyfile(fixtures_dir / "phi-3.5-mini" / name, folder / name)
-    return folder
-
+# (chat_checkpoint: phi-4's tiny shape, its 10 KV heads repeated on tensor=4 and 8, with Phi-3.5-mini's
+# tokenizer and vocabulary)
 
 GENERATE = ["--prompt", "Hello there", "--ignore-chat-template", "--max-tokens", "8", "--json"]
 
 
 def cli_json(capsys, *flags):
-    from phi4_jax import cli_shared as cli
+    from phi4_jax.cli import common as cli
     from phi4_jax.generate import main
 
     assert main(list(flags)) == cli.EXIT_OK
@@ -375,14 +367,15 @@ def cli_json(capsys, *flags):
     return __import__("json").loads(out.strip().splitlines()[-1]), err
 
 
-def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_with_tokenizer, capsys):
-    one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet")
-    sharded, err = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=8",
+def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(chat_checkpoint, capsys):
+    """--mesh (a trailing comma is fine) and --devices give the one-device tokens; --verbose shows the layout."""
+    one, _ = cli_json(capsys, "--model", str(chat_checkpoint), *GENERATE, "--quiet")
+    sharded, err = cli_json(capsys, "--model", str(chat_checkpoint), *GENERATE, "--mesh", "tensor=8,",
                             "--verbose")
     assert sharded["tokens"] == one["tokens"] and len(one["tokens"]) == 8
     assert "mesh: data=1, fsdp=1, tensor=8, seq=1 (8 cpu devices: all;" in err
     assert re.search(r"self_attn\.k_proj\.weight +\(40, 4, 160\)", err), err  # 10 KV heads, repeated 4x
-    part, err = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=4",
+    part, err = cli_json(capsys, "--model", str(chat_checkpoint), *GENERATE, "--mesh", "tensor=4",
                          "--devices", "4-7", "--verbose")
     assert part["tokens"] == one["tokens"]
     assert "mesh: data=1, fsdp=1, tensor=4, seq=1 (4 cpu devices: devices 4-7 of 8;" in err
@@ -394,20 +387,17 @@ def test_cli_mesh_gives_the_one_device_tokens_and_verbose_shows_the_layout(phi4_
     (["--mesh", "tensor=4", "--devices", "6-9"], ["there are 8 devices, indices 0-7"]),
     (["--mesh", "tensor=4", "--devices", "0-2"], ["4 devices but there are 3"]),
     (["--devices", "0-3"], ["give --mesh too"]),
-    (["--mesh", "data=2,tensor=4,"], None),
     (["--mesh", "heads=8"], ["unknown axis 'heads'"]),
     (["--process-id", "2", "--num-processes", "2", "--coordinator-address", "127.0.0.1:1"],
      ["process id 2 is not in 0..1"]),
 ])
-def test_cli_bad_mesh_is_a_usage_error(phi4_with_tokenizer, capsys, flags, words):
-    from phi4_jax import cli_shared as cli
+def test_cli_bad_mesh_is_a_usage_error(chat_checkpoint, capsys, flags, words):
+    """Each is a usage error that says what is wrong. (A trailing comma, which is fine, is in the test above.)"""
+    from phi4_jax.cli import common as cli
     from phi4_jax.generate import main
 
-    code = main(["--model", str(phi4_with_tokenizer), *GENERATE, *flags])
+    code = main(["--model", str(chat_checkpoint), *GENERATE, *flags])
     out, err = capsys.readouterr()
-    if words is None:  # a trailing comma is fine
-        assert code == cli.EXIT_OK
-        return
     assert code == cli.EXIT_USAGE and out == ""
     for word in words:
         assert word in err, err
@@ -438,11 +428,11 @@ def run_processes(n: int, args: list[str], port: int, stdin: str | None = None) 
     return results
 
 
-def test_multihost_runs_refuse_stdin_prompts(phi4_with_tokenizer):
+def test_multihost_runs_refuse_stdin_prompts(chat_checkpoint):
     """Only one host has the terminal: `--prompt -` and `--chat` are refused once a run is joined
     (here a run of one process, which joins at once)."""
     for flags in (["--prompt", "-"], ["--chat"]):
-        [(code, out, err)] = run_processes(1, ["--model", str(phi4_with_tokenizer), *flags, "--mesh", "tensor=4"],
+        [(code, out, err)] = run_processes(1, ["--model", str(chat_checkpoint), *flags, "--mesh", "tensor=4"],
                                            free_port(), stdin="Hello\n")
         assert code == 2 and "reads no stdin" in err and out.strip() == "", (code, err[-2000:])
 
@@ -456,14 +446,14 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
+def test_two_processes_give_the_tokens_of_one(chat_checkpoint, capsys):
     """Two processes x 4 CPU devices (jax.distributed on loopback, gloo collectives), one tensor=8
     mesh across both, then a seq=8 one (ring prefill): the same greedy tokens as one process with 8
     devices; only process 0 prints."""
     import json
 
-    one, _ = cli_json(capsys, "--model", str(phi4_with_tokenizer), *GENERATE, "--quiet", "--mesh", "tensor=8")
-    results = run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "tensor=8"], free_port())
+    one, _ = cli_json(capsys, "--model", str(chat_checkpoint), *GENERATE, "--quiet", "--mesh", "tensor=8")
+    results = run_processes(2, ["--model", str(chat_checkpoint), *GENERATE, "--mesh", "tensor=8"], free_port())
     for code, _, err in results:
         # 134 (SIGABRT): JAX's heartbeat ended a process whose peer died.
         assert code == 0, (code, err[-3000:])
@@ -471,10 +461,10 @@ def test_two_processes_give_the_tokens_of_one(phi4_with_tokenizer, capsys):
     assert len(ours[0]) == 1 and ours[1] == []  # gloo's own "[Gloo] ..." lines aside, process 1 is silent
     assert json.loads(ours[0][0])["tokens"] == one["tokens"]
     # The same over seq=8: the prompt is prefilled with ring attention across both processes.
-    ring = run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE, "--mesh", "seq=8"], free_port())
+    ring = run_processes(2, ["--model", str(chat_checkpoint), *GENERATE, "--mesh", "seq=8"], free_port())
     assert [code for code, _, _ in ring] == [0, 0], ring[0][2][-3000:]
     [line] = [line for line in ring[0][1].splitlines() if line.startswith("{")]
     assert json.loads(line)["tokens"] == one["tokens"]
     # Without --mesh each process would hold its own model: refused on every process, with the fix.
-    for code, out, err in run_processes(2, ["--model", str(phi4_with_tokenizer), *GENERATE], free_port()):
+    for code, out, err in run_processes(2, ["--model", str(chat_checkpoint), *GENERATE], free_port()):
         assert code == 2 and "give a mesh over all their devices" in err and "data=2,tensor=4" in err, err[-2000:]

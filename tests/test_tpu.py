@@ -6,12 +6,12 @@ import re
 import pytest
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import plan
 from phi4_jax.errors import ConfigError
 from phi4_jax.parallel import mesh as meshes
-from phi4_jax.parallel import targets
+from phi4_jax.planner import plan, targets
 
-pytestmark = pytest.mark.xdist_group("tpu")  # one worker compiles the plans, once
+# One worker compiles the plans, once; compiling for a TPU slice is slow, so these run with the slow tests.
+pytestmark = [pytest.mark.xdist_group("tpu"), pytest.mark.slow]
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles for TPU")
 

@@ -14,8 +14,6 @@ from phi4_jax.model import attention, tpu_attention
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM
 
-pytestmark = pytest.mark.xdist_group("tpu-kernels")  # its own: one group per module keeps module fixtures alive
-
 CPU = Backend("cpu")  # splash in interpret mode
 # float32, interpret mode against XLA: the same sums in another order (online softmax by blocks);
 # measured about 2e-6 on outputs of size ~1 and log-sum-exps of ~6.
@@ -45,10 +43,10 @@ def both(q, k, v, mask):
 
 @pytest.mark.parametrize("heads, kv_heads, q_len, k_len, window, start, head_dim", [
     (6, 2, 256, 256, None, None, 128),  # GQA 3:1, a prompt in one piece
-    (8, 2, 256, 256, 100, None, 128),  # GQA 4:1, a sliding window shorter than the prompt
-    (6, 2, 200, 200, None, None, 128),  # odd length: queries and keys padded to 256
+    pytest.param(8, 2, 256, 256, 100, None, 128, marks=pytest.mark.slow),  # GQA 4:1, a window shorter than the prompt
+    pytest.param(6, 2, 200, 200, None, None, 128, marks=pytest.mark.slow),  # odd length: padded to 256
     (8, 2, 130, 384, 150, [100, 254], 128),  # a piece over the cache at two offsets: queries padded
-    (4, 4, 256, 256, None, None, 96),  # Phi-3.5-mini's head_dim 96, as it is
+    pytest.param(4, 4, 256, 256, None, None, 96, marks=pytest.mark.slow),  # Phi-3.5-mini's head_dim 96, as it is
 ])
 def test_splash_matches_xla(heads, kv_heads, q_len, k_len, window, start, head_dim):
     q, k, v = random_block(2, q_len, k_len, heads, kv_heads, head_dim)
@@ -80,7 +78,8 @@ def test_splash_leaves_short_calls_to_xla_and_has_a_gradient():
     q, k, v = random_block(2, 1, 256, 8, 2, 128)
     mask = prompt_mask(2, 1, 256, start=[17, 255])
     (out, lse), (want_out, want_lse) = both(q, k, v, mask)
-    assert np.array_equal(np.asarray(out), np.asarray(want_out)) and np.array_equal(np.asarray(lse), np.asarray(want_lse))
+    assert (np.array_equal(np.asarray(out), np.asarray(want_out))
+            and np.array_equal(np.asarray(lse), np.asarray(want_lse)))
 
     q, k, v = random_block(1, 128, 128, 4, 1, 128)
     mask = prompt_mask(1, 128, 128)
@@ -93,6 +92,7 @@ def test_splash_leaves_short_calls_to_xla_and_has_a_gradient():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)  # gradients of ~10-50
 
 
+@pytest.mark.slow  # a whole model in interpret mode
 def test_a_model_gives_the_same_logits_with_splash():
     """A tiny model with head_dim 128 (GQA 2:1, a window shorter than the prompt): logits of a prompt
     of odd length in one piece, splash (interpret mode) against XLA, the same weights."""
@@ -129,10 +129,11 @@ def test_ragged_paged_decode_over_our_cache_copied_into_pages(heads, kv_heads, w
     batch, length, page_size, head_dim = 3, 96, 16, 128
     q, k, v = random_block(batch, 1, length, heads, kv_heads, head_dim)
     lengths = jnp.array([1, 17, length])
-    pages, page_indices = tpu_attention.pages_from_cache(k, v, page_size)
+    # Jitted, the copy and the XLA path are a program each (eagerly, every op compiles on its own).
+    pages, page_indices = jax.jit(tpu_attention.pages_from_cache, static_argnums=2)(k, v, page_size)
     assert pages.shape == (batch * length // page_size, page_size, 2 * kv_heads, head_dim)
     got = tpu_attention.paged_decode(q, pages, page_indices, lengths, window, reference=True)
-    want = attention.attend(q, k, v, prompt_mask(batch, 1, length, window, start=lengths - 1))
+    want = jax.jit(attention.attend)(q, k, v, prompt_mask(batch, 1, length, window, start=lengths - 1))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOLERANCE)
 
 
@@ -150,7 +151,7 @@ def test_jax_cannot_yet_interpret_ragged_paged_attention():
 def compile_for(topology, fn, *shapes):
     """`fn` compiled for one chip of a TPU slice (libtpu, no TPU) from `(shape, dtype)` pairs."""
     pytest.importorskip("libtpu")  # here only: interpret mode needs no libtpu
-    from phi4_jax.parallel import targets
+    from phi4_jax.planner import targets
 
     device = targets.devices(topology)[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -164,6 +165,7 @@ def about(got: int, want: int) -> bool:
     return want <= got <= 1.01 * want + 4096
 
 
+@pytest.mark.slow  # compiling for a TPU slice
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 def test_splash_compiles_for_tpu_without_the_scores(topology):
     """bfloat16 through Mosaic's custom call, in under a quarter of the scratch one float32 score
@@ -180,6 +182,7 @@ def test_splash_compiles_for_tpu_without_the_scores(topology):
     assert 0 < memory.temp_size_in_bytes < batch * heads * length * length * 4 / 4
 
 
+@pytest.mark.slow  # compiling for a TPU slice
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 def test_ragged_paged_decode_compiles_for_tpu(topology):
     """bfloat16, Phi-4-mini's GQA (24 query / 8 KV heads here as 16 / 8); phi-4's 10 KV heads are

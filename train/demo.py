@@ -27,7 +27,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # demo_data beside it; phi4_jax fr
 def build_parser() -> argparse.ArgumentParser:
     import demo_data as demo
 
-    from phi4_jax import cli_shared as cli
+    from phi4_jax.cli import common as cli
 
     p = argparse.ArgumentParser(prog="train/demo.py", description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--output", default=demo.FOLDER, help="the HF folder to write")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from phi4_jax import cli_shared as cli
+    from phi4_jax.cli import common as cli
 
     return cli.run(lambda: train(args))
 
@@ -93,7 +93,8 @@ def train(args) -> int:
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
             if bar.disable and step % 1000 == 0:  # no bar (not a terminal): a line now and then
-                print(f"step {step}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                print(f"step {step}: loss {loss:.4f} ({time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
     files = {"config.json": json.dumps(raw, indent=2) + "\n", **demo.tokenizer_files(tokenizer)}
     save_hf(nnx.to_pure_dict(nnx.state(trainer.model)), files, args.output, overwrite=args.overwrite)
     shipped, shipped_tokenizer = load(args.output, dtype="float32", progress=False)

@@ -182,12 +182,16 @@ def verify_logits(reference: str, folder: str, dtype, seq_len: int = 8, seed: in
     """Raises CheckpointError unless `folder` gives exactly `reference`'s logits on a short random
     prompt (both loaded in `dtype`, one after the other to keep one model in memory; the reference
     quantized as it is read, with `quantize`)."""
+    from flax import nnx
+
     from phi4_jax.checkpoints.load import load_model
+    from phi4_jax.model.phi4 import forward
 
     config = Phi4Config.from_json(reference)
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, seq_len), dtype=np.int32)
-    want = np.asarray(load_model(reference, dtype=dtype, quantize=quantize)(ids))
-    got = np.asarray(load_model(folder, dtype=dtype)(ids))
+    # The jitted forward, one program for both (op by op, each of a model's ~100 ops compiles alone).
+    want = np.asarray(forward(*nnx.split(load_model(reference, dtype=dtype, quantize=quantize)), ids))
+    got = np.asarray(forward(*nnx.split(load_model(folder, dtype=dtype)), ids))
     if not np.array_equal(want, got):
         diff = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
         raise CheckpointError(f"verification failed: the converted logits differ from {reference}'s "

@@ -46,11 +46,11 @@ class ParamsWriter:
     def __init__(self, params_dir: str):
         v1 = ocp()
         self._dir = params_dir
-        self._context = v1.Context(array_options=v1.options.ArrayOptions(
-            saving=v1.options.ArrayOptions.Saving(use_compression=False)))
+        self._context = v1.Context()
+        self._context.array.saving.use_compression = False
         self._saving = None  # the save in flight, and the batch it holds
 
-    def __enter__(self) -> "ParamsWriter":
+    def __enter__(self) -> ParamsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,11 +107,12 @@ def read_manifest(folder: str) -> dict:
     if version != FORMAT_VERSION:
         source = manifest.get("source") or {}
         model = source.get("repo_id") or source.get("path") or "HF_FOLDER"
-        revision = f" --revision {shlex.quote(source['revision'])}" if source.get("repo_id") and source.get("revision") else ""
+        revision = (f" --revision {shlex.quote(source['revision'])}"
+                    if source.get("repo_id") and source.get("revision") else "")
         raise CheckpointError(
             f"{folder} holds format version {version} of phi4_jax's Orbax checkpoints (written by "
             f"phi4_jax {manifest.get('tool_version', 'unknown')}); this phi4_jax reads version "
-            f"{FORMAT_VERSION}. Convert the Hugging Face model again: python convert/hf_to_orbax.py "
+            f"{FORMAT_VERSION}. Convert the Hugging Face model again: phi4-jax convert "
             f"--model {shlex.quote(model)}{revision} --output {shlex.quote(folder)} --overwrite")
     return manifest
 
@@ -126,9 +127,12 @@ def _check_stored(params_dir: str, abstract: dict) -> None:
     """CheckpointError naming the first tensor the checkpoint lacks or holds in another shape or
     kind than `abstract` (an int8 weight's scales included), before anything is read."""
     try:
-        stored = traverse_util.flatten_dict(ocp().pytree_metadata(params_dir).metadata)
+        stored = ocp().metadata(params_dir).metadata
     except (ValueError, KeyError, OSError, AttributeError) as e:
         raise CheckpointError(f"cannot read the metadata of {params_dir}: {e}") from None
+    if not isinstance(stored, dict):  # Orbax logs why and gives None
+        raise CheckpointError(f"cannot read the metadata of {params_dir}: it holds no parameter tree")
+    stored = traverse_util.flatten_dict(stored)
     stored = {tuple(map(str, k)): v for k, v in stored.items()}
     for key, want in traverse_util.flatten_dict(abstract).items():
         name = ".".join(map(str, key))
@@ -149,7 +153,7 @@ def restore_params(folder: str, abstract: dict, wanted: set | None = None) -> di
     dict of `ShapeDtypeStruct`s), onto its shardings when it has them (each device reads its own
     block; default: the first device). `wanted`: only these keys of the flattened tree."""
     read_manifest(folder)
-    params_dir = os.path.join(folder, PARAMS)
+    params_dir = os.path.abspath(os.path.join(folder, PARAMS))  # Orbax reads absolute paths only
     if not os.path.isdir(params_dir):
         raise ModelNotFoundError(f"{params_dir} is missing; the folder is not a complete phi4_jax checkpoint")
     abstract = _on_devices(abstract)

@@ -1,1 +1,1 @@
-"""Running the model: the sampler, prefill, the jitted generation programs and their state, the planner."""
+"""Running the model: the sampler, prefill, the jitted generation programs and their state, the scheduler."""

@@ -529,7 +529,8 @@ def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int,
                           top_logprobs=ring(state.top_logprobs))
 
 
-@functools.partial(jax.jit, static_argnames=("length", "stop_width", "logprob_ring", "top", "layout"))  # (no donation: new shapes)
+@functools.partial(jax.jit,  # (no donation: new shapes)
+                   static_argnames=("length", "stop_width", "logprob_ring", "top", "layout"))
 def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, logprob_ring: int, top: int,
             layout=None) -> DecodeState:
     """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to the sizes

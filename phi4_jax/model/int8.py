@@ -55,7 +55,7 @@ def quantize_rows(w: np.ndarray, outputs: int, chunk_bytes: int = 64 * 2**20) ->
 
 
 def dequantize(q, scale, xp=np):
-    """The float32 weight `q * scale` (what `orbax_to_hf --dequantize` writes)."""
+    """The float32 weight `q * scale` (what `phi4-jax export --dequantize` writes)."""
     return q.astype(xp.float32) * scale.reshape(*scale.shape, *(1,) * (q.ndim - scale.ndim))
 
 

@@ -5,8 +5,9 @@ Parameter names and layouts follow Hugging Face's `Phi3ForCausalLM`: a projectio
 head_dim, embed]`), and the fused `qkv_proj` / `gate_up_proj` are split into separate projections
 (`checkpoints/hf.py` maps one onto the other). Every parameter carries the logical axis names of
 its dimensions in `axes`. Quantized (`quantize="int8"`), a projection's or table's `weight` is int8
-beside a float32 `scale` per output channel (`model/int8.py`). Each attention layer writes its own slice of the KV cache; which
-attention it runs (`attention.Dense`, `Ring`, `SplitCache`) is a static choice per call.
+beside a float32 `scale` per output channel (`model/int8.py`). Each attention layer writes its own
+slice of the KV cache; which attention it runs (`attention.Dense`, `Ring`, `SplitCache`) is a
+static choice per call.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class SentencePieceBackend:
             # it is added here, per the rule above, instead.
             self._sp = sentencepiece.SentencePieceProcessor()
             self._sp.LoadFromSerializedProto(proto + b"\x1a\x02\x18\x00")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (sentencepiece raises plain errors of several kinds)
             raise TokenizerError(f"{path} is not a SentencePiece model: {e}") from None
         self._dummy_prefix = original.normalize("a") != self._sp.normalize("a")
         self._legacy = bool(legacy)

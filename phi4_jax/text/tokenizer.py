@@ -182,7 +182,7 @@ class _HFBackend:
 
         try:
             self._tok = HFTokenizer.from_file(path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (tokenizers raises plain errors of several kinds)
             raise TokenizerError(f"{path} is not a tokenizers file: {e}") from None
         self._tok.no_truncation()  # prompts are never cut silently
         self._tok.no_padding()

@@ -1,9 +1,9 @@
 """What a compiled XLA program does, read from its scheduled HLO: loops, FLOPs, memory traffic, collectives.
 
-Every count is per call of the program. XLA's `cost_analysis()` counts each loop body once (a prompt's pieces, the ring's steps) and, on
-TPU, counts every staging copy into VMEM (memory space S(1)) on top of the reads it serves; so the
-planner reads the program itself. Main memory (HBM; a CPU's RAM) is memory space 0, written as no
-`S(n)` or `S(0)` in a layout.
+Every count is per call of the program. XLA's `cost_analysis()` counts each loop body once (a
+prompt's pieces, the ring's steps) and, on TPU, counts every staging copy into VMEM (memory space
+S(1)) on top of the reads it serves; so the planner reads the program itself. Main memory (HBM; a
+CPU's RAM) is memory space 0, written as no `S(n)` or `S(0)` in a layout.
 """
 
 from __future__ import annotations

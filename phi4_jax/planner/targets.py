@@ -4,8 +4,8 @@ A target names a chip and how many: a TPU slice by libtpu's topology name (`v5e:
 `tpu` extra), NVIDIA GPUs as `h100:8` or `h200:8` (the `gpu-compile` extra: the CUDA plugin and
 ptxas, no GPU or driver). `devices(target)` gives JAX devices that `jax.jit(...).lower(...)` over a
 mesh of them then `.compile()` compiles the real program for, with its memory analysis and HLO.
-Run such a process with `JAX_PLATFORMS=cpu` on a machine without the accelerator (libtpu's
-warnings about host names are harmless; the CUDA plugin otherwise looks for a driver and stops).
+On a machine without the accelerator the process must run JAX on the CPU platform (`phi4-jax plan`
+does; elsewhere set JAX_PLATFORMS=cpu, or the CUDA plugin looks for a driver and stops).
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ def devices(target: str) -> list:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if gpu:
             raise ConfigError(f"compiling for {target} needs the CUDA plugin and ptxas: pip install "
-                              f"'phi4-jax[gpu-compile]' (then run with JAX_PLATFORMS=cpu on a machine without "
-                              f"GPUs); JAX said: {text}") from e
-        if "libtpu" in text.lower() or "unknown backend" in text.lower() or text.strip().lower() == "tpu":
-            raise ConfigError(f"compiling for {target} needs libtpu: pip install 'phi4-jax[tpu]' "
-                              f"(then run with JAX_PLATFORMS=cpu on a machine without TPUs); JAX said: {text}") from e
+                              f"'phi4-jax[gpu-compile]' (and JAX_PLATFORMS=cpu where the process started JAX "
+                              f"itself, on a machine without GPUs); JAX said: {text}") from e
+        lower = text.lower()
+        if "libtpu" in lower or "unknown backend" in lower or "not installed" in lower or lower.strip() == "tpu":
+            raise ConfigError(f"compiling for {target} needs libtpu: pip install 'phi4-jax[tpu]'; JAX said: "
+                              f"{text}") from e
         raise ConfigError(f"libtpu does not know the TPU slice {target!r} ({text}); slices fill a host, "
                           f"e.g. {TPU_EXAMPLES}") from e
 

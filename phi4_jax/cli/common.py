@@ -1,9 +1,10 @@
-"""What phi4_jax's command lines share: exit codes, error reporting, help formatting, mesh, multi-host and quantize flags."""
+"""What the subcommands share: exit codes, error reporting, help formatting, mesh, multi-host and quantize flags."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}    success
   {EXIT_USAGE}    usage or input error: bad flags or sampling values, model or file not found,
        invalid config.json or tokenizer, prompt empty or longer than the context, output exists
-       (without --overwrite)
+       (without --overwrite), the command's extra not installed
   {EXIT_CORRUPT}    corrupt model: unreadable or truncated safetensors, tensors missing, unexpected
        or of the wrong shape/dtype, only pickle weights (never unpickled), an Orbax folder of
        another format version (convert it again)
@@ -76,6 +77,26 @@ def add_mesh_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
                             "JAX_PROCESS_ID)")
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the compute dtypes --dtype takes
+
+
+def add_model_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
+    """What `generate` and `serve` share about the model they run: --max-context, --dtype, the mesh
+    flags (`add_mesh_flags`), --quantize and --attention."""
+    from phi4_jax.model.attention import IMPLEMENTATIONS
+
+    p.add_argument(*flag("--max-context"), type=int, default=None,
+                   help="longest prompt + generation (default: the model's max_position_embeddings)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    add_mesh_flags(p, multihost)
+    add_quantize_flag(p)
+    p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
+                   help="attention kernel: 'auto' (cuDNN flash attention on an NVIDIA GPU in bfloat16/float16, "
+                        "splash attention on a TPU for head_dim 128, else XLA), 'xla' (the reference, any "
+                        "backend), 'cudnn' or 'splash' (TPU; prefill only, decode by XLA)")
+
+
 def add_quantize_flag(p: argparse.ArgumentParser) -> None:
     """--quantize: weight-only int8 as the weights are read (`phi4_jax.load(quantize=)`)."""
     from phi4_jax.model.int8 import KINDS
@@ -84,7 +105,7 @@ def add_quantize_flag(p: argparse.ArgumentParser) -> None:
                    help="quantize the weights as they are read: int8 projections, LM head and embedding table "
                         "with a float32 scale per output channel (about half the bf16 memory and bytes per "
                         "decode step; activations stay in --dtype). A folder converted with "
-                        "hf_to_orbax.py --quantize int8 is int8 without it. Default: float weights")
+                        "phi4-jax convert --quantize int8 is int8 without it. Default: float weights")
 
 
 def mesh_from(args):
@@ -117,8 +138,27 @@ def join_multihost(args) -> bool:
     return bool(asked)
 
 
+def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Refuses, before any work, a command whose optional dependencies are not installed, naming the
+    extra that installs them (exit code 2 through `run`)."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigError(f"phi4-jax {command} needs {', '.join(missing)} (the {extra} extra): "
+                          f"pip install 'phi4-jax[{extra}]'")
+
+
 def run(main: Callable[[], int | None]) -> int:
-    """Runs a command's body; maps phi4_jax's typed errors to exit codes and one-line messages."""
+    """Runs a command's body; maps phi4_jax's typed errors to exit codes and one-line messages.
+    Where libtpu is installed and no TPU is, the CPU is started first (`platforms`), so that libtpu
+    prints no start-up errors."""
+    from phi4_jax import platforms
+
+    platforms.quiet_without_tpu()
     try:
         return main() or EXIT_OK
     except KeyboardInterrupt:

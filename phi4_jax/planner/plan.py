@@ -31,7 +31,8 @@ from jax.sharding import Mesh
 from flax import nnx
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import engine, hlo
+from phi4_jax.engine import engine
+from phi4_jax.planner import hlo
 from phi4_jax.engine.prefill import piece_for, seq_mesh
 from phi4_jax.engine.sampling import SamplingParams, sampler_state
 from phi4_jax.model.backend import Backend
@@ -53,7 +54,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
     "tpu": the plain forms, never XLA:CPU's own; "cpu": XLA:CPU's program), attention by XLA.
-    A mesh of accelerator devices described without one (`parallel.targets.devices`: a TPU slice,
+    A mesh of accelerator devices described without one (`planner.targets.devices`: a TPU slice,
     NVIDIA GPUs) compiles that accelerator's programs themselves: their temporaries are its own, and
     XLA's cost analysis comes with them where the compiler gives one (TPU's; GPU's has none).
     Each step reports, per device and call, its matmul FLOPs and main-memory bytes read from the
