@@ -145,14 +145,14 @@ def main(argv=None) -> int:
 
     import phi4_jax
     from phi4_jax.config import PRESETS, Phi4Config
-    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.runner import ModelRunner
 
     lengths = [int(n) for n in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(PRESETS[args.model], folder)
         model, _ = phi4_jax.load(folder, progress=False, mesh=args.mesh)
     config = Phi4Config.from_preset(args.model)
-    engine = Engine(model, max_context=max(lengths))
+    engine = ModelRunner(model, max_context=max(lengths))
     record = {"benchmark": "cache_layout", "schema": 1, **describe_run(), "model": args.model, "batch": args.batch,
               "context": args.context, "mesh": args.mesh}
     record["decode_by_length"] = decode_by_length(engine, config, args.batch, args.context, lengths, args.repeats)

@@ -118,9 +118,9 @@ def phi4_jax_runner(folder: str, mesh: str | None):
 
     if mesh and jax.default_backend() == "cpu":  # (before any device is used) that many fake devices
         jax.config.update("jax_num_cpu_devices", math.prod(parse_mesh(mesh).values()))
-    from phi4_jax import Engine, SamplingParams, load
+    from phi4_jax import ModelRunner, SamplingParams, load
 
-    engine = Engine(load(folder, dtype="float32", mesh=mesh)[0])  # as transformers runs it, on any backend
+    engine = ModelRunner(load(folder, dtype="float32", mesh=mesh)[0])  # as transformers runs it, on any backend
 
     def run(prompts, n):
         gen = engine.start(prompts, SamplingParams(max_tokens=n, ignore_eos=True), [[]] * len(prompts))

@@ -311,11 +311,11 @@ def first_token_seconds(args) -> dict:
 
     devices(args)
     config, mesh, dtype = setup(args)
-    from phi4_jax import Engine, compilation_cache
+    from phi4_jax import ModelRunner, compilation_cache
 
     compilation_cache.enable()  # in the folder the parent gave this child
 
-    engine = Engine(build_model(args, config, mesh, dtype))
+    engine = ModelRunner(build_model(args, config, mesh, dtype))
     prompts, params = (prompts_of(config.vocab_size, 1, args.prompt_len[0]),
                        SamplingParams(max_tokens=1, ignore_eos=True))
     phases = dict.fromkeys(PHASES.values(), 0.0)
@@ -469,11 +469,11 @@ def measure_model(args, argv: list[str]) -> None:
     import jax
     import jax.numpy as jnp
 
-    from phi4_jax import Engine
+    from phi4_jax import ModelRunner
 
     model = build_model(args, config, mesh, dtype)
     config = model.config
-    engine = Engine(model)
+    engine = ModelRunner(model)
     measurements = []  # (what, run(peaks)) in order; each record is written as soon as it is measured
     if "prefill" in args.parts:
         measurements += [(f"prefill {n}", lambda peaks, n=n: measure_prefill(engine, config, n, args.repeats, peaks))

@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _greedy(model, prompts, new_tokens: int) -> list[list[int]]:
-    from phi4_jax import Engine, SamplingParams
+    from phi4_jax import ModelRunner, SamplingParams
 
-    gen = Engine(model).start(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True), [[]] * len(prompts))
+    gen = ModelRunner(model).start(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True), [[]] * len(prompts))
     gen.advance(new_tokens - 1)
     return np.asarray(gen.state.tokens)[:, :new_tokens].tolist()
 
@@ -142,7 +142,7 @@ def memory(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi4_jax import Engine, Phi4Config, SamplingParams
+    from phi4_jax import ModelRunner, Phi4Config, SamplingParams
     from phi4_jax.model.phi4 import abstract_model
 
     config = Phi4Config.from_preset(args.model)
@@ -153,7 +153,7 @@ def memory(args) -> dict:
     graphdef, state = nnx.split(abstract_model(config, param_dtype=args.dtype))
     model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state))
     prompt = np.random.default_rng(0).integers(1, config.vocab_size, args.context - 1).tolist()
-    engine = Engine(model, max_context=args.context)
+    engine = ModelRunner(model, max_context=args.context)
     gen = engine.start([prompt], SamplingParams(max_tokens=1, ignore_eos=True), [[]])  # fills every slot
     gen.advance(0)
     stats = device.memory_stats() or {}

@@ -114,7 +114,7 @@ def _time(config, mesh, length: int, args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi4_jax import Engine, Phi4ForCausalLM, SamplingParams
+    from phi4_jax import ModelRunner, Phi4ForCausalLM, SamplingParams
     from phi4_jax.planner import plan
     from phi4_jax.model.attention import resolve
     from phi4_jax.model.backend import Backend
@@ -128,7 +128,7 @@ def _time(config, mesh, length: int, args) -> dict:
     attention = resolve(args.attention, dtype, backend.platform, config.head_dim, mesh.devices.size)
     model = meshes.place(Phi4ForCausalLM(config_for_mesh(config, mesh), rngs=nnx.Rngs(0), param_dtype=dtype,
                                          attention=attention, backend=backend), mesh)
-    engine = Engine(model, max_context=length)
+    engine = ModelRunner(model, max_context=length)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, length - 1).tolist()
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     seconds = []

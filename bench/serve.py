@@ -6,10 +6,10 @@ drives any other OpenAI-compatible server instead (vLLM, llama.cpp, ...: /v1/com
 token-id prompts, streamed), so one run can measure two engines on the same machine.
 
 Phases, one record each in bench/results/serve.jsonl:
-- `offline`: the same model's `Engine` with no HTTP: steady decode tokens/s of 16 rows, and the
+- `offline`: the same model's `ModelRunner` with no HTTP: steady decode tokens/s of 16 rows, and the
   whole mix generated in static batches of 16 (prefill included): output tokens/s;
 - `lone_ttft`: a lone request's time to first token (TTFT) on an idle server against
-  `Engine.start`'s for the same prompt, measured in turns, for each `--probe-tokens` size;
+  `ModelRunner.start`'s for the same prompt, measured in turns, for each `--probe-tokens` size;
 - `clients`: 1, 4, 16 and 64 concurrent streaming clients, each sending its share of the seeded
   request mix one after another (after one unmeasured pass of the mix, which compiles what the
   mix needs): output tokens/s, requests/s, TTFT, inter-token latency (ITL: a request's time per
@@ -273,14 +273,14 @@ def _quantiles(name: str, seconds: list[float]) -> dict:
 # Offline.
 
 class Offline:
-    """The model's `Engine` in this process (no HTTP): what the server's numbers are set against."""
+    """The model's `ModelRunner` in this process (no HTTP): what the server's numbers are set against."""
 
     def __init__(self, folder: str, max_context: int, mesh: str | None):
         import phi4_jax
-        from phi4_jax.engine.engine import Engine
+        from phi4_jax.engine.runner import ModelRunner
 
         model, _ = phi4_jax.load(folder, progress=False, mesh=mesh)
-        self.engine = Engine(model, max_context=max_context)
+        self.engine = ModelRunner(model, max_context=max_context)
 
     def decode(self, mix: list[dict], steps: int = 64, repeats: int = 3) -> float:
         """Steady decode tokens/s of 16 rows (the mix's first prompts) in a cache as long as the
@@ -320,7 +320,7 @@ class Offline:
         return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start)
 
     def ttft(self, prompt: list[int]) -> float:
-        """Seconds of `Engine.start` to the first token of `prompt` (what `generate` waits)."""
+        """Seconds of `ModelRunner.start` to the first token of `prompt` (what `generate` waits)."""
         from phi4_jax import SamplingParams
 
         start = time.perf_counter()

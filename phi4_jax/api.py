@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
-import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -18,11 +16,11 @@ from jax.sharding import Mesh
 from phi4_jax import compilation_cache, platforms
 from phi4_jax.checkpoints.hub import resolve
 from phi4_jax.checkpoints.load import load_model
-from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.engine import Engine, RequestOutput
+from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
-from phi4_jax.errors import ConfigError
+from phi4_jax.errors import ConfigError, GenerationError
 from phi4_jax.model.phi4 import Phi4ForCausalLM
-from phi4_jax.text.stops import request_stop_ids
 from phi4_jax.text.tokenizer import Tokenizer
 
 Prompt = str | list[dict]  # raw text, or chat messages rendered with the model's chat template
@@ -93,47 +91,24 @@ class GenerationResponse:
     finish_reason: str | None  # "stop" (stop token or string), "length", or None while running
     prompt_tokens: int
     generation_tokens: int
-    prompt_tps: float  # prompt tokens per second of the prefill, its compiling left out
+    prompt_tps: float  # prompt tokens per second of the prefill (reused ones not counted), its compiling left out
     generation_tps: float  # tokens per second of the decode steps after the first token, compiling left out
     compile_seconds: float  # tracing, lowering and compiling in this request (0 once compiled) ...
     compile_cache_seconds: float  # ... of it, loading programs from the persistent compilation cache
     peak_memory_gb: float | None  # the device's peak where the backend reports it (last response only)
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the previous turn
 
 
 class PromptCache:
     """Carries the KV cache from one `stream_generate` call to the next: when the next prompt
-    extends the last sequence (a chat's next turn), only its new tokens are prefilled."""
+    extends the last sequence (a chat's next turn), only its new tokens are prefilled. It holds the
+    engine those calls run on (made by the first call)."""
 
     def __init__(self):
-        self.generation = None  # the last finished Generation (its cache is reused, then consumed)
+        self.model = self.engine = None  # the model (or runner) given, and the Engine over it
 
     def reset(self) -> None:
-        self.generation = None
-
-
-class _CompileClock:
-    """Seconds JAX spends making programs (tracing, lowering, compiling or loading them from the
-    persistent cache), summed from its monitoring events: `total`, and `cached` of it loading."""
-
-    EVENTS = ("/jax/core/compile/backend_compile_duration",
-              "/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/jaxpr_trace_duration")
-    CACHE_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
-
-    def __init__(self):
-        self.total = self.cached = 0.0
-        self._lock = threading.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **_):
-        # A cache load is also inside its backend-compile event: it counts in `total` once.
-        with self._lock:
-            if event in self.EVENTS:
-                self.total += duration
-            elif event == self.CACHE_EVENT:
-                self.cached += duration
-
-
-_compile_clock = _CompileClock()
+        self.model = self.engine = None
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
@@ -149,10 +124,6 @@ def prompt_ids(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return ids
 
 
-def _stop_ids(tokenizer: Tokenizer, params: SamplingParams) -> frozenset[int]:
-    return request_stop_ids(tokenizer.eos_token_ids, params.ignore_eos, params.stop_token_ids)
-
-
 def _peak_memory_gb() -> float | None:
     """The peak of this process's fullest device (None where the backend does not say, as on CPU)."""
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
@@ -160,7 +131,26 @@ def _peak_memory_gb() -> float | None:
     return max(peaks) / 1e9 if peaks else None
 
 
-def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt,
+def _runner(model: Phi4ForCausalLM | ModelRunner) -> ModelRunner:
+    return model if isinstance(model, ModelRunner) else ModelRunner(model)
+
+
+def _outputs(engine: Engine) -> Iterator[RequestOutput]:
+    """Steps `engine` until it holds nothing, yielding the outputs; a failed request raises its error."""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finish_reason == "error":
+                    raise GenerationError(out.error)
+                yield out
+    finally:
+        for request_id in engine.request_ids():  # the caller stopped reading: end what runs
+            engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+def stream_generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt: Prompt,
                     sampling: SamplingParams | None = None, max_tokens: int | None = None,
                     steps_per_call: int = STEPS_PER_CALL, prompt_cache: PromptCache | None = None,
                     ) -> Iterator[GenerationResponse]:
@@ -169,64 +159,48 @@ def stream_generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, promp
     flushes held-back text and carries the finish reason.
 
     Args:
-      model: the model, or an `Engine` over it (reuse one to skip re-splitting the model).
+      model: the model, or a `ModelRunner` over it (reuse one to skip re-splitting the model).
       prompt: raw text, or chat messages (the chat template is applied).
       sampling: the sampling parameters (default greedy); `max_tokens` overrides its max_tokens.
       steps_per_call: decode steps per device call (the host looks in every `steps_per_call` tokens).
       prompt_cache: reuse the KV cache of the previous call through the same PromptCache for the
-        prefix this prompt shares with that sequence (use one Engine for all such calls).
+        prefix this prompt shares with that sequence.
     """
-    engine = model if isinstance(model, Engine) else Engine(model)
     params = sampling or SamplingParams()
     if max_tokens is not None:
         params = dataclasses.replace(params, max_tokens=max_tokens)
     ids = prompt_ids(tokenizer, prompt)
-    stops = _stop_ids(tokenizer, params)
-    decoder = tokenizer.stream(stop=params.stop, stop_ids=stops)
-    compile_before, cached_before = _compile_clock.total, _compile_clock.cached
-    start = time.perf_counter()
-    previous = prompt_cache.generation if prompt_cache is not None else None
-    if prompt_cache is not None:
-        prompt_cache.generation = None  # its cache is consumed by the next start
-    gen = engine.start([ids], params, [sorted(stops)], continuing=previous)
-    new = gen.advance(0)[0]  # the prefill's token
-    prefill_compile = _compile_clock.total - compile_before
-    # The rates leave compiling out: a first request's would otherwise show its compile, not its speed.
-    prefill_s = max(time.perf_counter() - start - prefill_compile, 1e-9)
-    decode_start, decode_compile_before = time.perf_counter(), _compile_clock.total
-    count = 0
-
-    def response(text, token, reason):
-        decode_s = max(time.perf_counter() - decode_start - (_compile_clock.total - decode_compile_before), 1e-9)
-        return GenerationResponse(
-            text=text, token=token, finish_reason=reason, prompt_tokens=len(ids), generation_tokens=count,
-            # (the first token came with the prefill)
-            prompt_tps=len(ids) / prefill_s, generation_tps=max(count - 1, 0) / decode_s,
-            compile_seconds=_compile_clock.total - compile_before,
-            compile_cache_seconds=_compile_clock.cached - cached_before,
-            peak_memory_gb=_peak_memory_gb() if reason else None)  # asked of the device once, at the end
-
-    while True:
-        for token in new:
-            count += 1
-            text = decoder.add(token)
-            if decoder.stopped:
-                gen.stop([0])
-                break
-            yield response(text, token, None)
-        if gen.finished:
-            break
-        new = gen.advance(steps_per_call)[0]
-    if prompt_cache is not None:
-        prompt_cache.generation = gen
-    yield response(decoder.finish(), None, gen.finish_reasons()[0])
+    engine = prompt_cache.engine if prompt_cache is not None and prompt_cache.model is model else None
+    if engine is None:
+        engine = Engine(_runner(model), tokenizer, max_batch=1, steps_per_call=steps_per_call)
+        if prompt_cache is not None:
+            prompt_cache.model, prompt_cache.engine = model, engine
+    engine.add_request("stream", ids, params)
+    for out in _outputs(engine):
+        n = len(out.token_ids)
+        for k, token in enumerate(out.token_ids):  # a response per token; the text comes with the last
+            text = out.text if k == n - 1 and not out.finished else ""
+            yield _response(out, text, token, None, count=out.stats.generation_tokens - (n - 1 - k))
+        if out.finished:
+            yield _response(out, out.text, None, out.finish_reason, count=out.stats.generation_tokens, final=True)
 
 
-def generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt],
+def _response(out: RequestOutput, text: str, token: int | None, reason: str | None, count: int,
+              final: bool = False) -> GenerationResponse:
+    s = out.stats
+    return GenerationResponse(
+        text=text, token=token, finish_reason=reason, prompt_tokens=s.prompt_tokens, generation_tokens=count,
+        prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
+        compile_seconds=s.compile_seconds, compile_cache_seconds=s.compile_cache_seconds,
+        peak_memory_gb=_peak_memory_gb() if final else None, cached_tokens=s.cached_tokens)
+
+
+def generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt],
              sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-             max_tokens: int | None = None) -> str | list[str]:
+             max_tokens: int | None = None, max_batch: int = 16) -> str | list[str]:
     """The generated text of a prompt (raw text or chat messages), or of a batch (a list of
-    prompts, each with its own SamplingParams if a list is given): rows generate together."""
+    prompts, each with its own SamplingParams if a list is given): up to `max_batch` rows generate
+    together, each new prompt joining as a row finishes (continuous batching)."""
     single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
                                          and all(isinstance(m, dict) for m in prompt))
     prompts = [prompt] if single else list(prompt)
@@ -234,27 +208,18 @@ def generate(model: Phi4ForCausalLM | Engine, tokenizer: Tokenizer, prompt: Prom
         raise ConfigError("no prompts given")
     params = sampling or SamplingParams()
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts need as many SamplingParams; got {len(params)}")
     if max_tokens is not None:
         params = [dataclasses.replace(p, max_tokens=max_tokens) for p in params]
-    engine = model if isinstance(model, Engine) else Engine(model)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    stops = [_stop_ids(tokenizer, p) for p in params]
-    decoders = [tokenizer.stream(stop=p.stop, stop_ids=s) for p, s in zip(params, stops)]
-    gen = engine.start(ids, params, [sorted(s) for s in stops])
-    new = gen.advance(0)
-    while True:
-        for b, tokens in enumerate(new):
-            for token in tokens:
-                decoders[b].add(token)
-                if decoders[b].stopped:
-                    gen.stop([b])
-                    break
-        if gen.finished:
-            break
-        # Stop strings are only seen by the host: look in every few steps when there are any.
-        new = gen.advance(STEPS_PER_CALL if any(p.stop for p in params) else max(p.max_tokens for p in params))
-    texts = []
-    for decoder in decoders:
-        decoder.finish()
-        texts.append(decoder.text)
+    # Stop strings are seen only by the host, and waiting prompts join only between calls: then look
+    # in every few steps; else each row may run to its end in one call.
+    few = any(p.stop for p in params) or len(prompts) > max_batch
+    engine = Engine(_runner(model), tokenizer, max_batch=max_batch, max_queue=len(prompts),
+                    steps_per_call=STEPS_PER_CALL if few else max(p.max_tokens for p in params))
+    engine.add_requests([(str(i), p_ids, p) for i, (p_ids, p) in enumerate(zip(ids, params))])
+    texts = [""] * len(prompts)
+    for out in _outputs(engine):
+        texts[int(out.request_id)] += out.text
     return texts[0] if single else texts

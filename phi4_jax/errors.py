@@ -43,3 +43,7 @@ class SamplingError(Phi4Error, ValueError):
 
 class TokenizerError(Phi4Error, ValueError):
     """Tokenizer files that are missing or unreadable, or a chat template that fails; names the file."""
+
+
+class GenerationError(Phi4Error):
+    """A request failed inside the engine (a device call raised); the engine went on without it."""

@@ -221,7 +221,7 @@ def tiny_model(tiny_checkpoint):
 
 
 def greedy_run(engine, prompts, max_tokens=24, steps_per_call=8):
-    """Greedy generation of a batch through `Engine.start` / `advance`: (tokens per row, Generation)."""
+    """Greedy generation of a batch through `ModelRunner.start` / `advance`: (tokens per row, Generation)."""
     from phi4_jax.engine.sampling import SamplingParams
 
     gen = engine.start(prompts, SamplingParams(max_tokens=max_tokens), [[] for _ in prompts])
@@ -245,6 +245,29 @@ def user_environment(**changes) -> dict:
     if not glob.glob("/dev/nvidia[0-9]*"):
         dropped.add("JAX_PLATFORMS")
     return {**{k: v for k, v in os.environ.items() if k not in dropped}, **changes}
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, timeout: float = 120, warm_up=None, max_context=None, default_max_tokens=256,
+            **engine_options):
+    """(port, Served) of `model` behind the OpenAI API in this process, as `phi4-jax serve` serves
+    it (`engine_options`: the Engine's, such as max_batch): an AsyncEngine started with `warm_up`
+    (default none), uvicorn on a free loopback port (`listening`); stopped on exit."""
+    from phi4_jax.engine.async_engine import AsyncEngine
+    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.runner import ModelRunner
+    from phi4_jax.server.app import Served
+
+    runner = ModelRunner(model, max_context=max_context)
+    engine = AsyncEngine(Engine(runner, tokenizer, **engine_options), heartbeat=0.5)
+    engine.start(warm_up)
+    served = Served(name="demo", tokenizer=tokenizer, engine=engine, max_context=runner.max_context,
+                    default_max_tokens=default_max_tokens)
+    try:
+        with listening(served, timeout) as port:
+            yield port, served
+    finally:
+        engine.shutdown(timeout)
 
 
 @contextlib.contextmanager

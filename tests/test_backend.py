@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phi4_jax import Engine, Phi4Config, Phi4ForCausalLM
+from phi4_jax import ModelRunner, Phi4Config, Phi4ForCausalLM
 from phi4_jax.model.phi4 import forward
 from phi4_jax.planner.plan import lower_step
 from phi4_jax.model.backend import Backend
@@ -81,7 +81,7 @@ def test_both_forms_give_the_same_tokens(both_forms, batch):
     """The same weights traced with XLA:CPU's forms and with the plain ones (both run here) decode
     the same greedy tokens, and their prefill logits agree."""
     assert [m.backend.platform for m in both_forms.values()] == ["cpu", "gpu"]
-    engines = [Engine(m) for m in both_forms.values()]
+    engines = [ModelRunner(m) for m in both_forms.values()]
     prompts = [np.random.default_rng(row).integers(3, 256, 5 + 3 * row).tolist() for row in range(batch)]
     cpu, plain = (greedy_run(e, prompts, max_tokens=16)[0] for e in engines)
     assert cpu == plain and all(len(row) == 16 for row in cpu)

@@ -142,7 +142,7 @@ class MatmulPeak(Reader):
 
 def timed_engine(clock):
     """The real engine (the products part reads its weights) whose generations take set times."""
-    from phi4_jax import Engine
+    from phi4_jax import ModelRunner
 
     class Generation:
         def __init__(self):
@@ -153,7 +153,7 @@ def timed_engine(clock):
                 self.steps += 1
                 clock.now += STEP_S * self.steps
 
-    class TimedEngine(Engine):
+    class TimedEngine(ModelRunner):
         def __init__(self, model):
             super().__init__(model)
             self.starts = 0
@@ -188,7 +188,7 @@ def test_generate_bench_records_agree_with_their_numbers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(generate, "time", clock)
     monkeypatch.setattr(generate, "subprocess", types.SimpleNamespace(run=run))
-    monkeypatch.setattr(phi4_jax, "Engine", timed_engine(clock))
+    monkeypatch.setattr(phi4_jax, "ModelRunner", timed_engine(clock))
     monkeypatch.setattr(roofline, "ReadBandwidth", ReadBandwidth)
     monkeypatch.setattr(roofline, "MatmulPeak", MatmulPeak)
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "elsewhere"))  # the children must not see it

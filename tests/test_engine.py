@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from phi4_jax.engine.engine import Engine, Generation
+from phi4_jax.engine.runner import ModelRunner, Generation
 from phi4_jax.errors import ConfigError
 from phi4_jax.engine.sampling import SamplingParams
 
@@ -14,13 +14,13 @@ LENGTHS = (5, 11, 3)  # different lengths in one batch; with 32 new tokens all c
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    """`engines(shape)` -> (an Engine of the shared tiny model, transformers' model)."""
+    """`engines(shape)` -> (an ModelRunner of the shared tiny model, transformers' model)."""
     made = {}
 
     def get(shape):
         if shape not in made:
             model, hf = tiny_model(shape)
-            made[shape] = (Engine(model), hf)
+            made[shape] = (ModelRunner(model), hf)
         return made[shape]
 
     return get
@@ -79,7 +79,7 @@ def test_prefill_in_pieces_equals_transformers(tiny_model, shape, prefill_piece)
     """Prompts (and Phi-4-mini's re-encode at the threshold) prefilled `prefill_piece` tokens at a
     time, each piece attending over the cache; 6 and 3 leave a shorter last piece of the bucket."""
     model, hf = tiny_model(shape)
-    engine = Engine(model, prefill_piece=prefill_piece)
+    engine = ModelRunner(model, prefill_piece=prefill_piece)
     batch = prompts(seed=5)
     got, _ = run(engine, batch)
     assert got == [hf_greedy(hf, p) for p in batch]
@@ -197,7 +197,7 @@ def test_context_limits(engines):
 def test_prompt_bucket_wider_than_a_capped_context(tiny_model):
     """A 40-token prompt is padded to 64, past a 50-token context: the prompt still fits."""
     model, hf = tiny_model("phi-4")
-    engine = Engine(model, max_context=50)
+    engine = ModelRunner(model, max_context=50)
     prompt = prompts(seed=6, lengths=(40,))[0]
     got, reasons = run(engine, [prompt], SamplingParams(max_tokens=NEW))
     assert len(got[0]) == 10 and reasons == ["length"]
@@ -231,7 +231,7 @@ def test_next_turn_reuses_the_cache_and_gives_the_same_tokens(engines, shape, fi
 def test_next_turn_prefilled_in_pieces_gives_the_fresh_tokens(tiny_model, shape):
     """A chat's next turn (starts > 0) prefilled 3 tokens at a time over the cached sequence."""
     model, _ = tiny_model(shape)
-    engine, whole = Engine(model, prefill_piece=3), Engine(model)
+    engine, whole = ModelRunner(model, prefill_piece=3), ModelRunner(model)
     turn1 = prompts(seed=9, lengths=(7,))[0]
     params = SamplingParams(max_tokens=4)
     gen = engine.start([turn1], params, [[]])
@@ -253,7 +253,7 @@ def test_decode_updates_the_cache_in_place_and_reads_it_as_it_lies(engines, batc
 
     import jax.numpy as jnp
 
-    from phi4_jax.engine.engine import _decode
+    from phi4_jax.engine.runner import _decode
 
     engine, _ = engines("phi-3.5-mini")  # one query head per KV head: the shape that was copied
     gen = engine.start(prompts(lengths=(3,) * batch), SamplingParams(max_tokens=200), [[]] * batch)

@@ -9,11 +9,11 @@ import pytest
 import phi4_jax
 from conftest import PHI4_JAX, user_environment
 from phi4_jax.cli import common as cli
-from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
 
 def greedy_ids(model, ids, n):
-    engine = Engine(model)
+    engine = ModelRunner(model)
     gen = engine.start([ids], SamplingParams(max_tokens=n, ignore_eos=True), [[]])
     out = []
     while not gen.finished:
@@ -67,7 +67,7 @@ def test_stream_rates_leave_compiling_out(chat_model):
 
     _, model, tokenizer = chat_model
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)  # shapes no other test here compiles
-    engine = Engine(model)
+    engine = ModelRunner(model)
     start = time.perf_counter()
     first = list(phi4_jax.stream_generate(engine, tokenizer, "Fresh shapes", params))[-1]
     wall = time.perf_counter() - start
@@ -195,12 +195,12 @@ def test_cli_chat_reuses_the_cache_across_turns(chat_model, capsys, monkeypatch)
 
 def test_prompt_cache_reports_reuse(chat_model):
     _, model, tokenizer = chat_model
-    engine = Engine(model)
+    engine = ModelRunner(model)
     cache = phi4_jax.PromptCache()
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     turn1 = [{"role": "user", "content": "Hello"}]
     reply = "".join(r.text for r in phi4_jax.stream_generate(engine, tokenizer, turn1, params, prompt_cache=cache))
     turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "More"}]
-    text = "".join(r.text for r in phi4_jax.stream_generate(engine, tokenizer, turn2, params, prompt_cache=cache))
-    assert cache.generation.reused_tokens >= len(tokenizer.apply_chat_template(turn1))
-    assert text == phi4_jax.generate(model, tokenizer, turn2, params)
+    responses = list(phi4_jax.stream_generate(engine, tokenizer, turn2, params, prompt_cache=cache))
+    assert responses[-1].cached_tokens >= len(tokenizer.apply_chat_template(turn1))
+    assert "".join(r.text for r in responses) == phi4_jax.generate(model, tokenizer, turn2, params)

@@ -143,19 +143,19 @@ def test_engine_prefills_with_the_ring_and_decodes_the_one_device_tokens(tiny_ch
     (crossing the threshold too) gives the single-device tokens."""
     import phi4_jax
     from phi4_jax.model import phi4 as model_module
-    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.runner import ModelRunner
     folder, _ = tiny_checkpoint("phi-4-mini")
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 20, 3)]
     greedy = functools.partial(greedy_run, prompts=prompts)
 
-    want, _ = greedy(Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0]))
+    want, _ = greedy(ModelRunner(phi4_jax.load(folder, dtype="float32", progress=False)[0]))
     calls = []
     traced = model_module.ring_attend
     monkeypatch.setattr(model_module, "ring_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))
     n_devices = int(np.prod(list(meshes.parse_mesh(spec).values())))
     mesh = meshes.make_mesh(spec, jax.devices()[:n_devices])
-    got, gen = greedy(Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0]))
+    got, gen = greedy(ModelRunner(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0]))
     assert calls  # the prefill went through the ring
     assert got == want
     assert gen.state.cache.keys[0].sharding.spec[2] == "seq"
@@ -270,15 +270,16 @@ def test_next_chat_turn_on_a_seq_mesh_reuses_the_split_cache(tiny_checkpoint, mo
     of the first turn, and decoding continues over it; the tokens equal one device's fresh run."""
     import phi4_jax
     from phi4_jax.model import phi4 as model_module
-    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.engine.sampling import SamplingParams
 
     folder, _ = tiny_checkpoint("phi-4")
     rng = np.random.default_rng(5)
     turn1, more = rng.integers(3, 256, 7).tolist(), rng.integers(3, 256, 9).tolist()
-    one = Engine(phi4_jax.load(folder, dtype="float32", progress=False)[0])
+    one = ModelRunner(phi4_jax.load(folder, dtype="float32", progress=False)[0])
     mesh = meshes.make_mesh("seq=4", jax.devices()[:4])
-    split = Engine(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0], prefill_piece=prefill_piece)
+    split = ModelRunner(phi4_jax.load(folder, dtype="float32", mesh=mesh, progress=False)[0],
+                        prefill_piece=prefill_piece)
     calls = []
     traced = model_module.cache_attend
     monkeypatch.setattr(model_module, "cache_attend", lambda *a, **k: calls.append(1) or traced(*a, **k))

@@ -1,29 +1,30 @@
-"""Continuous batching: rows that join and leave a running batch get exactly the tokens they get
-alone (greedy and seeded, stops, limits, LongRoPE crossings), slots grow and shrink, stops free
-them, and a full queue refuses without queueing anything."""
-
-import threading
-import time
+"""Continuous batching through `Engine.step()`, without threads: requests that join and leave a
+running batch get exactly the tokens they get alone (greedy and seeded, stops, limits, LongRoPE
+crossings, prompts prefilled together or in pieces, a reused prefix), slots grow and shrink, aborts
+free them, a full queue refuses without queueing anything, and a failed device call fails only the
+requests it touched."""
 
 import numpy as np
 import pytest
 
+from phi4_jax.engine import runner as runner_module
 from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
-from phi4_jax.engine.scheduler import QueueFullError, Row, RowOutput, Scheduler
+from phi4_jax.engine.scheduler import QueueFullError, Request
 
-TIMEOUT = 300  # seconds any wait in this module may take
+MAX_STEPS = 2000  # steps any loop here may take
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
+def runner(tiny_model):
     # Phi-4-mini's shape: LongRoPE with an original context of 16, so rows cross it in the batch.
-    return Engine(tiny_model("phi-4-mini")[0])
+    return ModelRunner(tiny_model("phi-4-mini")[0])
 
 
-def alone(engine, row: Row, steps_per_call=8, logprobs=False):
-    """(tokens, finish reason) of `row` generated alone; with `logprobs`, also its log-probabilities."""
-    gen = engine.start([row.ids], row.params, [sorted(row.stop_ids)])
+def alone(runner, request: Request, steps_per_call=8, logprobs=False):
+    """(tokens, finish reason) of `request` generated alone; with `logprobs`, also its log-probabilities."""
+    gen = runner.start([request.ids], request.params, [sorted(request.stop_ids)])
     out, lps = gen.advance(0)[0], gen.new_logprobs[0] or []
     while not gen.finished:
         out += gen.advance(steps_per_call)[0]
@@ -31,34 +32,37 @@ def alone(engine, row: Row, steps_per_call=8, logprobs=False):
     return (out, gen.finish_reasons()[0], lps) if logprobs else (out, gen.finish_reasons()[0])
 
 
-class Collector:
-    """Tokens, outputs and finish reasons by (job key, row), as the scheduler delivers them."""
+class Collected:
+    """Tokens, log-probabilities, output counts and finish reasons by request id, from `step()`s."""
 
     def __init__(self):
-        self.tokens, self.reasons, self.outputs, self.logprobs = {}, {}, {}, {}
-        self.lock, self.done = threading.Lock(), threading.Condition()
+        self.tokens, self.logprobs, self.outputs, self.reasons, self.errors = {}, {}, {}, {}, {}
 
-    def deliver(self, key):
-        def take(out: RowOutput):
-            with self.done:
-                row = (key, out.row)
-                self.tokens.setdefault(row, []).extend(out.tokens)
-                self.logprobs.setdefault(row, []).extend(out.logprobs or [])
-                self.outputs[row] = self.outputs.get(row, 0) + 1
-                if out.finish_reason is not None:
-                    assert row not in self.reasons, f"{row} finished twice"
-                    self.reasons[row] = out.finish_reason
-                self.done.notify_all()
-        return take
-
-    def wait(self, count):
-        with self.done:
-            assert self.done.wait_for(lambda: len(self.reasons) >= count, TIMEOUT), self.reasons
+    def take(self, outputs):
+        for out in outputs:
+            key = out.request_id
+            assert key not in self.reasons, f"{key} got an output after it finished"
+            self.tokens.setdefault(key, []).extend(out.token_ids)
+            self.logprobs.setdefault(key, []).extend(out.logprobs or [])
+            self.outputs[key] = self.outputs.get(key, 0) + 1
+            if out.finished:
+                self.reasons[key] = out.finish_reason
+                self.errors[key] = out.error
+        return outputs
 
 
-def rows_of(engine, count, seed=0):
+def run(engine, got, until=None):
+    """Steps `engine` until it holds nothing (or `until()`), collecting into `got`."""
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished_requests() or (until is not None and until()):
+            return
+        got.take(engine.step())
+    pytest.fail("the engine did not finish")
+
+
+def requests_of(runner, count, seed=0):
     rng = np.random.default_rng(seed)
-    rows = []
+    made = []
     for i in range(count):
         ids = rng.integers(3, 256, int(rng.integers(2, 24))).tolist()
         limit = int(rng.integers(1, 40))
@@ -68,129 +72,178 @@ def rows_of(engine, count, seed=0):
                   SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, max_tokens=limit,
                                  logprobs=2 * (i % 8 == 3))
                   ][i % 4]  # (log-probabilities of the likeliest 2 or the chosen token alone: the slots widen for them)
-        rows.append(Row(ids, params, frozenset()))
-    # Stop ids for some rows: a token their lone greedy output reaches.
+        made.append(Request(str(i), ids, params, frozenset()))
+    # Stop ids for some: a token their lone greedy output reaches.
     for i in range(0, count, 4):
-        out, _ = alone(engine, rows[i])
+        out, _ = alone(runner, made[i])
         if len(out) > 3:
-            rows[i] = Row(rows[i].ids, rows[i].params, frozenset({out[3]}))
-    return rows
+            made[i] = Request(str(i), made[i].ids, made[i].params, frozenset({out[3]}))
+    return made
+
+
+def add(engine, request: Request):
+    engine.add_request(request.request_id, request.ids, request.params, request.stop_ids)
 
 
 @pytest.mark.slow  # the quick loop keeps joins through the server (test_serve: 32 requests on 4 slots)
-def test_rows_joining_a_running_batch_get_their_lone_tokens(engine):
-    rows = rows_of(engine, 16)
-    want = [alone(engine, row, logprobs=True) for row in rows]
-    scheduler = Scheduler(engine, max_batch=4, steps_per_call=2)
-    scheduler.start()
-    got = Collector()
-    seen_slots = set()
-    follow = iter(range(6, len(rows)))  # after a burst of six, each row's second output sends the next
-
-    def deliver(i):
-        take = got.deliver(i)
-
-        def chained(out):
-            take(out)
-            seen_slots.add(scheduler.load().slots)
-            if got.outputs[i, 0] == 2 or out.finish_reason is not None:
+def test_requests_joining_a_running_batch_get_their_lone_tokens(runner):
+    requests = requests_of(runner, 16)
+    want = [alone(runner, r, logprobs=True) for r in requests]
+    engine = Engine(runner, max_batch=4, steps_per_call=2)
+    got, slots_seen = Collected(), []
+    # One, then a second while it runs, then a burst of four (two fit), then one per second output.
+    arrivals = {0: [0], 2: [1], 3: [2, 3, 4, 5]}
+    follow = iter(range(6, len(requests)))
+    for step in range(MAX_STEPS):
+        for i in arrivals.get(step, []):
+            add(engine, requests[i])
+        if not engine.has_unfinished_requests():
+            break
+        for out in got.take(engine.step()):
+            if got.outputs[out.request_id] == 2 or out.finished:
                 j = next(follow, None)
                 if j is not None:
-                    scheduler.submit([rows[j]], deliver(j))
-        return chained
-
-    try:
-        for i in range(6):
-            scheduler.submit([rows[i]], deliver(i))
-        got.wait(len(rows))
-        assert [(got.tokens[i, 0], got.reasons[i, 0]) for i in range(len(rows))] == [w[:2] for w in want]
-        for i, (_, _, logprobs) in enumerate(want):  # equal to float noise: batch sizes sum apart
-            assert len(got.logprobs[i, 0]) == len(logprobs) == (len(want[i][0]) if rows[i].params.logprobs is not None
-                                                                 else 0)
-            for (value, top), (lone_value, lone_top) in zip(got.logprobs[i, 0], logprobs):
-                assert value == pytest.approx(lone_value, abs=1e-5) and [t for t, _ in top] == [t for t, _ in lone_top]
-        assert {1, 2, 4} <= seen_slots and max(seen_slots) == 4  # grown in powers of two up to max_batch
-        deadline = time.monotonic() + TIMEOUT
-        while scheduler.load().slots and time.monotonic() < deadline:  # freed once the last row finished
-            time.sleep(0.01)
-        load = scheduler.load()
-        assert (load.running, load.waiting, load.slots, load.max_batch) == (0, 0, 0, 4)
-        assert load.prefill_seconds > 0 and load.decode_seconds > 0
-    finally:
-        scheduler.shutdown(TIMEOUT)
+                    add(engine, requests[j])
+        slots_seen.append(engine.load().slots)
+    assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == [w[:2] for w in want]
+    for r, (_, _, logprobs) in zip(requests, want):  # equal to float noise: batch sizes sum apart
+        assert len(got.logprobs[r.request_id]) == len(logprobs) == (len(got.tokens[r.request_id])
+                                                                    if r.params.logprobs is not None else 0)
+        for (value, top), (lone_value, lone_top) in zip(got.logprobs[r.request_id], logprobs):
+            assert value == pytest.approx(lone_value, abs=1e-5) and [t for t, _ in top] == [t for t, _ in lone_top]
+    assert set(slots_seen) <= {0, 1, 2, 4} and {1, 4} <= set(slots_seen)  # powers of two up to max_batch
+    load = engine.load()  # freed once the last row finished
+    assert (load.running, load.waiting, load.slots, load.max_batch) == (0, 0, 0, 4)
+    assert load.prefill_seconds > 0 and load.decode_seconds > 0
+    assert sum(load.finished.values()) == len(requests)
 
 
-def test_a_stopped_row_frees_its_slot_and_the_others_run_on(engine):
-    rows = [Row([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset()),
-            Row([9, 10], SamplingParams(max_tokens=30, ignore_eos=True), frozenset())]
-    scheduler = Scheduler(engine, max_batch=2, steps_per_call=2)
-    scheduler.start()
-    got = Collector()
-    try:
-        long_job = scheduler.submit([rows[0]], got.deliver(0))
-        scheduler.submit([rows[1]], got.deliver(1))
-        with got.done:
-            assert got.done.wait_for(lambda: got.outputs.get((0, 0), 0) >= 3, TIMEOUT)
-        long_job.stop()
-        got.wait(2)
-        assert got.reasons[0, 0] == "stop" and len(got.tokens[0, 0]) < 200
-        assert (got.tokens[1, 0], got.reasons[1, 0]) == alone(engine, rows[1])
-        assert scheduler.load().running == 0
-    finally:
-        scheduler.shutdown(TIMEOUT)
+def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner, monkeypatch):
+    requests = requests_of(runner, 5, seed=3)
+    want = [alone(runner, r) for r in requests]
+    calls = []
+    start = runner.start
+
+    def counted(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return start(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "start", counted)
+    engine = Engine(runner, max_batch=8, steps_per_call=4)
+    for r in requests:
+        add(engine, r)
+    got = Collected()
+    run(engine, got)
+    assert calls == [4, 1]  # a power of two of them in one prefill, then the fifth
+    assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
 
 
-def test_a_full_queue_refuses_the_whole_job_and_shutdown_aborts_the_waiting(engine):
-    scheduler = Scheduler(engine, max_batch=1, max_queue=3)  # not started: rows only wait
-    got = Collector()
-    row = Row([1, 2, 3], SamplingParams(max_tokens=4), frozenset())
-    scheduler.submit([row, row], got.deliver("first"))
-    with pytest.raises(QueueFullError, match="2 rows are waiting"):
-        scheduler.submit([row, row], got.deliver("second"))
-    assert scheduler.load().waiting == 2
-    scheduler.shutdown()
-    assert got.reasons == {("first", 0): "abort", ("first", 1): "abort"}
-    with pytest.raises(QueueFullError, match="shutting down"):
-        scheduler.submit([row], got.deliver("third"))
+def test_an_aborted_request_frees_its_slot_and_the_others_run_on(runner):
+    requests = [Request("long", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset()),
+                Request("short", [9, 10], SamplingParams(max_tokens=30, ignore_eos=True), frozenset())]
+    engine = Engine(runner, max_batch=2, steps_per_call=2)
+    for r in requests:
+        add(engine, r)
+    got = Collected()
+    run(engine, got, until=lambda: got.outputs.get("long", 0) >= 3)
+    engine.abort("long")
+    run(engine, got)
+    assert got.reasons["long"] == "abort" and len(got.tokens["long"]) < 200
+    assert (got.tokens["short"], got.reasons["short"]) == alone(runner, requests[1])
+    assert engine.load().running == 0 and engine.load().finished == {"abort": 1, "length": 1}
+
+
+def test_a_full_queue_refuses_the_whole_submission_and_waiting_requests_abort_at_once(runner):
+    engine = Engine(runner, max_batch=1, max_queue=3)
+    params = SamplingParams(max_tokens=4)
+    engine.add_requests([("a", [1, 2, 3], params), ("b", [1, 2, 3], params)])
+    with pytest.raises(QueueFullError, match="2 requests are waiting"):
+        engine.add_requests([("c", [1, 2, 3], params), ("d", [1, 2, 3], params)])
+    assert engine.load().waiting == 2 and engine.request_ids() == ["a", "b"]
+    engine.abort("a")
+    engine.abort("b")
+    outputs = engine.step()  # (no device call: nothing runs)
+    assert [(o.request_id, o.finish_reason, o.token_ids) for o in outputs] == [("a", "abort", []), ("b", "abort", [])]
+    assert not engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("length", [7, 33, 40])  # one piece; pieces across LongRoPE's threshold of 16
-def test_a_prompt_prefilled_in_pieces_gets_the_tokens_of_one_call(engine, length):
+def test_a_prompt_prefilled_in_pieces_gets_the_tokens_of_one_call(runner, length):
     prompt = np.random.default_rng(length).integers(3, 256, length).tolist()
     for params in (SamplingParams(max_tokens=20), SamplingParams(temperature=1.0, seed=3, max_tokens=20)):
-        pieces = list(engine.start_in_pieces(prompt, params, [], piece=16))
+        pieces = list(runner.start_in_pieces(prompt, params, [], piece=16))
         assert pieces[:-1] == [None] * (-(-length // 16) - 1)
         gen, out = pieces[-1], pieces[-1].advance(0)[0]
         while not gen.finished:
             out += gen.advance(8)[0]
-        assert (out, gen.finish_reasons()[0]) == alone(engine, Row(prompt, params, frozenset()))
+        assert (out, gen.finish_reasons()[0]) == alone(runner, Request("x", prompt, params, frozenset()))
 
 
-def test_a_long_prompt_is_read_in_pieces_while_a_stream_flows(engine):
-    stream = Row([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset())
-    long = Row(np.random.default_rng(9).integers(3, 256, 60).tolist(), SamplingParams(max_tokens=10), frozenset())
-    scheduler = Scheduler(engine, max_batch=2, steps_per_call=1, prefill_tokens=8)
-    scheduler.start()
-    got, order = Collector(), []
+def test_a_long_prompt_is_read_in_pieces_while_a_stream_flows(runner):
+    stream = Request("stream", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset())
+    long = Request("long", np.random.default_rng(9).integers(3, 256, 60).tolist(), SamplingParams(max_tokens=10),
+                   frozenset())
+    engine = Engine(runner, max_batch=2, steps_per_call=1, prefill_tokens=8)
+    add(engine, stream)
+    got, order = Collected(), []
+    run(engine, got, until=lambda: got.outputs.get("stream", 0) >= 2)
+    add(engine, long)
+    for _ in range(MAX_STEPS):
+        if "long" in got.reasons:
+            break
+        order += [o.request_id for o in got.take(engine.step())]
+    assert (got.tokens["long"], got.reasons["long"]) == alone(runner, long)
+    between = order[:order.index("long")].count("stream")  # stream outputs while the prompt was read
+    assert between >= -(-60 // 8) - 1  # a decode call of the stream after every piece but the last
+    engine.abort("stream")
+    run(engine, got)
 
-    def recorded(key):
-        take = got.deliver(key)
-        def both(out):
-            with got.done:
-                order.append(key)
-                take(out)
-        return both
 
-    try:
-        scheduler.submit([stream], recorded("stream"))
-        with got.done:
-            assert got.done.wait_for(lambda: got.outputs.get(("stream", 0), 0) >= 2, TIMEOUT)
-        with got.done:
-            mark = len(order)  # (outputs are recorded under this lock)
-            scheduler.submit([long], recorded("long"))
-        got.wait(2)
-        assert (got.tokens["long", 0], got.reasons["long", 0]) == alone(engine, long)
-        between = order[mark:order.index("long")].count("stream")  # stream outputs while the prompt was read
-        assert between >= -(-60 // 8) - 1  # a decode call of the stream after every piece but the last
-    finally:
-        scheduler.shutdown(TIMEOUT)
+def test_a_prompt_extending_the_idle_sequence_reuses_its_cache_with_the_same_tokens(runner):
+    first = Request("1", [5, 6, 7, 8], SamplingParams(max_tokens=6, ignore_eos=True), frozenset())
+    engines = {caching: Engine(runner, enable_prefix_caching=caching) for caching in (True, False)}
+    results = {}
+    for caching, engine in engines.items():
+        got = Collected()
+        add(engine, first)
+        run(engine, got)
+        extended = Request("2", first.ids + got.tokens["1"] + [9, 10], SamplingParams(max_tokens=12), frozenset())
+        add(engine, extended)
+        outputs = []
+        for _ in range(MAX_STEPS):
+            if not engine.has_unfinished_requests():
+                break
+            outputs += got.take(engine.step())
+        results[caching] = (got.tokens["2"], got.reasons["2"], outputs[-1].stats.cached_tokens)
+    assert results[True][:2] == results[False][:2] == alone(runner, extended)
+    assert results[True][2] == len(first.ids) + 6 - 1 and results[False][2] == 0  # (the last token: not yet cached)
+
+
+@pytest.mark.parametrize("fault", ["prefill", "decode", "join"])
+def test_a_failed_device_call_fails_the_requests_it_touched_and_the_engine_goes_on(runner, monkeypatch, fault):
+    """A prefill that raises fails the prompts it held; a decode call or a join (an allocation) that
+    raises fails the running batch; the engine then serves the next request with its lone tokens."""
+    running = Request("running", [5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), frozenset())
+    joining = Request("joining", [8, 9], SamplingParams(max_tokens=5, ignore_eos=True), frozenset())
+    engine = Engine(runner, max_batch=4, steps_per_call=2)
+    add(engine, running)
+    got = Collected()
+    run(engine, got, until=lambda: got.outputs.get("running", 0) >= 2)
+
+    def broken(*_, **__):
+        raise RuntimeError("injected")
+
+    target = {"prefill": (runner, "start"), "decode": (runner_module.Generation, "advance"),
+              "join": (runner_module.Generation, "join")}[fault]
+    with monkeypatch.context() as patch:
+        patch.setattr(*target, broken)
+        add(engine, joining)
+        run(engine, got, until=lambda: "joining" in got.reasons)
+    failed = {"prefill": {"joining"}, "decode": {"running", "joining"}, "join": {"running", "joining"}}[fault]
+    assert {k for k, reason in got.reasons.items() if reason == "error"} == failed
+    assert all(got.errors[k] == "RuntimeError: injected" for k in failed)
+    run(engine, got)
+    after = Request("after", [11, 12, 13], SamplingParams(max_tokens=7), frozenset())
+    add(engine, after)
+    run(engine, got)
+    assert (got.tokens["after"], got.reasons["after"]) == alone(runner, after)

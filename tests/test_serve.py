@@ -19,12 +19,9 @@ import openai
 import pytest
 
 import phi4_jax
-from conftest import PHI4_JAX, listening, user_environment
+from conftest import PHI4_JAX, serving, user_environment
 from phi4_jax import SamplingParams
 from phi4_jax.checkpoints.hub import resolve
-from phi4_jax.engine.engine import Engine
-from phi4_jax.engine.scheduler import Scheduler
-from phi4_jax.server.app import Served
 
 QUESTIONS = ["What is 482+37?", "What is 904-317?", "What is 5+5?", "What is 71-9?", "What is 300+45?",
              "What is 12-3?", "What is 999-1?", "What is 64+64?"]
@@ -55,17 +52,8 @@ def demo():
 def server(demo):
     """(this process's id, the URL) of the demo model served as `phi4-jax serve --max-batch 4` serves
     it (the command's defaults otherwise), in this process."""
-    model, tokenizer = demo
-    engine = Engine(model)
-    scheduler = Scheduler(engine, max_batch=4, max_queue=256)
-    scheduler.start()
-    served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
-                    default_max_tokens=256)
-    try:
-        with listening(served) as port:
-            yield os.getpid(), f"http://127.0.0.1:{port}"
-    finally:
-        scheduler.shutdown(60)
+    with serving(*demo, max_batch=4, max_queue=256) as (port, _):
+        yield os.getpid(), f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +249,8 @@ def test_the_command_serves_until_sigterm_and_exits_0(demo):
                 if request(f"{url}/health") == (200, {"status": "ok"}):
                     break
             except OSError:  # not listening yet
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)  # (503 while it compiles)
         else:
             pytest.fail(f"the server did not come up:\n{process.communicate(timeout=60)[0]}")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,24 +1,27 @@
 """The server under load and faults, in this process (uvicorn on a loopback port, the demo model): a
-client gone mid-stream frees its slots, a full queue answers 503 and the server serves on, and
-/metrics counts what happened."""
+client gone mid-stream frees its slots, a full queue answers 503 and the server serves on, /metrics
+counts what happened, /health says whether the engine takes requests (503 while loading, draining
+or failed), and injected faults (a step, a delivery, an allocation that raises; an engine that cannot
+go on) end the touched requests with OpenAI's error JSON at once: no client waits past its timeout."""
 
 import dataclasses
 import http.client
 import json
+import threading
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import listening
+from conftest import listening, serving
 
 import phi4_jax
 from phi4_jax import SamplingParams
-from phi4_jax.engine.engine import Engine
-from phi4_jax.engine.scheduler import Scheduler
-from phi4_jax.server.app import Served
+from phi4_jax.engine import async_engine
+from phi4_jax.engine.runner import Generation
 
 TIMEOUT = 120  # seconds any wait here may take
+FAULT_TIMEOUT = 30  # seconds a client of an injected fault may wait for its error
 MAX_QUEUE = 20
 
 
@@ -29,22 +32,16 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server(demo):
-    model, tokenizer = demo
     # One step per device call: a stream of 200 tokens spans 200 calls, so a client that leaves
     # early leaves while its rows still run.
-    scheduler = Scheduler(Engine(model), max_batch=4, max_queue=MAX_QUEUE, steps_per_call=1)
-    scheduler.start()
-    served = Served(name="demo", tokenizer=tokenizer, scheduler=scheduler, max_context=256, default_max_tokens=16)
-    try:
-        with listening(served, TIMEOUT) as port:
-            yield port, served
-    finally:
-        scheduler.shutdown(TIMEOUT)
+    with serving(*demo, max_context=256, default_max_tokens=16, max_batch=4, max_queue=MAX_QUEUE,
+                 steps_per_call=1) as (port, served):
+        yield port, served
 
 
-def post(port, body: dict, headers: dict | None = None) -> http.client.HTTPResponse:
+def post(port, body: dict, headers: dict | None = None, timeout: float = TIMEOUT) -> http.client.HTTPResponse:
     """An open response to a POST of `body` (the caller reads and closes it)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     connection.request("POST", "/v1/completions", json.dumps(body),
                        {"Content-Type": "application/json", **(headers or {})})
     response = connection.getresponse()
@@ -65,11 +62,11 @@ def metrics(port) -> dict:
 def wait_until_idle(served):
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        load = served.scheduler.load()
+        load = served.engine.load()
         if (load.running, load.waiting, load.slots) == (0, 0, 0):
             return
         time.sleep(0.01)
-    pytest.fail(f"still busy: {served.scheduler.load()}")
+    pytest.fail(f"still busy: {served.engine.load()}")
 
 
 LONG = {"model": "demo", "prompt": "What is 1+1?", "max_tokens": 200, "ignore_eos": True, "n": 16, "stream": True}
@@ -81,9 +78,9 @@ def test_a_client_gone_mid_stream_frees_its_slots(server):
     response = post(port, LONG)
     assert response.status == 200 and response.readline().startswith(b"data: ")
     deadline = time.monotonic() + TIMEOUT
-    while served.scheduler.load().running < 4 and time.monotonic() < deadline:
+    while served.engine.load().running < 4 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert served.scheduler.load().running == 4  # its rows fill every slot; twelve wait
+    assert served.engine.load().running == 4  # its rows fill every slot; twelve wait
     response.connection.close()  # the client goes
     wait_until_idle(served)
     after = metrics(port)
@@ -150,3 +147,177 @@ def test_an_api_key_guards_v1_and_nothing_else(server):
         connection.request("GET", "/health")
         assert connection.getresponse().status == 200
         assert metrics(port)[("phi4_jax_requests_total", (("endpoint", "/v1/completions"), ("status", "401")))] == 3
+
+
+def health(port) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read())
+    connection.close()
+    return answer
+
+
+def events(response) -> list:
+    """The decoded `data:` events of a streamed response, to its end ("[DONE]" kept as a string)."""
+    out = []
+    for line in response:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+def served_answer(port, demo, question="What is 12+30?", max_tokens=6):
+    """A request after a fault gets the lone `generate` text."""
+    answer = post(port, {"model": "demo", "prompt": question, "max_tokens": max_tokens})
+    model, tokenizer = demo
+    assert answer.status == 200
+    assert json.loads(answer.read())["choices"][0]["text"] == \
+        phi4_jax.generate(model, tokenizer, question, SamplingParams(max_tokens=max_tokens))
+
+
+def test_health_is_503_while_loading_then_ok(demo):
+    release = threading.Event()
+    with serving(*demo, warm_up=lambda engine: release.wait(TIMEOUT)) as (port, _):
+        assert health(port) == (503, {"status": "loading"})
+        refused = post(port, {"model": "demo", "prompt": "hi", "max_tokens": 2})
+        assert refused.status == 503 and json.loads(refused.read())["error"]["code"] == "server_unavailable"
+        release.set()
+        deadline = time.monotonic() + TIMEOUT
+        while health(port)[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health(port) == (200, {"status": "ok"})
+        served_answer(port, demo)
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_server_serves_on(server, demo, monkeypatch):
+    port, served = server
+    wait_until_idle(served)
+    engine, broken = served.engine.engine, threading.Event()
+    step = engine.step
+
+    def faulty():
+        if broken.is_set():
+            raise RuntimeError("injected step fault")
+        return step()
+
+    monkeypatch.setattr(engine, "step", faulty)
+    stream = post(port, {**LONG, "n": 1}, timeout=FAULT_TIMEOUT)
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+    broken.set()
+    got = events(stream)
+    assert got[-1] == "[DONE]" and "injected step fault" in got[-2]["error"]["message"]
+    whole = post(port, {"model": "demo", "prompt": "What is 1+1?", "max_tokens": 4}, timeout=FAULT_TIMEOUT)
+    error = json.loads(whole.read())["error"]
+    assert whole.status == 500 and error["code"] == "generation_failed" and "injected" in error["message"]
+    broken.clear()
+    wait_until_idle(served)
+    assert health(port) == (200, {"status": "ok"})
+    served_answer(port, demo)
+
+
+def test_a_delivery_that_raises_fails_that_client_and_the_server_serves_on(server, demo, monkeypatch):
+    port, served = server
+    wait_until_idle(served)
+    put = async_engine.Stream.put
+
+    def faulty(stream, output):
+        if stream.request_ids[0].startswith("broken-"):
+            raise RuntimeError("injected delivery fault")
+        return put(stream, output)
+
+    submit = served.engine.submit
+
+    def tagged(requests):  # the next submission's requests are the broken ones
+        return submit([(f"broken-{r[0]}", *r[1:]) for r in requests])
+
+    monkeypatch.setattr(async_engine.Stream, "put", faulty)
+    monkeypatch.setattr(served.engine, "submit", tagged)
+    started = time.monotonic()
+    refused = post(port, {"model": "demo", "prompt": "What is 1+1?", "max_tokens": 50, "ignore_eos": True},
+                   timeout=FAULT_TIMEOUT)
+    error = json.loads(refused.read())["error"]
+    assert refused.status == 500 and "could not be delivered" in error["message"]
+    assert time.monotonic() - started < FAULT_TIMEOUT
+    monkeypatch.undo()
+    wait_until_idle(served)  # its request was aborted
+    served_answer(port, demo)
+
+
+def test_an_allocation_that_fails_fails_the_batch_it_touched_and_the_server_serves_on(server, demo, monkeypatch):
+    port, served = server
+    wait_until_idle(served)
+    stream = post(port, {**LONG, "n": 1}, timeout=FAULT_TIMEOUT)  # running when the next one joins
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")
+
+    def no_memory(*_, **__):
+        raise MemoryError("injected: no memory for the joined batch")
+
+    monkeypatch.setattr(Generation, "join", no_memory)
+    joining = post(port, {"model": "demo", "prompt": "What is 2+2?", "max_tokens": 30, "ignore_eos": True},
+                   timeout=FAULT_TIMEOUT)
+    error = json.loads(joining.read())["error"]
+    assert joining.status == 500 and "MemoryError: injected" in error["message"]
+    got = events(stream)
+    assert got[-1] == "[DONE]" and "MemoryError: injected" in got[-2]["error"]["message"]
+    monkeypatch.undo()
+    wait_until_idle(served)
+    served_answer(port, demo)
+
+
+def test_an_engine_that_cannot_go_on_answers_503_and_fails_every_waiting_client(demo):
+    with serving(*demo, steps_per_call=1) as (port, served):
+        served_answer(port, demo)
+        engine, broken = served.engine.engine, threading.Event()
+        step, fail_all = engine.step, engine.fail_all
+
+        def faulty(real):
+            def call(*args):
+                if broken.is_set():
+                    raise RuntimeError("injected: the device is gone")
+                return real(*args)
+            return call
+
+        engine.step, engine.fail_all = faulty(step), faulty(fail_all)
+        stream = post(port, {**LONG, "n": 2}, timeout=FAULT_TIMEOUT)
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")
+        broken.set()
+        got = events(stream)
+        assert got[-1] == "[DONE]" and "the device is gone" in got[-2]["error"]["message"]
+        status, body = health(port)
+        assert (status, body["status"]) == (503, "dead") and "the device is gone" in body["error"]
+        refused = post(port, {"model": "demo", "prompt": "hi", "max_tokens": 2})
+        error = json.loads(refused.read())["error"]
+        assert refused.status == 503 and error["code"] == "server_unavailable" and "cannot go on" in error["message"]
+
+
+def test_draining_finishes_what_runs_within_the_timeout_and_ends_the_rest(demo, monkeypatch):
+    with serving(*demo, steps_per_call=1) as (port, served):
+        served_answer(port, demo)
+        step = served.engine.engine.step
+
+        def slow():  # 50 ms a step: the long request needs seconds past the drain's timeout
+            time.sleep(0.05)
+            return step()
+
+        monkeypatch.setattr(served.engine.engine, "step", slow)
+        short = post(port, {"model": "demo", "prompt": "What is 3+4?", "max_tokens": 3, "ignore_eos": True,
+                            "stream": True})
+        long = post(port, {**LONG, "n": 1, "max_tokens": 230})
+        for response in (short, long):
+            assert response.status == 200 and response.readline().startswith(b"data: ")
+        drained = threading.Thread(target=served.engine.drain, args=(5.0,))
+        drained.start()
+        deadline = time.monotonic() + TIMEOUT
+        while served.engine.state != "draining" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert health(port) == (503, {"status": "draining"})
+        refused = post(port, {"model": "demo", "prompt": "hi", "max_tokens": 2})
+        assert refused.status == 503 and "shutting down" in json.loads(refused.read())["error"]["message"]
+        finished = events(short)
+        assert finished[-1] == "[DONE]" and finished[-2]["choices"][0]["finish_reason"] == "length"
+        ended = events(long)
+        assert ended[-1] == "[DONE]" and "shut down before the request finished" in ended[-2]["error"]["message"]
+        drained.join(TIMEOUT)
+        assert not drained.is_alive() and served.engine.load().running == 0

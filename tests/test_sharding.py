@@ -17,7 +17,7 @@ from phi4_jax.parallel import heads
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.parallel import rules
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine.engine import Engine
+from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.planner.plan import abstract_on_mesh
 from phi4_jax.model.phi4 import abstract_model
 from phi4_jax.errors import MeshError
@@ -149,7 +149,7 @@ def reference(tiny_model):
     def get(shape):
         if shape not in made:
             model = tiny_model(shape)[0]
-            made[shape] = (np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), greedy(Engine(model)))
+            made[shape] = (np.asarray(phi4_jax.forward(*nnx.split(model), IDS)), greedy(ModelRunner(model)))
         return made[shape]
 
     return get
@@ -205,7 +205,7 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(tiny_checkpoint, refe
     # (a 4-way split sums apart: to 1e-5, on every mesh)
     np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=0, atol=1e-5)
 
-    tokens, gen = greedy(Engine(model))
+    tokens, gen = greedy(ModelRunner(model))
     assert tokens == want_tokens
     cache = gen.state.cache.keys[0]  # laid out by the rules table
     assert cache.sharding.is_equivalent_to(rules.sharding(m, rules.CACHE_AXES, cache.shape), cache.ndim)

@@ -17,7 +17,8 @@ ALLOWED = {
     "phi4_jax.model": BASE,
     "phi4_jax.parallel": BASE,
     "phi4_jax.text": BASE,
-    "phi4_jax.engine": BASE | {"phi4_jax.model", "phi4_jax.parallel"},
+    # The engine detokenizes and stops on text: it stands on text/ as on the model.
+    "phi4_jax.engine": BASE | {"phi4_jax.model", "phi4_jax.parallel", "phi4_jax.text"},
     "phi4_jax.checkpoints": BASE | {"phi4_jax.model", "phi4_jax.parallel"},
     "phi4_jax.train": BASE | {"phi4_jax.model", "phi4_jax.parallel"},
     "phi4_jax.api": BASE | {"phi4_jax.compilation_cache", "phi4_jax.platforms", "phi4_jax.model", "phi4_jax.parallel",

@@ -103,25 +103,30 @@ def test_arguments_may_be_json_text_or_under_parameters():
 
 @pytest.mark.parametrize("case", ["two calls after text", "functools"])
 def test_the_servers_streamed_deltas_add_up_to_its_whole_message(phi4_mini, case):
-    """The server's assembly of one choice from the scheduler's outputs (a few real token ids at a
-    time, then the stop token): its streamed `delta`s carry the text and every call once, equal to
-    the non-streamed message, and the finish reason is "tool_calls"."""
+    """The server's assembly of one choice from the engine's outputs (a few real token ids at a
+    time with their text as the engine's detokenizer gives it, then the stop token): its streamed
+    `delta`s carry the text and every call once, equal to the non-streamed message, and the finish
+    reason is "tool_calls"."""
     from types import SimpleNamespace
 
+    from phi4_jax.engine.engine import RequestOutput
     from phi4_jax.engine.sampling import SamplingParams
-    from phi4_jax.engine.scheduler import RowOutput
+    from phi4_jax.engine.stats import RequestStats
     from phi4_jax.server.app import _Choice, _delta, _whole
 
     output, content, calls = OUTPUTS[case]
     end = phi4_mini.token_to_id("<|end|>")
     ids = phi4_mini.encode(output) + [end]
-    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), SamplingParams(), {end}, tools=True)
+    decoder = phi4_mini.stream(stop_ids={end})
+    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), SamplingParams(), tools=True)
     deltas = []
     for start in range(0, len(ids), 3):
         last = start + 3 >= len(ids)
-        events, ended = choice.add(RowOutput(0, ids[start:start + 3], "stop" if last else None))
+        text = "".join(decoder.add(t) for t in ids[start:start + 3]) + (decoder.finish() if last else "")
+        events = choice.add(RequestOutput("0", ids[start:start + 3], text, "stop" if last else None,
+                                          RequestStats(0)))
         deltas += [_delta(choice, e, chat=True)["delta"] for e in events]
-        assert ended == last
+        assert (choice.finish_reason is not None) == last
     message = _whole(choice, chat=True)
     assert message["finish_reason"] == "tool_calls" == choice.finish_reason
     assert "".join(d.get("content", "") for d in deltas) == content == (message["message"]["content"] or "")

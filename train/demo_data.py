@@ -125,9 +125,9 @@ def encode(tokenizer, problems: list[tuple[str, str]], length: int) -> tuple[np.
 
 def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 100) -> float:
     """Exact-match share of greedy answers through the chat template (`phi4_jax.generate`)."""
-    from phi4_jax import Engine, SamplingParams, generate
+    from phi4_jax import ModelRunner, SamplingParams, generate
 
-    engine = Engine(model, max_context=64)
+    engine = ModelRunner(model, max_context=64)
     params = SamplingParams(max_tokens=6)  # answers have at most 4 digits, then <|end|>
     right = 0
     for start in range(0, len(problems), batch):

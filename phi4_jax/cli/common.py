@@ -12,6 +12,7 @@ from phi4_jax.errors import (CheckpointError, ConfigError, ModelNotFoundError, O
                              OutputExistsError, SamplingError, TokenizerError)
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # the server's engine failed and could not go on
 EXIT_USAGE = 2  # bad flags or input: missing model/file, invalid config.json, output exists
 EXIT_CORRUPT = 3  # the model's files are broken: truncated, tensors missing or misshapen, pickle only
 EXIT_RESOURCES = 4  # out of disk space or memory
@@ -19,6 +20,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK}    success
+  {EXIT_FAILED}    serve: the engine failed and could not go on (the log says why)
   {EXIT_USAGE}    usage or input error: bad flags or sampling values, model or file not found,
        invalid config.json or tokenizer, prompt empty or longer than the context, output exists
        (without --overwrite), the command's extra not installed

@@ -175,7 +175,7 @@ def run(args) -> int:
         if not text.strip():
             raise ConfigError("the prompt is empty")
     from phi4_jax.api import load
-    from phi4_jax.engine.engine import Engine
+    from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.parallel import distributed
     from phi4_jax.parallel.mesh import describe
 
@@ -189,7 +189,7 @@ def run(args) -> int:
 
         print(describe(nnx.to_pure_dict(nnx.state(model))), file=sys.stderr)
     sampling = sampling_from(args, tokenizer)
-    engine = Engine(model, max_context=args.max_context)
+    engine = ModelRunner(model, max_context=args.max_context)
     if args.chat:
         _chat(args, engine, tokenizer, sampling)
         return cli.EXIT_OK

@@ -1,10 +1,12 @@
 """`phi4-jax serve`: an OpenAI-compatible HTTP server for a Phi-4 family model.
 
-Needs the serve extra (pip install 'phi4-jax[serve]'). It loads the model, compiles the first
-programs with warm-up requests, then answers
-POST /v1/chat/completions and /v1/completions (streamed with server-sent events or not),
-GET /v1/models, GET /health and GET /metrics (Prometheus). Requests join and leave the running
-batch between device calls (continuous batching), each getting the tokens it would get alone.
+Needs the serve extra (pip install 'phi4-jax[serve]'). It loads the model, starts listening, and
+compiles the first programs with warm-up requests (GET /health answers 503 until they are done),
+then answers POST /v1/chat/completions and /v1/completions (streamed with server-sent events or
+not), GET /v1/models, GET /health and GET /metrics (Prometheus). Requests join and leave the
+running batch between device calls (continuous batching), each getting the tokens it would get
+alone. On SIGTERM or Ctrl-C it takes no new requests (503), lets the running ones finish for up to
+--shutdown-timeout seconds, ends the rest with an error, and exits 0; a second signal exits at once.
 `python -m phi4_jax.serve` is `phi4-jax serve`.
 
 examples:
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 
 from phi4_jax.cli import common as cli
 from phi4_jax.errors import ConfigError
@@ -44,25 +45,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows that may wait for a slot; a request beyond it gets status 503")
     p.add_argument(*cli.flag("--max-tokens"), type=int, default=256,
                    help="tokens a request generates when it does not say (max_tokens)")
+    p.add_argument(*cli.flag("--shutdown-timeout"), type=float, default=30.0,
+                   help="seconds running requests may take to finish after SIGTERM or Ctrl-C; then they end with an "
+                        "error")
     cli.add_model_flags(p, multihost=False)
     p.add_argument(*cli.flag("--log-level"), default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="how much the server logs")
 
 
 def run(args) -> int:
-    """Serves until SIGTERM or Ctrl-C, then finishes the running requests; returns the exit code."""
+    """Serves until SIGTERM or Ctrl-C, then drains (--shutdown-timeout); returns the exit code."""
     cli.require_extra("serve", "serve", EXTRA)
     for name in ("max_batch", "max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65536), got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
     import uvicorn
 
     from phi4_jax.api import load
+    from phi4_jax.engine.async_engine import AsyncEngine
     from phi4_jax.engine.engine import Engine
-    from phi4_jax.engine.scheduler import Scheduler
+    from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.server.app import Served, build_app
+    from phi4_jax.server.lifecycle import DrainingServer
 
     log = logging.getLogger("phi4_jax.serve")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
@@ -70,24 +78,23 @@ def run(args) -> int:
                             attention=args.attention, quantize=args.quantize)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
-    engine = Engine(model, max_context=args.max_context)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
-    scheduler.start()
-    # Compile before reporting healthy: the decode programs of 1, 2, 4 .. --max-batch rows.
-    log.info("compiling (warm-up requests)")
-    scheduler.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens)
+    runner = ModelRunner(model, max_context=args.max_context)
+    engine = AsyncEngine(Engine(runner, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue))
     name = args.served_model_name or str(args.model)
-    served = Served(name=name, tokenizer=tokenizer, scheduler=scheduler, max_context=engine.max_context,
+    served = Served(name=name, tokenizer=tokenizer, engine=engine, max_context=runner.max_context,
                     default_max_tokens=args.max_tokens, api_key=args.api_key)
+    # Compile before reporting healthy: the programs of 1, 2, 4 .. --max-batch rows.
+    log.info("compiling (warm-up requests); /health answers 503 until done")
+    engine.start(lambda e: e.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens))
     log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
-    config = uvicorn.Config(build_app(served), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=30)
-    # uvicorn takes SIGINT/SIGTERM while it runs (stop taking requests, finish the running ones) and
-    # raises the signal again once stopped: that second one is ours to ignore, so the exit is 0.
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: None)
+    server = DrainingServer(uvicorn.Config(build_app(served), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5),
+                            engine, args.shutdown_timeout)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
-        scheduler.shutdown(timeout=30)
+        engine.shutdown(timeout=5)
+    if engine.state == "dead":
+        log.error("the engine failed: %s", engine.error)
+        return cli.EXIT_FAILED
     return cli.EXIT_OK

@@ -1,561 +1,402 @@
-"""The engine: the jitted programs that generate token ids (prefill, decode loop, re-encode) and their state.
+"""The engine: requests in (`add_request`, `abort`), one `step()` of the device at a time, outputs out.
 
-`_start` prefills a batch of prompts (bucketed lengths, `prefill.py`) and samples each row's first
-token; `_decode` is one jitted `lax.while_loop` with the sampler inside it, running up to k steps
-per call, so the host only looks in every k tokens (to stream text and check stop strings). Each
-row keeps its own position (cache slot = position), token count, stop tokens, limit and sampling
-parameters, so a batch gives the tokens each prompt gives alone, and rows may join a running batch
-(`Generation.join`, into a free row) and leave it: the scheduler's continuous batching runs this
-same decode program. `_reencode` is LongRoPE's step at the original context's end (`longrope.py`).
+The one generation core under the Python API, the command line and the server. It owns what
+turns token ids into a client's answer: detokenizing (`StreamDecoder`), stop tokens and stop
+strings, log-probabilities, and each request's statistics. The `Scheduler` decides which
+requests run (pure policy); the `ModelRunner` runs the programs on the device batch. A step:
+  1. ends the rows aborted or stopped since the last step;
+  2. prefills what the scheduler admits (waiting prompts together, or one piece of a long one) and
+     joins the new rows into the running batch (continuous batching);
+  3. runs up to `steps_per_call` decode steps of every running row (one device call);
+  4. returns a `RequestOutput` per request that got tokens or ended; frees finished rows' slots.
+Every request gets the tokens it gets alone, whatever runs beside it.
+
+A failed device call fails the requests it touched (finish reason "error") and the engine goes on.
+When the engine is idle, the last one-row generation's cache is kept: a request whose prompt extends
+that sequence (a chat's next turn) prefills only its new tokens (`enable_prefix_caching`).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+import collections
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from phi4_jax.engine import stats
+from phi4_jax.engine.runner import Generation, ModelRunner
+from phi4_jax.engine.sampling import SamplingParams
+from phi4_jax.engine.scheduler import Load, Pieces, QueueFullError, Request, Scheduler
+from phi4_jax.errors import ConfigError, Phi4Error
+from phi4_jax.text.stops import request_stop_ids
+from phi4_jax.text.tokenizer import Tokenizer
 
-from phi4_jax.engine import longrope
-from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, seq_mesh
-from phi4_jax.engine.sampling import MAX_LOGPROBS, SamplerState, SamplingParams, sample, sampler_state, update_history
-from phi4_jax.errors import ConfigError
-from phi4_jax.model.cache import KVCache
-from phi4_jax.model.phi4 import Phi4ForCausalLM
-from phi4_jax.parallel import mesh as meshes
-from phi4_jax.parallel import rules
+__all__ = ["Engine", "QueueFullError", "RequestOutput"]
 
-MIN_PROMPT_BUCKET = MIN_PIECE  # prompts are padded to powers of two from here: they share compiles
-MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
-# A decode call attends over the cache's first slots that its rows can reach, a power of two from
-# here (at most the cache): the products over unused slots cost as much as over used ones.
-MIN_ATTENDED = 128
-LOGPROB_RING = 16  # log-probabilities are kept for a row's newest this many tokens: a call runs at most as many steps
+STEPS_PER_CALL = 8  # decode steps per device call: streams get a few tokens at a time
 
 
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries (a pytree; arrays only)."""
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step gave a request: its new tokens and the text that became safe to show (whole
+    characters, no part of a stop string), and, on its last output, `finish_reason`: "stop" (a stop
+    token or string), "length", "abort" (`Engine.abort`) or "error" (with `error`). `logprobs`
+    (when its params ask): per new token, (its log-probability, [(token, log-probability) of the
+    most likely ones]). `stats`: the request's counts and rates so far."""
 
-    tokens: jax.Array  # [B, L] int32: generated tokens (L: the cache length, which bounds them)
-    last: jax.Array  # [B] int32: the newest token, input of the next step
-    positions: jax.Array  # [B] int32: position of `last`
-    done: jax.Array  # [B] bool (also a free row of a scheduler's batch)
-    stopped_by_token: jax.Array  # [B] bool: finished on a stop token (else on its limit)
-    generated: jax.Array  # [B] int32: tokens the row generated (its sampling step)
-    limit: jax.Array  # [B] int32: max new tokens of the row
-    stop_ids: jax.Array  # [B, S] int32 stop tokens, padded with -1
-    history: jax.Array  # [B, L] int32: every token by position (for re-encoding)
-    seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
-    counts: jax.Array  # [B, V] int32: tokens in the output (presence/frequency penalties)
-    sampler: SamplerState
-    # Rows asking for log-probabilities (R = LOGPROB_RING, K = MAX_LOGPROBS; 0 when no row asks):
-    logprob_ring: jax.Array  # [B, R] float32: of the newest R tokens, at index (token count % R)
-    top_ids: jax.Array  # [B, R, K] int32: the K most likely tokens at those steps
-    top_logprobs: jax.Array  # [B, R, K] float32
-    cache: KVCache
-
-
-class _Rows(NamedTuple):
-    """A batch's per-row arrays for `_start` (host NumPy), and the cache it needs."""
-
-    lengths: np.ndarray  # [B] prompt lengths
-    limits: np.ndarray  # [B] max new tokens
-    stops: np.ndarray  # [B, S] stop ids, padded with -1
-    sampler: SamplerState
-    needed: int  # slots: the longest prompt + the most new tokens
-    length: int  # the cache length for them
-    logprobs: list[int | None]  # per row: SamplingParams.logprobs
-
-
-def _logprob_sizes(wants: Sequence[int | None]) -> tuple[int, int]:
-    """(ring, top): the logprob arrays' sizes for rows asking `wants` (SamplingParams.logprobs)."""
-    ring = LOGPROB_RING if any(w is not None for w in wants) else 0
-    return ring, MAX_LOGPROBS if any(w for w in wants) else 0
-
-
-def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
-    """The power of two >= n (at least `smallest`): prompt lengths that share a compile."""
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
-
-
-def cache_length(needed: int, max_context: int) -> int:
-    """The cache length for `needed` tokens: the next power of two (at least MIN_CACHE_LENGTH), at
-    most `max_context`. Raises ConfigError when `needed` does not fit in `max_context`."""
-    if needed > max_context:
-        raise ConfigError(f"{needed} tokens do not fit in the context of {max_context} tokens")
-    return min(bucket(needed, MIN_CACHE_LENGTH), max_context)
-
-
-class Engine:
-    """Generates token ids with a model; holds its split state and the compiled steps.
-
-    Args:
-      model: the model (split once here; later changes to it are not seen).
-      max_context: the longest sequence (prompt + generation) a request may have; default the
-        config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
-      prefill_piece: prompts longer than this many tokens are prefilled in pieces of it; default
-        `prefill.piece_for(batch)`.
-    """
-
-    def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None,
-                 prefill_piece: int | None = None):
-        self.config = model.config
-        self.graphdef, self.params = nnx.split(model)
-        self.max_context = max_context or self.config.max_position_embeddings
-        if prefill_piece is not None and prefill_piece < 1:
-            raise ConfigError(f"prefill_piece must be at least 1, got {prefill_piece}")
-        self.prefill_piece = prefill_piece
-        self.dtype = model.model.embed_tokens.dtype
-        self._longrope = self.config.rope_type == "longrope"
-        # On a mesh (the model was loaded with one): the cache follows the rules table; what the
-        # host reads is replicated, so every process of a multi-host run can read it.
-        self.mesh = meshes.mesh_of(self.params)
-        self._replicated = None if self.mesh is None else meshes.replicated(self.mesh)
-
-    def piece(self, batch: int) -> int:
-        """Prompt tokens per row in one prefill piece for a batch of `batch` rows."""
-        return self.prefill_piece or piece_for(batch)
-
-    def cache_sharding(self, batch: int, length: int) -> jax.sharding.NamedSharding | None:
-        if self.mesh is None:
-            return None
-        shape = (batch, self.config.num_key_value_heads, length, self.config.head_dim)
-        return rules.sharding(self.mesh, rules.CACHE_AXES, shape)
-
-    def put(self, tree):
-        """Host values as device arrays; on a mesh, global arrays replicated on every device."""
-        if self.mesh is None:  # (jnp.asarray would compile a small program per new shape: 15 ms each)
-            return jax.device_put(tree)
-        return jax.tree.map(lambda x: meshes.put(x, self._replicated), tree)
-
-    def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-              stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None,
-              length: int | None = None) -> Generation:
-        """Prefills `prompts` (token ids) and samples each row's first token.
-
-        `stop_ids[b]`: the token ids that end row b (its EOS set, unless ignored, plus its
-        `stop_token_ids`). `continuing`: a finished one-prompt generation whose sequence the one
-        prompt extends (a chat's next turn): its KV cache is reused (and consumed) for the common
-        prefix, so only the new tokens are prefilled; `reused_tokens` says how many were reused.
-        `length`: a fresh cache holds at least this many slots (a running batch's, which the rows
-        then join as they are).
-        """
-        rows = self._rows(prompts, params, stop_ids, length)
-        lengths = rows.lengths
-        reused = self._reusable(continuing, prompts, rows.needed)
-        starts = np.array([reused], np.int32) if reused else np.zeros(len(prompts), np.int32)
-        if reused:
-            history, cache = continuing.state.history, continuing.state.cache
-        else:
-            history, cache = self._fresh(len(prompts), rows.length)
-        width = min(bucket(int((lengths - starts).max())), cache.length - int(starts.max()))
-        ids = np.zeros((len(prompts), width), np.int32)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p) - starts[b]] = p[starts[b]:]
-        gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)),
-                         rows.logprobs)
-        gen.reused_tokens = reused
-        return gen
-
-    def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
-                        piece: int, length: int | None = None) -> Iterator[Generation | None]:
-        """Prefills one prompt `piece` tokens per device call: yields None after each piece but the
-        last, then the Generation (its first token sampled), so a scheduler can run other rows'
-        decode steps between the pieces. The tokens are those of `start([prompt], ...)`: every
-        piece is encoded with the whole prompt's rotary table. `length` as in `start`."""
-        if piece < 1:
-            raise ConfigError(f"piece must be at least 1, got {piece}")
-        rows = self._rows([prompt], [params], [stop_ids], length)
-        history, cache = self._fresh(1, rows.length)
-        for offset in range(0, len(prompt), piece):
-            end = min(offset + piece, len(prompt))
-            ids = np.zeros((1, min(bucket(end - offset), rows.length - offset)), np.int32)
-            ids[0, :end - offset] = prompt[offset:end]
-            state = self._prefill(ids, np.array([offset], np.int32), np.array([end], np.int32), rows, history, cache,
-                                  continuing=offset > 0)
-            if end == len(prompt):
-                break
-            yield None
-            history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
-        yield Generation(self, state, rows.logprobs)
-
-    def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
-        batch = len(prompts)
-        params = [params] * batch if isinstance(params, SamplingParams) else list(params)
-        if not prompts or len(params) != batch or len(stop_ids) != batch:
-            raise ConfigError(f"{batch} prompt(s) need as many SamplingParams and stop-id sets; got "
-                              f"{len(params)} and {len(stop_ids)}")
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        if lengths.min() < 1:
-            raise ConfigError("a prompt is empty: give at least one token")
-        longest = int(lengths.max())
-        if longest >= self.max_context:
-            raise ConfigError(f"the prompt has {longest} tokens; the context holds {self.max_context} "
-                              "(prompt + generated tokens): shorten the prompt or raise --max-context")
-        # Generation stops at the context's end: a row may get fewer than max_tokens ("length").
-        max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
-        limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
-        # A power-of-two width (at least 4, which an EOS set fits) for fewer distinct programs.
-        stops = np.full((batch, bucket(max(len(s) for s in stop_ids), 4)), -1, np.int32)
-        for b, s in enumerate(stop_ids):
-            stops[b, :len(s)] = sorted(s)
-        # Rows without a seed differ from call to call, as in vLLM (on every process alike).
-        seed = int(np.random.SeedSequence().entropy % 2**63) if self.mesh is None else _shared_seed()
-        sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
-        needed = longest + max_new
-        slots = max(cache_length(needed, self.max_context), min(length or 0, self.max_context))
-        return _Rows(lengths, limits, stops, sampler, needed, slots, [p.logprobs for p in params])
-
-    def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
-        """An empty history and KV cache of `batch` rows of `length` slots."""
-        history = self.put(np.zeros((batch, length), np.int32))
-        return history, KVCache.create(self.config, batch, length, self.dtype, self.cache_sharding(batch, length))
-
-    def _prefill(self, ids, starts, ends, rows: _Rows, history, cache, continuing: bool) -> DecodeState:
-        """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends`."""
-        batch, length = ids.shape[0], cache.length
-        ring, top = _logprob_sizes(rows.logprobs)
-        return _start(self.graphdef, self.params,
-                      *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
-                      history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
-                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top)
-
-    def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
-        """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
-        usable): the sequence must extend the cached one, fit in its cache, and, for LongRoPE,
-        stay on the same side of the threshold (transformers re-encodes across it)."""
-        if previous is None or len(prompts) != 1 or previous.batch != 1:
-            return 0
-        if needed > previous.state.cache.length:
-            return 0
-        cached = int(previous._positions[0])  # slots 0 .. position of the last token - 1 hold keys
-        prompt = prompts[0]
-        if not longrope.same_table(self.config, cached, len(prompt)):  # transformers re-encodes
-            return 0
-        known = np.asarray(previous.state.history[0, :cached])
-        n = min(cached, len(prompt) - 1)  # at least one new token makes the next logits
-        same = np.nonzero(known[:n] != np.asarray(prompt[:n]))[0]
-        return int(same[0]) if same.size else n
-
-
-class Generation:
-    """A batch being generated. `advance(steps)` runs up to that many decode steps on device in one
-    call and returns the tokens they produced; `stop(rows)` ends rows the host decided to end (stop
-    strings, a client gone). A finished row is free: `join` puts another generation's row there,
-    and `resize` changes the number of rows and the cache length between calls (continuous
-    batching; `scheduler.py`). Rows whose SamplingParams ask for `logprobs` get, after each
-    `advance`, `new_logprobs[row]`: per new token, (its log-probability, [(token, log-probability)
-    of the most likely ones]); None for the other rows."""
-
-    def __init__(self, engine: Engine, state: DecodeState, wants: Sequence[int | None] | None = None):
-        self.engine, self.state = engine, state
-        self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
-        self._read = np.zeros(self.batch, np.int32)  # tokens already returned per row
-        self._wants = list(wants) if wants is not None else [None] * self.batch  # logprobs asked, per row
-        self._harvested = np.zeros(self.batch, np.int32)  # tokens whose log-probabilities were read
-        self._pending: list[list] = [[] for _ in range(self.batch)]  # read, not yet returned
-        self.new_logprobs: list[list | None] = [None] * self.batch
-        self._sync()
-
-    @property
-    def batch(self) -> int:
-        return self.state.done.shape[0]
-
-    @property
-    def length(self) -> int:
-        """Cache slots per row: a row's prompt and generated tokens fit in them."""
-        return self.state.cache.length
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stats: stats.RequestStats
+    logprobs: list | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
-        return bool(self._done.all())
+        return self.finish_reason is not None
 
-    def advance(self, steps: int) -> list[list[int]]:
-        """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
-        engine = self.engine
-        left = steps
-        ring = self.state.logprob_ring.shape[1]  # (a call may not run more steps than its ring holds)
-        while not self._done.all() and left > 0:
-            attended, run = self._attended(min(left, ring) if ring else left)
-            self.state, ran = _decode(engine.graphdef, engine.params, self.state, engine.put(np.int32(run)),
-                                      attended=attended, layout=self._layout, ring=self._ring)
-            left -= int(ran)
-            self._sync()
-            if left > 0 and self._crossing.any():
-                length = cache_length(engine.config.original_max_position_embeddings + 1, self.length)
-                self.state = _reencode(engine.graphdef, engine.params, self.state, length=length,
-                                       layout=self._layout, ring=self._ring, piece=engine.piece(self.batch))
-                left -= 1
-                self._sync()
-        new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
-        self._read = self._generated.copy()
-        self.new_logprobs = [None if w is None else p for w, p in zip(self._wants, self._pending)]
-        self._pending = [[] for _ in range(self.batch)]
-        return new
 
-    def _attended(self, steps: int) -> tuple[int, int]:
-        """The cache slots the next decode call attends over (the power of two, from MIN_ATTENDED,
-        above every running row's position, at most the cache) and the steps it may run within
-        them. (A finished row's attention is not used.) A cache split over seq attends over all of
-        it: the bound would only make more programs."""
-        if self._ring is not None:
-            return self.length, steps
-        start = int(self._positions[~self._done].max())
-        attended = min(self.length, bucket(start + 1, MIN_ATTENDED))
-        return attended, max(1, min(steps, attended - start))
+class _Running:
+    """The engine's record of one request: the request, its detokenizer and statistics."""
 
-    def stop(self, rows: Sequence[int]) -> None:
-        """Ends these rows now, with finish reason "stop" (a stop string the host found: it wins
-        over the row's limit even when both came in the same call)."""
-        mask = np.zeros(self._done.shape, bool)
-        mask[list(rows)] = True
-        s = self.state
-        mask = self.engine.put(mask)
-        self.state = s._replace(done=s.done | mask, stopped_by_token=s.stopped_by_token | mask)
-        self._sync()
+    def __init__(self, request: Request, tokenizer: Tokenizer | None):
+        self.request = request
+        self.decoder = tokenizer.stream(stop=request.params.stop, stop_ids=request.stop_ids) if tokenizer else None
+        self.stats = stats.RequestStats.arriving(len(request.ids))
+        self.ended: str | None = None  # "abort" or "stop": to end at the next step
 
-    def finish_reasons(self) -> list[str | None]:
-        """"stop" (a stop token or string), "length" (its limit), or None while running."""
-        return [("stop" if t else "length") if d else None for d, t in zip(self._done, self._by_token)]
 
-    def join(self, row: int, other: Generation) -> None:
-        """Puts `other`'s only row (running, its tokens so far already read) in place of row `row`,
-        which must be finished; grows this cache's length first if `other`'s is longer."""
-        if other.batch != 1 or not self._done[row]:
-            raise ConfigError(f"join takes a one-row generation into a finished row; got {other.batch} row(s) "
-                              f"for row {row} (finished: {bool(self._done[row])})")
-        sizes = lambda s: (s.cache.length, s.stop_ids.shape[1], *s.top_ids.shape[1:])  # noqa: E731
-        wanted = tuple(max(a, b) for a, b in zip(sizes(self.state), sizes(other.state)))
-        if wanted != sizes(self.state):
-            self.resize(list(range(self.batch)), *wanted)
-        self.state = _join(self.state, other.state, self.engine.put(np.int32(row)),
-                           layout=self._layout)
-        self._read[row], self._harvested[row] = other._read[0], other._harvested[0]
-        self._wants[row], self._pending[row] = other._wants[0], list(other._pending[0])
-        self._sync()
+class Engine:
+    """Generates for many requests at once on one model runner.
 
-    def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None,
-               logprob_ring: int | None = None, top: int | None = None) -> None:
-        """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
-        (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table,
-        `logprob_ring` and `top` the log-probability arrays (to LOGPROB_RING, MAX_LOGPROBS)."""
-        s = self.state
-        length = length or self.length
-        sizes = dict(length=length, stop_width=stop_width or s.stop_ids.shape[1],
-                     logprob_ring=s.top_ids.shape[1] if logprob_ring is None else logprob_ring,
-                     top=s.top_ids.shape[2] if top is None else top)
-        index = np.array([-1 if r is None else r for r in rows], np.int32)
-        self.state = _resize(s, self.engine.put(index), **sizes, layout=self.engine.cache_sharding(len(rows), length))
-        kept = lambda values, empty: [values[i] if i >= 0 else empty() for i in index]  # noqa: E731
-        self._read = np.where(index >= 0, self._read[np.maximum(index, 0)], 0).astype(np.int32)
-        self._harvested = np.where(index >= 0, self._harvested[np.maximum(index, 0)], 0).astype(np.int32)
-        self._wants, self._pending = kept(self._wants, lambda: None), kept(self._pending, list)
-        self._sync()
+    Args:
+      runner: a `ModelRunner` (or a model, which gets one).
+      tokenizer: detokenizes outputs and gives the model's stop tokens; None: token ids only (no
+        text, no stop strings, stop tokens only those a request names).
+      max_batch: rows decoded together (decode slots, allocated in powers of two as they fill).
+      max_queue: requests that may wait for a slot; `add_request` beyond it raises QueueFullError.
+      steps_per_call: decode steps per device call (outputs come every that many tokens).
+      prefill_tokens: prompt tokens prefilled in one step at most; a longer prompt is read in
+        pieces of it between decode calls.
+      enable_prefix_caching: reuse an idle one-row generation's cache for a prompt that extends it.
+    """
 
-    def _sync(self) -> None:
-        """Copies what the host looks at to host memory, in one transfer."""
-        s = self.state
-        self._layout = self.engine.cache_sharding(self.batch, self.length)
-        self._ring = seq_mesh(self.engine.mesh, self.length)
-        crossing = longrope.crossing(self.engine.config, s.done, s.positions) if self.engine._longrope else None
-        ring = s.logprob_ring.shape[1] > 0
-        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if ring else None
-        self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing, logprobs = (
-            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs)))
-        if self._crossing is None:
-            self._crossing = np.zeros_like(self._done)
-        if ring:
-            self._harvest(*logprobs)
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
+                 max_queue: int = 256, steps_per_call: int = STEPS_PER_CALL, prefill_tokens: int = 2048,
+                 enable_prefix_caching: bool = True):
+        if steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be at least 1, got {steps_per_call}")
+        self.runner = runner if isinstance(runner, ModelRunner) else ModelRunner(runner)
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_tokens)
+        self.steps_per_call, self.enable_prefix_caching = steps_per_call, enable_prefix_caching
+        self._requests: dict[str, _Running] = {}
+        self._gen: Generation | None = None  # the running batch (rows: `scheduler.slots`)
+        self._pieces = None  # the staged long prompt's prefill, one piece per next()
+        self._idle: Generation | None = None  # a finished one-row generation whose cache may be reused
+        self._finished: list[RequestOutput] = []  # ended between steps (aborted while waiting)
+        self._seconds = {"prefill": 0.0, "decode": 0.0}
+        self._finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by reason
 
-    def _harvest(self, chosen, top_ids, top_logprobs) -> None:
-        """Moves the log-probabilities of the tokens generated since the last look out of the ring."""
-        size = chosen.shape[1]
-        for b, want in enumerate(self._wants):
-            if want is None:
+    # Requests in.
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    stop_ids: Iterable[int] | None = None) -> None:
+        """Queues a request. `stop_ids`: the token ids that end it (default: the model's stop tokens
+        unless `params.ignore_eos`, and `params.stop_token_ids`). Raises ConfigError for a prompt that
+        cannot run (empty, too long, a request id in use), QueueFullError when the queue is full."""
+        self.add_requests([(request_id, prompt_ids, params, stop_ids)])
+
+    def add_requests(self, requests: Sequence[tuple]) -> None:
+        """Queues several (request_id, prompt_ids, params[, stop_ids]) at once: all or none."""
+        made = [self._request(*r) for r in requests]
+        ids = [r.request_id for r in made]
+        if len(set(ids)) != len(ids) or any(i in self._requests for i in ids):
+            raise ConfigError(f"a request id is in use already: {ids}")
+        self.scheduler.add(made)
+        for r in made:
+            self._requests[r.request_id] = _Running(r, self.tokenizer)
+
+    def _request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 stop_ids: Iterable[int] | None = None) -> Request:
+        params = params or SamplingParams()
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_context:
+            raise ConfigError(f"the prompt has {len(ids)} tokens; the context holds {self.max_context} "
+                              "(prompt + generated tokens): shorten the prompt or raise --max-context")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer: give the Engine one, or use stop_token_ids")
+        if stop_ids is None:
+            model_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
+            stop_ids = request_stop_ids(model_ids, params.ignore_eos, params.stop_token_ids)
+        return Request(request_id, ids, params, frozenset(stop_ids))
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Ends a request (unknown or finished ones are ignored): its last output, finish reason
+        `reason` ("abort"; "stop" for a stop the caller found), comes from the next step."""
+        running = self._requests.get(request_id)
+        if running is None or running.ended is not None:
+            return
+        running.ended = reason
+        for request in self.scheduler.remove_waiting([request_id]):
+            self._finished.append(self._final(self._requests.pop(request.request_id), reason))
+
+    # What it holds.
+
+    @property
+    def max_context(self) -> int:
+        return self.runner.max_context
+
+    def request_ids(self) -> list[str]:
+        """The requests not finished yet."""
+        return list(self._requests)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._finished)
+
+    def load(self) -> Load:
+        return Load(running=self.scheduler.running, waiting=len(self.scheduler.waiting),
+                    slots=len(self.scheduler.slots), max_batch=self.scheduler.max_batch,
+                    prefill_seconds=self._seconds["prefill"], decode_seconds=self._seconds["decode"],
+                    finished=dict(self._finish_reasons))
+
+    # The step.
+
+    def step(self) -> list[RequestOutput]:
+        """One round: ends what was stopped, prefills what is admitted, runs one decode call of every
+        running row; returns the outputs (one per request that got tokens or ended)."""
+        outputs, self._finished = self._finished, []
+        self._end_stopped(outputs)
+        plan = self.scheduler.admit()
+        if isinstance(plan, Pieces):
+            self._idle = None
+            self._pieces = self.runner.start_in_pieces(plan.request.ids, plan.request.params,
+                                                       sorted(plan.request.stop_ids), plan.size, self._length())
+        if self._pieces is not None:
+            self._feed(outputs)
+        elif plan:
+            self._prefill(plan, outputs)
+        if self._gen is not None and self.scheduler.running - (self.scheduler.staged is not None):
+            self._decode(outputs)
+        self._shrink(outputs)
+        return outputs
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """Ends every request with `error` and drops the device state (after a failure the engine
+        cannot account for); the engine is empty and usable after."""
+        outputs, self._finished = self._finished, []
+        outputs += [self._final(r, "error", error) for r in self._requests.values()]
+        self._requests.clear()
+        self.scheduler.waiting.clear()
+        self.scheduler.slots, self.scheduler.staged = [], None
+        self._gen = self._pieces = self._idle = None
+        return outputs
+
+    def _length(self) -> int | None:
+        """The running cache's length: new rows' caches are made as long, to join as they are."""
+        return None if self._gen is None else self._gen.length
+
+    def _end_stopped(self, outputs: list[RequestOutput]) -> None:
+        staged = self.scheduler.staged
+        if staged is not None and self._requests[staged.request_id].ended:
+            self.scheduler.staged, self._pieces = None, None
+            running = self._requests.pop(staged.request_id)
+            outputs.append(self._final(running, running.ended))
+        slots = [i for i, r in enumerate(self.scheduler.slots)
+                 if r is not None and self._requests[r.request_id].ended]
+        if not slots:
+            return
+        try:
+            self._gen.stop(slots)
+        except Exception as e:  # noqa: BLE001  the batch is lost: its rows fail, the engine goes on
+            self._fail_running(outputs, e)
+            return
+        for i in slots:
+            running = self._requests.pop(self.scheduler.slots[i].request_id)
+            self.scheduler.slots[i] = None
+            outputs.append(self._final(running, running.ended))
+
+    @contextlib.contextmanager
+    def _timed(self, kind: str, requests: Sequence[Request] = ()):
+        start, compiled = time.perf_counter(), stats.CLOCK.total
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self._seconds[kind] += seconds
+            for r in requests:
+                self._requests[r.request_id].stats.prefilled(seconds, stats.CLOCK.total - compiled)
+
+    def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
+        """Prefills the admitted prompts together, delivers their first tokens, seats the rows that go on."""
+        previous, self._idle = self._idle, None
+        reuse = previous if (self.enable_prefix_caching and len(requests) == 1 and self._gen is None) else None
+        try:
+            with self._timed("prefill", requests):
+                new = self.runner.start([r.ids for r in requests], [r.params for r in requests],
+                                        [sorted(r.stop_ids) for r in requests], continuing=reuse,
+                                        length=self._length())
+                first = new.advance(0)  # (waits for the prefill to end)
+        except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
+            outputs += [self._final(self._requests.pop(r.request_id), "error", e) for r in requests]
+            return
+        if new.reused_tokens:
+            self._requests[requests[0].request_id].stats.cached_tokens = new.reused_tokens
+        self._seat(requests, new, first, outputs)
+
+    def _feed(self, outputs: list[RequestOutput]) -> None:
+        """The staged long prompt's next piece; seats its row after the last."""
+        request = self.scheduler.staged
+        try:
+            with self._timed("prefill", [request]):
+                new = next(self._pieces)
+                first = new.advance(0) if new is not None else None
+        except Exception as e:  # noqa: BLE001
+            self.scheduler.staged, self._pieces = None, None
+            outputs.append(self._final(self._requests.pop(request.request_id), "error", e))
+            return
+        if new is None:
+            return  # more pieces, after the running rows' next decode call
+        self.scheduler.staged, self._pieces = None, None
+        self._seat([request], new, first, outputs)
+
+    def _seat(self, requests: list[Request], new: Generation, first: list[list[int]],
+              outputs: list[RequestOutput]) -> None:
+        reasons = new.finish_reasons()
+        going, stopped = [], []
+        for b, r in enumerate(requests):
+            reason = self._emit(r, first[b], new.new_logprobs[b], reasons[b], outputs)
+            if reason is None:
+                going.append(b)
+            elif reasons[b] is None:
+                stopped.append(b)  # a stop string in the first token: the row still runs on the device
+        if not going:
+            return
+        if stopped:
+            try:
+                new.stop(stopped)
+            except Exception as e:  # noqa: BLE001
+                outputs += [self._final(self._requests.pop(requests[b].request_id), "error", e) for b in going]
+                return
+        if self._gen is None:
+            self._gen = new
+            self.scheduler.slots = [requests[b] if b in going else None for b in range(new.batch)]
+            return
+        try:
+            size, slots = self.scheduler.seat([requests[b] for b in going])
+            if size > self._gen.batch:
+                self._gen.resize(list(range(self._gen.batch)) + [None] * (size - self._gen.batch))
+            self._gen.join(slots, new, going)
+        except Exception as e:  # noqa: BLE001  the joining rows and the batch they touched fail
+            self._fail_running(outputs, e)
+
+    def _decode(self, outputs: list[RequestOutput]) -> None:
+        gen = self._gen
+        try:
+            with self._timed("decode"):
+                new = gen.advance(self.steps_per_call)
+        except Exception as e:  # noqa: BLE001
+            self._fail_running(outputs, e)
+            return
+        reasons, stopped = gen.finish_reasons(), []
+        for i, request in enumerate(self.scheduler.slots):
+            if request is None:
                 continue
-            for g in range(self._harvested[b], self._generated[b]):
-                i = g % size
-                self._pending[b].append((float(chosen[b, i]), [(int(t), float(v)) for t, v in
-                                                               zip(top_ids[b, i, :want], top_logprobs[b, i, :want])]))
-        self._harvested = self._generated.copy()
+            reason = self._emit(request, new[i], gen.new_logprobs[i], reasons[i], outputs)
+            if reason is not None:
+                self.scheduler.slots[i] = None
+                if reasons[i] is None:
+                    stopped.append(i)  # a stop string: the row still runs on the device
+        if stopped:
+            try:
+                gen.stop(stopped)
+            except Exception as e:  # noqa: BLE001
+                self._fail_running(outputs, e)
 
+    def _shrink(self, outputs: list[RequestOutput]) -> None:
+        """Drops the batch once every row has left (keeping a lone row's cache for reuse), or
+        shrinks it as the scheduler says."""
+        gen = self._gen
+        if gen is None:
+            return
+        if not any(r is not None for r in self.scheduler.slots):
+            self._gen, self.scheduler.slots = None, []
+            if self.enable_prefix_caching and gen.batch == 1 and self.scheduler.staged is None:
+                self._idle = gen
+            return
+        plan = self.scheduler.shrink(gen.batch, gen.length, self.max_context)
+        if plan is None:
+            return
+        try:
+            gen.resize(*plan)
+        except Exception as e:  # noqa: BLE001
+            self._fail_running(outputs, e)
 
-def _shared_seed() -> int:
-    """A fresh seed that every process of a multi-host run agrees on (process 0's)."""
-    from jax.experimental import multihost_utils
+    def _fail_running(self, outputs: list[RequestOutput], error: BaseException) -> None:
+        """Fails every row of the running batch (its device state is gone) and drops it."""
+        for i, request in enumerate(self.scheduler.slots):
+            if request is not None and request.request_id in self._requests:
+                outputs.append(self._final(self._requests.pop(request.request_id), "error", error))
+        self._gen, self.scheduler.slots = None, []
 
-    seed = np.random.SeedSequence().entropy % 2**62
-    return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+    def _emit(self, request: Request, tokens: list[int], logprobs: list | None, reason: str | None,
+              outputs: list[RequestOutput]) -> str | None:
+        """Turns a row's new tokens into its output (detokenized, cut at a stop string); returns its
+        finish reason (None: it runs on)."""
+        running = self._requests[request.request_id]
+        kept, text = [], []
+        for token in tokens:
+            kept.append(token)
+            if running.decoder is not None:
+                text.append(running.decoder.add(token))
+                if running.decoder.stopped:
+                    reason = "stop"
+                    break
+        if logprobs is not None:
+            logprobs = logprobs[:len(kept)]
+        running.stats.generated(len(kept))
+        if reason is not None:
+            del self._requests[request.request_id]
+            self._finish_reasons[reason] += 1
+            if running.decoder is not None:
+                text.append(running.decoder.finish())
+        if kept or reason is not None:
+            outputs.append(RequestOutput(request.request_id, kept, "".join(text), reason, running.stats, logprobs))
+        return reason
 
+    def _final(self, running: _Running, reason: str, error: BaseException | None = None) -> RequestOutput:
+        self._finish_reasons[reason] += 1
+        text = running.decoder.finish() if running.decoder is not None and reason != "error" else ""
+        message = None
+        if error is not None:
+            message = str(error) if isinstance(error, Phi4Error) else f"{type(error).__name__}: {error}"
+        return RequestOutput(running.request.request_id, [], text, reason, running.stats, error=message)
 
-def _laid_out(state: DecodeState, layout) -> DecodeState:
-    """On a mesh (`layout`: the cache's sharding), pins the cache to it and everything else to
-    replicated, so the host of every process can read what it needs."""
-    if layout is None:
-        return state
-    replicated = meshes.replicated(layout.mesh)
-    rest = {f: jax.lax.with_sharding_constraint(getattr(state, f), replicated)
-            for f in DecodeState._fields if f != "cache"}
-    return DecodeState(**rest, cache=jax.lax.with_sharding_constraint(state.cache, layout))
+    # Compiling before serving.
 
-
-def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None) -> DecodeState:
-    """Samples the next token of every running row from `logits` [B, V] and records it; a finished
-    row keeps its state."""
-    active = ~state.done
-    # Each row's key is folded with its own token count: the draws a row makes alone.
-    token = sample(logits, state.sampler, state.generated, state.seen, state.counts)
-    rows = jnp.arange(token.shape[0])
-    length = state.tokens.shape[1]
-    # A finished row writes to index L, which mode="drop" discards.
-    tokens = state.tokens.at[rows, jnp.where(active, state.generated, length)].set(token, mode="drop")
-    positions = jnp.where(active, state.positions + 1, state.positions)
-    history = state.history.at[rows, jnp.where(active, positions, length)].set(token, mode="drop")
-    seen, counts = update_history(state.seen, state.counts, jnp.where(active, token, -1))
-    is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
-    generated = jnp.where(active, state.generated + 1, state.generated)
-    finished = active & (is_stop | (generated >= state.limit))
-    state = _logprobs_recorded(state, logits, token, active)
-    return _laid_out(state._replace(
-        tokens=tokens, last=jnp.where(active, token, state.last), positions=positions, history=history,
-        seen=seen, counts=counts, cache=cache, generated=generated,
-        done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
-
-
-def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, active: jax.Array) -> DecodeState:
-    """Writes the chosen tokens' log-probabilities (and the most likely ones) into the ring, when
-    the state has one (its sizes are static: nothing is computed without)."""
-    ring, top = state.top_ids.shape[1:]
-    if not ring:
-        return state
-    rows = jnp.arange(token.shape[0])
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    index = jnp.where(active, state.generated % ring, ring)  # a finished row writes nothing (dropped)
-    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    state = state._replace(logprob_ring=state.logprob_ring.at[rows, index].set(chosen, mode="drop"))
-    if top:
-        values, ids = jax.lax.top_k(logprobs, top)
-        state = state._replace(top_ids=state.top_ids.at[rows, index].set(ids, mode="drop"),
-                               top_logprobs=state.top_logprobs.at[rows, index].set(values, mode="drop"))
-    return state
-
-
-@functools.partial(jax.jit, donate_argnums=(9, 10),
-                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top"))
-def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0) -> DecodeState:
-    """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
-    else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
-    through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
-    model = nnx.merge(graphdef, params)
-    config = model.config
-    batch, width = ids.shape
-    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths)
-    rows = jnp.arange(batch)[:, None]
-    slots = starts[:, None] + jnp.arange(width)
-    # Pad columns go to slot L, which mode="drop" discards.
-    history = history.at[rows, jnp.where(slots < lengths[:, None], slots, history.shape[1])].set(ids, mode="drop")
-    seen = jnp.zeros((batch, config.vocab_size), bool).at[rows, history].max(
-        jnp.arange(history.shape[1])[None] < lengths[:, None])
-    state = DecodeState(
-        tokens=jnp.zeros(history.shape, jnp.int32), last=jnp.zeros(batch, jnp.int32),
-        positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
-        generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
-        seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler,
-        logprob_ring=jnp.zeros((batch, logprob_ring), jnp.float32),
-        top_ids=jnp.zeros((batch, logprob_ring, top), jnp.int32),
-        top_logprobs=jnp.zeros((batch, logprob_ring, top), jnp.float32), cache=cache)
-    return _advance(state, logits, cache, layout)
-
-
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("attended", "layout", "ring"))
-def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, attended: int | None = None,
-            layout=None, ring=None) -> tuple[DecodeState, jax.Array]:
-    """Up to `steps` decode steps, fewer when every row is done or a row is at the LongRoPE
-    crossing; returns the state and the steps run. The queries attend over the cache's first
-    `attended` slots (default all): every row's positions in these steps must lie below it."""
-    model = nnx.merge(graphdef, params)
-    longrope_model = model.config.rope_type == "longrope"
-    # One row, one device, on XLA:CPU: the loop carries the cache layers without their batch axis.
-    # With it, XLA:CPU dropped that axis only around the attention's dot and copied every layer
-    # several times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
-    squeeze = state.done.shape[0] == 1 and layout is None and model.backend.one_row_cache
-    path = over_cache(attended or state.cache.length, ring)
-
-    def carried(cache):
-        return jax.tree.map(lambda c: c[0], cache) if squeeze else cache
-
-    def restored(cache):
-        return jax.tree.map(lambda c: c[None], cache) if squeeze else cache
-
-    def running(carry):
-        s, ran = carry
-        go = (ran < steps) & ~jnp.all(s.done)
-        return go & ~jnp.any(longrope.crossing(model.config, s.done, s.positions)) if longrope_model else go
-
-    def step(carry):
-        s, ran = carry
-        logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
-        return _advance(s, logits, carried(cache), layout), ran + 1
-
-    state, ran = jax.lax.while_loop(running, step, (state._replace(cache=carried(state.cache)), jnp.int32(0)))
-    return _laid_out(state._replace(cache=restored(state.cache)), layout), ran
-
-
-def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
-    """`x` cut or padded (with `fill`) to `size` along `axis`."""
-    if x.shape[axis] >= size:
-        return jax.lax.slice_in_dim(x, 0, size, axis=axis)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=fill)
-
-
-def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int, top: int) -> DecodeState:
-    """`state` with `length` cache slots (and token and history columns), `stop_width` stop ids and
-    log-probability arrays of `logprob_ring` x `top`."""
-    cache = jax.tree.map(lambda c: _fit(c, 2, length, 0), state.cache)
-    ring = lambda x: _fit(_fit(x, 1, logprob_ring, 0), 2, top, 0) if x.ndim == 3 else _fit(x, 1, logprob_ring, 0)  # noqa: E731
-    return state._replace(tokens=_fit(state.tokens, 1, length, 0), history=_fit(state.history, 1, length, 0),
-                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache,
-                          logprob_ring=ring(state.logprob_ring), top_ids=ring(state.top_ids),
-                          top_logprobs=ring(state.top_logprobs))
-
-
-@functools.partial(jax.jit,  # (no donation: new shapes)
-                   static_argnames=("length", "stop_width", "logprob_ring", "top", "layout"))
-def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, logprob_ring: int, top: int,
-            layout=None) -> DecodeState:
-    """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to the sizes
-    (`_fitted`)."""
-    rows = jax.tree.map(lambda x: jnp.take(x, jnp.maximum(index, 0), axis=0), state)
-    free = index < 0
-    rows = rows._replace(done=rows.done | free, generated=jnp.where(free, 0, rows.generated))
-    return _laid_out(_fitted(rows, length, stop_width, logprob_ring, top), layout)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("layout",))
-def _join(state: DecodeState, other: DecodeState, row: jax.Array, *, layout=None) -> DecodeState:
-    """`state` with row `row` replaced by `other`'s only row (fitted to `state`'s sizes)."""
-    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], *state.top_ids.shape[1:])
-    joined = jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y[0].astype(x.dtype), row, 0),
-                          state, other)
-    return _laid_out(joined, layout)
-
-
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("length", "layout", "ring", "piece"))
-def _reencode(graphdef, params, state: DecodeState, *, length: int, layout=None, ring=None,
-              piece=None) -> DecodeState:
-    """LongRoPE's step at the crossing (`longrope.reencode`): crossing rows re-encode their first
-    `length` tokens with the long table, the others decode; then every row samples."""
-    model = nnx.merge(graphdef, params)
-    logits, cache = longrope.reencode(model, state.history, state.last, state.positions, state.done,
-                                      state.cache, length, piece, ring)
-    return _advance(state, logits, cache, layout)
+    def warm_up(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        """Compiles what serving runs first: waves of 1, 2, 4 .. `max_batch` requests of `prompt_ids`
+        with `max_tokens` (a typical request's cache length), each ended after one decode call.
+        Raises Phi4Error when one fails."""
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        wave = 1
+        while True:
+            ids = [f"warm-up-{wave}-{i}" for i in range(wave)]
+            self.add_requests([(i, prompt_ids, params) for i in ids])
+            seen = dict.fromkeys(ids, 0)
+            while any(i in self._requests for i in ids):
+                for out in self.step():
+                    if out.error:
+                        raise Phi4Error(f"the warm-up failed: {out.error}")
+                    seen[out.request_id] += 1
+                    if seen[out.request_id] == 2:  # the prefill's token, then one decode call: enough
+                        self.abort(out.request_id)
+            while self._finished:
+                self.step()
+            if wave == self.scheduler.max_batch:
+                return
+            wave = min(2 * wave, self.scheduler.max_batch)

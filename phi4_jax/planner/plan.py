@@ -5,7 +5,7 @@ weights, no memory).
 
 Run it on CPU with as many fake devices as the mesh has. The engine's own jitted steps are
 compiled, traced for the target platform (`model/backend.py`: the plain forms of GPU and TPU
-programs, not XLA:CPU's own), so what is reported is what `Engine` runs there, with XLA's
+programs, not XLA:CPU's own), so what is reported is what `ModelRunner` runs there, with XLA's
 attention. Weights and the KV cache per device come from
 their shardings (XLA's argument sizes, also reported, hold them plus a few small inputs);
 temporaries are XLA's temp allocation.
@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from flax import nnx
 
 from phi4_jax.config import Phi4Config
-from phi4_jax.engine import engine
+from phi4_jax.engine import runner
 from phi4_jax.planner import hlo
 from phi4_jax.engine.prefill import piece_for, seq_mesh
 from phi4_jax.engine.sampling import SamplingParams, sampler_state
@@ -111,7 +111,7 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
                backend: Backend, quantize: str | None = None) -> jax.stages.Lowered:
     """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
     from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
-    `Engine` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
+    `ModelRunner` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
     the cache holds `context` slots of `batch` rows, a prompt fills them."""
     graphdef, state = abstract_on_mesh(config, mesh, dtype, backend, quantize)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
@@ -132,11 +132,11 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
     ring = seq_mesh(mesh, context)
     options = dict(continuing=False, layout=layout, piece=piece, ring=ring)
     if step == "prefill":
-        return engine._start.lower(graphdef, state, *start_args, **options)
+        return runner._start.lower(graphdef, state, *start_args, **options)
     # The DecodeState the prefill hands over.
-    decoded = jax.eval_shape(functools.partial(engine._start, graphdef, **options), state, *start_args)
+    decoded = jax.eval_shape(functools.partial(runner._start, graphdef, **options), state, *start_args)
     decoded = jax.tree.map(lambda a: _sds(a, whole), decoded)._replace(cache=KVCache(layers, layers))
-    return engine._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
+    return runner._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
 
 
 def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu"),

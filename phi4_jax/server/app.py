@@ -1,10 +1,12 @@
-"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, streamed or not, over the scheduler.
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions, streamed or not, over the engine.
 
-Each request is validated (`protocol.py`), tokenized, and handed to the scheduler as `n` rows per
-prompt; the rows' tokens come back to this event loop, where each row's stream decoder turns them
-into text (stop strings end a row there), and Phi-4-mini's tool calls are parsed when the request
-gave tools. Every refusal is OpenAI's error JSON with its status; no request can stop the server.
-A client that goes away ends its rows. GET /metrics is Prometheus text (`metrics.py`).
+Each request is validated (`protocol.py`), tokenized off the event loop, and submitted to the
+engine (`AsyncEngine`) as `n` requests per prompt; their outputs (text already detokenized and cut
+at stop strings by the engine) come back to this event loop, where Phi-4-mini's tool calls are
+parsed when the request gave tools. Every refusal is OpenAI's error JSON with its status; no
+request can stop the server, and no client waits on an engine that failed. A client that goes
+away ends its requests. GET /health is 200 only while the engine takes requests (503 while
+loading, draining or failed); GET /metrics is Prometheus text (`metrics.py`).
 """
 
 from __future__ import annotations
@@ -19,23 +21,24 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from phi4_jax.engine.scheduler import QueueFullError, Row, RowOutput, Scheduler
+from phi4_jax.engine.async_engine import AsyncEngine, EngineUnavailableError
+from phi4_jax.engine.engine import RequestOutput
+from phi4_jax.engine.scheduler import QueueFullError
 from phi4_jax.errors import TokenizerError
 from phi4_jax.server import protocol
 from phi4_jax.server.metrics import CONTENT_TYPE, Metrics
 from phi4_jax.server.protocol import ChatCompletionRequest, CompletionRequest, RequestError
-from phi4_jax.text.stops import request_stop_ids
 from phi4_jax.text.tokenizer import Tokenizer
 from phi4_jax.text.tool_calls import Call, Content, ToolCallParser
 
 
 @dataclasses.dataclass
 class Served:
-    """What the API serves: the model's name, its tokenizer and scheduler, and the limits."""
+    """What the API serves: the model's name, its tokenizer and engine, and the limits."""
 
     name: str
     tokenizer: Tokenizer
-    scheduler: Scheduler
+    engine: AsyncEngine
     max_context: int
     default_max_tokens: int
     api_key: str | None = None
@@ -48,7 +51,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 def build_app(served: Served) -> FastAPI:
     app = FastAPI(title="phi4_jax", docs_url=None, redoc_url=None)
-    served.metrics = metrics = Metrics(served.scheduler.load)
+    served.metrics = metrics = Metrics(served.engine.load)
 
     @app.exception_handler(RequestError)
     async def refused(_, error: RequestError):
@@ -58,7 +61,11 @@ def build_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        engine = served.engine
+        if engine.state == "ready":
+            return {"status": "ok"}
+        body = {"status": engine.state, **({"error": engine.error} if engine.error else {})}
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def scrape():
@@ -74,7 +81,8 @@ def build_app(served: Served) -> FastAPI:
         arrived = time.perf_counter()
         parsed = protocol.parse(ChatCompletionRequest, await _json(request))
         try:
-            ids = served.tokenizer.apply_chat_template(parsed.conversation(), tools=parsed.tool_schemas())
+            ids = await asyncio.to_thread(served.tokenizer.apply_chat_template, parsed.conversation(),
+                                          tools=parsed.tool_schemas())
         except TokenizerError as e:
             raise RequestError(str(e), "messages") from None
         return await _respond(served, request, arrived, parsed, [ids], chat=True)
@@ -85,12 +93,7 @@ def build_app(served: Served) -> FastAPI:
         parsed = protocol.parse(CompletionRequest, await _json(request))
         if parsed.echo:
             raise RequestError("echo is not supported yet", "echo")
-        prompts = []
-        for prompt in parsed.prompts():
-            ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if any(not 0 <= i < served.tokenizer.vocab_size for i in ids):
-                raise RequestError(f"prompt token ids must be in [0, {served.tokenizer.vocab_size})", "prompt")
-            prompts.append(ids)
+        prompts = await asyncio.to_thread(_encoded, served.tokenizer, parsed.prompts())
         return await _respond(served, request, arrived, parsed, prompts, chat=False)
 
     return app
@@ -130,6 +133,17 @@ class _Gate:
             self.metrics.requests.labels(path, str(status)).inc()
 
 
+def _encoded(tokenizer: Tokenizer, prompts) -> list[list[int]]:
+    """Token ids of a text completion's prompts (strings, or token ids checked against the vocabulary)."""
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
+            raise RequestError(f"prompt token ids must be in [0, {tokenizer.vocab_size})", "prompt")
+        encoded.append(ids)
+    return encoded
+
+
 async def _json(request: Request):
     body = await request.body()
     try:
@@ -143,37 +157,27 @@ async def _json(request: Request):
 
 
 class _Choice:
-    """One row's text as it comes: its stream decoder, tool-call parser and counts."""
+    """One choice's text as it comes from the engine: its tool-call parser, log-probabilities and counts."""
 
-    def __init__(self, index: int, served: Served, params, stop_ids, tools: bool, chat: bool = True):
+    def __init__(self, index: int, served: Served, params, tools: bool, chat: bool = True):
         self.index = index
-        self.decoder = served.tokenizer.stream(stop=params.stop, stop_ids=stop_ids)
         self.tools = ToolCallParser() if tools else None
         self.tokens = 0
         self.finish_reason: str | None = None
         self.text, self.calls = "", []
         self.logprobs = None if params.logprobs is None else _Logprobs(served.tokenizer, chat)
 
-    def add(self, output: RowOutput) -> tuple[list, bool]:
-        """The row's new events (Content / Call), and whether this output ended the choice (its
-        finish reason, or a stop string this decoder found)."""
-        if self.finish_reason is not None:
-            return [], False  # what the scheduler ran after a stop string
-        pieces = []
-        for k, token in enumerate(output.tokens):
-            self.tokens += 1
-            pieces.append(self.decoder.add(token))
-            if self.logprobs is not None and output.logprobs is not None:
-                self.logprobs.add(token, *output.logprobs[k])
-            if self.decoder.stopped:
-                break
-        if self.decoder.stopped or output.finish_reason is not None:
-            pieces.append(self.decoder.finish())
-            self.finish_reason = "stop" if self.decoder.stopped else output.finish_reason
-        events = self._parse("".join(pieces), final=self.finish_reason is not None)
+    def add(self, output: RequestOutput) -> list:
+        """The choice's new events (Content / Call) from an output of its request."""
+        self.tokens += len(output.token_ids)
+        if self.logprobs is not None and output.logprobs is not None:
+            for token, entry in zip(output.token_ids, output.logprobs):
+                self.logprobs.add(token, *entry)
+        self.finish_reason = output.finish_reason
+        events = self._parse(output.text, final=output.finished)
         if self.finish_reason == "stop" and self.calls:
             self.finish_reason = "tool_calls"
-        return events, self.finish_reason is not None
+        return events
 
     def _parse(self, text: str, final: bool) -> list:
         if self.tools is None:
@@ -230,65 +234,55 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
         raise RequestError(f"the model {request.model!r} does not exist: this server serves {served.name!r}",
                            "model", status=404, code="model_not_found")
     params = protocol.sampling_params(request, served.default_max_tokens)
-    stop_ids = request_stop_ids(served.tokenizer.eos_token_ids, params.ignore_eos, params.stop_token_ids)
-    rows, choices = [], []
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
+            "model": served.name}
+    requests, choices = [], {}
     tools = chat and request.tool_schemas() is not None
     for p, ids in enumerate(prompts):
         for j in range(request.n):
-            # Rows of one request differ: row j samples with seed + j (row 0 is the lone seeded output).
-            row_params = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
-            rows.append(Row(ids, row_params, stop_ids))
-            choices.append(_Choice(p * request.n + j, served, row_params, stop_ids, tools, chat))
-    loop, metrics = asyncio.get_running_loop(), served.metrics
-    outputs: asyncio.Queue[tuple[float, RowOutput]] = asyncio.Queue()
-
-    def deliver(out: RowOutput):  # on the scheduler's thread: the time the tokens came
-        if out.finish_reason is not None:  # counted here: a gone client's rows are read by no one
-            metrics.rows_finished.labels(out.finish_reason).inc()
-        loop.call_soon_threadsafe(outputs.put_nowait, (time.perf_counter(), out))
-
+            # Choices of one request differ: choice j samples with seed + j (choice 0 is the lone seeded output).
+            seeded = params.seed is not None and j > 0
+            choice_params = dataclasses.replace(params, seed=params.seed + j) if seeded else params
+            index = p * request.n + j
+            requests.append((f"{meta['id']}-{index}", ids, choice_params))
+            choices[requests[-1][0]] = _Choice(index, served, choice_params, tools, chat)
+    metrics = served.metrics
     try:
-        job = served.scheduler.submit(rows, deliver)
+        outputs = served.engine.submit(requests)
     except QueueFullError as e:
         raise RequestError(f"the server is busy: {e}; try again later", status=503, code="server_busy") from None
+    except EngineUnavailableError as e:
+        raise RequestError(f"{e}; try again later" if e.state != "dead" else str(e), status=503,
+                           code="server_unavailable") from None
     prompt_tokens = sum(len(ids) for ids in prompts) * request.n
     metrics.prompt_tokens.inc(prompt_tokens)
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
-            "model": served.name}
 
-    async def events() -> AsyncIterator[tuple[_Choice, list, bool]]:
-        unfinished = len(choices)  # rows whose last output has not come from the scheduler
-        last: dict[int, float] = {}  # per row: when its latest tokens came
-        while unfinished:
-            when, out = await outputs.get()
-            unfinished -= out.finish_reason is not None
+    async def events() -> AsyncIterator[tuple[_Choice, list]]:
+        last: dict[str, float] = {}  # per request: when its latest tokens came
+        async for out in outputs:
+            when = time.perf_counter()
             if out.finish_reason == "error":
                 raise RuntimeError(out.error)
-            choice = choices[out.row]
-            counted = choice.tokens
-            new, ended = choice.add(out)
-            if choice.tokens > counted:
-                metrics.generation_tokens.inc(choice.tokens - counted)
+            choice = choices[out.request_id]
+            new = choice.add(out)
+            if out.token_ids:
+                metrics.generation_tokens.inc(len(out.token_ids))
                 if not last:
                     metrics.time_to_first_token.observe(when - arrived)
-                elif out.row in last:
-                    gap = (when - last[out.row]) / len(out.tokens)
-                    for _ in range(choice.tokens - counted):
-                        metrics.inter_token_latency.observe(gap)
-                last[out.row] = when
-            if not unfinished:
-                metrics.e2e_latency.observe(when - arrived)
-            if ended and out.finish_reason is None:
-                job.stop(out.row)  # a stop string: the scheduler ends the row at its next call
-            yield choice, new, ended
+                elif out.request_id in last:
+                    for _ in out.token_ids:
+                        metrics.inter_token_latency.observe((when - last[out.request_id]) / len(out.token_ids))
+                last[out.request_id] = when
+            yield choice, new
+        metrics.e2e_latency.observe(time.perf_counter() - arrived)
 
     def usage():
-        completion = sum(c.tokens for c in choices)
+        completion = sum(c.tokens for c in choices.values())
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
     if not request.stream:
-        watcher = asyncio.create_task(_stop_on_disconnect(http, job))
+        watcher = asyncio.create_task(_stop_on_disconnect(http, outputs))
         try:
             async for _ in events():
                 pass  # the choices collect the text
@@ -296,9 +290,9 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             raise RequestError(str(e), status=500, code="generation_failed") from None
         finally:
             watcher.cancel()
-            job.cancel()  # (rows still running here: the client went, or the request failed)
+            outputs.abort()  # (requests still running here: the client went, or the request failed)
         return {**meta, "object": "chat.completion" if chat else "text_completion",
-                "choices": [_whole(c, chat) for c in choices], "usage": usage()}
+                "choices": [_whole(c, chat) for c in choices.values()], "usage": usage()}
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -313,13 +307,13 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
 
         try:
             if chat:
-                for c in choices:
+                for c in choices.values():
                     yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
-            async for choice, new, ended in events():
+            async for choice, new in events():
                 for e in new:
                     yield chunk([_delta(choice, e, chat)])
-                if ended:
+                if choice.finish_reason is not None:
                     logprobs = choice.logprobs.take() if choice.logprobs else None  # (tokens whose text was held)
                     end = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason}
                     yield chunk([{**end, "delta": {}} if chat else {**end, "text": ""}])
@@ -329,18 +323,18 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             error = RequestError(str(e), status=500, code="generation_failed")
             yield f"data: {json.dumps(protocol.error_body(error))}\n\n"
         finally:
-            job.cancel()  # a client gone mid-stream ends its rows
+            outputs.abort()  # a client gone mid-stream ends its requests
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-async def _stop_on_disconnect(http: Request, job, every: float = 0.25) -> None:
-    """Ends `job`'s rows once the client of a non-streamed request has gone (a stream notices on
-    its next write)."""
+async def _stop_on_disconnect(http: Request, outputs, every: float = 0.25) -> None:
+    """Ends a submission's requests once the client of a non-streamed request has gone (a stream
+    notices on its next write)."""
     while not await http.is_disconnected():
         await asyncio.sleep(every)
-    job.cancel()
+    outputs.abort()
 
 
 def _tool_call(call: Call) -> dict:

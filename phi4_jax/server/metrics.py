@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics (`prometheus_client`): requests, tokens, the scheduler's load, latencies.
+"""The server's Prometheus metrics (`prometheus_client`): requests, tokens, the engine's load, latencies.
 
 One registry per app, so each server (or test) counts on its own. Latencies are in seconds:
 time to first token from the request's arrival, inter-token latency per generated token (a
@@ -19,7 +19,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics:
-    """The counters, gauges and histograms of one server; `load` reads the scheduler at each scrape."""
+    """The counters, gauges and histograms of one server; `load` reads the engine at each scrape."""
 
     def __init__(self, load: Callable[[], Load]):
         self.registry = registry = CollectorRegistry()
@@ -28,8 +28,6 @@ class Metrics:
         self.prompt_tokens = Counter("phi4_jax_prompt_tokens", "prompt tokens of accepted requests (n rows each)",
                                      registry=registry)
         self.generation_tokens = Counter("phi4_jax_generation_tokens", "tokens generated", registry=registry)
-        self.rows_finished = Counter("phi4_jax_rows_finished", "rows ended, by finish reason (abort: the client went)",
-                                     ["reason"], registry=registry)
         gauges = {
             "phi4_jax_rows_running": ("rows (one per choice of a request) decoding", lambda s: s.running),
             "phi4_jax_rows_waiting": ("rows waiting for a decode slot", lambda s: s.waiting),
@@ -39,7 +37,7 @@ class Metrics:
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=registry).set_function(lambda read=read: read(load()))
-        registry.register(_SchedulerSeconds(load))
+        registry.register(_EngineCounts(load))
         self.time_to_first_token = Histogram(
             "phi4_jax_time_to_first_token_seconds", "from a request's arrival to its first token",
             buckets=_LATENCY_BUCKETS, registry=registry)
@@ -54,17 +52,23 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _SchedulerSeconds:
-    """`phi4_jax_scheduler_seconds_total{kind}`: the scheduler's wall seconds in prefill and decode
-    calls, read from it at each scrape (a counter it keeps)."""
+class _EngineCounts:
+    """Counters the engine keeps, read at each scrape: `phi4_jax_scheduler_seconds_total{kind}` (wall
+    seconds of its prefill and decode calls) and `phi4_jax_rows_finished_total{reason}` (rows ended,
+    by finish reason; abort: the client went)."""
 
     def __init__(self, load: Callable[[], Load]):
         self.load = load
 
     def collect(self):
         load = self.load()
-        family = CounterMetricFamily("phi4_jax_scheduler_seconds", "wall seconds of the scheduler's device calls",
-                                     labels=["kind"])
-        family.add_metric(["prefill"], load.prefill_seconds)
-        family.add_metric(["decode"], load.decode_seconds)
-        yield family
+        seconds = CounterMetricFamily("phi4_jax_scheduler_seconds", "wall seconds of the engine's device calls",
+                                      labels=["kind"])
+        seconds.add_metric(["prefill"], load.prefill_seconds)
+        seconds.add_metric(["decode"], load.decode_seconds)
+        finished = CounterMetricFamily("phi4_jax_rows_finished", "rows ended, by finish reason (abort: the client "
+                                       "went)", labels=["reason"])
+        for reason, count in sorted(load.finished.items()):
+            finished.add_metric([reason], count)
+        yield seconds
+        yield finished
