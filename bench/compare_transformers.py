@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes (default 1 16)")
     p.add_argument("--prompt-len", "--prompt_len", type=int, default=16, help="decode prompt tokens (default 16)")
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=128, help="tokens generated per row (default 128)")
-    p.add_argument("--prefill-len", "--prefill_len", type=int, default=512, help="prefill prompt tokens (default 512)")
+    p.add_argument("--prefill-len", "--prefill_len", type=int, nargs="+", default=[512],
+                   help="prefill prompt lengths in tokens, each measured in its own rounds (default 512)")
     p.add_argument("--repeats", type=int, default=5,
                    help="rounds per measurement, after a warm-up call (default 5; the median counts)")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
@@ -118,14 +119,19 @@ def phi4_jax_runner(folder: str, mesh: str | None):
 
     if mesh and jax.default_backend() == "cpu":  # (before any device is used) that many fake devices
         jax.config.update("jax_num_cpu_devices", math.prod(parse_mesh(mesh).values()))
-    from phi4_jax import ModelRunner, SamplingParams, load
+    from phi4_jax import Engine, ModelRunner, SamplingParams, load
 
-    engine = ModelRunner(load(folder, dtype="float32", mesh=mesh)[0])  # as transformers runs it, on any backend
+    runner = ModelRunner(load(folder, dtype="float32", mesh=mesh)[0])  # as transformers runs it, on any backend
 
-    def run(prompts, n):
-        gen = engine.start(prompts, SamplingParams(max_tokens=n, ignore_eos=True), [[]] * len(prompts))
-        gen.advance(n - 1)
-        return np.asarray(gen.state.tokens)[:, :n].tolist()
+    def run(prompts, n):  # through the engine, as generate() runs: every row in one batch, one decode call
+        engine = Engine(runner, max_batch=len(prompts), steps_per_call=n)
+        params = SamplingParams(max_tokens=n, ignore_eos=True)
+        engine.add_requests([(str(b), p, params) for b, p in enumerate(prompts)])
+        tokens = [[] for _ in prompts]
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[int(out.request_id)] += out.token_ids
+        return np.asarray(tokens).tolist()
     return run
 
 
@@ -241,15 +247,15 @@ def in_turns(workers: list[Worker], reader: Worker, rounds: int, measure, readin
 
 def measure_all(args, workers: list[Worker], reader: Worker) -> dict[str, dict]:
     """Every engine's prefill and decode numbers (medians over the rounds), tokens and peak RSS."""
-    runs = {w.engine: {"engine": w.engine, "decode": []} for w in workers}
-    print(f"prefill {args.prefill_len} tokens ...", file=sys.stderr)
-    readings = []
-    prefill = in_turns(workers, reader, args.repeats, lambda w: w.run(1, args.prefill_len, 1)["seconds"], readings)
-    for engine, seconds in prefill.items():
-        median = statistics.median(seconds)
-        runs[engine]["prefill"] = {"prompt_len": args.prefill_len, "seconds": median,
-                                   "tokens_per_s": args.prefill_len / median, "round_seconds": seconds,
-                                   "readings": readings}
+    runs = {w.engine: {"engine": w.engine, "prefill": [], "decode": []} for w in workers}
+    for length in args.prefill_len:
+        print(f"prefill {length} tokens ...", file=sys.stderr)
+        readings = []
+        prefill = in_turns(workers, reader, args.repeats, lambda w, n=length: w.run(1, n, 1)["seconds"], readings)
+        for engine, seconds in prefill.items():
+            median = statistics.median(seconds)
+            runs[engine]["prefill"].append({"prompt_len": length, "seconds": median, "tokens_per_s": length / median,
+                                            "round_seconds": seconds, "readings": readings})
     for batch in args.batch:
         print(f"decode batch {batch} ...", file=sys.stderr)
 
@@ -341,7 +347,7 @@ def check(parser, args) -> None:
 
         parse_mesh(args.mesh)  # a malformed spec is refused here, not in a worker
     context = Phi4Config.from_name(args.model).max_position_embeddings
-    longest = max(args.prefill_len + 1, args.prompt_len + args.new_tokens)
+    longest = max(max(args.prefill_len) + 1, args.prompt_len + args.new_tokens)
     if longest > context:
         parser.error(f"{longest} tokens (prompt + generated) do not fit {args.model}'s context of {context}: "
                      "shorten --prefill-len / --prompt-len / --new-tokens")
@@ -382,9 +388,9 @@ def write(args, runs: dict) -> int:
     for engine, run in runs.items():
         common = {**base, "engine": engine,
                   "torch_threads": run.get("torch_threads"), "peak_rss_bytes": run["peak_rss_bytes"]}
-        prefill = {k: v for k, v in run["prefill"].items() if k != "readings"}
-        records.append({**common, "part": "prefill", "batch": 1, **prefill})
-        records[-1].update(rooflines(config, records[-1], run["prefill"]["readings"], args.new_tokens))
+        for p in run["prefill"]:
+            records.append({**common, "part": "prefill", "batch": 1, **{k: v for k, v in p.items() if k != "readings"}})
+            records[-1].update(rooflines(config, records[-1], p["readings"], args.new_tokens))
         for d in run["decode"]:
             diff = None if reference is None else first_difference(
                 d["tokens"], next(r["tokens"] for r in reference["decode"] if r["batch"] == d["batch"]))
@@ -396,7 +402,7 @@ def write(args, runs: dict) -> int:
     for r in records:  # ratios against each transformers implementation that ran
         for name in ("sdpa", "eager"):
             other = next((o for o in records if o["engine"] == f"transformers-{name}" and o["part"] == r["part"]
-                          and o["batch"] == r["batch"]), None)
+                          and o["batch"] == r["batch"] and o["prompt_len"] == r["prompt_len"]), None)
             if other:
                 r[f"speedup_vs_{name}"] = r["tokens_per_s"] / other["tokens_per_s"]
                 r[f"peak_rss_vs_{name}"] = r["peak_rss_bytes"] / other["peak_rss_bytes"]
@@ -404,7 +410,7 @@ def write(args, runs: dict) -> int:
         for r in records:
             f.write(json.dumps(r) + "\n")
             what = f"prefill {r['prompt_len']}" if r["part"] == "prefill" else f"decode batch {r['batch']}"
-            same = "" if r["part"] == "prefill" else (
+            same = "" if r["part"] == "prefill" or r["tokens_identical_to_eager"] is None else (
                 "  tokens identical" if r["tokens_identical_to_eager"]
                 else f"  TOKENS DIFFER at {r['first_difference']}")
             roofline = f"  (roofline {r['roofline_tokens_per_s']:.1f})" if "roofline_tokens_per_s" in r else ""

@@ -115,3 +115,19 @@ def test_load_refuses_an_implementation_that_cannot_run_before_reading_weights(t
         phi4_jax.load(folder, dtype="float32", progress=False, attention="cudnn")
     model, _ = phi4_jax.load(folder, dtype="float32", progress=False, attention="xla")
     assert model.attention == "xla"
+
+
+@pytest.mark.parametrize("offset", [0, 150])  # a prompt over itself; a piece over the cache before it
+@pytest.mark.parametrize("window", [None, 100])
+def test_causal_blocks_equal_attending_every_key(offset, window):
+    """`attend_causal` (queries in blocks over the keys up to each block) gives what `attend` over
+    every key gives, and the float64 reference, for a prompt of 2.3 blocks."""
+    rng = np.random.default_rng(offset)
+    length = int(2.3 * attention.CAUSAL_BLOCK)
+    q = rng.standard_normal((1, length, H, D)).astype(np.float32)
+    k, v = (rng.standard_normal((1, KV, offset + length, D)).astype(np.float32) for _ in range(2))
+    positions = offset + np.arange(length)[None]
+    mask = np.asarray(attention.causal_mask(positions, np.arange(offset + length)[None], window))
+    blocked = np.asarray(attention.attend_causal(q, k, v, mask))
+    np.testing.assert_allclose(blocked, np.asarray(attention.attend(q, k, v, mask)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(blocked, reference(q, k, v, mask)[0], rtol=0, atol=1e-5)

@@ -85,6 +85,29 @@ def test_prefill_in_pieces_equals_transformers(tiny_model, shape, prefill_piece)
     assert got == [hf_greedy(hf, p) for p in batch]
 
 
+def test_long_prompts_attend_in_causal_blocks_as_transformers(tmp_path):
+    """A prompt longer than `attention.CAUSAL_BLOCK`, in one piece (its queries in blocks, each over
+    the keys up to it) and in pieces of 512 over the cache (each piece's blocks over the slots it
+    reaches), gives transformers' greedy tokens, alone and beside a short prompt."""
+    import phi4_jax
+    from phi4_jax.model import attention
+    from tiny_models import make_hf_model
+
+    hf = make_hf_model("phi-4", max_position_embeddings=2048, original_max_position_embeddings=2048)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    runner = ModelRunner(phi4_jax.load(str(tmp_path), dtype="float32", progress=False)[0])
+    long, short = prompts(seed=8, lengths=(1100, 9))
+    assert len(long) > 4 * attention.CAUSAL_BLOCK
+    want = hf_greedy(hf, long)
+    assert run(runner, [long])[0] == [want]
+    assert run(runner, [short, long])[0] == [hf_greedy(hf, short), want]
+    pieces = list(runner.start_in_pieces(long, SamplingParams(max_tokens=NEW), [], piece=512))
+    gen, out = pieces[-1], pieces[-1].advance(0)[0]
+    while not gen.finished:
+        out += gen.advance(8)[0]
+    assert len(pieces) == 3 and out == want
+
+
 @pytest.mark.parametrize("shape", ["phi-4", pytest.param("phi-4-mini", marks=pytest.mark.slow)])
 def test_repetition_penalty_equals_transformers_generate(engines, shape):
     """Greedy with HF's repetition penalty (tokens of the prompt and the output so far), per row in

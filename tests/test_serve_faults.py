@@ -321,3 +321,23 @@ def test_draining_finishes_what_runs_within_the_timeout_and_ends_the_rest(demo, 
         assert ended[-1] == "[DONE]" and "shut down before the request finished" in ended[-2]["error"]["message"]
         drained.join(TIMEOUT)
         assert not drained.is_alive() and served.engine.load().running == 0
+
+
+def test_a_chats_next_turn_reuses_the_idle_cache_counted_in_metrics(server, demo):
+    """The second turn extends the first's sequence while the server is idle: its prompt's start
+    is not prefilled again (the prefix cache's hit tokens count it), and its text is the lone
+    `generate`'s."""
+    port, served = server
+    model, tokenizer = demo
+    turn1 = "<|user|>What is 5+7?<|end|><|assistant|>"
+    wait_until_idle(served)
+    first = json.loads(post(port, {"model": "demo", "prompt": turn1, "max_tokens": 6}).read())["choices"][0]["text"]
+    wait_until_idle(served)
+    before = metrics(port)
+    turn2 = turn1 + first + "<|end|><|user|>And 5+8?<|end|><|assistant|>"
+    second = json.loads(post(port, {"model": "demo", "prompt": turn2, "max_tokens": 6}).read())["choices"][0]["text"]
+    after = metrics(port)
+    hits = after[("phi4_jax_prefix_cache_hits_total", ())] - before.get(("phi4_jax_prefix_cache_hits_total", ()), 0)
+    queried = after[("phi4_jax_prefix_cache_queries_total", ())] - before[("phi4_jax_prefix_cache_queries_total", ())]
+    assert queried == len(tokenizer.encode(turn2)) and hits >= len(tokenizer.encode(turn1))
+    assert second == phi4_jax.generate(model, tokenizer, turn2, SamplingParams(max_tokens=6))

@@ -17,13 +17,14 @@ def hf_config(shape: str, **changes):
     return Phi3Config(**{k: v for k, v in {**TINY_SHAPES[shape], **changes}.items() if k != "model_type"})
 
 
-def make_hf_model(shape: str, seed: int = 0):
-    """A transformers Phi3ForCausalLM of a tiny shape, float32, eager attention, with weights large
-    enough that every part of the network moves the logits by far more than test tolerances."""
+def make_hf_model(shape: str, seed: int = 0, **changes):
+    """A transformers Phi3ForCausalLM of a tiny shape (with config `changes`), float32, eager
+    attention, with weights large enough that every part of the network moves the logits by far
+    more than test tolerances."""
     import torch
     from transformers import Phi3ForCausalLM
 
-    config = hf_config(shape)
+    config = hf_config(shape, **changes)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config).eval()

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows that may wait for a slot; a request beyond it gets status 503")
     p.add_argument(*cli.flag("--max-tokens"), type=int, default=256,
                    help="tokens a request generates when it does not say (max_tokens)")
+    p.add_argument(*cli.flag("--enable-prefix-caching"), action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the keys and values of a prompt's start that the engine still holds (a chat's "
+                        "previous turn, when idle): only the rest is prefilled")
     p.add_argument(*cli.flag("--shutdown-timeout"), type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM or Ctrl-C; then they end with an "
                         "error")
@@ -79,7 +82,8 @@ def run(args) -> int:
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     runner = ModelRunner(model, max_context=args.max_context)
-    engine = AsyncEngine(Engine(runner, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue))
+    engine = AsyncEngine(Engine(runner, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                                enable_prefix_caching=args.enable_prefix_caching))
     name = args.served_model_name or str(args.model)
     served = Served(name=name, tokenizer=tokenizer, engine=engine, max_context=runner.max_context,
                     default_max_tokens=args.max_tokens, api_key=args.api_key)

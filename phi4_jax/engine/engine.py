@@ -99,6 +99,7 @@ class Engine:
         self._finished: list[RequestOutput] = []  # ended between steps (aborted while waiting)
         self._seconds = {"prefill": 0.0, "decode": 0.0}
         self._finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by reason
+        self._prefix = {"queried": 0, "hit": 0}  # prompt tokens looked up in the prefix cache, and found
 
     # Requests in.
 
@@ -162,7 +163,8 @@ class Engine:
         return Load(running=self.scheduler.running, waiting=len(self.scheduler.waiting),
                     slots=len(self.scheduler.slots), max_batch=self.scheduler.max_batch,
                     prefill_seconds=self._seconds["prefill"], decode_seconds=self._seconds["decode"],
-                    finished=dict(self._finish_reasons))
+                    finished=dict(self._finish_reasons), prefix_queried_tokens=self._prefix["queried"],
+                    prefix_hit_tokens=self._prefix["hit"])
 
     # The step.
 
@@ -244,6 +246,9 @@ class Engine:
         except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
             outputs += [self._final(self._requests.pop(r.request_id), "error", e) for r in requests]
             return
+        if self.enable_prefix_caching:
+            self._prefix["queried"] += sum(len(r.ids) for r in requests)
+            self._prefix["hit"] += new.reused_tokens
         if new.reused_tokens:
             self._requests[requests[0].request_id].stats.cached_tokens = new.reused_tokens
         self._seat(requests, new, first, outputs)

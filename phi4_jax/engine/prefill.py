@@ -49,7 +49,8 @@ def over_cache(slots: int, ring: Mesh | None) -> attn.Path:
 
 def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: KVCache,
             starts: jax.Array | None = None, piece: int | None = None,
-            ring: Mesh | None = None, rope_lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+            ring: Mesh | None = None, rope_lengths: jax.Array | None = None,
+            reach: int | None = None) -> tuple[jax.Array, KVCache]:
     """Runs right-padded prompts `ids` `[B, W]` into the cache; returns the logits `[B, vocab]` at
     each row's last prompt token (position `lengths[b] - 1`), and the cache.
 
@@ -60,7 +61,9 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     `ring`: a mesh whose seq axis splits the cache (in contiguous shards) and the work: a prompt
     from position 0 whose W divides into 2·seq chunks runs with ring attention; other prompts and
     pieces attend over the split cache. `rope_lengths` `[B]`: the whole prompt's length where `ids`
-    is only a part of it (for LongRoPE's table; default `lengths`).
+    is only a part of it (for LongRoPE's table; default `lengths`). `reach` (static): continuing
+    rows all start at slot `reach - W` (a long prompt's next piece), so one piece attends over the
+    cache's first `reach` slots in order (causal blocks skip what it cannot see).
     """
     batch, width = ids.shape
     fresh = starts is None
@@ -73,7 +76,10 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     slots = width if fresh else cache.length
     starts = jnp.zeros(batch, jnp.int32) if fresh else starts
     if piece is None or width <= piece:  # one piece: a fresh one attends among its own tokens
-        path = attn.Dense() if fresh and ring is None else over_cache(slots, ring)
+        if ring is None and (fresh or reach is not None):
+            path = attn.Dense(None if fresh else reach, ordered=True)
+        else:
+            path = over_cache(slots, ring)
         return _block(model, ids, lengths, rope, cache, starts, path)
 
     def one_piece(offset, size, logits, cache):

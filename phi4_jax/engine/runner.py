@@ -32,7 +32,7 @@ from phi4_jax.model.phi4 import Phi4ForCausalLM
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.parallel import rules
 
-MIN_PROMPT_BUCKET = MIN_PIECE  # prompts are padded to powers of two from here: they share compiles
+MIN_PROMPT_BUCKET = MIN_PIECE  # the narrowest prompt width (`prompt_bucket`): prompts share compiles
 MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, so requests share compiles
 # A decode call attends over the cache's first slots that its rows can reach, a power of two from
 # here (at most the cache): the products over unused slots cost as much as over used ones.
@@ -86,6 +86,17 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def prompt_bucket(n: int) -> int:
+    """The width an n-token prompt is padded to: a power of two up to 64 (at least
+    MIN_PROMPT_BUCKET), then a multiple of a sixteenth of the power of two at or above n. Eight
+    widths per doubling: a prompt pads by at most an eighth of itself (a power of two, by up to
+    all of itself), and prompts of about the same length share a program."""
+    if n <= 64:
+        return bucket(n)
+    step = max(MIN_PROMPT_BUCKET, 1 << ((n - 1).bit_length() - 4))
+    return -(-n // step) * step
 
 
 def cache_length(needed: int, max_context: int) -> int:
@@ -159,7 +170,7 @@ class ModelRunner:
             history, cache = continuing.state.history, continuing.state.cache
         else:
             history, cache = self._fresh(len(prompts), rows.length)
-        width = min(bucket(int((lengths - starts).max())), cache.length - int(starts.max()))
+        width = min(prompt_bucket(int((lengths - starts).max())), cache.length - int(starts.max()))
         ids = np.zeros((len(prompts), width), np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p) - starts[b]] = p[starts[b]:]
@@ -180,10 +191,10 @@ class ModelRunner:
         history, cache = self._fresh(1, rows.length)
         for offset in range(0, len(prompt), piece):
             end = min(offset + piece, len(prompt))
-            ids = np.zeros((1, min(bucket(end - offset), rows.length - offset)), np.int32)
+            ids = np.zeros((1, min(prompt_bucket(end - offset), rows.length - offset)), np.int32)
             ids[0, :end - offset] = prompt[offset:end]
             state = self._prefill(ids, np.array([offset], np.int32), np.array([end], np.int32), rows, history, cache,
-                                  continuing=offset > 0)
+                                  continuing=offset > 0, reach=offset + ids.shape[1] if offset else None)
             if end == len(prompt):
                 break
             yield None
@@ -222,14 +233,17 @@ class ModelRunner:
         history = self.put(np.zeros((batch, length), np.int32))
         return history, KVCache.create(self.config, batch, length, self.dtype, self.cache_sharding(batch, length))
 
-    def _prefill(self, ids, starts, ends, rows: _Rows, history, cache, continuing: bool) -> DecodeState:
-        """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends`."""
+    def _prefill(self, ids, starts, ends, rows: _Rows, history, cache, continuing: bool,
+                 reach: int | None = None) -> DecodeState:
+        """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends` (`reach`: see
+        `prefill.prefill`)."""
         batch, length = ids.shape[0], cache.length
         ring, top = _logprob_sizes(rows.logprobs)
         return _start(self.graphdef, self.params,
                       *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
-                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top)
+                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top,
+                      reach=reach)
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
@@ -457,16 +471,17 @@ def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, 
 
 
 @functools.partial(jax.jit, donate_argnums=(9, 10),
-                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top"))
+                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top", "reach"))
 def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0) -> DecodeState:
+           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0, reach=None) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
     through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
     model = nnx.merge(graphdef, params)
     config = model.config
     batch, width = ids.shape
-    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths)
+    logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths,
+                            reach)
     rows = jnp.arange(batch)[:, None]
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.

@@ -52,7 +52,8 @@ class Pieces:
 @dataclasses.dataclass(frozen=True)
 class Load:
     """What the engine holds now: requests decoding, waiting, and decode slots allocated; the wall
-    seconds of its prefill and decode calls so far, and the requests ended so far by finish reason."""
+    seconds of its prefill and decode calls so far, the requests ended so far by finish reason, and
+    the prefix cache's lookups."""
 
     running: int
     waiting: int
@@ -61,6 +62,8 @@ class Load:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache ...
+    prefix_hit_tokens: int = 0  # ... and those whose keys and values were reused
 
 
 class Scheduler:

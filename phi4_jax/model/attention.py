@@ -31,6 +31,9 @@ from phi4_jax.model import tpu_attention
 from phi4_jax.model.backend import Backend
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# A prompt's attention over its own keys runs in blocks of this many queries, each over the keys up
+# to its last query (`attend_causal`): the scores no query can see are not computed.
+CAUSAL_BLOCK = 256
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
@@ -165,14 +168,36 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
     return attend_block(q, k, v, mask, implementation, backend)[0].astype(q.dtype)
 
 
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
+                  backend: Backend = Backend("cpu")) -> jax.Array:
+    """`attend` of queries that are the last of the keys, in position order (query i is key
+    `offset + i`, offset = keys - queries: a prompt over itself, or a piece over the cache before
+    it): the queries in blocks of CAUSAL_BLOCK, each over the keys up to its last query only, which
+    skips the part of the score matrix above the diagonal (about half of a long prompt's attention
+    work). The kernels ("cudnn", "splash") take the whole mask as it is."""
+    length, offset = q.shape[1], k.shape[2] - q.shape[1]
+    if length <= CAUSAL_BLOCK or implementation != "xla":
+        return attend(q, k, v, mask, implementation, backend)
+    blocks = []
+    for start in range(0, length, CAUSAL_BLOCK):
+        end = offset + min(start + CAUSAL_BLOCK, length)
+        blocks.append(attend(q[:, start:end - offset], k[:, :, :end], v[:, :, :end], mask[:, start:end - offset, :end],
+                             implementation, backend))
+    return jnp.concatenate(blocks, axis=1)
+
+
 # Which path a layer's attention takes: a static choice (hashable, part of the jit key) per call.
 @dataclasses.dataclass(frozen=True)
 class Dense:
     """Attention on the devices as jit lays it out. The new tokens' keys/values go into the cache at
     slots = positions (contiguous in each row); the queries attend over the cache's first `slots`
-    slots, or, with `slots` None, over the new tokens alone (a prompt from position 0 in one piece)."""
+    slots, or, with `slots` None, over the new tokens alone (a prompt from position 0 in one piece).
+    `ordered`: the new tokens are the last of the keys attended, in position order (from position 0
+    with `slots` None; else ending at slot `slots`), so attention may skip the keys past each block
+    of queries (`attend_causal`)."""
 
     slots: int | None = None
+    ordered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,7 @@ class Attention(nnx.Module):
                 kv_cache = tuple(write(c, x, positions[:, 0], one_row) for c, x in zip(kv_cache, (k, v)))
                 if path.slots is not None:
                     k, v = (c[:, :, :path.slots] for c in kv_cache)
-            out = attn.attend(q, k, v, mask, **kernel)
+            out = (attn.attend_causal if path.ordered else attn.attend)(q, k, v, mask, **kernel)
         return self.o_proj(out), kv_cache
 
 
@@ -260,9 +260,10 @@ class Phi4ForCausalLM(nnx.Module):
         `ring.zigzag` first, for balanced work, and undo it on the logits).
         """
         input_ids = jnp.asarray(input_ids)
+        ordered = positions is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        path = attn.Dense() if ring is None else attn.Ring(ring)
+        path = attn.Dense(ordered=ordered) if ring is None else attn.Ring(ring)
         return self.logits(self.model(input_ids, positions, None, path)[0])
 
     def prefill(self, input_ids: jax.Array, positions: jax.Array, lengths: jax.Array, last: jax.Array,

@@ -54,8 +54,9 @@ class Metrics:
 
 class _EngineCounts:
     """Counters the engine keeps, read at each scrape: `phi4_jax_scheduler_seconds_total{kind}` (wall
-    seconds of its prefill and decode calls) and `phi4_jax_rows_finished_total{reason}` (rows ended,
-    by finish reason; abort: the client went)."""
+    seconds of its prefill and decode calls), `phi4_jax_rows_finished_total{reason}` (rows ended,
+    by finish reason; abort: the client went), and the prefix cache's `phi4_jax_prefix_cache_queries_total`
+    and `_hits_total` (prompt tokens looked up, and found)."""
 
     def __init__(self, load: Callable[[], Load]):
         self.load = load
@@ -70,5 +71,9 @@ class _EngineCounts:
                                        "went)", labels=["reason"])
         for reason, count in sorted(load.finished.items()):
             finished.add_metric([reason], count)
-        yield seconds
-        yield finished
+        queries = CounterMetricFamily("phi4_jax_prefix_cache_queries", "prompt tokens looked up in the prefix cache")
+        queries.add_metric([], load.prefix_queried_tokens)
+        hits = CounterMetricFamily("phi4_jax_prefix_cache_hits", "prompt tokens found in the prefix cache (not "
+                                   "prefilled again)")
+        hits.add_metric([], load.prefix_hit_tokens)
+        yield from (seconds, finished, queries, hits)
