@@ -42,7 +42,7 @@ import generate  # bench/generate.py: the shapes and prompts
 
 ENGINES = ("transformers-eager", "transformers-sdpa", "phi4_jax")
 RESULTS = os.path.join(generate.ROOT, "bench", "results", "compare_transformers.jsonl")
-SCHEMA = "phi4_jax.bench.compare_transformers/2"
+SCHEMA = "phi4_jax.bench.compare_transformers/3"  # 3: phi4_jax through the Engine; a record per --prefill-len
 ROOFLINE = "roofline"  # the worker that reads the machine's rooflines
 # Between turns: lets the engine that just ran put its worker threads to sleep (OpenMP spins a while).
 PAUSE_S = 0.2

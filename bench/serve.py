@@ -6,8 +6,9 @@ drives any other OpenAI-compatible server instead (vLLM, llama.cpp, ...: /v1/com
 token-id prompts, streamed), so one run can measure two engines on the same machine.
 
 Phases, one record each in bench/results/serve.jsonl:
-- `offline`: the same model's `ModelRunner` with no HTTP: steady decode tokens/s of 16 rows, and the
-  whole mix generated in static batches of 16 (prefill included): output tokens/s;
+- `offline`: the same model with no HTTP: steady decode tokens/s of 16 rows (`ModelRunner`), and the
+  whole mix generated in static batches of 16 and through `phi4_jax.Engine` with 16 slots
+  (continuous batching), prefill included: output tokens/s of each, and whether their tokens agree;
 - `lone_ttft`: a lone request's time to first token (TTFT) on an idle server against
   `ModelRunner.start`'s for the same prompt, measured in turns, for each `--probe-tokens` size;
 - `clients`: 1, 4, 16 and 64 concurrent streaming clients, each sending its share of the seeded
@@ -15,6 +16,8 @@ Phases, one record each in bench/results/serve.jsonl:
   mix needs): output tokens/s, requests/s, TTFT, inter-token latency (ITL: a request's time per
   output token after the first) and the gaps between streamed chunks, p50/p99; from the server's
   /metrics (phi4_jax only) the slot occupancy and the share of its device time spent in prefill;
+- `burst`: 16 prompts of --burst-tokens sent at once: when the last one's first token came, against
+  one batched prefill of all 16 (`ModelRunner.start`);
 - `ttft_under_load`: TTFT of the largest probe while 15 other clients stream, against the lone one.
 
 examples:
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=5, help="TTFT probes per probe phase")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--no-offline", action="store_true", help="skip the offline batch-16 phase")
+    p.add_argument("--burst-tokens", type=int, default=256, help="prompt tokens of each of the burst's 16 requests")
+    p.add_argument("--engine-label", default=None,
+                   help="the engine's name in the records (default: phi4_jax, or the --url)")
     p.add_argument("--output", default=RESULTS, help="JSON-lines file the records are appended to")
     return p
 
@@ -120,7 +126,8 @@ def start_server(folder: str, max_batch: int, max_context: int, mesh: str | None
             if connection.getresponse().status == 200:
                 return process, url
         except OSError:
-            time.sleep(0.5)
+            pass  # not listening yet
+        time.sleep(0.5)  # (503 while it compiles)
     process.kill()
     log.seek(0)
     sys.exit(f"the server did not come up:\n{log.read()[-3000:]}")
@@ -158,7 +165,18 @@ def stream_request(url: str, model: str, request: dict) -> dict:
             tokens = chunk["usage"]["completion_tokens"]
     connection.close()
     return {"arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals),
-            "seconds": time.perf_counter() - sent}
+            "seconds": time.perf_counter() - sent, "sent": sent}
+
+
+def burst(url: str, model: str, prompts: list[list[int]]) -> float:
+    """Seconds from sending every prompt at once (a thread each) to the last one's first token."""
+    def one(prompt):
+        r = stream_request(url, model, {"prompt": prompt, "max_tokens": 2})
+        return r["sent"] + r["arrivals"][0] if r["arrivals"] else r["sent"] + r["seconds"]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return max(pool.map(one, prompts)) - start
 
 
 def server_metrics(url: str) -> dict[str, float]:
@@ -300,24 +318,57 @@ class Offline:
             del gen
         return len(prompts) * steps / statistics.median(times[1:])  # the first compiles
 
-    def mix(self, mix: list[dict]) -> float:
-        """Output tokens/s of the whole mix in static batches of 16 (prefill included)."""
+    def mix(self, mix: list[dict]) -> tuple[float, list[list[int]]]:
+        """Output tokens/s of the whole mix in static batches of 16 (prefill included), and its tokens."""
         from phi4_jax import SamplingParams
 
         def run(batch):
             gen = self.engine.start([r["prompt"] for r in batch],
                                     [SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True) for r in batch],
                                     [[]] * len(batch))
+            out = gen.advance(0)
             while not gen.finished:
-                gen.advance(max(r["max_tokens"] for r in batch))
+                out = [a + b for a, b in zip(out, gen.advance(max(r["max_tokens"] for r in batch)))]
+            return out
 
         batches = [mix[i:i + 16] for i in range(0, len(mix), 16)]
         for batch in batches:
             run(batch)  # compiles each batch's shapes
         start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start)
+        tokens = [t for batch in batches for t in run(batch)]
+        return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start), tokens
+
+    def continuous(self, mix: list[dict], steps_per_call: int = 16) -> tuple[float, list[list[int]]]:
+        """Output tokens/s of the whole mix through `phi4_jax.Engine` with 16 slots (continuous
+        batching: each waiting prompt joins as a row finishes; prefill included), and its tokens."""
+        from phi4_jax import Engine, SamplingParams
+
+        def run():
+            engine = Engine(self.engine, max_batch=16, max_queue=len(mix), steps_per_call=steps_per_call)
+            engine.add_requests([(str(i), r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True))
+                                 for i, r in enumerate(mix)])
+            tokens = [[] for _ in mix]
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    tokens[int(out.request_id)] += out.token_ids
+            return tokens
+
+        run()  # compiles what the mix needs
+        start = time.perf_counter()
+        tokens = run()
+        return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start), tokens
+
+    def batched_prefill(self, prompts: list[list[int]], repeats: int = 3) -> float:
+        """Seconds of one prefill of every prompt together to their first tokens (`ModelRunner.start`),
+        the median of `repeats` after one that compiles."""
+        from phi4_jax import SamplingParams
+
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            self.engine.start(prompts, SamplingParams(max_tokens=1), [[]] * len(prompts)).advance(0)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
 
     def ttft(self, prompt: list[int]) -> float:
         """Seconds of `ModelRunner.start` to the first token of `prompt` (what `generate` waits)."""
@@ -346,7 +397,8 @@ def main(argv=None) -> int:
             folder = os.path.join(work, args.model)
             write_model(args.model, folder)
         else:
-            folder = resolve(args.model).folder if args.url is None else None
+            # (with --url, a model folder still gives the mix its vocabulary: the same prompts as ours)
+            folder = resolve(args.model).folder if args.url is None or os.path.isdir(args.model) else None
         config = Phi4Config.from_json(folder) if folder else None
         vocab = config.vocab_size if config else 32000
         max_context = max(prompt_range[1], *probe_sizes) + output_range[1]
@@ -356,18 +408,26 @@ def main(argv=None) -> int:
                      "--prompt-tokens, --probe-tokens or --output-tokens")
         mix = request_mix(max(args.requests, 16), vocab, prompt_range, output_range, args.seed)
         meta = {"benchmark": "serve", "schema": SCHEMA, **describe_run(), "model": args.model,
-                "engine": "phi4_jax" if args.url is None else args.url, "max_batch": args.max_batch,
+                "engine": args.engine_label or ("phi4_jax" if args.url is None else args.url),
+                "max_batch": args.max_batch,
                 "mix_prompt_tokens": list(prompt_range), "mix_output_tokens": list(output_range), "seed": args.seed,
                 "requests": args.requests, "mesh": args.mesh}
         records = []
         offline = None
         if not args.no_offline and args.url is None:
             offline = Offline(folder, max_context, args.mesh)
+            static, static_tokens = offline.mix(mix[:args.requests])
+            continuous, continuous_tokens = offline.continuous(mix[:args.requests])
             record = {"phase": "offline", "batch": 16, "decode_tokens_per_s": offline.decode(mix),
-                      "mix_tokens_per_s": offline.mix(mix[:args.requests])}
+                      "mix_tokens_per_s": static, "mix_continuous_tokens_per_s": continuous,
+                      "continuous_vs_static": continuous / static,
+                      "continuous_tokens_identical": continuous_tokens == static_tokens}
             records.append({**meta, **record})
             print(f"offline batch 16: decode {record['decode_tokens_per_s']:.1f} tokens/s, the mix "
-                  f"{record['mix_tokens_per_s']:.1f} tokens/s", flush=True)
+                  f"{record['mix_tokens_per_s']:.1f} tokens/s in static batches, "
+                  f"{record['mix_continuous_tokens_per_s']:.1f} continuously "
+                  f"({record['continuous_vs_static']:.2f}x; tokens identical: "
+                  f"{record['continuous_tokens_identical']})", flush=True)
         process = None
         if args.url is None:
             process, url = start_server(folder, args.max_batch, max_context, args.mesh)
@@ -402,6 +462,19 @@ def main(argv=None) -> int:
                       f"ITL p50 {result['itl_p50_ms']:.2f} ms p99 {result['itl_p99_ms']:.2f} ms, chunk gap p99 "
                       f"{result['chunk_gap_p99_ms']:.1f} ms, slots {result['slot_occupancy_mean'] or 0:.2f}, "
                       f"prefill share {result['prefill_share'] or 0:.2f}", flush=True)
+            rng = np.random.default_rng(args.seed + 1)
+            prompts = [rng.integers(3, vocab, args.burst_tokens).tolist() for _ in range(16)]
+            burst(url, model, prompts)  # compiles
+            record = {"phase": "burst", "prompt_tokens": args.burst_tokens, "requests": 16,
+                      "last_first_token_ms": 1e3 * statistics.median(burst(url, model, prompts) for _ in range(3))}
+            if offline:
+                record["batched_prefill_ms"] = 1e3 * offline.batched_prefill(prompts)
+                record["vs_batched_prefill"] = record["last_first_token_ms"] / record["batched_prefill_ms"]
+            records.append({**meta, **record})
+            print(f"a burst of 16 {args.burst_tokens}-token prompts: the last first token after "
+                  f"{record['last_first_token_ms']:.0f} ms"
+                  + (f", {record['vs_batched_prefill']:.2f}x one batched prefill of them "
+                     f"({record['batched_prefill_ms']:.0f} ms)" if offline else ""), flush=True)
             size = max(probe_sizes)
             loaded, _ = probe_ttft(url, model, mix[0]["prompt"][:1] * size, args.probes, background=15,
                                    background_mix=mix)

@@ -281,3 +281,34 @@ def test_int8_tables_are_the_committed_results():
     assert "L4" in plans[("phi-4", None, 8192, 1024)]["fits_on"]  # one 24 GB GPU at 8K
     assert not plans[("phi-4", "v5e:2x2", 8192, 2048)]["fits"]  # one 16 GB chip: refused, with its need
     assert plans[("phi-4-mini", "v5e:2x2", 32768, 1024)]["fits"]
+
+
+def prefill_row(ours: dict, sdpa: dict, before: dict | None) -> str:
+    """A prefill-length record pair of bench/compare_transformers.py as its row of bench/RESULTS.md."""
+    label = "SmolLM2-135M-Instruct" if "smollm2" in ours["model"] else f"`{ours['model']}`"
+    was = f"{before['speedup_vs_sdpa']:.2f}×" if before else "–"
+    return (f"| {label} | {ours['prompt_len']} | {sdpa['tokens_per_s']:.1f} | {ours['tokens_per_s']:.1f} | "
+            f"{ours['speedup_vs_sdpa']:.2f}× | {was} |")
+
+
+def test_prefill_length_table_is_the_committed_result():
+    """bench/RESULTS.md's "Prefill at any length": the newest run's phi4_jax and transformers-sdpa
+    prefill records of each model, beside the run before the change where there is one."""
+    page = RESULTS.read_text()
+    path = ROOT / "bench" / "results" / "prefill_lengths.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    newest = {r["model"]: max(o["date"] for o in records if o["model"] == r["model"]) for r in records}
+    rows = 0
+    for ours in records:
+        if ours["engine"] != "phi4_jax" or ours["part"] != "prefill" or ours["date"] != newest[ours["model"]]:
+            continue
+        sdpa = next(r for r in records if r["engine"] == "transformers-sdpa" and r["date"] == ours["date"]
+                    and r["model"] == ours["model"] and r["part"] == "prefill"
+                    and r["prompt_len"] == ours["prompt_len"])
+        before = next((r for r in records if r["engine"] == "phi4_jax" and r["date"] < ours["date"]
+                       and r["model"] == ours["model"] and r["part"] == "prefill"
+                       and r["prompt_len"] == ours["prompt_len"]), None)
+        line = prefill_row(ours, sdpa, before)
+        assert line in page, line
+        rows += 1
+    assert rows >= 3 * 8

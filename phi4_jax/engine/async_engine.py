@@ -69,7 +69,7 @@ class Stream:
             except TimeoutError:
                 output = None
             if output is None:  # woken by `fail`, or a heartbeat: look for an error
-                error = self.error or self.front.error
+                error = self.error or self.front.error or self.front.stopped()
                 if error is None:
                     continue
                 for request_id in sorted(self._unfinished):
@@ -115,8 +115,8 @@ class AsyncEngine:
         EngineUnavailableError unless ready, QueueFullError (nothing queued) when they do not fit."""
         stream = Stream(self, [r[0] for r in requests], asyncio.get_running_loop())
         with self._wake:
-            if self.state != "ready":
-                raise EngineUnavailableError(self._why(), self.state)
+            if self.state != "ready" or self.stopped():
+                raise EngineUnavailableError(self._why() if self.state != "ready" else self.stopped(), self.state)
             queued = self._load.waiting + sum(len(item[2]) for item in self._inbox if item[0] == "add")
             if queued + len(requests) > self.engine.scheduler.max_queue:
                 raise QueueFullError(f"{queued} requests are waiting (at most {self.engine.scheduler.max_queue})")
@@ -156,6 +156,12 @@ class AsyncEngine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
+    def stopped(self) -> str | None:
+        """Why no output can come any more although the engine did not fail: its thread has ended."""
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return "the engine has stopped"
+        return None
+
     def _why(self) -> str:
         return {"loading": "the model is still loading", "draining": "the server is shutting down",
                 "dead": f"the engine failed and cannot go on: {self.error}"}.get(self.state, self.state)
@@ -174,6 +180,13 @@ class AsyncEngine:
             if self.state == "loading":
                 self.state = "ready"
             self._wake.notify_all()
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001  a fault outside a step (a bug): nobody may wait on this engine
+            log.exception("the engine's thread failed")
+            self._die(e)
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._inbox or self.engine.has_unfinished_requests() or self._stopping)

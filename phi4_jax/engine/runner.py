@@ -90,12 +90,13 @@ def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
 
 def prompt_bucket(n: int) -> int:
     """The width an n-token prompt is padded to: a power of two up to 64 (at least
-    MIN_PROMPT_BUCKET), then a multiple of a sixteenth of the power of two at or above n. Eight
-    widths per doubling: a prompt pads by at most an eighth of itself (a power of two, by up to
-    all of itself), and prompts of about the same length share a program."""
+    MIN_PROMPT_BUCKET), then a multiple of 16 tokens or of a 32nd of the power of two at or above
+    n, whichever is more: up to 16 widths per doubling, so a prompt of over 256 tokens pads by at
+    most a sixteenth of itself (to a power of two, by up to all of itself), and prompts of about
+    the same length share a program."""
     if n <= 64:
         return bucket(n)
-    step = max(MIN_PROMPT_BUCKET, 1 << ((n - 1).bit_length() - 4))
+    step = max(MIN_PROMPT_BUCKET, 1 << ((n - 1).bit_length() - 5))
     return -(-n // step) * step
 
 
