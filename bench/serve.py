@@ -247,7 +247,9 @@ def run_clients(url: str, model: str, mix: list[dict], clients: int, requests: i
             "seconds": seconds, "tokens_per_s": tokens / seconds, "requests_per_s": len(results) / seconds,
             **_quantiles("ttft", ttft), **_quantiles("itl", itl), **_quantiles("chunk_gap", gaps),
             "slot_occupancy_mean": statistics.fmean(samples) if samples else None,
-            "prefill_share": busy["prefill"] / sum(busy.values()) if sum(busy.values()) else None}
+            "prefill_share": busy["prefill"] / sum(busy.values()) if sum(busy.values()) else None,
+            "compile_seconds": (after["phi4_jax_compile_seconds_total"] - before["phi4_jax_compile_seconds_total"]
+                                if "phi4_jax_compile_seconds_total" in after else None)}
 
 
 def probe_ttft(url: str, model: str, prompt: list[int], probes: int, background: int = 0,
@@ -461,7 +463,8 @@ def main(argv=None) -> int:
                       f"TTFT p50 {result['ttft_p50_ms']:.0f} ms p99 {result['ttft_p99_ms']:.0f} ms, "
                       f"ITL p50 {result['itl_p50_ms']:.2f} ms p99 {result['itl_p99_ms']:.2f} ms, chunk gap p99 "
                       f"{result['chunk_gap_p99_ms']:.1f} ms, slots {result['slot_occupancy_mean'] or 0:.2f}, "
-                      f"prefill share {result['prefill_share'] or 0:.2f}", flush=True)
+                      f"prefill share {result['prefill_share'] or 0:.2f}, compiling "
+                      f"{result['compile_seconds'] or 0:.1f} s", flush=True)
             rng = np.random.default_rng(args.seed + 1)
             prompts = [rng.integers(3, vocab, args.burst_tokens).tolist() for _ in range(16)]
             burst(url, model, prompts)  # compiles

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from phi4_jax.engine import stats
 from phi4_jax.engine.scheduler import Load
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # the scrape's media type
@@ -55,8 +56,8 @@ class Metrics:
 class _EngineCounts:
     """Counters the engine keeps, read at each scrape: `phi4_jax_scheduler_seconds_total{kind}` (wall
     seconds of its prefill and decode calls), `phi4_jax_rows_finished_total{reason}` (rows ended,
-    by finish reason; abort: the client went), and the prefix cache's `phi4_jax_prefix_cache_queries_total`
-    and `_hits_total` (prompt tokens looked up, and found)."""
+    by finish reason; abort: the client went), the prefix cache's `phi4_jax_prefix_cache_queries_total`
+    and `_hits_total` (prompt tokens looked up, and found), and `phi4_jax_compile_seconds_total`."""
 
     def __init__(self, load: Callable[[], Load]):
         self.load = load
@@ -76,4 +77,7 @@ class _EngineCounts:
         hits = CounterMetricFamily("phi4_jax_prefix_cache_hits", "prompt tokens found in the prefix cache (not "
                                    "prefilled again)")
         hits.add_metric([], load.prefix_hit_tokens)
-        yield from (seconds, finished, queries, hits)
+        compiled = CounterMetricFamily("phi4_jax_compile_seconds", "seconds this process spent making programs "
+                                       "(tracing, lowering, compiling; a compile while serving stalls every stream)")
+        compiled.add_metric([], stats.CLOCK.total)
+        yield from (seconds, finished, queries, hits, compiled)
