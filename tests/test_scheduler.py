@@ -134,7 +134,7 @@ def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner
         add(engine, r)
     got = Collected()
     run(engine, got)
-    assert calls == [4, 1]  # a power of two of them in one prefill, then the fifth
+    assert calls == [8]  # all five in one prefill, padded to a power of two of rows
     assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
 
 

@@ -5,8 +5,9 @@ turns token ids into a client's answer: detokenizing (`StreamDecoder`), stop tok
 strings, log-probabilities, and each request's statistics. The `Scheduler` decides which
 requests run (pure policy); the `ModelRunner` runs the programs on the device batch. A step:
   1. ends the rows aborted or stopped since the last step;
-  2. prefills what the scheduler admits (waiting prompts together, or one piece of a long one) and
-     joins the new rows into the running batch (continuous batching);
+  2. prefills what the scheduler admits (waiting prompts together, padded to a power-of-two count
+     of rows, or one piece of a long one) and joins the new rows into the running batch
+     (continuous batching);
   3. runs up to `steps_per_call` decode steps of every running row (one device call);
   4. returns a `RequestOutput` per request that got tokens or ended; frees finished rows' slots.
 Every request gets the tokens it gets alone, whatever runs beside it.
@@ -25,7 +26,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from phi4_jax.engine import stats
-from phi4_jax.engine.runner import Generation, ModelRunner
+from phi4_jax.engine.runner import Generation, ModelRunner, bucket
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import Load, Pieces, QueueFullError, Request, Scheduler
 from phi4_jax.errors import ConfigError, Phi4Error
@@ -237,10 +238,14 @@ class Engine:
         """Prefills the admitted prompts together, delivers their first tokens, seats the rows that go on."""
         previous, self._idle = self._idle, None
         reuse = previous if (self.enable_prefix_caching and len(requests) == 1 and self._gen is None) else None
+        # A power-of-two count of rows (few distinct programs): one-token rows that end on their
+        # first token fill it, rather than leaving prompts waiting a decode call.
+        pad = bucket(len(requests), 1) - len(requests)
+        params = [r.params for r in requests] + [SamplingParams(max_tokens=1)] * pad
         try:
             with self._timed("prefill", requests):
-                new = self.runner.start([r.ids for r in requests], [r.params for r in requests],
-                                        [sorted(r.stop_ids) for r in requests], continuing=reuse,
+                new = self.runner.start([r.ids for r in requests] + [[0]] * pad, params,
+                                        [sorted(r.stop_ids) for r in requests] + [[]] * pad, continuing=reuse,
                                         length=self._length())
                 first = new.advance(0)  # (waits for the prefill to end)
         except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
