@@ -5,11 +5,12 @@ turns token ids into a client's answer: detokenizing (`StreamDecoder`), stop tok
 strings, log-probabilities, and each request's statistics. The `Scheduler` decides which
 requests run (pure policy); the `ModelRunner` runs the programs on the device batch. A step:
   1. ends the rows aborted or stopped since the last step;
-  2. prefills what the scheduler admits (waiting prompts together, padded to a power-of-two count
-     of rows, or one piece of a long one) and joins the new rows into the running batch
-     (continuous batching);
-  3. runs up to `steps_per_call` decode steps of every running row (one device call);
-  4. returns a `RequestOutput` per request that got tokens or ended; frees finished rows' slots.
+  2. either prefills what the scheduler admits (waiting prompts together, padded to a power-of-two
+     count of rows, or one piece of a long one) and joins the new rows into the running batch
+     (continuous batching), or runs up to `steps_per_call` decode steps of every running row (one
+     device call): in turns while both have work, so a new request's first token comes back
+     right after its prefill and running rows never wait more than one prefill;
+  3. returns a `RequestOutput` per request that got tokens or ended; frees finished rows' slots.
 Every request gets the tokens it gets alone, whatever runs beside it.
 
 A failed device call fails the requests it touched (finish reason "error") and the engine goes on.
@@ -99,6 +100,7 @@ class Engine:
         self._idle: Generation | None = None  # a finished one-row generation whose cache may be reused
         self._finished: list[RequestOutput] = []  # ended between steps (aborted while waiting)
         self._seconds = {"prefill": 0.0, "decode": 0.0}
+        self._prefilled = False  # the last step prefilled: the next decodes (if any row runs)
         self._finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._prefix = {"queried": 0, "hit": 0}  # prompt tokens looked up in the prefix cache, and found
 
@@ -170,21 +172,30 @@ class Engine:
     # The step.
 
     def step(self) -> list[RequestOutput]:
-        """One round: ends what was stopped, prefills what is admitted, runs one decode call of every
-        running row; returns the outputs (one per request that got tokens or ended)."""
+        """One round: ends what was stopped, then either prefills what is admitted (its first tokens
+        come back at once) or runs one decode call of every running row, in turns while both have
+        work; returns the outputs (one per request that got tokens or ended)."""
         outputs, self._finished = self._finished, []
         self._end_stopped(outputs)
-        plan = self.scheduler.admit()
-        if isinstance(plan, Pieces):
-            self._idle = None
-            self._pieces = self.runner.start_in_pieces(plan.request.ids, plan.request.params,
-                                                       sorted(plan.request.stop_ids), plan.size, self._length())
-        if self._pieces is not None:
-            self._feed(outputs)
-        elif plan:
-            self._prefill(plan, outputs)
-        if self._gen is not None and self.scheduler.running - (self.scheduler.staged is not None):
+        seated = self.scheduler.running - (self.scheduler.staged is not None)
+        prefilled = False
+        if not self._prefilled or not seated:  # a prefill step, then a decode step: neither starves
+            if self._pieces is None:
+                plan = self.scheduler.admit()
+                if isinstance(plan, Pieces):
+                    self._idle = None
+                    self._pieces = self.runner.start_in_pieces(plan.request.ids, plan.request.params,
+                                                               sorted(plan.request.stop_ids), plan.size,
+                                                               self._length())
+                elif plan:
+                    self._prefill(plan, outputs)
+                    prefilled = True
+            if self._pieces is not None:
+                self._feed(outputs)
+                prefilled = True
+        if not prefilled and self._gen is not None and seated:
             self._decode(outputs)
+        self._prefilled = prefilled
         self._shrink(outputs)
         return outputs
 
