@@ -266,6 +266,7 @@ def test_an_allocation_that_fails_fails_the_batch_it_touched_and_the_server_serv
     served_answer(port, demo)
 
 
+@pytest.mark.slow  # a server of its own (the quick loop keeps the shared server's faults)
 def test_an_engine_that_cannot_go_on_answers_503_and_fails_every_waiting_client(demo):
     with serving(*demo, steps_per_call=1) as (port, served):
         served_answer(port, demo)
@@ -292,6 +293,7 @@ def test_an_engine_that_cannot_go_on_answers_503_and_fails_every_waiting_client(
         assert refused.status == 503 and error["code"] == "server_unavailable" and "cannot go on" in error["message"]
 
 
+@pytest.mark.slow  # a server of its own (the quick loop keeps the shared server's faults)
 def test_draining_finishes_what_runs_within_the_timeout_and_ends_the_rest(demo, monkeypatch):
     with serving(*demo, steps_per_call=1) as (port, served):
         served_answer(port, demo)
