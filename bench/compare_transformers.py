@@ -128,9 +128,8 @@ def phi4_jax_runner(folder: str, mesh: str | None):
         params = SamplingParams(max_tokens=n, ignore_eos=True)
         engine.add_requests([(str(b), p, params) for b, p in enumerate(prompts)])
         tokens = [[] for _ in prompts]
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens[int(out.request_id)] += out.token_ids
+        for out in engine.outputs():
+            tokens[int(out.request_id)] += out.token_ids
         return np.asarray(tokens).tolist()
     return run
 

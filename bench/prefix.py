@@ -50,13 +50,12 @@ def conversation(engine, tokenizer, system: str, turns: int, max_tokens: int) ->
         start = time.perf_counter()
         engine.add_request(f"turn-{t}", ids, SamplingParams(max_tokens=max_tokens))
         first, text, cached, tokens = None, "", 0, []
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.token_ids and first is None:
-                    first = time.perf_counter() - start
-                text += o.text
-                tokens += o.token_ids
-                cached = o.stats.cached_tokens
+        for o in engine.outputs():
+            if o.token_ids and first is None:
+                first = time.perf_counter() - start
+            text += o.text
+            tokens += o.token_ids
+            cached = o.stats.cached_tokens
         out.append({"prompt_tokens": len(ids), "cached_tokens": cached, "ttft_s": first, "tokens": tokens})
         messages.append({"role": "assistant", "content": text})
     return out

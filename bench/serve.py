@@ -350,9 +350,8 @@ class Offline:
             engine.add_requests([(str(i), r["prompt"], SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True))
                                  for i, r in enumerate(mix)])
             tokens = [[] for _ in mix]
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    tokens[int(out.request_id)] += out.token_ids
+            for out in engine.outputs():
+                tokens[int(out.request_id)] += out.token_ids
             return tokens
 
         run()  # compiles what the mix needs

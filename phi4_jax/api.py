@@ -138,16 +138,15 @@ def _runner(model: Phi4ForCausalLM | ModelRunner) -> ModelRunner:
 def _outputs(engine: Engine) -> Iterator[RequestOutput]:
     """Steps `engine` until it holds nothing, yielding the outputs; a failed request raises its error."""
     try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finish_reason == "error":
-                    raise GenerationError(out.error)
-                yield out
+        for out in engine.outputs():
+            if out.finish_reason == "error":
+                raise GenerationError(out.error)
+            yield out
     finally:
         for request_id in engine.request_ids():  # the caller stopped reading: end what runs
             engine.abort(request_id)
-        while engine.has_unfinished_requests():
-            engine.step()
+        for _ in engine.outputs():
+            pass
 
 
 def stream_generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt: Prompt,

@@ -103,13 +103,6 @@ class AsyncEngine:
         self._warm_up = warm_up
         self._thread.start()
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Blocks until the warm-up is over; raises Phi4Error if the engine died or `timeout` passed."""
-        with self._wake:
-            self._wake.wait_for(lambda: self.state != "loading", timeout)
-        if self.state != "ready":
-            raise Phi4Error(f"the engine is {self.state}: {self.error or 'the warm-up did not finish in time'}")
-
     def submit(self, requests: Sequence[tuple]) -> Stream:
         """Queues (request_id, prompt_ids, params) requests together; call on the event loop. Raises
         EngineUnavailableError unless ready, QueueFullError (nothing queued) when they do not fit."""
@@ -172,7 +165,7 @@ class AsyncEngine:
         try:
             if self._warm_up is not None:
                 self._warm_up(self.engine)
-        except Exception as e:  # noqa: BLE001  reported by /health and wait_ready
+        except Exception as e:  # noqa: BLE001  reported by /health
             log.exception("the warm-up failed")
             self._die(e)
             return

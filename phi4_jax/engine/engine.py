@@ -24,7 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from phi4_jax.engine import stats
 from phi4_jax.engine.runner import Generation, ModelRunner, bucket
@@ -198,6 +198,11 @@ class Engine:
         self._prefilled = prefilled
         self._shrink(outputs)
         return outputs
+
+    def outputs(self) -> Iterator[RequestOutput]:
+        """Steps until the engine holds nothing, yielding every output (offline use)."""
+        while self.has_unfinished_requests():
+            yield from self.step()
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
         """Ends every request with `error` and drops the device state (after a failure the engine

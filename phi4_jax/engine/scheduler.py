@@ -97,9 +97,6 @@ class Scheduler:
         """Requests holding a slot: decoding, or being prefilled in pieces."""
         return sum(r is not None for r in self.slots) + (self.staged is not None)
 
-    def slot_of(self, request_id: str) -> int | None:
-        return next((i for i, r in enumerate(self.slots) if r is not None and r.request_id == request_id), None)
-
     def admit(self) -> list[Request] | Pieces:
         """What to prefill now (taken out of the queue): prompts to prefill together (maybe none), or
         one long prompt to read in pieces. Nothing while a long prompt is being read: this step's
