@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from phi4_jax.engine import runner as runner_module
+from phi4_jax.engine import stats
 from phi4_jax.engine.engine import Engine
 from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
@@ -121,21 +122,46 @@ def test_requests_joining_a_running_batch_get_their_lone_tokens(runner):
 def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner, monkeypatch):
     requests = requests_of(runner, 5, seed=3)
     want = [alone(runner, r) for r in requests]
-    calls = []
-    start = runner.start
+    calls, widths = [], []
+    pack = runner.prefill_packed
 
     def counted(prompts, *args, **kwargs):
         calls.append(len(prompts))
-        return start(prompts, *args, **kwargs)
+        packed = pack(prompts, *args, **kwargs)
+        widths.append(packed.width)
+        return packed
 
-    monkeypatch.setattr(runner, "start", counted)
+    monkeypatch.setattr(runner, "prefill_packed", counted)
+    monkeypatch.setattr(runner, "start", None)  # (no prompt goes through the row-per-prompt prefill)
     engine = Engine(runner, max_batch=8, steps_per_call=4)
     for r in requests:
         add(engine, r)
     got = Collected()
     run(engine, got)
-    assert calls == [8]  # all five in one prefill, padded to a power of two of rows
+    assert calls == [5]  # all five in one prefill, end to end in one row of the packed width
+    assert widths == [runner_module.packed_width(sum(len(r.ids) for r in requests))]
     assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
+
+
+def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their_lone_tokens(runner):
+    """Prompts packed together, rows joining and leaving, batches growing and shrinking: once
+    `warm_up` ran, none of it makes a program, and every request gets its lone tokens."""
+    requests = [r for r in requests_of(runner, 12, seed=5) if r.params.logprobs is None]
+    want = [alone(runner, r) for r in requests]
+    engine = Engine(runner, max_batch=4, steps_per_call=3, prefill_tokens=40, fixed_length=64)
+    engine.warm_up([1], 4)
+    compiled, got = stats.CLOCK.total, Collected()
+    arrivals = iter(requests)
+    for step in range(MAX_STEPS):
+        if step % 3 == 0:  # one or two requests every third step
+            for r in [next(arrivals, None) for _ in range(1 + step % 2)]:
+                if r is not None:
+                    add(engine, r)
+        if not engine.has_unfinished_requests() and step > 3 * len(requests):
+            break
+        got.take(engine.step())
+    assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
+    assert stats.CLOCK.total == compiled
 
 
 def test_an_aborted_request_frees_its_slot_and_the_others_run_on(runner):
@@ -219,10 +245,11 @@ def test_a_prompt_extending_the_idle_sequence_reuses_its_cache_with_the_same_tok
     assert results[True][2] == len(first.ids) + 6 - 1 and results[False][2] == 0  # (the last token: not yet cached)
 
 
-@pytest.mark.parametrize("fault", ["prefill", "decode", "join"])
+@pytest.mark.parametrize("fault", ["prefill", "decode", "admit"])
 def test_a_failed_device_call_fails_the_requests_it_touched_and_the_engine_goes_on(runner, monkeypatch, fault):
-    """A prefill that raises fails the prompts it held; a decode call or a join (an allocation) that
-    raises fails the running batch; the engine then serves the next request with its lone tokens."""
+    """A prefill that raises fails the prompts it held; a decode call or an allocation (growing the
+    batch for the new row) that raises fails the running batch; the engine then serves the next
+    request with its lone tokens."""
     running = Request("running", [5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), frozenset())
     joining = Request("joining", [8, 9], SamplingParams(max_tokens=5, ignore_eos=True), frozenset())
     engine = Engine(runner, max_batch=4, steps_per_call=2)
@@ -233,9 +260,9 @@ def test_a_failed_device_call_fails_the_requests_it_touched_and_the_engine_goes_
     def broken(*_, **__):
         raise RuntimeError("injected")
 
-    target = {"prefill": (runner, "start"), "decode": (runner_module.Generation, "advance"),
-              "join": (runner_module.Generation, "join")}[fault]
-    failed = {"prefill": {"joining"}, "decode": {"running", "joining"}, "join": {"running", "joining"}}[fault]
+    target = {"prefill": (runner_module, "_prefill_packed"), "decode": (runner_module.Generation, "advance"),
+              "admit": (runner_module.Generation, "admit")}[fault]
+    failed = {"prefill": {"joining"}, "decode": {"running", "joining"}, "admit": {"running", "joining"}}[fault]
     with monkeypatch.context() as patch:
         patch.setattr(*target, broken)
         add(engine, joining)

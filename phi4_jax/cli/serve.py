@@ -82,13 +82,19 @@ def run(args) -> int:
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
     runner = ModelRunner(model, max_context=args.max_context)
+    fixed = runner.fixed_length(args.max_batch)
+    if fixed is None:
+        log.warning("--max-batch %d rows of the %d-token context would take over a quarter of the memory: caches "
+                    "grow with the requests, and a request may compile programs while others stream (lower "
+                    "--max-context or --max-batch to compile every program before serving)",
+                    args.max_batch, runner.max_context)
     engine = AsyncEngine(Engine(runner, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                                enable_prefix_caching=args.enable_prefix_caching))
+                                enable_prefix_caching=args.enable_prefix_caching, fixed_length=fixed))
     name = args.served_model_name or str(args.model)
     served = Served(name=name, tokenizer=tokenizer, engine=engine, max_context=runner.max_context,
                     default_max_tokens=args.max_tokens, api_key=args.api_key)
-    # Compile before reporting healthy: the programs of 1, 2, 4 .. --max-batch rows.
-    log.info("compiling (warm-up requests); /health answers 503 until done")
+    # Compile before reporting healthy: every program a request can need (with a fixed cache length).
+    log.info("compiling; /health answers 503 until done")
     engine.start(lambda e: e.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens))
     log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
     server = DrainingServer(uvicorn.Config(build_app(served), host=args.host, port=args.port,

@@ -5,10 +5,10 @@ turns token ids into a client's answer: detokenizing (`StreamDecoder`), stop tok
 strings, log-probabilities, and each request's statistics. The `Scheduler` decides which
 requests run (pure policy); the `ModelRunner` runs the programs on the device batch. A step:
   1. ends the rows aborted or stopped since the last step;
-  2. either prefills what the scheduler admits (waiting prompts together, padded to a power-of-two
-     count of rows, or one piece of a long one) and joins the new rows into the running batch
-     (continuous batching), or runs up to `steps_per_call` decode steps of every running row (one
-     device call): in turns while both have work, so a new request's first token comes back
+  2. either prefills what the scheduler admits (waiting prompts packed end to end in one row, their
+     keys and values then put into free rows of the running batch: continuous batching; or one
+     piece of a long prompt), or runs up to `steps_per_call` decode steps of every running row
+     (one device call): in turns while both have work, so a new request's first token comes back
      right after its prefill and running rows never wait more than one prefill;
   3. returns a `RequestOutput` per request that got tokens or ended; frees finished rows' slots.
 Every request gets the tokens it gets alone, whatever runs beside it.
@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from phi4_jax.engine import stats
-from phi4_jax.engine.runner import Generation, ModelRunner, bucket
+from phi4_jax.engine.runner import Generation, ModelRunner, cache_length
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import Load, Pieces, QueueFullError, Request, Scheduler
 from phi4_jax.errors import ConfigError, Phi4Error
@@ -83,17 +83,24 @@ class Engine:
       prefill_tokens: prompt tokens prefilled in one step at most; a longer prompt is read in
         pieces of it between decode calls.
       enable_prefix_caching: reuse an idle one-row generation's cache for a prompt that extends it.
+      fixed_length: every batch's cache holds this many slots per row (at most the context), so the
+        programs a request can need are few and `warm_up` compiles them all; None: caches as long as
+        their requests need (powers of two), programs compiled on first use.
     """
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None = None, *, max_batch: int = 16,
                  max_queue: int = 256, steps_per_call: int = STEPS_PER_CALL, prefill_tokens: int = 2048,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, fixed_length: int | None = None):
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call must be at least 1, got {steps_per_call}")
         self.runner = runner if isinstance(runner, ModelRunner) else ModelRunner(runner)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_batch, max_queue, prefill_tokens)
         self.steps_per_call, self.enable_prefix_caching = steps_per_call, enable_prefix_caching
+        if fixed_length is not None and not 1 <= fixed_length <= self.runner.max_context:
+            raise ConfigError(f"fixed_length must be in [1, {self.runner.max_context}] (the context), "
+                              f"got {fixed_length}")
+        self.fixed_length = fixed_length
         self._requests: dict[str, _Running] = {}
         self._gen: Generation | None = None  # the running batch (rows: `scheduler.slots`)
         self._pieces = None  # the staged long prompt's prefill, one piece per next()
@@ -251,28 +258,64 @@ class Engine:
                 self._requests[r.request_id].stats.prefilled(seconds, stats.CLOCK.total - compiled)
 
     def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
-        """Prefills the admitted prompts together, delivers their first tokens, seats the rows that go on."""
+        """Prefills the admitted prompts packed in one row, puts them into free rows of the running
+        batch (grown as needed) and delivers their first tokens. A lone prompt that extends the idle
+        sequence continues it instead (prefix caching)."""
         previous, self._idle = self._idle, None
-        reuse = previous if (self.enable_prefix_caching and len(requests) == 1 and self._gen is None) else None
-        # A power-of-two count of rows (few distinct programs): one-token rows that end on their
-        # first token fill it, rather than leaving prompts waiting a decode call.
-        pad = bucket(len(requests), 1) - len(requests)
-        params = [r.params for r in requests] + [SamplingParams(max_tokens=1)] * pad
-        try:
-            with self._timed("prefill", requests):
-                new = self.runner.start([r.ids for r in requests] + [[0]] * pad, params,
-                                        [sorted(r.stop_ids) for r in requests] + [[]] * pad, continuing=reuse,
-                                        length=self._length())
-                first = new.advance(0)  # (waits for the prefill to end)
-        except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
-            outputs += [self._final(self._requests.pop(r.request_id), "error", e) for r in requests]
-            return
         if self.enable_prefix_caching:
             self._prefix["queried"] += sum(len(r.ids) for r in requests)
-            self._prefix["hit"] += new.reused_tokens
-        if new.reused_tokens:
-            self._requests[requests[0].request_id].stats.cached_tokens = new.reused_tokens
-        self._seat(requests, new, first, outputs)
+            if (len(requests) == 1 and self._gen is None
+                    and self.runner.cached_prefix(previous, requests[0].ids, requests[0].params)):
+                self._continue(requests[0], previous, outputs)
+                return
+        error = None
+        with self._timed("prefill", requests):
+            try:
+                packed = self.runner.prefill_packed([r.ids for r in requests], [r.params for r in requests],
+                                                    [sorted(r.stop_ids) for r in requests],
+                                                    self.scheduler.prefill_tokens)
+            except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
+                error, alone = e, True
+            else:
+                try:
+                    size, slots = self.scheduler.seat(requests)
+                    if self._gen is None:
+                        length = self.fixed_length or cache_length(
+                            max(r.needed(self.max_context) for r in requests), self.max_context)
+                        self._gen = self.runner.empty(size, length)
+                    elif size > self._gen.batch:
+                        self._gen.resize(list(range(self._gen.batch)) + [None] * (size - self._gen.batch))
+                    first = self._gen.admit(slots, packed)
+                except Exception as e:  # noqa: BLE001  the batch they joined is lost with them
+                    error, alone = e, False
+        if error is not None:
+            if alone:
+                outputs += [self._final(self._requests.pop(r.request_id), "error", error) for r in requests]
+            else:
+                self._fail_running(outputs, error)
+            return
+        gen, reasons, stopped = self._gen, self._gen.finish_reasons(), []
+        for request, slot, tokens in zip(requests, slots, first):
+            reason = self._emit(request, tokens, gen.new_logprobs[slot], reasons[slot], outputs)
+            if reason is not None:
+                self.scheduler.slots[slot] = None
+                if reasons[slot] is None:
+                    stopped.append(slot)  # a stop string in the first token: the row still runs on the device
+        self._stop_rows(stopped, outputs)
+
+    def _continue(self, request: Request, previous: Generation, outputs: list[RequestOutput]) -> None:
+        """Prefills the one prompt after the part of it `previous` (the idle one-row generation) holds."""
+        try:
+            with self._timed("prefill", [request]):
+                new = self.runner.start([request.ids], [request.params], [sorted(request.stop_ids)],
+                                        continuing=previous)
+                first = new.advance(0)  # (waits for the prefill to end)
+        except Exception as e:  # noqa: BLE001
+            outputs.append(self._final(self._requests.pop(request.request_id), "error", e))
+            return
+        self._prefix["hit"] += new.reused_tokens
+        self._requests[request.request_id].stats.cached_tokens = new.reused_tokens
+        self._seat([request], new, first, outputs)
 
     def _feed(self, outputs: list[RequestOutput]) -> None:
         """The staged long prompt's next piece; seats its row after the last."""
@@ -337,11 +380,16 @@ class Engine:
                 self.scheduler.slots[i] = None
                 if reasons[i] is None:
                     stopped.append(i)  # a stop string: the row still runs on the device
-        if stopped:
-            try:
-                gen.stop(stopped)
-            except Exception as e:  # noqa: BLE001
-                self._fail_running(outputs, e)
+        self._stop_rows(stopped, outputs)
+
+    def _stop_rows(self, rows: list[int], outputs: list[RequestOutput]) -> None:
+        """Ends rows of the running batch whose requests the host ended (a stop string)."""
+        if not rows:
+            return
+        try:
+            self._gen.stop(rows)
+        except Exception as e:  # noqa: BLE001
+            self._fail_running(outputs, e)
 
     def _shrink(self, outputs: list[RequestOutput]) -> None:
         """Drops the batch once every row has left (keeping a lone row's cache for reuse), or
@@ -354,7 +402,7 @@ class Engine:
             if self.enable_prefix_caching and gen.batch == 1 and self.scheduler.staged is None:
                 self._idle = gen
             return
-        plan = self.scheduler.shrink(gen.batch, gen.length, self.max_context)
+        plan = self.scheduler.shrink(gen.batch, gen.length, self.max_context, keep_length=bool(self.fixed_length))
         if plan is None:
             return
         try:
@@ -405,9 +453,14 @@ class Engine:
     # Compiling before serving.
 
     def warm_up(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
-        """Compiles what serving runs first: waves of 1, 2, 4 .. `max_batch` requests of `prompt_ids`
-        with `max_tokens` (a typical request's cache length), each ended after one decode call.
+        """Compiles before serving. With `fixed_length`: every program a
+        request can need (`ModelRunner.compile_all`; not those of a reused prefix, of a prompt longer
+        than `prefill_tokens`, or of log-probabilities). Else what serving runs first: waves of 1, 2,
+        4 .. `max_batch` requests of `prompt_ids` with `max_tokens`, each ended after one decode call.
         Raises Phi4Error when one fails."""
+        if self.fixed_length:
+            self.runner.compile_all(self.scheduler.max_batch, self.fixed_length, self.scheduler.prefill_tokens)
+            return
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         wave = 1
         while True:

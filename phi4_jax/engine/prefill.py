@@ -102,3 +102,16 @@ def _block(model, ids, lengths, rope_lengths, cache, starts, path):
     positions = starts[:, None] + jnp.arange(ids.shape[1])
     last = jnp.clip(lengths - starts - 1, 0, ids.shape[1] - 1)
     return model.prefill(ids, positions, rope_lengths, last, cache, path)
+
+
+def prefill_packed(model: Phi4ForCausalLM, ids: jax.Array, positions: jax.Array, segments: jax.Array,
+                   rope_lengths: jax.Array, slots: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Several fresh prompts packed end to end in one row `ids` `[1, T]` (vLLM's flattened batch):
+    each token at its own prompt's `positions`, seeing only its own `segments` entry's tokens, with
+    its prompt's length in `rope_lengths` (all `[1, T]`; the first token is a prompt's first). No
+    prompt pads another to its width. Returns the final hidden states and a one-row cache of the
+    tokens' keys/values, slot t holding token t, both of `slots` slots (at least T; default T), so
+    that what moves them into rows (`runner._place`) is one program for every T."""
+    cache = KVCache.create(model.config, 1, slots or ids.shape[1], model.model.embed_tokens.dtype)
+    h, cache = model.model(ids, positions, rope_lengths, attn.Dense(None, ordered=True), cache, segments)
+    return jnp.pad(h[0], ((0, cache.length - ids.shape[1]), (0, 0))), cache

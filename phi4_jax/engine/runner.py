@@ -15,6 +15,7 @@ LongRoPE's step at the original context's end (`longrope.py`).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from phi4_jax.engine import longrope
-from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, seq_mesh
+from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, prefill_packed, seq_mesh
 from phi4_jax.engine.sampling import MAX_LOGPROBS, SamplerState, SamplingParams, sample, sampler_state, update_history
 from phi4_jax.errors import ConfigError
 from phi4_jax.model.cache import KVCache
@@ -37,6 +38,7 @@ MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, s
 # A decode call attends over the cache's first slots that its rows can reach, a power of two from
 # here (at most the cache): the products over unused slots cost as much as over used ones.
 MIN_ATTENDED = 128
+STOP_WIDTH = 8  # stop ids a batch holds per row from the start (more widen it: new programs)
 LOGPROB_RING = 16  # log-probabilities are kept for a row's newest this many tokens: a call runs at most as many steps
 
 
@@ -74,6 +76,21 @@ class _Rows(NamedTuple):
     logprobs: list[int | None]  # per row: SamplingParams.logprobs
 
 
+class Packed(NamedTuple):
+    """Prompts prefilled packed in one row (`ModelRunner.prefill_packed`), waiting for
+    `Generation.admit`: the token in slot t is at `positions[t]` of prompt `segments[t]` (the prompt
+    count for padding), prompt b ends at token `lasts[b]`."""
+
+    rows: _Rows
+    width: int  # T: the tokens computed (`packed_width` of the prompts')
+    ids: np.ndarray  # [S] (S: the cache's slots, at least T)
+    positions: np.ndarray  # [S]
+    segments: np.ndarray  # [S]
+    lasts: np.ndarray  # [prompts]
+    hidden: jax.Array  # [S, E] final hidden states
+    cache: KVCache  # [1, KV, S, D] per layer: the tokens' keys and values
+
+
 def _logprob_sizes(wants: Sequence[int | None]) -> tuple[int, int]:
     """(ring, top): the logprob arrays' sizes for rows asking `wants` (SamplingParams.logprobs)."""
     ring = LOGPROB_RING if any(w is not None for w in wants) else 0
@@ -98,6 +115,32 @@ def prompt_bucket(n: int) -> int:
         return bucket(n)
     step = max(MIN_PROMPT_BUCKET, 1 << ((n - 1).bit_length() - 5))
     return -(-n // step) * step
+
+
+def packed_width(tokens: int) -> int:
+    """The width `tokens` prompt tokens packed in one row are padded to: a power of two up to 64 (at
+    least MIN_PROMPT_BUCKET), then a multiple of 64 up to 512, then of 256: a few programs
+    (`packed_widths`) that every admission shares, wasting at most a quarter past 64 tokens."""
+    if tokens <= 64:
+        return bucket(tokens)
+    step = 64 if tokens <= 512 else 256
+    return -(-tokens // step) * step
+
+
+def packed_widths(budget: int) -> list[int]:
+    """Every width `packed_width` gives for up to `budget` tokens."""
+    widths = [packed_width(1)]
+    while widths[-1] < packed_width(budget):
+        widths.append(packed_width(widths[-1] + 1))
+    return widths
+
+
+def attended_sizes(length: int) -> list[int]:
+    """Every number of slots a decode call over a `length`-slot cache may attend (`Generation._attended`)."""
+    sizes = [min(MIN_ATTENDED, length)]
+    while sizes[-1] < length:
+        sizes.append(min(2 * sizes[-1], length))
+    return sizes
 
 
 def cache_length(needed: int, max_context: int) -> int:
@@ -180,6 +223,100 @@ class ModelRunner:
         gen.reused_tokens = reused
         return gen
 
+    def prefill_packed(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                       stop_ids: Sequence[Sequence[int]], budget: int | None = None) -> Packed:
+        """Prefills `prompts` (token ids) packed end to end in one row of `packed_width` tokens: no
+        prompt is padded to another's length, and the program depends on that width alone. Their
+        keys and values wait in the result (`packed_width(budget)` slots of them, default that
+        width: `Generation.admit` makes one program per such size) until `admit` puts them into
+        rows. Raises ConfigError for prompts that cannot run, or of over `budget` tokens (nothing was
+        computed then)."""
+        info = self._rows(prompts, params, stop_ids)
+        tokens = int(info.lengths.sum())
+        if budget is not None and tokens > budget:
+            raise ConfigError(f"{tokens} prompt tokens do not fit in a packed prefill of {budget}")
+        width = packed_width(tokens)
+        ids, positions = np.zeros(width, np.int32), np.arange(width, dtype=np.int32)
+        segments, rope = np.full(width, len(prompts), np.int32), np.ones(width, np.int32)
+        lasts, offset = np.zeros(len(prompts), np.int32), 0
+        for b, (prompt, n) in enumerate(zip(prompts, info.lengths)):
+            end = offset + n
+            ids[offset:end], positions[offset:end], segments[offset:end], rope[offset:end] = prompt, np.arange(n), b, n
+            lasts[b], offset = end - 1, end
+        slots = packed_width(budget) if budget is not None else width
+        hidden, cache = _prefill_packed(self.graphdef, self.params,
+                                        *self.put((ids[None], positions[None], segments[None], rope[None])),
+                                        slots=slots)
+        more = lambda x, fill: np.pad(x, (0, slots - width), constant_values=fill)  # noqa: E731  (the cache's slots)
+        return Packed(info, width, more(ids, 0), more(positions, 0), more(segments, len(prompts)), lasts, hidden, cache)
+
+    def empty(self, batch: int, length: int, stop_width: int = STOP_WIDTH) -> Generation:
+        """A generation of `batch` free rows of `length` cache slots, for `Generation.admit`."""
+        state = _empty(self.graphdef, self.params, batch=batch, length=length, stop_width=stop_width,
+                       layout=self.cache_sharding(batch, length))
+        return Generation(self, state)
+
+    def cache_bytes(self, batch: int, length: int) -> int:
+        """Bytes of a KV cache of `batch` rows of `length` slots (every device's share together)."""
+        c = self.config
+        per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * jnp.dtype(self.dtype).itemsize
+        return batch * length * per_slot
+
+    def fixed_length(self, max_batch: int, share: float = 0.25) -> int | None:
+        """The context as a batch's fixed cache length (`Engine(fixed_length=)`) when `max_batch` rows
+        of it take at most `share` of the memory of the devices holding the weights (of the host
+        for CPU devices), else None (caches grown to what requests need)."""
+        devices = list(jax.tree.leaves(self.params)[0].devices())
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+        if all(limits) and devices[0].platform != "cpu":
+            memory = sum(limits)
+        else:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return self.max_context if self.cache_bytes(max_batch, self.max_context) <= share * memory else None
+
+    def compile_all(self, max_batch: int, length: int, prefill_tokens: int) -> int:
+        """Runs once every program an `Engine` with a fixed cache `length` can need for requests
+        prefilled packed (no log-probabilities asked): for every row count it may hold (powers of two
+        up to `max_batch`), the empty batch, each admission of a packed width up to `prefill_tokens`
+        (and each such width's prefill), each decode call's attended size, stopping rows and each
+        change of row count. Afterwards such requests compile nothing. Returns the programs run."""
+        sizes = [1]
+        while sizes[-1] < max_batch:
+            sizes.append(min(2 * sizes[-1], max_batch))
+        longest = min(length, self.max_context) - 1  # one prompt's tokens, with one token to generate
+        cuts = {}
+        for width in packed_widths(prefill_tokens):
+            tokens = min(width, prefill_tokens)  # (as many as pack to this width)
+            if -(-tokens // longest) <= max_batch:
+                cuts[width] = [min(longest, tokens - start) for start in range(0, tokens, longest)]
+
+        def pack(cut):
+            return self.prefill_packed([[0] * n for n in cut], [SamplingParams(max_tokens=1)] * len(cut),
+                                       [[]] * len(cut), prefill_tokens)
+
+        def rows(size):
+            gen = self.empty(size, length)
+            for packed in packs:  # (one placing program per size; the first-token step is another)
+                if len(packed.lasts) <= size:
+                    gen.admit(range(len(packed.lasts)), packed)  # (each row ends on its first token)
+            gen.stop([0])
+            for attended in attended_sizes(length):
+                gen.state, _ = _decode(self.graphdef, self.params, gen.state, self.put(np.int32(0)),
+                                       attended=attended, layout=gen._layout, ring=gen._ring)
+            if self._longrope:  # (LongRoPE's step at the crossing: no row is there, none changes)
+                gen.state = _reencode(self.graphdef, self.params, gen.state, layout=gen._layout, ring=gen._ring,
+                                      length=cache_length(self.config.original_max_position_embeddings + 1, length),
+                                      piece=self.piece(size))
+            for other in sizes:  # (from a state the programs above made: a fresh one compiles apart)
+                if other != size:
+                    _resize(gen.state, self.put(np.full(other, -1, np.int32)), length=length,
+                            stop_width=gen.state.stop_ids.shape[1], logprob_ring=0, top=0,
+                            layout=self.cache_sharding(other, length))
+            return 4 + len(attended_sizes(length)) + self._longrope + len(sizes) - 1
+
+        packs = [pack(cut) for cut in cuts.values()]
+        return len(packs) + sum(rows(size) for size in sizes)
+
     def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
                         piece: int, length: int | None = None) -> Iterator[Generation | None]:
         """Prefills one prompt `piece` tokens per device call: yields None after each piece but the
@@ -218,8 +355,8 @@ class ModelRunner:
         # Generation stops at the context's end: a row may get fewer than max_tokens ("length").
         max_new = min(max(p.max_tokens for p in params), self.max_context - longest)
         limits = np.array([min(p.max_tokens, self.max_context - n) for p, n in zip(params, lengths)], np.int32)
-        # A power-of-two width (at least 4, which an EOS set fits) for fewer distinct programs.
-        stops = np.full((batch, bucket(max(len(s) for s in stop_ids), 4)), -1, np.int32)
+        # A power-of-two width (at least STOP_WIDTH, as every batch's) for fewer distinct programs.
+        stops = np.full((batch, bucket(max(len(s) for s in stop_ids), STOP_WIDTH)), -1, np.int32)
         for b, s in enumerate(stop_ids):
             stops[b, :len(s)] = sorted(s)
         # Rows without a seed differ from call to call, as in vLLM (on every process alike).
@@ -245,6 +382,11 @@ class ModelRunner:
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top,
                       reach=reach)
+
+    def cached_prefix(self, previous: Generation | None, prompt: Sequence[int], params: SamplingParams) -> int:
+        """How many leading tokens of `prompt` the one-row `previous`'s cache holds for
+        `start(continuing=previous)` to reuse (0: none)."""
+        return self._reusable(previous, [prompt], min(len(prompt) + params.max_tokens, self.max_context))
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
@@ -343,6 +485,46 @@ class Generation:
     def finish_reasons(self) -> list[str | None]:
         """"stop" (a stop token or string), "length" (its limit), or None while running."""
         return [("stop" if t else "length") if d else None for d, t in zip(self._done, self._by_token)]
+
+    def admit(self, rows: Sequence[int], packed: Packed) -> list[list[int]]:
+        """Puts `packed` prompts (`ModelRunner.prefill_packed`) into the finished rows `rows`, one
+        each, and samples each one's first token; returns those tokens (their log-probabilities in
+        `new_logprobs[row]`). The keys and values go straight into the rows' cache (grown first where
+        the rows need more slots, stop ids or log-probabilities): one program per batch shape and
+        packed width, whatever the prompts."""
+        runner, rows, info = self.runner, [int(r) for r in rows], packed.rows
+        if len(rows) != len(info.lengths) or not all(self._done[r] for r in rows):
+            raise ConfigError(f"admit takes {len(info.lengths)} prompt(s) into as many finished rows; got rows {rows}")
+        ring, top = _logprob_sizes(info.logprobs)
+        s = self.state
+        grown = (self.length if info.needed <= self.length else max(info.length, self.length),
+                 max(info.stops.shape[1], s.stop_ids.shape[1]),
+                 max(ring, s.top_ids.shape[1]), max(top, s.top_ids.shape[2]))
+        if grown != (self.length, s.stop_ids.shape[1], *s.top_ids.shape[1:]):
+            self.resize(list(range(self.batch)), *grown)
+        batch, count = self.batch, len(rows)
+        pad = lambda x, fill: np.concatenate([x, np.full((batch - count, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
+        stops = np.full((count, self.state.stop_ids.shape[1]), -1, np.int32)
+        stops[:, :info.stops.shape[1]] = info.stops
+        row_of = np.array(rows + [batch], np.int32)  # (segment `count`: the padding, dropped)
+        entries = runner.put(pad(row_of[:-1], batch))
+        self.state, hidden = _place(self.state, packed.hidden, packed.cache,
+                                    *runner.put((packed.ids, row_of[packed.segments], packed.positions,
+                                                 pad(packed.lasts, 0))), entries)
+        self.state = _first(runner.graphdef, runner.params, self.state, hidden, entries,
+                            *runner.put((pad(info.lengths, 1), pad(info.limits, 1), pad(stops, -1),
+                                         jax.tree.map(lambda x: pad(x, 0), info.sampler))), layout=self._layout)
+        for r, want in zip(rows, info.logprobs):
+            self._read[r] = self._harvested[r] = 0
+            self._wants[r], self._pending[r] = want, []
+        self._sync()
+        first = [self._tokens[r, :self._generated[r]].tolist() for r in rows]
+        self._read[rows] = self._generated[rows]
+        self.new_logprobs = [None] * batch
+        for r in rows:
+            self.new_logprobs[r] = None if self._wants[r] is None else self._pending[r]
+            self._pending[r] = []
+        return first
 
     def join(self, rows: Sequence[int], other: Generation, picks: Sequence[int] | None = None) -> None:
         """Puts `other`'s rows `picks` (default all; running, their tokens so far already read) in
@@ -498,6 +680,68 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
         top_ids=jnp.zeros((batch, logprob_ring, top), jnp.int32),
         top_logprobs=jnp.zeros((batch, logprob_ring, top), jnp.float32), cache=cache)
     return _advance(state, logits, cache, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _prefill_packed(graphdef, params, ids, positions, segments, rope_lengths, *, slots) -> tuple[jax.Array, KVCache]:
+    """`prefill.prefill_packed` of the model."""
+    return prefill_packed(nnx.merge(graphdef, params), ids, positions, segments, rope_lengths, slots)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "length", "stop_width", "layout"))
+def _empty(graphdef, params, *, batch: int, length: int, stop_width: int, layout=None) -> DecodeState:
+    """A state of `batch` finished (free) rows and `length` cache slots."""
+    model = nnx.merge(graphdef, params)
+    config, dtype = model.config, model.model.embed_tokens.dtype
+    zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)  # noqa: E731
+    state = DecodeState(
+        tokens=zeros(jnp.int32, length), last=zeros(jnp.int32), positions=zeros(jnp.int32),
+        done=jnp.ones(batch, bool), stopped_by_token=zeros(bool), generated=zeros(jnp.int32),
+        limit=zeros(jnp.int32), stop_ids=jnp.full((batch, stop_width), -1, jnp.int32),
+        history=zeros(jnp.int32, length), seen=zeros(bool, config.vocab_size),
+        counts=zeros(jnp.int32, config.vocab_size),
+        sampler=SamplerState(*(zeros(x.dtype, *x.shape[1:]) for x in sampler_state(SamplingParams(), 1))),
+        logprob_ring=zeros(jnp.float32, 0), top_ids=zeros(jnp.int32, 0, 0), top_logprobs=zeros(jnp.float32, 0, 0),
+        cache=KVCache.create(config, batch, length, dtype))
+    return _laid_out(state, layout)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _place(state: DecodeState, hidden, packed: KVCache, ids, token_rows, slots, lasts,
+           rows) -> tuple[DecodeState, jax.Array]:
+    """Moves packed prompts (`_prefill_packed`'s `hidden` `[S, E]` and keys/values) into rows `rows`
+    `[B]` of `state` (B: a row index past the batch for unused entries): token t to row
+    `token_rows[t]`, slot `slots[t]`, with the rows' history and penalty state started afresh.
+    Returns the state and each entry's last hidden state (`lasts` `[B]`), for `_first`. (Apart from
+    the sampling step, so that only this program of data movement is made per packed width.)"""
+    fresh = (jnp.zeros(state.done.shape[0], bool).at[rows].set(True, mode="drop"))[:, None]
+    moved = lambda c, new: c.at[token_rows, :, slots].set(new[0].transpose(1, 0, 2).astype(c.dtype), mode="drop")  # noqa: E731
+    cache = KVCache(tuple(map(moved, state.cache.keys, packed.keys)),
+                    tuple(map(moved, state.cache.values, packed.values)))
+    return state._replace(
+        cache=cache, tokens=jnp.where(fresh, 0, state.tokens), counts=jnp.where(fresh, 0, state.counts),
+        history=jnp.where(fresh, 0, state.history).at[token_rows, slots].set(ids, mode="drop"),
+        seen=jnp.where(fresh, False, state.seen).at[token_rows, ids].set(True, mode="drop")), hidden[lasts]
+
+
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout",))
+def _first(graphdef, params, state: DecodeState, hidden, rows, lengths, limits, stop_ids, sampler, *,
+           layout=None) -> DecodeState:
+    """Starts rows `rows` `[B]` (placed by `_place`; B: unused entries) from their last prompt
+    token's `hidden` state `[B, E]`: entry b's prompt has `lengths[b]` tokens, `limits[b]`,
+    `stop_ids[b]` and `sampler` row b. Samples their first tokens; the other rows keep their state."""
+    model = nnx.merge(graphdef, params)
+    batch = state.done.shape[0]
+    admitted = jnp.zeros(batch, bool).at[rows].set(True, mode="drop")
+    put = lambda x, new: x.at[rows].set(new.astype(x.dtype), mode="drop")  # noqa: E731
+    logits = jnp.zeros((batch, model.config.vocab_size), hidden.dtype).at[rows].set(model.logits(hidden), mode="drop")
+    rest = state._replace(
+        positions=put(state.positions, lengths - 1), done=~admitted,
+        stopped_by_token=put(state.stopped_by_token, jnp.zeros_like(rows, bool)),
+        generated=put(state.generated, jnp.zeros_like(rows)), limit=put(state.limit, limits),
+        stop_ids=put(state.stop_ids, stop_ids), sampler=jax.tree.map(put, state.sampler, sampler))
+    new = _advance(rest, logits, state.cache)
+    return _laid_out(new._replace(done=jnp.where(admitted, new.done, state.done)), layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("attended", "layout", "ring"))

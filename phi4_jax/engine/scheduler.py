@@ -139,17 +139,19 @@ class Scheduler:
             self.slots[i] = request
         return size, free[:len(requests)]
 
-    def shrink(self, batch: int, length: int, max_context: int) -> tuple[list[int | None], int] | None:
+    def shrink(self, batch: int, length: int, max_context: int,
+               keep_length: bool = False) -> tuple[list[int | None], int] | None:
         """For a running batch of `batch` rows and `length` cache slots: (the old row of each new row,
         None for a free one; the new length) when the running rows need at most a quarter of the rows
-        or of the length (hysteresis against thrashing), else None. The slots follow."""
+        or of the length (hysteresis against thrashing; `keep_length`: rows only), else None. The
+        slots follow."""
         seated = [i for i, r in enumerate(self.slots) if r is not None]
         if not seated:
             return None
         rows = min(bucket(len(seated), 1), self.max_batch)
         needed = cache_length(max(self.slots[i].needed(max_context) for i in seated), max_context)
         rows = rows if 4 * rows <= batch else batch
-        needed = needed if 4 * needed <= length else length
+        needed = needed if 4 * needed <= length and not keep_length else length
         if (rows, needed) == (batch, length):
             return None
         order = seated + [None] * (rows - len(seated))

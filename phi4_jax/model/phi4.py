@@ -199,10 +199,13 @@ class Phi4Model(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.config = config
 
-    def __call__(self, input_ids, positions, lengths, path: attn.Path, cache: KVCache | None = None):
+    def __call__(self, input_ids, positions, lengths, path: attn.Path, cache: KVCache | None = None,
+                 segments: jax.Array | None = None):
         """Final hidden states `[B, T, E]` of tokens at `positions` `[B, T]`, and the cache with their
-        keys/values written (None without one). `lengths` `[B]`: each row's sequence length so far,
-        for LongRoPE's switch (None: from the positions)."""
+        keys/values written (None without one). `lengths` `[B]` (or `[B, T]`): each row's (token's)
+        sequence length so far, for LongRoPE's switch (None: from the positions). `segments` `[B, T]`
+        (with `Dense(None)` only): several sequences packed in a row, a token seeing only its own
+        segment's tokens."""
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
         mask = None
@@ -210,6 +213,8 @@ class Phi4Model(nnx.Module):
             keys = positions if path.slots is None else jnp.broadcast_to(
                 jnp.arange(path.slots), (positions.shape[0], path.slots))
             mask = attn.causal_mask(positions, keys, self.config.window)
+            if segments is not None:
+                mask &= segments[:, :, None] == segments[:, None, :]
         layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
         written = []
         for layer, kv_cache in zip(self.layers, layer_caches):

@@ -32,16 +32,19 @@ def rope_tables(config: Phi4Config, positions: jax.Array,
 
     LongRoPE picks the long factors for a row iff its sequence length exceeds
     `original_max_position_embeddings`, as transformers does per forward of one sequence; the
-    length is `lengths[b]` when given (padding excluded), else `max(positions[b]) + 1`. cos and sin
+    length is `lengths[b]` when given (padding excluded; `lengths` `[batch, seq]`: per token, for
+    several sequences packed in one row), else `max(positions[b]) + 1`. cos and sin
     are scaled by the constant attention factor at every length.
     """
-    inv_freq = jnp.asarray(inverse_frequencies(config))[None]  # [1 or B, rotary_dim/2]
+    inv_freq = jnp.asarray(inverse_frequencies(config))[None, None]  # [1 or B, 1 or T, rotary_dim/2]
     if config.rope_type == "longrope":
         if lengths is None:
             lengths = jnp.max(positions, axis=-1) + 1
-        use_long = (lengths > config.original_max_position_embeddings)[:, None]
+        if lengths.ndim == 1:
+            lengths = lengths[:, None]  # one length for every token of the row
+        use_long = (lengths > config.original_max_position_embeddings)[..., None]
         inv_freq = jnp.where(use_long, jnp.asarray(inverse_frequencies(config, long=True)), inv_freq)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq[:, None, :]  # [B, T, rotary_dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rotary_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     factor = config.attention_factor
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
