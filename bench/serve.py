@@ -1,6 +1,7 @@
 """Serving benchmark: streaming clients against an OpenAI-compatible server, beside offline batch-16 generation.
 
-By default it measures `python -m phi4_jax.serve` on a preset with random weights (a word-level
+By default it measures `python -m phi4_jax.serve` (prefix caching off, as vLLM is run beside it:
+the probes repeat one prompt) on a preset with random weights (a word-level
 tokenizer of the preset's vocabulary is written beside them), started and stopped here; `--url`
 drives any other OpenAI-compatible server instead (vLLM, llama.cpp, ...: /v1/completions with
 token-id prompts, streamed), so one run can measure two engines on the same machine.
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=5, help="TTFT probes per probe phase")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--no-offline", action="store_true", help="skip the offline batch-16 phase")
+    p.add_argument("--offline-only", action="store_true", help="only the offline phase: start no server")
     p.add_argument("--burst-tokens", type=int, default=256, help="prompt tokens of each of the burst's 16 requests")
     p.add_argument("--engine-label", default=None,
                    help="the engine's name in the records (default: phi4_jax, or the --url)")
@@ -114,7 +116,8 @@ def start_server(folder: str, max_batch: int, max_context: int, mesh: str | None
     log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen([sys.executable, "-m", "phi4_jax.serve", "--model", folder, "--port", str(port),
                                 "--served-model-name", "bench", "--max-batch", str(max_batch),
-                                "--max-context", str(max_context), "--log-level", "warning"]
+                                "--max-context", str(max_context), "--log-level", "warning",
+                                "--no-enable-prefix-caching"]  # (as vLLM is run beside it: repeated probes)
                                + (["--mesh", mesh] if mesh else []),
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -430,14 +433,16 @@ def main(argv=None) -> int:
                   f"({record['continuous_vs_static']:.2f}x; tokens identical: "
                   f"{record['continuous_tokens_identical']})", flush=True)
         process = None
-        if args.url is None:
+        if args.offline_only:
+            pass
+        elif args.url is None:
             process, url = start_server(folder, args.max_batch, max_context, args.mesh)
             model = "bench"
         else:
             url, model = args.url.rstrip("/"), args.served_model
         try:
             lone = {}
-            for size in probe_sizes:
+            for size in probe_sizes if not args.offline_only else []:
                 probe = mix[0]["prompt"][:1] * size
                 stream_request(url, model, {"prompt": probe, "max_tokens": 2})  # compiles the probe's bucket
                 if offline:
@@ -451,7 +456,10 @@ def main(argv=None) -> int:
                 records.append({**meta, **record})
                 print(f"lone TTFT of {size} tokens: {record['ttft_ms']:.1f} ms"
                       + (f" (generate {record['generate_ttft_ms']:.1f} ms)" if alone else ""), flush=True)
-            run_clients(url, model, mix, max(clients), max(args.requests, max(clients)))  # compiles
+            if args.offline_only:
+                clients = []
+            else:
+                run_clients(url, model, mix, max(clients), max(args.requests, max(clients)))  # compiles
             for n in clients:
                 result = run_clients(url, model, mix, n, max(args.requests, n))
                 if offline:
@@ -464,27 +472,28 @@ def main(argv=None) -> int:
                       f"{result['chunk_gap_p99_ms']:.1f} ms, slots {result['slot_occupancy_mean'] or 0:.2f}, "
                       f"prefill share {result['prefill_share'] or 0:.2f}, compiling "
                       f"{result['compile_seconds'] or 0:.1f} s", flush=True)
-            rng = np.random.default_rng(args.seed + 1)
-            prompts = [rng.integers(3, vocab, args.burst_tokens).tolist() for _ in range(16)]
-            burst(url, model, prompts)  # compiles
-            record = {"phase": "burst", "prompt_tokens": args.burst_tokens, "requests": 16,
-                      "last_first_token_ms": 1e3 * statistics.median(burst(url, model, prompts) for _ in range(3))}
-            if offline:
-                record["batched_prefill_ms"] = 1e3 * offline.batched_prefill(prompts)
-                record["vs_batched_prefill"] = record["last_first_token_ms"] / record["batched_prefill_ms"]
-            records.append({**meta, **record})
-            print(f"a burst of 16 {args.burst_tokens}-token prompts: the last first token after "
-                  f"{record['last_first_token_ms']:.0f} ms"
-                  + (f", {record['vs_batched_prefill']:.2f}x one batched prefill of them "
-                     f"({record['batched_prefill_ms']:.0f} ms)" if offline else ""), flush=True)
-            size = max(probe_sizes)
-            loaded, _ = probe_ttft(url, model, mix[0]["prompt"][:1] * size, args.probes, background=15,
-                                   background_mix=mix)
-            record = {"phase": "ttft_under_load", "prompt_tokens": size, "background_clients": 15,
-                      "ttft_ms": 1e3 * statistics.median(loaded), "lone_ttft_ms": 1e3 * lone[size]}
-            record["vs_lone"] = record["ttft_ms"] / record["lone_ttft_ms"]
-            records.append({**meta, **record})
-            print(f"TTFT with 15 streaming: {record['ttft_ms']:.1f} ms ({record['vs_lone']:.2f}x lone)", flush=True)
+            if not args.offline_only:  # the burst and the TTFT under load
+                rng = np.random.default_rng(args.seed + 1)
+                prompts = [rng.integers(3, vocab, args.burst_tokens).tolist() for _ in range(16)]
+                burst(url, model, prompts)  # compiles
+                record = {"phase": "burst", "prompt_tokens": args.burst_tokens, "requests": 16,
+                          "last_first_token_ms": 1e3 * statistics.median(burst(url, model, prompts) for _ in range(3))}
+                if offline:
+                    record["batched_prefill_ms"] = 1e3 * offline.batched_prefill(prompts)
+                    record["vs_batched_prefill"] = record["last_first_token_ms"] / record["batched_prefill_ms"]
+                records.append({**meta, **record})
+                print(f"a burst of 16 {args.burst_tokens}-token prompts: the last first token after "
+                      f"{record['last_first_token_ms']:.0f} ms"
+                      + (f", {record['vs_batched_prefill']:.2f}x one batched prefill of them "
+                         f"({record['batched_prefill_ms']:.0f} ms)" if offline else ""), flush=True)
+                size = max(probe_sizes)
+                loaded, _ = probe_ttft(url, model, mix[0]["prompt"][:1] * size, args.probes, background=15,
+                                       background_mix=mix)
+                record = {"phase": "ttft_under_load", "prompt_tokens": size, "background_clients": 15,
+                          "ttft_ms": 1e3 * statistics.median(loaded), "lone_ttft_ms": 1e3 * lone[size]}
+                record["vs_lone"] = record["ttft_ms"] / record["lone_ttft_ms"]
+                records.append({**meta, **record})
+                print(f"TTFT with 15 streaming: {record['ttft_ms']:.1f} ms ({record['vs_lone']:.2f}x lone)", flush=True)
         finally:
             if process is not None:
                 stop_server(process)
