@@ -138,8 +138,8 @@ def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner
         add(engine, r)
     got = Collected()
     run(engine, got)
-    assert calls == [5]  # all five in one prefill, end to end in one row of the packed width
-    assert widths == [runner_module.packed_width(sum(len(r.ids) for r in requests))]
+    assert calls == [5]  # all five in one prefill, end to end in one row of their bucket's width
+    assert widths == [runner_module.prompt_bucket(sum(len(r.ids) for r in requests))]
     assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
 
 

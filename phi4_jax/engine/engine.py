@@ -273,7 +273,7 @@ class Engine:
             try:
                 packed = self.runner.prefill_packed([r.ids for r in requests], [r.params for r in requests],
                                                     [sorted(r.stop_ids) for r in requests],
-                                                    self.scheduler.prefill_tokens)
+                                                    self.scheduler.prefill_tokens if self.fixed_length else None)
             except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
                 error, alone = e, True
             else:

@@ -82,7 +82,7 @@ class Packed(NamedTuple):
     count for padding), prompt b ends at token `lasts[b]`."""
 
     rows: _Rows
-    width: int  # T: the tokens computed (`packed_width` of the prompts')
+    width: int  # T: the tokens computed (the prompts' `packed_width` or `prompt_bucket`)
     ids: np.ndarray  # [S] (S: the cache's slots, at least T)
     positions: np.ndarray  # [S]
     segments: np.ndarray  # [S]
@@ -226,17 +226,18 @@ class ModelRunner:
 
     def prefill_packed(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                        stop_ids: Sequence[Sequence[int]], budget: int | None = None) -> Packed:
-        """Prefills `prompts` (token ids) packed end to end in one row of `packed_width` tokens: no
-        prompt is padded to another's length, and the program depends on that width alone. Their
-        keys and values wait in the result (`packed_width(budget)` slots of them, default that
-        width: `Generation.admit` makes one program per such size) until `admit` puts them into
-        rows. Raises ConfigError for prompts that cannot run, or of over `budget` tokens (nothing was
-        computed then)."""
+        """Prefills `prompts` (token ids) packed end to end in one row: no prompt is padded to
+        another's length. With a `budget` of tokens (an engine that compiles every program first),
+        the row is `packed_width` tokens (few programs) and the keys and values wait in the result
+        in `packed_width(budget)` slots (so that `Generation.admit` is one program for every width);
+        without, the row is the finer `prompt_bucket` (less padding, more programs) and the slots
+        are its own. Raises ConfigError for prompts that cannot run, or of over `budget` tokens
+        (nothing was computed then)."""
         info = self._rows(prompts, params, stop_ids)
         tokens = int(info.lengths.sum())
         if budget is not None and tokens > budget:
             raise ConfigError(f"{tokens} prompt tokens do not fit in a packed prefill of {budget}")
-        width = packed_width(tokens)
+        width = packed_width(tokens) if budget is not None else prompt_bucket(tokens)
         ids, positions = np.zeros(width, np.int32), np.arange(width, dtype=np.int32)
         segments, rope = np.full(width, len(prompts), np.int32), np.ones(width, np.int32)
         lasts, offset = np.zeros(len(prompts), np.int32), 0
