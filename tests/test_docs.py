@@ -334,6 +334,13 @@ def test_smollm2_serving_and_prefix_tables_are_the_committed_results():
             assert smollm2_serve_row(r) in page, smollm2_serve_row(r)
         elif phase == "burst":
             assert f"| {engine} | {r['last_first_token_ms']:.0f} ms |" in page
+    mixes = [r for r in records
+             if r["phase"] == "offline" and r.get("requests") == 64 and r["mix_prompt_tokens"] == [16, 512]]
+    assert {("smollm2" in r["model"]) for r in mixes} == {True, False}  # the real checkpoint and a preset
+    for r in mixes:
+        label = "SmolLM2-135M-Instruct" if "smollm2" in r["model"] else f"`{r['model']}`"
+        assert (f"| {label} | {r['mix_tokens_per_s']:.1f} tokens/s | {r['mix_continuous_tokens_per_s']:.1f} tokens/s | "
+                f"{r['continuous_vs_static']:.2f}× | {r['continuous_tokens_identical']} |") in page
     prefix = [json.loads(line) for line in (ROOT / "bench" / "results" / "prefix.jsonl").read_text().splitlines()]
     last = max(r["date"] for r in prefix)
     for r in (r for r in prefix if r["date"] == last):
