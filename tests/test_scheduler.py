@@ -143,6 +143,7 @@ def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner
     assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
 
 
+@pytest.mark.slow  # its warm-up compiles every program (19 s); the quick loop keeps the packed admission's test
 def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their_lone_tokens(runner):
     """Prompts packed together, rows joining and leaving, batches growing and shrinking: once
     `warm_up` ran, none of it makes a program, and every request gets its lone tokens."""
