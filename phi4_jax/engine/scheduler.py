@@ -3,7 +3,7 @@
 It holds the waiting requests (first come, first served), the decode slots (one running request
 or None each) and at most one long prompt being prefilled in pieces. Each engine step asks it:
   - `admit()`: what to prefill now: waiting prompts of at most `prefill_tokens` tokens together,
-    as many as free slots allow (the engine pads them to a power-of-two count); or, when a prompt
+    as many as free slots allow (the engine packs them end to end in one row); or, when a prompt
     longer than that budget heads the queue, that prompt alone, to be read `prefill_tokens` at a time
     between decode calls (`Pieces`), so running streams wait about one budget between their steps;
   - `seat(requests)`: free slots for admitted rows, and how many slots the batch needs for them
