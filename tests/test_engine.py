@@ -1,10 +1,11 @@
 """The decode engine against transformers' generate(do_sample=False), batches, LongRoPE crossing, stops."""
 
+import jax
 import numpy as np
 import pytest
 import torch
 
-from phi4_jax.engine.runner import ModelRunner, Generation
+from phi4_jax.engine.runner import RING, ModelRunner, Generation
 from phi4_jax.errors import ConfigError
 from phi4_jax.engine.sampling import SamplingParams
 
@@ -147,6 +148,25 @@ def test_steps_per_call_do_not_change_tokens(engines):
     assert run(engine, batch, steps_per_call=1)[0] == run(engine, batch, steps_per_call=NEW)[0]
 
 
+def test_the_host_reads_new_tokens_only_whatever_the_cache_length(engines, monkeypatch):
+    """Each call copies a few numbers and the newest tokens per row to the host, nothing as long as
+    the cache: a cache four times longer reads the same bytes, call for call, and gives the same tokens."""
+    engine, _ = engines("phi-4-mini")
+    real, read = jax.device_get, []
+    monkeypatch.setattr(jax, "device_get", lambda tree: read.append(
+        sum(x.nbytes for x in jax.tree.leaves(tree))) or real(tree))
+    runs = {}
+    for length in (64, 256):
+        read.clear()
+        gen = engine.empty(len(LENGTHS), length)
+        out = gen.admit(range(len(LENGTHS)), engine.prefill_packed(
+            prompts(), [SamplingParams(max_tokens=NEW)] * len(LENGTHS), [[]] * len(LENGTHS)))
+        while not gen.finished:
+            out = [a + b for a, b in zip(out, gen.advance(NEW))]
+        runs[length] = (out, list(read))
+    assert runs[64] == runs[256]
+
+
 @pytest.mark.slow  # 150 tokens across the 128-slot boundary, against transformers
 def test_decode_attending_over_the_reached_slots_equals_transformers(engines, monkeypatch):
     """Each decode call attends over the first 128 or 256 slots its rows can reach (the cache holds
@@ -158,7 +178,8 @@ def test_decode_attending_over_the_reached_slots_equals_transformers(engines, mo
     monkeypatch.setattr(Generation, "_attended", lambda g, steps: attended.append(spy(g, steps)) or attended[-1])
     got, _ = run(engine, batch, SamplingParams(max_tokens=new), steps_per_call=64)
     assert {a for a, _ in attended} == {128, 256}
-    assert attended[0] == (128, 128 - 100)  # row 0 writes slots 100 .. 127, then the call ends
+    # Calls of at most RING steps (the first: row 0 from slot 100 could run 28 within 128 slots).
+    assert attended[0] == (128, RING) and max(steps for _, steps in attended) == RING
     for prompt, tokens in zip(batch, got):
         with torch.no_grad():
             want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, eos_token_id=None,

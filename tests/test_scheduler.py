@@ -165,6 +165,29 @@ def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their
     assert stats.CLOCK.total == compiled
 
 
+def test_penalty_state_lives_only_while_a_penalised_row_runs(runner):
+    """The batch holds the [rows, vocabulary] penalty state only while a row asking for penalties is
+    seated: added when it joins, dropped when it leaves; both rows get their lone tokens."""
+    plain = Request("plain", [5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), frozenset())
+    penalised = Request("penalised", [9, 10, 9, 9], SamplingParams(max_tokens=6, repetition_penalty=1.5,
+                                                                   frequency_penalty=0.5, ignore_eos=True), frozenset())
+    want = [alone(runner, r) for r in (plain, penalised)]
+    engine = Engine(runner, max_batch=4, steps_per_call=2)
+    add(engine, plain)
+    got, held = Collected(), {True: set(), False: set()}  # penalty state held, by whether the row is seated
+    for step in range(MAX_STEPS):
+        if step == 2:
+            add(engine, penalised)
+        if not engine.has_unfinished_requests():
+            break
+        got.take(engine.step())
+        if engine._gen is not None:
+            seated = any(r is not None and r.request_id == "penalised" for r in engine.scheduler.slots)
+            held[seated].add(engine._gen.penalties)
+    assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in (plain, penalised)] == want
+    assert held == {True: {True}, False: {False}}
+
+
 def test_an_aborted_request_frees_its_slot_and_the_others_run_on(runner):
     requests = [Request("long", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), frozenset()),
                 Request("short", [9, 10], SamplingParams(max_tokens=30, ignore_eos=True), frozenset())]

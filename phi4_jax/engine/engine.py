@@ -393,7 +393,7 @@ class Engine:
 
     def _shrink(self, outputs: list[RequestOutput]) -> None:
         """Drops the batch once every row has left (keeping a lone row's cache for reuse), or
-        shrinks it as the scheduler says."""
+        shrinks it as the scheduler says; drops its penalty state once no running row asks for it."""
         gen = self._gen
         if gen is None:
             return
@@ -403,10 +403,11 @@ class Engine:
                 self._idle = gen
             return
         plan = self.scheduler.shrink(gen.batch, gen.length, self.max_context, keep_length=bool(self.fixed_length))
-        if plan is None:
-            return
         try:
-            gen.resize(*plan)
+            if plan is not None:
+                gen.resize(*plan)
+            if gen.penalties_unused:  # (apart from a change of rows: no program for both at once)
+                gen.resize(list(range(gen.batch)), penalties=False)
         except Exception as e:  # noqa: BLE001
             self._fail_running(outputs, e)
 

@@ -39,13 +39,13 @@ MIN_CACHE_LENGTH = 256  # smallest cache; lengths are powers of two from here, s
 # here (at most the cache): the products over unused slots cost as much as over used ones.
 MIN_ATTENDED = 128
 STOP_WIDTH = 8  # stop ids a batch holds per row from the start (more widen it: new programs)
-LOGPROB_RING = 16  # log-probabilities are kept for a row's newest this many tokens: a call runs at most as many steps
+RING = 16  # a row's newest this many tokens (and log-probabilities) stay on device: a call runs at most as many steps
 
 
 class DecodeState(NamedTuple):
     """Everything the decode loop carries (a pytree; arrays only)."""
 
-    tokens: jax.Array  # [B, L] int32: generated tokens (L: the cache length, which bounds them)
+    tokens: jax.Array  # [B, RING] int32: the newest generated tokens, token g at index g % RING
     last: jax.Array  # [B] int32: the newest token, input of the next step
     positions: jax.Array  # [B] int32: position of `last`
     done: jax.Array  # [B] bool (also a free row of a scheduler's batch)
@@ -54,10 +54,11 @@ class DecodeState(NamedTuple):
     limit: jax.Array  # [B] int32: max new tokens of the row
     stop_ids: jax.Array  # [B, S] int32 stop tokens, padded with -1
     history: jax.Array  # [B, L] int32: every token by position (for re-encoding)
-    seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
-    counts: jax.Array  # [B, V] int32: tokens in the output (presence/frequency penalties)
+    # Penalty state, [B, V] while a row asks for penalties (SamplingParams.penalised), else [B, 0]:
+    seen: jax.Array  # bool: tokens in prompt or output (repetition penalty)
+    counts: jax.Array  # int32: tokens in the output (presence/frequency penalties)
     sampler: SamplerState
-    # Rows asking for log-probabilities (R = LOGPROB_RING, K = MAX_LOGPROBS; 0 when no row asks):
+    # Rows asking for log-probabilities (R = RING, K = MAX_LOGPROBS; 0 when no row asks):
     logprob_ring: jax.Array  # [B, R] float32: of the newest R tokens, at index (token count % R)
     top_ids: jax.Array  # [B, R, K] int32: the K most likely tokens at those steps
     top_logprobs: jax.Array  # [B, R, K] float32
@@ -74,6 +75,7 @@ class _Rows(NamedTuple):
     needed: int  # slots: the longest prompt + the most new tokens
     length: int  # the cache length for them
     logprobs: list[int | None]  # per row: SamplingParams.logprobs
+    penalised: list[bool]  # per row: SamplingParams.penalised
 
 
 class Packed(NamedTuple):
@@ -93,7 +95,7 @@ class Packed(NamedTuple):
 
 def _logprob_sizes(wants: Sequence[int | None]) -> tuple[int, int]:
     """(ring, top): the logprob arrays' sizes for rows asking `wants` (SamplingParams.logprobs)."""
-    ring = LOGPROB_RING if any(w is not None for w in wants) else 0
+    ring = RING if any(w is not None for w in wants) else 0
     return ring, MAX_LOGPROBS if any(w for w in wants) else 0
 
 
@@ -220,7 +222,7 @@ class ModelRunner:
         for b, p in enumerate(prompts):
             ids[b, :len(p) - starts[b]] = p[starts[b]:]
         gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)),
-                         rows.logprobs)
+                         rows.logprobs, rows.penalised)
         gen.reused_tokens = reused
         return gen
 
@@ -279,9 +281,10 @@ class ModelRunner:
     def compile_all(self, max_batch: int, length: int, prefill_tokens: int) -> int:
         """Runs once every program an `Engine` with a fixed cache `length` can need for requests
         prefilled packed (no log-probabilities asked): for every row count it may hold (powers of two
-        up to `max_batch`), the empty batch, each admission of a packed width up to `prefill_tokens`
-        (and each such width's prefill), each decode call's attended size, stopping rows and each
-        change of row count. Afterwards such requests compile nothing. Returns the programs run."""
+        up to `max_batch`), with and without penalty state, the empty batch, each admission of a
+        packed width up to `prefill_tokens` (and each such width's prefill), each decode call's
+        attended size, stopping rows, each change of row count, and adding and dropping penalty state.
+        Afterwards such requests compile nothing. Returns the programs run."""
         sizes = [1]
         while sizes[-1] < max_batch:
             sizes.append(min(2 * sizes[-1], max_batch))
@@ -296,8 +299,11 @@ class ModelRunner:
             return self.prefill_packed([[0] * n for n in cut], [SamplingParams(max_tokens=1)] * len(cut),
                                        [[]] * len(cut), prefill_tokens)
 
-        def rows(size):
-            gen = self.empty(size, length)
+        def rows(size, penalties):
+            gen, ran = self.empty(size, length), 0
+            if penalties:
+                gen.resize(list(range(size)), penalties=True)  # (as `admit` grows it)
+                ran += 1
             for packed in packs:  # (one placing program per size; the first-token step is another)
                 if len(packed.lasts) <= size:
                     gen.admit(range(len(packed.lasts)), packed)  # (each row ends on its first token)
@@ -313,11 +319,14 @@ class ModelRunner:
                 if other != size:
                     _resize(gen.state, self.put(np.full(other, -1, np.int32)), length=length,
                             stop_width=gen.state.stop_ids.shape[1], logprob_ring=0, top=0,
-                            layout=self.cache_sharding(other, length))
-            return 4 + len(attended_sizes(length)) + self._longrope + len(sizes) - 1
+                            penalties=gen.state.seen.shape[1], layout=self.cache_sharding(other, length))
+            if penalties:
+                gen.resize(list(range(size)), penalties=False)  # (as the engine drops it, rows unchanged)
+                ran += 1
+            return ran + 4 + len(attended_sizes(length)) + self._longrope + len(sizes) - 1
 
         packs = [pack(cut) for cut in cuts.values()]
-        return len(packs) + sum(rows(size) for size in sizes)
+        return len(packs) + sum(rows(size, penalties) for penalties in (False, True) for size in sizes)
 
     def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
                         piece: int, length: int | None = None) -> Iterator[Generation | None]:
@@ -339,7 +348,7 @@ class ModelRunner:
                 break
             yield None
             history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
-        yield Generation(self, state, rows.logprobs)
+        yield Generation(self, state, rows.logprobs, rows.penalised)
 
     def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
         batch = len(prompts)
@@ -366,7 +375,8 @@ class ModelRunner:
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         needed = longest + max_new
         slots = max(cache_length(needed, self.max_context), min(length or 0, self.max_context))
-        return _Rows(lengths, limits, stops, sampler, needed, slots, [p.logprobs for p in params])
+        return _Rows(lengths, limits, stops, sampler, needed, slots, [p.logprobs for p in params],
+                     [p.penalised for p in params])
 
     def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
         """An empty history and KV cache of `batch` rows of `length` slots."""
@@ -383,7 +393,7 @@ class ModelRunner:
                       *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top,
-                      reach=reach)
+                      reach=reach, penalties=self.config.vocab_size if any(rows.penalised) else 0)
 
     def cached_prefix(self, previous: Generation | None, prompt: Sequence[int], params: SamplingParams) -> int:
         """How many leading tokens of `prompt` the one-row `previous`'s cache holds for
@@ -417,13 +427,15 @@ class Generation:
     `advance`, `new_logprobs[row]`: per new token, (its log-probability, [(token, log-probability)
     of the most likely ones]); None for the other rows."""
 
-    def __init__(self, runner: ModelRunner, state: DecodeState, wants: Sequence[int | None] | None = None):
+    def __init__(self, runner: ModelRunner, state: DecodeState, wants: Sequence[int | None] | None = None,
+                 penalised: Sequence[bool] | None = None):
         self.runner, self.state = runner, state
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
-        self._read = np.zeros(self.batch, np.int32)  # tokens already returned per row
         self._wants = list(wants) if wants is not None else [None] * self.batch  # logprobs asked, per row
-        self._harvested = np.zeros(self.batch, np.int32)  # tokens whose log-probabilities were read
-        self._pending: list[list] = [[] for _ in range(self.batch)]  # read, not yet returned
+        self._penalised = list(penalised) if penalised is not None else [False] * self.batch  # per row
+        self._harvested = np.zeros(self.batch, np.int32)  # tokens read to the host, per row
+        self._new: list[list[int]] = [[] for _ in range(self.batch)]  # tokens read, not yet returned
+        self._pending: list[list] = [[] for _ in range(self.batch)]  # their log-probabilities (when asked)
         self.new_logprobs: list[list | None] = [None] * self.batch
         self._sync()
 
@@ -444,9 +456,8 @@ class Generation:
         """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
         runner = self.runner
         left = steps
-        ring = self.state.logprob_ring.shape[1]  # (a call may not run more steps than its ring holds)
         while not self._done.all() and left > 0:
-            attended, run = self._attended(min(left, ring) if ring else left)
+            attended, run = self._attended(min(left, RING))  # (no more steps than the ring holds)
             self.state, ran = _decode(runner.graphdef, runner.params, self.state, runner.put(np.int32(run)),
                                       attended=attended, layout=self._layout, ring=self._ring)
             left -= int(ran)
@@ -457,8 +468,7 @@ class Generation:
                                        layout=self._layout, ring=self._ring, piece=runner.piece(self.batch))
                 left -= 1
                 self._sync()
-        new = [self._tokens[b, self._read[b]:n].tolist() for b, n in enumerate(self._generated)]
-        self._read = self._generated.copy()
+        new, self._new = self._new, [[] for _ in range(self.batch)]
         self.new_logprobs = [None if w is None else p for w, p in zip(self._wants, self._pending)]
         self._pending = [[] for _ in range(self.batch)]
         return new
@@ -501,8 +511,8 @@ class Generation:
         s = self.state
         grown = (self.length if info.needed <= self.length else max(info.length, self.length),
                  max(info.stops.shape[1], s.stop_ids.shape[1]),
-                 max(ring, s.top_ids.shape[1]), max(top, s.top_ids.shape[2]))
-        if grown != (self.length, s.stop_ids.shape[1], *s.top_ids.shape[1:]):
+                 max(ring, s.top_ids.shape[1]), max(top, s.top_ids.shape[2]), any(info.penalised) or self.penalties)
+        if grown != (self.length, s.stop_ids.shape[1], *s.top_ids.shape[1:], self.penalties):
             self.resize(list(range(self.batch)), *grown)
         batch, count = self.batch, len(rows)
         pad = lambda x, fill: np.concatenate([x, np.full((batch - count, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
@@ -516,16 +526,15 @@ class Generation:
         self.state = _first(runner.graphdef, runner.params, self.state, hidden, entries,
                             *runner.put((pad(info.lengths, 1), pad(info.limits, 1), pad(stops, -1),
                                          jax.tree.map(lambda x: pad(x, 0), info.sampler))), layout=self._layout)
-        for r, want in zip(rows, info.logprobs):
-            self._read[r] = self._harvested[r] = 0
-            self._wants[r], self._pending[r] = want, []
+        for r, want, penalised in zip(rows, info.logprobs, info.penalised):
+            self._harvested[r], self._penalised[r] = 0, penalised
+            self._wants[r], self._new[r], self._pending[r] = want, [], []
         self._sync()
-        first = [self._tokens[r, :self._generated[r]].tolist() for r in rows]
-        self._read[rows] = self._generated[rows]
+        first = [self._new[r] for r in rows]
         self.new_logprobs = [None] * batch
         for r in rows:
             self.new_logprobs[r] = None if self._wants[r] is None else self._pending[r]
-            self._pending[r] = []
+            self._new[r], self._pending[r] = [], []
         return first
 
     def join(self, rows: Sequence[int], other: Generation, picks: Sequence[int] | None = None) -> None:
@@ -537,61 +546,75 @@ class Generation:
         if len(rows) != len(picks) or not all(self._done[r] for r in rows):
             raise ConfigError(f"join takes rows into finished rows of the batch; got {len(picks)} row(s) for rows "
                               f"{rows} (finished: {[bool(self._done[r]) for r in rows]})")
-        sizes = lambda s: (s.cache.length, s.stop_ids.shape[1], *s.top_ids.shape[1:])  # noqa: E731
-        wanted = tuple(max(a, b) for a, b in zip(sizes(self.state), sizes(other.state)))
-        if wanted != sizes(self.state):
+        sizes = lambda g: (g.length, g.state.stop_ids.shape[1], *g.state.top_ids.shape[1:], g.penalties)  # noqa: E731
+        wanted = tuple(max(a, b) for a, b in zip(sizes(self), sizes(other)))
+        if wanted != sizes(self):
             self.resize(list(range(self.batch)), *wanted)
         self.state = _join(self.state, other.state, *self.runner.put((np.array(rows, np.int32),
                                                                       np.array(picks, np.int32))),
                            layout=self._layout)
         for r, p in zip(rows, picks):
-            self._read[r], self._harvested[r] = other._read[p], other._harvested[p]
-            self._wants[r], self._pending[r] = other._wants[p], list(other._pending[p])
+            self._harvested[r], self._wants[r], self._penalised[r] = other._harvested[p], other._wants[p], other._penalised[p]
+            self._new[r], self._pending[r] = list(other._new[p]), list(other._pending[p])
         self._sync()
 
+    @property
+    def penalties(self) -> bool:
+        """Whether the batch holds penalty state (while a row asks for penalties)."""
+        return self.state.seen.shape[1] > 0
+
+    @property
+    def penalties_unused(self) -> bool:
+        """The batch holds penalty state that no running row reads (`resize(..., penalties=False)`)."""
+        return self.penalties and not any(p and not d for p, d in zip(self._penalised, self._done))
+
     def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None,
-               logprob_ring: int | None = None, top: int | None = None) -> None:
+               logprob_ring: int | None = None, top: int | None = None, penalties: bool | None = None) -> None:
         """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
         (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table,
-        `logprob_ring` and `top` the log-probability arrays (to LOGPROB_RING, MAX_LOGPROBS)."""
+        `logprob_ring` and `top` the log-probability arrays (to RING, MAX_LOGPROBS); `penalties`
+        adds or drops the penalty state (default: as now)."""
         s = self.state
         length = length or self.length
+        penalties = self.penalties if penalties is None else penalties
         sizes = dict(length=length, stop_width=stop_width or s.stop_ids.shape[1],
                      logprob_ring=s.top_ids.shape[1] if logprob_ring is None else logprob_ring,
-                     top=s.top_ids.shape[2] if top is None else top)
+                     top=s.top_ids.shape[2] if top is None else top,
+                     penalties=self.runner.config.vocab_size if penalties else 0)
         index = np.array([-1 if r is None else r for r in rows], np.int32)
         self.state = _resize(s, self.runner.put(index), **sizes, layout=self.runner.cache_sharding(len(rows), length))
         kept = lambda values, empty: [values[i] if i >= 0 else empty() for i in index]  # noqa: E731
-        self._read = np.where(index >= 0, self._read[np.maximum(index, 0)], 0).astype(np.int32)
         self._harvested = np.where(index >= 0, self._harvested[np.maximum(index, 0)], 0).astype(np.int32)
-        self._wants, self._pending = kept(self._wants, lambda: None), kept(self._pending, list)
+        self._wants, self._new, self._pending = kept(self._wants, lambda: None), kept(self._new, list), kept(self._pending, list)
+        self._penalised = kept(self._penalised, lambda: False)
         self._sync()
 
     def _sync(self) -> None:
-        """Copies what the host looks at to host memory, in one transfer."""
+        """Copies what the host looks at to host memory, in one transfer: per row a few numbers and
+        the ring of its newest tokens (and their log-probabilities, when asked), never the cache's
+        length of anything."""
         s = self.state
         self._layout = self.runner.cache_sharding(self.batch, self.length)
         self._ring = seq_mesh(self.runner.mesh, self.length)
         crossing = longrope.crossing(self.runner.config, s.done, s.positions) if self.runner._longrope else None
-        ring = s.logprob_ring.shape[1] > 0
-        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if ring else None
-        self._done, self._by_token, self._generated, self._tokens, self._positions, self._crossing, logprobs = (
+        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if s.logprob_ring.shape[1] else None
+        self._done, self._by_token, self._generated, tokens, self._positions, self._crossing, logprobs = (
             jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs)))
         if self._crossing is None:
             self._crossing = np.zeros_like(self._done)
-        if ring:
-            self._harvest(*logprobs)
+        self._harvest(tokens, logprobs)
 
-    def _harvest(self, chosen, top_ids, top_logprobs) -> None:
-        """Moves the log-probabilities of the tokens generated since the last look out of the ring."""
-        size = chosen.shape[1]
+    def _harvest(self, tokens, logprobs) -> None:
+        """Moves the tokens generated since the last look (at most RING a row) out of the rings,
+        with their log-probabilities for the rows that asked."""
         for b, want in enumerate(self._wants):
-            if want is None:
-                continue
             for g in range(self._harvested[b], self._generated[b]):
-                i = g % size
-                self._pending[b].append((float(chosen[b, i]), [(int(t), float(v)) for t, v in
-                                                               zip(top_ids[b, i, :want], top_logprobs[b, i, :want])]))
+                i = g % RING
+                self._new[b].append(int(tokens[b, i]))
+                if want is not None:
+                    chosen, top_ids, top_logprobs = logprobs
+                    self._pending[b].append((float(chosen[b, i]), [(int(t), float(v)) for t, v in
+                                                                   zip(top_ids[b, i, :want], top_logprobs[b, i, :want])]))
         self._harvested = self._generated.copy()
 
 
@@ -621,9 +644,9 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
     # Each row's key is folded with its own token count: the draws a row makes alone.
     token = sample(logits, state.sampler, state.generated, state.seen, state.counts)
     rows = jnp.arange(token.shape[0])
-    length = state.tokens.shape[1]
-    # A finished row writes to index L, which mode="drop" discards.
-    tokens = state.tokens.at[rows, jnp.where(active, state.generated, length)].set(token, mode="drop")
+    length = state.history.shape[1]
+    # A finished row writes past the end, which mode="drop" discards.
+    tokens = state.tokens.at[rows, jnp.where(active, state.generated % RING, RING)].set(token, mode="drop")
     positions = jnp.where(active, state.positions + 1, state.positions)
     history = state.history.at[rows, jnp.where(active, positions, length)].set(token, mode="drop")
     seen, counts = update_history(state.seen, state.counts, jnp.where(active, token, -1))
@@ -656,9 +679,11 @@ def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, 
 
 
 @functools.partial(jax.jit, donate_argnums=(9, 10),
-                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top", "reach"))
+                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top", "reach",
+                                    "penalties"))
 def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0, reach=None) -> DecodeState:
+           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0, reach=None,
+           penalties=0) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
     through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
@@ -671,13 +696,14 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
     slots = starts[:, None] + jnp.arange(width)
     # Pad columns go to slot L, which mode="drop" discards.
     history = history.at[rows, jnp.where(slots < lengths[:, None], slots, history.shape[1])].set(ids, mode="drop")
-    seen = jnp.zeros((batch, config.vocab_size), bool).at[rows, history].max(
-        jnp.arange(history.shape[1])[None] < lengths[:, None])
+    seen = jnp.zeros((batch, penalties), bool)
+    if penalties:
+        seen = seen.at[rows, history].max(jnp.arange(history.shape[1])[None] < lengths[:, None])
     state = DecodeState(
-        tokens=jnp.zeros(history.shape, jnp.int32), last=jnp.zeros(batch, jnp.int32),
+        tokens=jnp.zeros((batch, RING), jnp.int32), last=jnp.zeros(batch, jnp.int32),
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
-        seen=seen, counts=jnp.zeros((batch, config.vocab_size), jnp.int32), sampler=sampler,
+        seen=seen, counts=jnp.zeros((batch, penalties), jnp.int32), sampler=sampler,
         logprob_ring=jnp.zeros((batch, logprob_ring), jnp.float32),
         top_ids=jnp.zeros((batch, logprob_ring, top), jnp.int32),
         top_logprobs=jnp.zeros((batch, logprob_ring, top), jnp.float32), cache=cache)
@@ -697,11 +723,10 @@ def _empty(graphdef, params, *, batch: int, length: int, stop_width: int, layout
     config, dtype = model.config, model.model.embed_tokens.dtype
     zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)  # noqa: E731
     state = DecodeState(
-        tokens=zeros(jnp.int32, length), last=zeros(jnp.int32), positions=zeros(jnp.int32),
+        tokens=zeros(jnp.int32, RING), last=zeros(jnp.int32), positions=zeros(jnp.int32),
         done=jnp.ones(batch, bool), stopped_by_token=zeros(bool), generated=zeros(jnp.int32),
         limit=zeros(jnp.int32), stop_ids=jnp.full((batch, stop_width), -1, jnp.int32),
-        history=zeros(jnp.int32, length), seen=zeros(bool, config.vocab_size),
-        counts=zeros(jnp.int32, config.vocab_size),
+        history=zeros(jnp.int32, length), seen=zeros(bool, 0), counts=zeros(jnp.int32, 0),
         sampler=SamplerState(*(zeros(x.dtype, *x.shape[1:]) for x in sampler_state(SamplingParams(), 1))),
         logprob_ring=zeros(jnp.float32, 0), top_ids=zeros(jnp.int32, 0, 0), top_logprobs=zeros(jnp.float32, 0, 0),
         cache=KVCache.create(config, batch, length, dtype))
@@ -720,10 +745,12 @@ def _place(state: DecodeState, hidden, packed: KVCache, ids, token_rows, slots, 
     moved = lambda c, new: c.at[token_rows, :, slots].set(new[0].transpose(1, 0, 2).astype(c.dtype), mode="drop")  # noqa: E731
     cache = KVCache(tuple(map(moved, state.cache.keys, packed.keys)),
                     tuple(map(moved, state.cache.values, packed.values)))
+    seen = state.seen
+    if seen.shape[1]:
+        seen = jnp.where(fresh, False, seen).at[token_rows, ids].set(True, mode="drop")
     return state._replace(
-        cache=cache, tokens=jnp.where(fresh, 0, state.tokens), counts=jnp.where(fresh, 0, state.counts),
-        history=jnp.where(fresh, 0, state.history).at[token_rows, slots].set(ids, mode="drop"),
-        seen=jnp.where(fresh, False, state.seen).at[token_rows, ids].set(True, mode="drop")), hidden[lasts]
+        cache=cache, counts=jnp.where(fresh, 0, state.counts), seen=seen,
+        history=jnp.where(fresh, 0, state.history).at[token_rows, slots].set(ids, mode="drop")), hidden[lasts]
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout",))
@@ -789,33 +816,36 @@ def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)
 
 
-def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int, top: int) -> DecodeState:
-    """`state` with `length` cache slots (and token and history columns), `stop_width` stop ids and
-    log-probability arrays of `logprob_ring` x `top`."""
+def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int, top: int,
+            penalties: int) -> DecodeState:
+    """`state` with `length` cache slots (and history columns), `stop_width` stop ids,
+    log-probability arrays of `logprob_ring` x `top` and penalty state `penalties` wide (0 or the
+    vocabulary: rows gaining it start with none, which no unpenalised row reads)."""
     cache = jax.tree.map(lambda c: _fit(c, 2, length, 0), state.cache)
     ring = lambda x: _fit(_fit(x, 1, logprob_ring, 0), 2, top, 0) if x.ndim == 3 else _fit(x, 1, logprob_ring, 0)  # noqa: E731
-    return state._replace(tokens=_fit(state.tokens, 1, length, 0), history=_fit(state.history, 1, length, 0),
+    return state._replace(history=_fit(state.history, 1, length, 0), seen=_fit(state.seen, 1, penalties, False),
+                          counts=_fit(state.counts, 1, penalties, 0),
                           stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache,
                           logprob_ring=ring(state.logprob_ring), top_ids=ring(state.top_ids),
                           top_logprobs=ring(state.top_logprobs))
 
 
 @functools.partial(jax.jit,  # (no donation: new shapes)
-                   static_argnames=("length", "stop_width", "logprob_ring", "top", "layout"))
+                   static_argnames=("length", "stop_width", "logprob_ring", "top", "penalties", "layout"))
 def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, logprob_ring: int, top: int,
-            layout=None) -> DecodeState:
+            penalties: int, layout=None) -> DecodeState:
     """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to the sizes
     (`_fitted`)."""
     rows = jax.tree.map(lambda x: jnp.take(x, jnp.maximum(index, 0), axis=0), state)
     free = index < 0
     rows = rows._replace(done=rows.done | free, generated=jnp.where(free, 0, rows.generated))
-    return _laid_out(_fitted(rows, length, stop_width, logprob_ring, top), layout)
+    return _laid_out(_fitted(rows, length, stop_width, logprob_ring, top, penalties), layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("layout",))
 def _join(state: DecodeState, other: DecodeState, rows: jax.Array, picks: jax.Array, *, layout=None) -> DecodeState:
     """`state` with rows `rows` replaced by `other`'s rows `picks` (fitted to `state`'s sizes)."""
-    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], *state.top_ids.shape[1:])
+    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], *state.top_ids.shape[1:], state.seen.shape[1])
     joined = jax.tree.map(lambda x, y: x.at[rows].set(jnp.take(y, picks, axis=0).astype(x.dtype)), state, other)
     return _laid_out(joined, layout)
 

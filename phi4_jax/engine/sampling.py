@@ -101,6 +101,11 @@ class SamplingParams:
                                 "stop_token_ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
 
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty is on (the row needs the tokens it has seen and their counts)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 class SamplerState(NamedTuple):
     """The sampling parameters of a batch as per-row arrays (a pytree jit takes as an argument)."""
@@ -169,8 +174,11 @@ def sampler_state(params: list[SamplingParams] | SamplingParams, batch: int,
 
 
 def _penalise(logits, state, seen, counts):
-    """Repetition penalty (HF), then presence and frequency penalties (vLLM), in float32."""
+    """Repetition penalty (HF), then presence and frequency penalties (vLLM), in float32. Penalty
+    state of width 0 (no row penalised): the logits as they are."""
     x = logits.astype(jnp.float32)
+    if not seen.shape[-1]:
+        return x
     rep = state.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
     return (x - state.frequency_penalty[:, None] * counts.astype(jnp.float32)
@@ -229,8 +237,9 @@ def sample(logits: jax.Array, state: SamplerState, step: jax.Array, seen: jax.Ar
       state: the batch's `sampler_state`.
       step: int32, a scalar or [B] per row: the tokens the row generated so far, folded into its key
         (a seed reproduces, steps differ; a row draws the same whatever batch it runs in).
-      seen: [B, V] bool, token occurs in the prompt or output (repetition penalty).
-      counts: [B, V] int32 occurrences in the output (presence and frequency penalties).
+      seen: [B, V] bool, token occurs in the prompt or output (repetition penalty); [B, 0] when
+        no row is penalised (then no penalty is computed).
+      counts: [B, V] int32 occurrences in the output (presence and frequency penalties); [B, 0] so.
     Returns:
       [B] int32 tokens; rows with temperature 0 get the argmax of the penalised logits.
     """
@@ -254,9 +263,12 @@ def sample(logits: jax.Array, state: SamplerState, step: jax.Array, seen: jax.Ar
 def update_history(seen: jax.Array, counts: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Marks each row's new token in `seen` [B, V] and `counts` [B, V]. Jittable.
 
-    A token outside [0, V) (such as a -1 pad for a finished row) changes nothing.
+    A token outside [0, V) (such as a -1 pad for a finished row) changes nothing; nor does any
+    token to penalty state of width 0.
     """
     vocab = seen.shape[-1]
+    if not vocab:
+        return seen, counts
     rows = jnp.arange(tokens.shape[0])
     # Out-of-range ids go to index V, which mode="drop" discards (a -1 would otherwise wrap to V-1).
     cols = jnp.where((tokens >= 0) & (tokens < vocab), tokens, vocab)
