@@ -554,7 +554,8 @@ class Generation:
                                                                       np.array(picks, np.int32))),
                            layout=self._layout)
         for r, p in zip(rows, picks):
-            self._harvested[r], self._wants[r], self._penalised[r] = other._harvested[p], other._wants[p], other._penalised[p]
+            self._harvested[r], self._wants[r] = other._harvested[p], other._wants[p]
+            self._penalised[r] = other._penalised[p]
             self._new[r], self._pending[r] = list(other._new[p]), list(other._pending[p])
         self._sync()
 
@@ -585,8 +586,8 @@ class Generation:
         self.state = _resize(s, self.runner.put(index), **sizes, layout=self.runner.cache_sharding(len(rows), length))
         kept = lambda values, empty: [values[i] if i >= 0 else empty() for i in index]  # noqa: E731
         self._harvested = np.where(index >= 0, self._harvested[np.maximum(index, 0)], 0).astype(np.int32)
-        self._wants, self._new, self._pending = kept(self._wants, lambda: None), kept(self._new, list), kept(self._pending, list)
-        self._penalised = kept(self._penalised, lambda: False)
+        self._wants, self._penalised = kept(self._wants, lambda: None), kept(self._penalised, lambda: False)
+        self._new, self._pending = kept(self._new, list), kept(self._pending, list)
         self._sync()
 
     def _sync(self) -> None:
@@ -613,8 +614,8 @@ class Generation:
                 self._new[b].append(int(tokens[b, i]))
                 if want is not None:
                     chosen, top_ids, top_logprobs = logprobs
-                    self._pending[b].append((float(chosen[b, i]), [(int(t), float(v)) for t, v in
-                                                                   zip(top_ids[b, i, :want], top_logprobs[b, i, :want])]))
+                    top = zip(top_ids[b, i, :want].tolist(), top_logprobs[b, i, :want].tolist())
+                    self._pending[b].append((float(chosen[b, i]), list(top)))
         self._harvested = self._generated.copy()
 
 
@@ -688,7 +689,6 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
     else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
     through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
     model = nnx.merge(graphdef, params)
-    config = model.config
     batch, width = ids.shape
     logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths,
                             reach)
