@@ -7,9 +7,12 @@ last and prefills only its new tokens, and off, where each turn prefills its who
 assistant's replies are generated greedily (--max-tokens) and must be the same both ways. A first
 pass compiles every program both runs need, so the times are of prefill, not compile. Each turn's
 record: its prompt tokens, the tokens reused, the seconds to its first token on and off (median of
---repeats conversations), and their ratio.
+--repeats conversations), and their ratio. With --beside N, N other streams (random prompts, long
+outputs) run in the same engine the whole time, so each turn arrives while a batch runs and the
+previous turn's row, finished, is what holds its prefix.
 
   python bench/prefix.py                     # SmolLM2-135M-Instruct (bench/smollm2.py), the committed run
+  python bench/prefix.py --beside 3          # the same chat while 3 other streams run
   python bench/prefix.py --model ~/models/Phi-4-mini-instruct --history-tokens 2000
 """
 
@@ -39,25 +42,45 @@ def history_text(tokenizer, tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def conversation(engine, tokenizer, system: str, turns: int, max_tokens: int) -> list[dict]:
-    """Runs the chat turn by turn; per turn: prompt tokens, reused tokens, seconds to the first token, reply."""
+BESIDE_PROMPT, BESIDE_TOKENS = 64, 4000  # the other streams: they outlast the conversation
+
+
+def conversation(engine, tokenizer, system: str, turns: int, max_tokens: int, beside: int = 0) -> list[dict]:
+    """Runs the chat turn by turn (with `beside` other streams running throughout); per turn:
+    prompt tokens, reused tokens, seconds to the first token, reply."""
+    import numpy as np
+
     from phi4_jax import SamplingParams
 
+    rng = np.random.default_rng(0)
+    others = [f"beside-{i}" for i in range(beside)]
+    for rid in others:
+        engine.add_request(rid, rng.integers(100, 10000, BESIDE_PROMPT).tolist(),
+                           SamplingParams(max_tokens=BESIDE_TOKENS, ignore_eos=True))
     messages, out = [{"role": "system", "content": system}], []
     for t in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         start = time.perf_counter()
         engine.add_request(f"turn-{t}", ids, SamplingParams(max_tokens=max_tokens))
-        first, text, cached, tokens = None, "", 0, []
-        for o in engine.outputs():
-            if o.token_ids and first is None:
-                first = time.perf_counter() - start
-            text += o.text
-            tokens += o.token_ids
-            cached = o.stats.cached_tokens
+        first, text, cached, tokens, finished = None, "", 0, [], False
+        while not finished:
+            for o in engine.step():
+                if o.request_id != f"turn-{t}":
+                    if o.finished:
+                        raise RuntimeError(f"{o.request_id} ended ({o.finish_reason}) before the conversation")
+                    continue
+                if o.token_ids and first is None:
+                    first = time.perf_counter() - start
+                text += o.text
+                tokens += o.token_ids
+                cached, finished = o.stats.cached_tokens, o.finished
         out.append({"prompt_tokens": len(ids), "cached_tokens": cached, "ttft_s": first, "tokens": tokens})
         messages.append({"role": "assistant", "content": text})
+    for rid in others:
+        engine.abort(rid)
+    for _ in engine.outputs():
+        pass
     return out
 
 
@@ -69,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=4, help="user turns (default 4)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens of each reply (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="conversations timed each way (default 3)")
+    p.add_argument("--beside", type=int, default=0,
+                   help="other streams running in the same engine throughout (default 0: the chat alone)")
     p.add_argument("--output", default=RESULTS, help=f"JSON lines appended here (default {RESULTS})")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -88,14 +113,17 @@ def main(argv=None) -> int:
     runner = ModelRunner(model)
     system = history_text(tokenizer, args.history_tokens)
     runs = {}
+    def chat(caching):
+        engine = Engine(runner, tokenizer, max_batch=args.beside + 1, enable_prefix_caching=caching)
+        return conversation(engine, tokenizer, system, args.turns, args.max_tokens, args.beside)
+
     for caching in (True, False):  # the first pass of each compiles what the timed ones run
-        conversation(Engine(runner, tokenizer, max_batch=1, enable_prefix_caching=caching), tokenizer, system,
-                     args.turns, args.max_tokens)
+        chat(caching)
     for caching in (True, False):
-        runs[caching] = [conversation(Engine(runner, tokenizer, max_batch=1, enable_prefix_caching=caching),
-                                      tokenizer, system, args.turns, args.max_tokens) for _ in range(args.repeats)]
+        runs[caching] = [chat(caching) for _ in range(args.repeats)]
     base = {"schema": SCHEMA, **describe_run(), "model": os.path.basename(os.path.normpath(folder)),
-            "history_tokens": args.history_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats}
+            "history_tokens": args.history_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
+            "beside": args.beside}
     with open(args.output, "a", encoding="utf-8") as f:
         for t in range(args.turns):
             on = [run[t] for run in runs[True]]
@@ -107,8 +135,9 @@ def main(argv=None) -> int:
                       "same_tokens": all(r["tokens"] == off[0]["tokens"] for r in on + off)}
             record["speedup"] = record["ttft_s_uncached"] / record["ttft_s_cached"]
             f.write(json.dumps(record) + "\n")
-            print(f"turn {t + 1}: {record['prompt_tokens']} prompt tokens, {record['cached_tokens']} reused; first "
-                  f"token {record['ttft_s_cached'] * 1e3:.0f} ms cached, {record['ttft_s_uncached'] * 1e3:.0f} ms "
+            print(f"beside {args.beside}, turn {t + 1}: {record['prompt_tokens']} prompt tokens, "
+                  f"{record['cached_tokens']} reused; first token {record['ttft_s_cached'] * 1e3:.0f} ms cached, "
+                  f"{record['ttft_s_uncached'] * 1e3:.0f} ms "
                   f"not: {record['speedup']:.1f}x; same tokens: {record['same_tokens']}", file=sys.stderr)
     print(f"appended {args.turns} records to {args.output}", file=sys.stderr)
     return 0 if all(r[t]["tokens"] == runs[False][0][t]["tokens"] for r in runs[True] for t in range(args.turns)) \

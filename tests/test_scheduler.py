@@ -269,6 +269,43 @@ def test_a_prompt_extending_the_idle_sequence_reuses_its_cache_with_the_same_tok
     assert results[True][2] == len(first.ids) + 6 - 1 and results[False][2] == 0  # (the last token: not yet cached)
 
 
+def test_prompts_continue_what_rows_of_the_running_batch_hold_and_get_their_lone_tokens(runner):
+    """A shared system prompt (a running row holds it) and a chat's next turn (its finished row holds
+    the first turn, while another request runs): each prefills only what no row holds, with its lone
+    tokens; a prompt sharing a few tokens by chance is prefilled whole."""
+    rng = np.random.default_rng(7)
+    system = rng.integers(3, 256, 40).tolist()
+    other = Request("other", [4] + rng.integers(3, 256, 8).tolist(), SamplingParams(max_tokens=60, ignore_eos=True),
+                    frozenset())
+    turn1 = Request("turn1", system + [5, 6], SamplingParams(max_tokens=8, ignore_eos=True), frozenset())
+    sibling = Request("sibling", system + [7, 8, 9], SamplingParams(temperature=0.8, seed=3, max_tokens=12,
+                                                                    ignore_eos=True), frozenset())
+    reply, _ = alone(runner, turn1)
+    turn2 = Request("turn2", turn1.ids + reply + [11, 12], SamplingParams(max_tokens=10, ignore_eos=True), frozenset())
+    chance = Request("chance", [4] + rng.integers(3, 256, 30).tolist(), SamplingParams(max_tokens=4), frozenset())
+    requests = [other, turn1, sibling, turn2, chance]
+    want = {r.request_id: alone(runner, r) for r in requests}
+    engine = Engine(runner, max_batch=4, steps_per_call=2)
+    add(engine, other)
+    add(engine, turn1)
+    got, cached, later = Collected(), {}, {"sibling": sibling, "turn2": turn2, "chance": chance}
+    for step in range(MAX_STEPS):
+        if step == 3:  # while turn1 runs
+            add(engine, later.pop("sibling"))
+        if "turn1" in got.reasons and "turn2" in later:  # while "other" runs
+            add(engine, later.pop("turn2"))
+            add(engine, later.pop("chance"))
+        if not engine.has_unfinished_requests():
+            break
+        for out in got.take(engine.step()):
+            cached[out.request_id] = out.stats.cached_tokens
+    assert not later
+    assert {r.request_id: (got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests} == want
+    assert cached == {"other": 0, "turn1": 0, "sibling": len(system), "turn2": len(turn1.ids) + len(reply) - 1,
+                      "chance": 0}
+    assert engine.load().prefix_hit_tokens == cached["sibling"] + cached["turn2"]
+
+
 @pytest.mark.parametrize("fault", ["prefill", "decode", "admit"])
 def test_a_failed_device_call_fails_the_requests_it_touched_and_the_engine_goes_on(runner, monkeypatch, fault):
     """A prefill that raises fails the prompts it held; a decode call or an allocation (growing the

@@ -254,7 +254,8 @@ def test_an_allocation_that_fails_fails_the_batch_it_touched_and_the_server_serv
     def no_memory(*_, **__):
         raise MemoryError("injected: no memory for the joined batch")
 
-    monkeypatch.setattr(Generation, "admit", no_memory)
+    monkeypatch.setattr(Generation, "admit", no_memory)  # (a prompt prefilled afresh joins so,
+    monkeypatch.setattr(Generation, "join", no_memory)  # one that continues a held prefix so)
     joining = post(port, {"model": "demo", "prompt": "What is 2+2?", "max_tokens": 30, "ignore_eos": True},
                    timeout=FAULT_TIMEOUT)
     error = json.loads(joining.read())["error"]

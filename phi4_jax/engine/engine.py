@@ -14,8 +14,9 @@ requests run (pure policy); the `ModelRunner` runs the programs on the device ba
 Every request gets the tokens it gets alone, whatever runs beside it.
 
 A failed device call fails the requests it touched (finish reason "error") and the engine goes on.
-When the engine is idle, the last one-row generation's cache is kept: a request whose prompt extends
-that sequence (a chat's next turn) prefills only its new tokens (`enable_prefix_caching`).
+A request whose prompt begins with a sequence a row holds (running or finished, in the running batch
+or, once every row left, the last batch: a chat's previous turn, a shared system prompt, a sibling)
+prefills only the rest, from a copy of that row (`enable_prefix_caching`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from phi4_jax.text.tokenizer import Tokenizer
 __all__ = ["Engine", "QueueFullError", "RequestOutput"]
 
 STEPS_PER_CALL = 8  # decode steps per device call: streams get a few tokens at a time
+REUSED_AT_LEAST = 32  # a held prefix this long (or a quarter of the prompt) is continued, not prefilled again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Engine:
       steps_per_call: decode steps per device call (outputs come every that many tokens).
       prefill_tokens: prompt tokens prefilled in one step at most; a longer prompt is read in
         pieces of it between decode calls.
-      enable_prefix_caching: reuse an idle one-row generation's cache for a prompt that extends it.
+      enable_prefix_caching: prefill only the part of a prompt after the longest leading part a
+        row of the running (or the last) batch holds.
       fixed_length: every batch's cache holds this many slots per row (at most the context), so the
         programs a request can need are few and `warm_up` compiles them all; None: caches as long as
         their requests need (powers of two), programs compiled on first use.
@@ -104,7 +107,7 @@ class Engine:
         self._requests: dict[str, _Running] = {}
         self._gen: Generation | None = None  # the running batch (rows: `scheduler.slots`)
         self._pieces = None  # the staged long prompt's prefill, one piece per next()
-        self._idle: Generation | None = None  # a finished one-row generation whose cache may be reused
+        self._idle: Generation | None = None  # the last batch, every row finished: its caches may be reused
         self._finished: list[RequestOutput] = []  # ended between steps (aborted while waiting)
         self._seconds = {"prefill": 0.0, "decode": 0.0}
         self._prefilled = False  # the last step prefilled: the next decodes (if any row runs)
@@ -259,14 +262,23 @@ class Engine:
 
     def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
         """Prefills the admitted prompts packed in one row, puts them into free rows of the running
-        batch (grown as needed) and delivers their first tokens. A lone prompt that extends the idle
-        sequence continues it instead (prefix caching)."""
+        batch (grown as needed) and delivers their first tokens. A prompt whose leading part a row
+        holds (running or finished, in the running batch or the idle one: a chat's previous turn, a
+        shared system prompt, a sibling) continues a copy of that row instead (prefix caching)."""
         previous, self._idle = self._idle, None
         if self.enable_prefix_caching:
             self._prefix["queried"] += sum(len(r.ids) for r in requests)
-            if (len(requests) == 1 and self._gen is None
-                    and self.runner.cached_prefix(previous, requests[0].ids, requests[0].params)):
-                self._continue(requests[0], previous, outputs)
+            packed = []
+            for request in requests:
+                held = [(g, *g.held_prefix(request.ids, request.needed(self.max_context)))
+                        for g in (self._gen, previous) if g is not None]
+                gen, row, tokens = max(held, key=lambda h: h[2], default=(None, -1, 0))
+                if tokens >= min(REUSED_AT_LEAST, max(1, len(request.ids) // 4)):
+                    self._continue(request, gen, row, outputs)
+                else:
+                    packed.append(request)
+            requests = packed
+            if not requests:
                 return
         error = None
         with self._timed("prefill", requests):
@@ -303,12 +315,13 @@ class Engine:
                     stopped.append(slot)  # a stop string in the first token: the row still runs on the device
         self._stop_rows(stopped, outputs)
 
-    def _continue(self, request: Request, previous: Generation, outputs: list[RequestOutput]) -> None:
-        """Prefills the one prompt after the part of it `previous` (the idle one-row generation) holds."""
+    def _continue(self, request: Request, source: Generation, row: int, outputs: list[RequestOutput]) -> None:
+        """Prefills the one prompt after the part of it that `source`'s row `row` holds, from a copy
+        of that row (the source runs on unchanged), then seats it."""
         try:
             with self._timed("prefill", [request]):
                 new = self.runner.start([request.ids], [request.params], [sorted(request.stop_ids)],
-                                        continuing=previous)
+                                        continuing=source.copy_row(row))
                 first = new.advance(0)  # (waits for the prefill to end)
         except Exception as e:  # noqa: BLE001
             outputs.append(self._final(self._requests.pop(request.request_id), "error", e))
@@ -392,14 +405,15 @@ class Engine:
             self._fail_running(outputs, e)
 
     def _shrink(self, outputs: list[RequestOutput]) -> None:
-        """Drops the batch once every row has left (keeping a lone row's cache for reuse), or
+        """Drops the batch once every row has left (keeping its cache for reuse until the next
+        admission), or
         shrinks it as the scheduler says; drops its penalty state once no running row asks for it."""
         gen = self._gen
         if gen is None:
             return
         if not any(r is not None for r in self.scheduler.slots):
             self._gen, self.scheduler.slots = None, []
-            if self.enable_prefix_caching and gen.batch == 1 and self.scheduler.staged is None:
+            if self.enable_prefix_caching and self.scheduler.staged is None:
                 self._idle = gen
             return
         plan = self.scheduler.shrink(gen.batch, gen.length, self.max_context, keep_length=bool(self.fixed_length))
@@ -463,6 +477,13 @@ class Engine:
             self.runner.compile_all(self.scheduler.max_batch, self.fixed_length, self.scheduler.prefill_tokens)
             return
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        caching, self.enable_prefix_caching = self.enable_prefix_caching, False  # (each wave prefills afresh)
+        try:
+            self._waves(prompt_ids, params)
+        finally:
+            self.enable_prefix_caching, self._idle = caching, None
+
+    def _waves(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         wave = 1
         while True:
             ids = [f"warm-up-{wave}-{i}" for i in range(wave)]

@@ -222,7 +222,7 @@ class ModelRunner:
         for b, p in enumerate(prompts):
             ids[b, :len(p) - starts[b]] = p[starts[b]:]
         gen = Generation(self, self._prefill(ids, starts, lengths, rows, history, cache, continuing=bool(reused)),
-                         rows.logprobs, rows.penalised)
+                         rows.logprobs, rows.penalised, prompts)
         gen.reused_tokens = reused
         return gen
 
@@ -348,7 +348,7 @@ class ModelRunner:
                 break
             yield None
             history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
-        yield Generation(self, state, rows.logprobs, rows.penalised)
+        yield Generation(self, state, rows.logprobs, rows.penalised, [prompt])
 
     def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
         batch = len(prompts)
@@ -395,11 +395,6 @@ class ModelRunner:
                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top,
                       reach=reach, penalties=self.config.vocab_size if any(rows.penalised) else 0)
 
-    def cached_prefix(self, previous: Generation | None, prompt: Sequence[int], params: SamplingParams) -> int:
-        """How many leading tokens of `prompt` the one-row `previous`'s cache holds for
-        `start(continuing=previous)` to reuse (0: none)."""
-        return self._reusable(previous, [prompt], min(len(prompt) + params.max_tokens, self.max_context))
-
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
         """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
         usable): the sequence must extend the cached one, fit in its cache, and, for LongRoPE,
@@ -428,8 +423,11 @@ class Generation:
     of the most likely ones]); None for the other rows."""
 
     def __init__(self, runner: ModelRunner, state: DecodeState, wants: Sequence[int | None] | None = None,
-                 penalised: Sequence[bool] | None = None):
+                 penalised: Sequence[bool] | None = None, prompts: Sequence[Sequence[int]] | None = None):
         self.runner, self.state = runner, state
+        # Per row, its sequence so far (prompt, then every token read): the keys and values of all
+        # but the last are in its cache, until another row is placed there.
+        self._seq = [list(p) for p in prompts] if prompts is not None else [[] for _ in range(self.batch)]
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous generation
         self._wants = list(wants) if wants is not None else [None] * self.batch  # logprobs asked, per row
         self._penalised = list(penalised) if penalised is not None else [False] * self.batch  # per row
@@ -526,9 +524,10 @@ class Generation:
         self.state = _first(runner.graphdef, runner.params, self.state, hidden, entries,
                             *runner.put((pad(info.lengths, 1), pad(info.limits, 1), pad(stops, -1),
                                          jax.tree.map(lambda x: pad(x, 0), info.sampler))), layout=self._layout)
-        for r, want, penalised in zip(rows, info.logprobs, info.penalised):
+        for r, want, penalised, last, n in zip(rows, info.logprobs, info.penalised, packed.lasts, info.lengths):
             self._harvested[r], self._penalised[r] = 0, penalised
             self._wants[r], self._new[r], self._pending[r] = want, [], []
+            self._seq[r] = packed.ids[last + 1 - n:last + 1].tolist()
         self._sync()
         first = [self._new[r] for r in rows]
         self.new_logprobs = [None] * batch
@@ -555,9 +554,37 @@ class Generation:
                            layout=self._layout)
         for r, p in zip(rows, picks):
             self._harvested[r], self._wants[r] = other._harvested[p], other._wants[p]
-            self._penalised[r] = other._penalised[p]
+            self._penalised[r], self._seq[r] = other._penalised[p], list(other._seq[p])
             self._new[r], self._pending[r] = list(other._new[p]), list(other._pending[p])
         self._sync()
+
+    def held_prefix(self, prompt: Sequence[int], needed: int) -> tuple[int, int]:
+        """(row, tokens): the row, running or finished, whose cache holds the longest leading part of
+        `prompt` usable for it (at most all but its last token; the same LongRoPE table; `needed`
+        slots, the prompt and its new tokens, fit in the cache), and that part's length; (-1, 0) if none."""
+        best, config = (-1, 0), self.runner.config
+        if needed > self.length:
+            return best
+        for row, seq in enumerate(self._seq):
+            n = min(len(seq) - 1, len(prompt) - 1)  # (the last token's keys are not in the cache)
+            if n <= best[1] or not longrope.same_table(config, len(seq) - 1, len(prompt)):
+                continue
+            differ = np.nonzero(np.asarray(seq[:n]) != np.asarray(prompt[:n]))[0]
+            same = int(differ[0]) if differ.size else n
+            if same > best[1]:
+                best = (row, same)
+        return best
+
+    def copy_row(self, row: int) -> Generation:
+        """A one-row generation holding a copy of row `row` (its cache and sequence), for
+        `ModelRunner.start(continuing=)`; this batch is unchanged."""
+        s = self.state
+        state = _resize(s, self.runner.put(np.array([row], np.int32)), length=self.length,
+                        stop_width=s.stop_ids.shape[1], logprob_ring=s.top_ids.shape[1], top=s.top_ids.shape[2],
+                        penalties=s.seen.shape[1], layout=self.runner.cache_sharding(1, self.length))
+        copy = Generation(self.runner, state)
+        copy._seq, copy._new = [list(self._seq[row])], [[]]  # (what its first look read is this row's past)
+        return copy
 
     @property
     def penalties(self) -> bool:
@@ -587,7 +614,7 @@ class Generation:
         kept = lambda values, empty: [values[i] if i >= 0 else empty() for i in index]  # noqa: E731
         self._harvested = np.where(index >= 0, self._harvested[np.maximum(index, 0)], 0).astype(np.int32)
         self._wants, self._penalised = kept(self._wants, lambda: None), kept(self._penalised, lambda: False)
-        self._new, self._pending = kept(self._new, list), kept(self._pending, list)
+        self._new, self._pending, self._seq = kept(self._new, list), kept(self._pending, list), kept(self._seq, list)
         self._sync()
 
     def _sync(self) -> None:
@@ -612,6 +639,7 @@ class Generation:
             for g in range(self._harvested[b], self._generated[b]):
                 i = g % RING
                 self._new[b].append(int(tokens[b, i]))
+                self._seq[b].append(self._new[b][-1])
                 if want is not None:
                     chosen, top_ids, top_logprobs = logprobs
                     top = zip(top_ids[b, i, :want].tolist(), top_logprobs[b, i, :want].tolist())
