@@ -325,7 +325,7 @@ def smollm2_serve_row(r: dict) -> str:
 
 def test_smollm2_serving_and_prefix_tables_are_the_committed_results():
     """bench/serve.py on SmolLM2-135M-Instruct, phi4_jax's server and vLLM's on the same mix, and
-    bench/prefix.py's chat turns."""
+    bench/prefix.py's chat turns, alone and beside three streams."""
     page = RESULTS.read_text()
     records = [json.loads(line) for line in (ROOT / "bench" / "results" / "serve.jsonl").read_text().splitlines()]
     newest = {(r["engine"], r["phase"], r.get("clients")): r for r in records if "smollm2" in r["model"]}
@@ -344,7 +344,12 @@ def test_smollm2_serving_and_prefix_tables_are_the_committed_results():
         assert (f"| {label} | {r['mix_tokens_per_s']:.1f} tokens/s | {r['mix_continuous_tokens_per_s']:.1f} tokens/s | "
                 f"{r['continuous_vs_static']:.2f}× | {r['continuous_tokens_identical']} |") in page
     prefix = [json.loads(line) for line in (ROOT / "bench" / "results" / "prefix.jsonl").read_text().splitlines()]
-    last = max(r["date"] for r in prefix)
-    for r in (r for r in prefix if r["date"] == last):
+    newest = {}  # the newest run's records for each count of streams beside the chat
+    for r in prefix:
+        beside = r.get("beside", 0)
+        if r["date"] >= newest.get(beside, [{"date": ""}])[0]["date"]:
+            newest[beside] = [q for q in newest.get(beside, []) if q["date"] == r["date"]] + [r]
+    assert {0, 3} <= set(newest)
+    for r in (r for records in newest.values() for r in records):
         assert (f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {1e3 * r['ttft_s_cached']:.0f} ms | "
                 f"{1e3 * r['ttft_s_uncached']:.0f} ms | {r['speedup']:.1f}× | {r['same_tokens']} |") in page

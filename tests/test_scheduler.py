@@ -303,7 +303,29 @@ def test_prompts_continue_what_rows_of_the_running_batch_hold_and_get_their_lone
     assert {r.request_id: (got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests} == want
     assert cached == {"other": 0, "turn1": 0, "sibling": len(system), "turn2": len(turn1.ids) + len(reply) - 1,
                       "chance": 0}
-    assert engine.load().prefix_hit_tokens == cached["sibling"] + cached["turn2"]
+    assert engine.load().prefix_hit_tokens == sum(cached.values())
+
+
+def test_siblings_admitted_together_prefill_their_prompt_once(runner):
+    """`n > 1` siblings (one prompt, their own seeds) arriving together: one is prefilled, the others
+    continue its row, each with its lone tokens; a stranger beside them is packed with the first."""
+    rng = np.random.default_rng(8)
+    twin = rng.integers(3, 256, 40).tolist()
+    stranger = Request("stranger", rng.integers(3, 256, 12).tolist(), SamplingParams(max_tokens=5), frozenset())
+    requests = [Request(f"twin{i}", twin, SamplingParams(temperature=0.9, seed=i, max_tokens=6), frozenset())
+                for i in range(3)] + [stranger]
+    want = {r.request_id: alone(runner, r) for r in requests}
+    engine = Engine(runner, max_batch=4, steps_per_call=2)
+    for r in requests:
+        add(engine, r)
+    got, cached = Collected(), {}
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished_requests():
+            break
+        for out in got.take(engine.step()):
+            cached[out.request_id] = out.stats.cached_tokens
+    assert {r.request_id: (got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests} == want
+    assert cached == {"twin0": 0, "twin1": len(twin) - 1, "twin2": len(twin) - 1, "stranger": 0}
 
 
 @pytest.mark.parametrize("fault", ["prefill", "decode", "admit"])

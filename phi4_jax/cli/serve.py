@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(*cli.flag("--max-tokens"), type=int, default=256,
                    help="tokens a request generates when it does not say (max_tokens)")
     p.add_argument(*cli.flag("--enable-prefix-caching"), action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the keys and values of a prompt's start that the engine still holds (a chat's "
-                        "previous turn, when idle): only the rest is prefilled")
+                   help="reuse the keys and values of a prompt's start that a row of the engine still holds "
+                        "(a chat's previous turn, a shared system prompt, a sibling): only the rest is prefilled")
     p.add_argument(*cli.flag("--shutdown-timeout"), type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM or Ctrl-C; then they end with an "
                         "error")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from phi4_jax.engine import stats
-from phi4_jax.engine.runner import Generation, ModelRunner, cache_length
+from phi4_jax.engine.runner import Generation, ModelRunner, cache_length, common_prefix
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import Load, Pieces, QueueFullError, Request, Scheduler
 from phi4_jax.errors import ConfigError, Phi4Error
@@ -38,7 +38,9 @@ from phi4_jax.text.tokenizer import Tokenizer
 __all__ = ["Engine", "QueueFullError", "RequestOutput"]
 
 STEPS_PER_CALL = 8  # decode steps per device call: streams get a few tokens at a time
-REUSED_AT_LEAST = 32  # a held prefix this long (or a quarter of the prompt) is continued, not prefilled again
+# A prefix a row of the running batch holds is continued from this many tokens (any, from the idle
+# batch): beside running rows a continued prompt is prefilled alone, not packed with the others.
+REUSED_AT_LEAST = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,25 +263,37 @@ class Engine:
                 self._requests[r.request_id].stats.prefilled(seconds, stats.CLOCK.total - compiled)
 
     def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
-        """Prefills the admitted prompts packed in one row, puts them into free rows of the running
-        batch (grown as needed) and delivers their first tokens. A prompt whose leading part a row
-        holds (running or finished, in the running batch or the idle one: a chat's previous turn, a
-        shared system prompt, a sibling) continues a copy of that row instead (prefix caching)."""
+        """Prefills the admitted prompts. A prompt whose leading part a row holds (running or
+        finished, in the running batch, at least REUSED_AT_LEAST tokens, or in the idle one: a chat's
+        previous turn, a shared system prompt) continues a copy of that row (prefix caching); a prompt
+        sharing as much of its start with one admitted with it (`n > 1` siblings) waits for that
+        one's row, then continues it; the rest are packed together (`_admit`)."""
         previous, self._idle = self._idle, None
-        if self.enable_prefix_caching:
-            self._prefix["queried"] += sum(len(r.ids) for r in requests)
-            packed = []
+        if not self.enable_prefix_caching:
+            self._admit(requests, outputs)
+            return
+        self._prefix["queried"] += sum(len(r.ids) for r in requests)
+        while requests:
+            packed, later = [], []
             for request in requests:
                 held = [(g, *g.held_prefix(request.ids, request.needed(self.max_context)))
                         for g in (self._gen, previous) if g is not None]
                 gen, row, tokens = max(held, key=lambda h: h[2], default=(None, -1, 0))
-                if tokens >= min(REUSED_AT_LEAST, max(1, len(request.ids) // 4)):
-                    self._continue(request, gen, row, outputs)
+                if tokens >= (1 if gen is previous else REUSED_AT_LEAST):
+                    taken = gen is previous and gen.batch == 1  # (no copy of a lone idle row: its cache is taken)
+                    self._continue(request, gen, None if taken else row, outputs)
+                    previous = None if taken else previous
+                elif any(common_prefix(request.ids[:-1], p.ids) >= REUSED_AT_LEAST for p in packed):
+                    later.append(request)
                 else:
                     packed.append(request)
-            requests = packed
-            if not requests:
-                return
+            if packed:
+                self._admit(packed, outputs)
+            requests = later
+
+    def _admit(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
+        """Prefills prompts packed in one row, puts them into free rows of the running batch (grown
+        as needed) and delivers their first tokens."""
         error = None
         with self._timed("prefill", requests):
             try:
@@ -315,13 +329,14 @@ class Engine:
                     stopped.append(slot)  # a stop string in the first token: the row still runs on the device
         self._stop_rows(stopped, outputs)
 
-    def _continue(self, request: Request, source: Generation, row: int, outputs: list[RequestOutput]) -> None:
+    def _continue(self, request: Request, source: Generation, row: int | None, outputs: list[RequestOutput]) -> None:
         """Prefills the one prompt after the part of it that `source`'s row `row` holds, from a copy
-        of that row (the source runs on unchanged), then seats it."""
+        of that row (the source runs on unchanged; `row` None: the one-row `source` itself, whose
+        cache it takes), then seats it."""
         try:
             with self._timed("prefill", [request]):
                 new = self.runner.start([request.ids], [request.params], [sorted(request.stop_ids)],
-                                        continuing=source.copy_row(row))
+                                        continuing=source if row is None else source.copy_row(row))
                 first = new.advance(0)  # (waits for the prefill to end)
         except Exception as e:  # noqa: BLE001
             outputs.append(self._final(self._requests.pop(request.request_id), "error", e))

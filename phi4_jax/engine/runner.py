@@ -146,6 +146,13 @@ def attended_sizes(length: int) -> list[int]:
     return sizes
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.nonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0]
+    return int(differ[0]) if differ.size else n
+
+
 def cache_length(needed: int, max_context: int) -> int:
     """The cache length for `needed` tokens: the next power of two (at least MIN_CACHE_LENGTH), at
     most `max_context`. Raises ConfigError when `needed` does not fit in `max_context`."""
@@ -569,8 +576,7 @@ class Generation:
             n = min(len(seq) - 1, len(prompt) - 1)  # (the last token's keys are not in the cache)
             if n <= best[1] or not longrope.same_table(config, len(seq) - 1, len(prompt)):
                 continue
-            differ = np.nonzero(np.asarray(seq[:n]) != np.asarray(prompt[:n]))[0]
-            same = int(differ[0]) if differ.size else n
+            same = common_prefix(seq[:n], prompt[:n])
             if same > best[1]:
                 best = (row, same)
         return best

@@ -9,7 +9,8 @@ or None each) and at most one long prompt being prefilled in pieces. Each engine
   - `seat(requests)`: free slots for admitted rows, and how many slots the batch needs for them
     (grown in powers of two up to `max_batch`);
   - `shrink(...)`: fewer slots or a shorter cache once rows have left (a quarter's hysteresis).
-The engine carries out these choices on the model runner; the cache layout is the runner's.
+Which prompt continues which held row (prefix caching) the engine decides, from what the runner's
+rows hold. The engine carries out these choices on the model runner; the cache layout is the runner's.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ class Scheduler:
     def shrink(self, batch: int, length: int, max_context: int,
                keep_length: bool = False) -> tuple[list[int | None], int] | None:
         """For a running batch of `batch` rows and `length` cache slots: (the old row of each new row,
-        None for a free one; the new length) when the running rows need at most a quarter of the rows
-        or of the length (hysteresis against thrashing; `keep_length`: rows only), else None. The
+        None for an empty one; the new length) when the running rows need at most a quarter of the rows
+        or of the length (hysteresis against thrashing; `keep_length`: rows only), else None. Free old
+        rows fill what room the running ones leave (their caches may hold a prefix to reuse). The
         slots follow."""
         seated = [i for i, r in enumerate(self.slots) if r is not None]
         if not seated:
@@ -154,6 +156,8 @@ class Scheduler:
         needed = needed if 4 * needed <= length and not keep_length else length
         if (rows, needed) == (batch, length):
             return None
-        order = seated + [None] * (rows - len(seated))
+        # Free rows where there is room: a finished row's cache may still hold a prefix to reuse.
+        free = [i for i, r in enumerate(self.slots) if r is None][:rows - len(seated)]
+        order = seated + free + [None] * (rows - len(seated) - len(free))
         self.slots = [self.slots[i] if i is not None else None for i in order]
         return order, needed
