@@ -147,7 +147,7 @@ def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner
 def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their_lone_tokens(runner):
     """Prompts packed together, rows joining and leaving, batches growing and shrinking: once
     `warm_up` ran, none of it makes a program, and every request gets its lone tokens."""
-    requests = [r for r in requests_of(runner, 12, seed=5) if r.params.logprobs is None]
+    requests = requests_of(runner, 12, seed=5)  # (log-probabilities and penalties among them)
     want = [alone(runner, r) for r in requests]
     engine = Engine(runner, max_batch=4, steps_per_call=3, prefill_tokens=40, fixed_length=64)
     engine.warm_up([1], 4)

@@ -485,7 +485,7 @@ class Engine:
     def warm_up(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
         """Compiles before serving. With `fixed_length`: every program a
         request can need (`ModelRunner.compile_all`; not those of a reused prefix, of a prompt longer
-        than `prefill_tokens`, or of log-probabilities). Else what serving runs first: waves of 1, 2,
+        than `prefill_tokens`, or of more than 8 stop ids). Else what serving runs first: waves of 1, 2,
         4 .. `max_batch` requests of `prompt_ids` with `max_tokens`, each ended after one decode call.
         Raises Phi4Error when one fails."""
         if self.fixed_length:

@@ -58,7 +58,7 @@ class DecodeState(NamedTuple):
     seen: jax.Array  # bool: tokens in prompt or output (repetition penalty)
     counts: jax.Array  # int32: tokens in the output (presence/frequency penalties)
     sampler: SamplerState
-    # Rows asking for log-probabilities (R = RING, K = MAX_LOGPROBS; 0 when no row asks):
+    # Log-probabilities (R = RING, K = MAX_LOGPROBS), written while a row asks (`sampler.logprobs`):
     logprob_ring: jax.Array  # [B, R] float32: of the newest R tokens, at index (token count % R)
     top_ids: jax.Array  # [B, R, K] int32: the K most likely tokens at those steps
     top_logprobs: jax.Array  # [B, R, K] float32
@@ -91,12 +91,6 @@ class Packed(NamedTuple):
     lasts: np.ndarray  # [prompts]
     hidden: jax.Array  # [S, E] final hidden states
     cache: KVCache  # [1, KV, S, D] per layer: the tokens' keys and values
-
-
-def _logprob_sizes(wants: Sequence[int | None]) -> tuple[int, int]:
-    """(ring, top): the logprob arrays' sizes for rows asking `wants` (SamplingParams.logprobs)."""
-    ring = RING if any(w is not None for w in wants) else 0
-    return ring, MAX_LOGPROBS if any(w for w in wants) else 0
 
 
 def bucket(n: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
@@ -287,7 +281,7 @@ class ModelRunner:
 
     def compile_all(self, max_batch: int, length: int, prefill_tokens: int) -> int:
         """Runs once every program an `Engine` with a fixed cache `length` can need for requests
-        prefilled packed (no log-probabilities asked): for every row count it may hold (powers of two
+        prefilled packed (at most 8 stop ids each): for every row count it may hold (powers of two
         up to `max_batch`), with and without penalty state, the empty batch, each admission of a
         packed width up to `prefill_tokens` (and each such width's prefill), each decode call's
         attended size, stopping rows, each change of row count, and adding and dropping penalty state.
@@ -325,8 +319,8 @@ class ModelRunner:
             for other in sizes:  # (from a state the programs above made: a fresh one compiles apart)
                 if other != size:
                     _resize(gen.state, self.put(np.full(other, -1, np.int32)), length=length,
-                            stop_width=gen.state.stop_ids.shape[1], logprob_ring=0, top=0,
-                            penalties=gen.state.seen.shape[1], layout=self.cache_sharding(other, length))
+                            stop_width=gen.state.stop_ids.shape[1], penalties=gen.state.seen.shape[1],
+                            layout=self.cache_sharding(other, length))
             if penalties:
                 gen.resize(list(range(size)), penalties=False)  # (as the engine drops it, rows unchanged)
                 ran += 1
@@ -395,11 +389,10 @@ class ModelRunner:
         """`_start` of `ids` at `starts` on, each row's prompt so far ending at `ends` (`reach`: see
         `prefill.prefill`)."""
         batch, length = ids.shape[0], cache.length
-        ring, top = _logprob_sizes(rows.logprobs)
         return _start(self.graphdef, self.params,
                       *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
-                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length), logprob_ring=ring, top=top,
+                      piece=self.piece(batch), ring=seq_mesh(self.mesh, length),
                       reach=reach, penalties=self.config.vocab_size if any(rows.penalised) else 0)
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
@@ -512,12 +505,10 @@ class Generation:
         runner, rows, info = self.runner, [int(r) for r in rows], packed.rows
         if len(rows) != len(info.lengths) or not all(self._done[r] for r in rows):
             raise ConfigError(f"admit takes {len(info.lengths)} prompt(s) into as many finished rows; got rows {rows}")
-        ring, top = _logprob_sizes(info.logprobs)
         s = self.state
         grown = (self.length if info.needed <= self.length else max(info.length, self.length),
-                 max(info.stops.shape[1], s.stop_ids.shape[1]),
-                 max(ring, s.top_ids.shape[1]), max(top, s.top_ids.shape[2]), any(info.penalised) or self.penalties)
-        if grown != (self.length, s.stop_ids.shape[1], *s.top_ids.shape[1:], self.penalties):
+                 max(info.stops.shape[1], s.stop_ids.shape[1]), any(info.penalised) or self.penalties)
+        if grown != (self.length, s.stop_ids.shape[1], self.penalties):
             self.resize(list(range(self.batch)), *grown)
         batch, count = self.batch, len(rows)
         pad = lambda x, fill: np.concatenate([x, np.full((batch - count, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
@@ -552,7 +543,7 @@ class Generation:
         if len(rows) != len(picks) or not all(self._done[r] for r in rows):
             raise ConfigError(f"join takes rows into finished rows of the batch; got {len(picks)} row(s) for rows "
                               f"{rows} (finished: {[bool(self._done[r]) for r in rows]})")
-        sizes = lambda g: (g.length, g.state.stop_ids.shape[1], *g.state.top_ids.shape[1:], g.penalties)  # noqa: E731
+        sizes = lambda g: (g.length, g.state.stop_ids.shape[1], g.penalties)  # noqa: E731
         wanted = tuple(max(a, b) for a, b in zip(sizes(self), sizes(other)))
         if wanted != sizes(self):
             self.resize(list(range(self.batch)), *wanted)
@@ -586,8 +577,8 @@ class Generation:
         `ModelRunner.start(continuing=)`; this batch is unchanged."""
         s = self.state
         state = _resize(s, self.runner.put(np.array([row], np.int32)), length=self.length,
-                        stop_width=s.stop_ids.shape[1], logprob_ring=s.top_ids.shape[1], top=s.top_ids.shape[2],
-                        penalties=s.seen.shape[1], layout=self.runner.cache_sharding(1, self.length))
+                        stop_width=s.stop_ids.shape[1], penalties=s.seen.shape[1],
+                        layout=self.runner.cache_sharding(1, self.length))
         copy = Generation(self.runner, state)
         copy._seq, copy._new = [list(self._seq[row])], [[]]  # (what its first look read is this row's past)
         return copy
@@ -603,17 +594,15 @@ class Generation:
         return self.penalties and not any(p and not d for p, d in zip(self._penalised, self._done))
 
     def resize(self, rows: Sequence[int | None], length: int | None = None, stop_width: int | None = None,
-               logprob_ring: int | None = None, top: int | None = None, penalties: bool | None = None) -> None:
+               penalties: bool | None = None) -> None:
         """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
         (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table,
-        `logprob_ring` and `top` the log-probability arrays (to RING, MAX_LOGPROBS); `penalties`
+        `penalties`
         adds or drops the penalty state (default: as now)."""
         s = self.state
         length = length or self.length
         penalties = self.penalties if penalties is None else penalties
         sizes = dict(length=length, stop_width=stop_width or s.stop_ids.shape[1],
-                     logprob_ring=s.top_ids.shape[1] if logprob_ring is None else logprob_ring,
-                     top=s.top_ids.shape[2] if top is None else top,
                      penalties=self.runner.config.vocab_size if penalties else 0)
         index = np.array([-1 if r is None else r for r in rows], np.int32)
         self.state = _resize(s, self.runner.put(index), **sizes, layout=self.runner.cache_sharding(len(rows), length))
@@ -631,7 +620,7 @@ class Generation:
         self._layout = self.runner.cache_sharding(self.batch, self.length)
         self._ring = seq_mesh(self.runner.mesh, self.length)
         crossing = longrope.crossing(self.runner.config, s.done, s.positions) if self.runner._longrope else None
-        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if s.logprob_ring.shape[1] else None
+        logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if any(w is not None for w in self._wants) else None
         self._done, self._by_token, self._generated, tokens, self._positions, self._crossing, logprobs = (
             jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs)))
         if self._crossing is None:
@@ -696,28 +685,30 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
 
 
 def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, active: jax.Array) -> DecodeState:
-    """Writes the chosen tokens' log-probabilities (and the most likely ones) into the ring, when
-    the state has one (its sizes are static: nothing is computed without)."""
-    ring, top = state.top_ids.shape[1:]
-    if not ring:
-        return state
+    """Writes the chosen tokens' log-probabilities and the most likely ones into the ring, at steps
+    where a running row asks for them (the arrays always exist: no program of their own; the
+    log-softmax and top-k are computed only then)."""
     rows = jnp.arange(token.shape[0])
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    index = jnp.where(active, state.generated % ring, ring)  # a finished row writes nothing (dropped)
-    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    state = state._replace(logprob_ring=state.logprob_ring.at[rows, index].set(chosen, mode="drop"))
-    if top:
-        values, ids = jax.lax.top_k(logprobs, top)
-        state = state._replace(top_ids=state.top_ids.at[rows, index].set(ids, mode="drop"),
-                               top_logprobs=state.top_logprobs.at[rows, index].set(values, mode="drop"))
-    return state
+    asking = active & state.sampler.logprobs
+
+    def record(rings):
+        chosen_ring, ids_ring, values_ring = rings
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        index = jnp.where(asking, state.generated % RING, RING)  # the other rows write nothing (dropped)
+        chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        values, ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+        return (chosen_ring.at[rows, index].set(chosen, mode="drop"), ids_ring.at[rows, index].set(ids, mode="drop"),
+                values_ring.at[rows, index].set(values, mode="drop"))
+
+    rings = jax.lax.cond(jnp.any(asking), record, lambda rings: rings,
+                         (state.logprob_ring, state.top_ids, state.top_logprobs))
+    return state._replace(logprob_ring=rings[0], top_ids=rings[1], top_logprobs=rings[2])
 
 
 @functools.partial(jax.jit, donate_argnums=(9, 10),
-                   static_argnames=("continuing", "layout", "piece", "ring", "logprob_ring", "top", "reach",
-                                    "penalties"))
+                   static_argnames=("continuing", "layout", "piece", "ring", "reach", "penalties"))
 def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None, logprob_ring=0, top=0, reach=None,
+           continuing, layout=None, piece=None, ring=None, reach=None,
            penalties=0) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
     else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
@@ -738,9 +729,8 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
         positions=lengths - 1, done=jnp.zeros(batch, bool), stopped_by_token=jnp.zeros(batch, bool),
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
         seen=seen, counts=jnp.zeros((batch, penalties), jnp.int32), sampler=sampler,
-        logprob_ring=jnp.zeros((batch, logprob_ring), jnp.float32),
-        top_ids=jnp.zeros((batch, logprob_ring, top), jnp.int32),
-        top_logprobs=jnp.zeros((batch, logprob_ring, top), jnp.float32), cache=cache)
+        logprob_ring=jnp.zeros((batch, RING), jnp.float32), top_ids=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.int32),
+        top_logprobs=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.float32), cache=cache)
     return _advance(state, logits, cache, layout)
 
 
@@ -762,7 +752,8 @@ def _empty(graphdef, params, *, batch: int, length: int, stop_width: int, layout
         limit=zeros(jnp.int32), stop_ids=jnp.full((batch, stop_width), -1, jnp.int32),
         history=zeros(jnp.int32, length), seen=zeros(bool, 0), counts=zeros(jnp.int32, 0),
         sampler=SamplerState(*(zeros(x.dtype, *x.shape[1:]) for x in sampler_state(SamplingParams(), 1))),
-        logprob_ring=zeros(jnp.float32, 0), top_ids=zeros(jnp.int32, 0, 0), top_logprobs=zeros(jnp.float32, 0, 0),
+        logprob_ring=zeros(jnp.float32, RING), top_ids=zeros(jnp.int32, RING, MAX_LOGPROBS),
+        top_logprobs=zeros(jnp.float32, RING, MAX_LOGPROBS),
         cache=KVCache.create(config, batch, length, dtype))
     return _laid_out(state, layout)
 
@@ -850,36 +841,32 @@ def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)
 
 
-def _fitted(state: DecodeState, length: int, stop_width: int, logprob_ring: int, top: int,
-            penalties: int) -> DecodeState:
-    """`state` with `length` cache slots (and history columns), `stop_width` stop ids,
-    log-probability arrays of `logprob_ring` x `top` and penalty state `penalties` wide (0 or the
-    vocabulary: rows gaining it start with none, which no unpenalised row reads)."""
+def _fitted(state: DecodeState, length: int, stop_width: int, penalties: int) -> DecodeState:
+    """`state` with `length` cache slots (and history columns), `stop_width` stop ids and penalty
+    state `penalties` wide (0 or the vocabulary: rows gaining it start with none, which no
+    unpenalised row reads)."""
     cache = jax.tree.map(lambda c: _fit(c, 2, length, 0), state.cache)
-    ring = lambda x: _fit(_fit(x, 1, logprob_ring, 0), 2, top, 0) if x.ndim == 3 else _fit(x, 1, logprob_ring, 0)  # noqa: E731
     return state._replace(history=_fit(state.history, 1, length, 0), seen=_fit(state.seen, 1, penalties, False),
                           counts=_fit(state.counts, 1, penalties, 0),
-                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache,
-                          logprob_ring=ring(state.logprob_ring), top_ids=ring(state.top_ids),
-                          top_logprobs=ring(state.top_logprobs))
+                          stop_ids=_fit(state.stop_ids, 1, stop_width, -1), cache=cache)
 
 
 @functools.partial(jax.jit,  # (no donation: new shapes)
-                   static_argnames=("length", "stop_width", "logprob_ring", "top", "penalties", "layout"))
-def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, logprob_ring: int, top: int,
-            penalties: int, layout=None) -> DecodeState:
+                   static_argnames=("length", "stop_width", "penalties", "layout"))
+def _resize(state: DecodeState, index: jax.Array, *, length: int, stop_width: int, penalties: int,
+            layout=None) -> DecodeState:
     """Row i of the result is row `index[i]` of `state` (-1: a free row, done), fitted to the sizes
     (`_fitted`)."""
     rows = jax.tree.map(lambda x: jnp.take(x, jnp.maximum(index, 0), axis=0), state)
     free = index < 0
     rows = rows._replace(done=rows.done | free, generated=jnp.where(free, 0, rows.generated))
-    return _laid_out(_fitted(rows, length, stop_width, logprob_ring, top, penalties), layout)
+    return _laid_out(_fitted(rows, length, stop_width, penalties), layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("layout",))
 def _join(state: DecodeState, other: DecodeState, rows: jax.Array, picks: jax.Array, *, layout=None) -> DecodeState:
     """`state` with rows `rows` replaced by `other`'s rows `picks` (fitted to `state`'s sizes)."""
-    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], *state.top_ids.shape[1:], state.seen.shape[1])
+    other = _fitted(other, state.cache.length, state.stop_ids.shape[1], state.seen.shape[1])
     joined = jax.tree.map(lambda x, y: x.at[rows].set(jnp.take(y, picks, axis=0).astype(x.dtype)), state, other)
     return _laid_out(joined, layout)
 

@@ -118,6 +118,7 @@ class SamplerState(NamedTuple):
     presence_penalty: jax.Array  # [B] float32
     frequency_penalty: jax.Array  # [B] float32
     keys: jax.Array  # [B, 2] uint32 raw threefry keys
+    logprobs: jax.Array  # [B] bool: the row asks for log-probabilities (the sampler does not read it)
 
 
 def _seed_key_data(seed: int) -> np.ndarray:
@@ -170,6 +171,7 @@ def sampler_state(params: list[SamplingParams] | SamplingParams, batch: int,
         presence_penalty=column("presence_penalty", np.float32),
         frequency_penalty=column("frequency_penalty", np.float32),
         keys=keys,
+        logprobs=np.array([p.logprobs is not None for p in params], bool),
     )
 
 
