@@ -38,8 +38,8 @@ from phi4_jax.text.tokenizer import Tokenizer
 __all__ = ["Engine", "QueueFullError", "RequestOutput"]
 
 STEPS_PER_CALL = 8  # decode steps per device call: streams get a few tokens at a time
-# A prefix a row of the running batch holds is continued from this many tokens (any, from the idle
-# batch): beside running rows a continued prompt is prefilled alone, not packed with the others.
+# A held prefix is continued from this many tokens (any, for a prompt admitted alone): a continued
+# prompt is prefilled alone, not packed with the others admitted with it.
 REUSED_AT_LEAST = 32
 
 
@@ -264,8 +264,9 @@ class Engine:
 
     def _prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
         """Prefills the admitted prompts. A prompt whose leading part a row holds (running or
-        finished, in the running batch, at least REUSED_AT_LEAST tokens, or in the idle one: a chat's
-        previous turn, a shared system prompt) continues a copy of that row (prefix caching); a prompt
+        finished, in the running batch or the idle one; at least REUSED_AT_LEAST tokens unless it is
+        admitted alone: a chat's previous turn, a shared system prompt) continues a copy of that row
+        (prefix caching); a prompt
         sharing as much of its start with one admitted with it (`n > 1` siblings) waits for that
         one's row, then continues it; the rest are packed together (`_admit`)."""
         previous, self._idle = self._idle, None
@@ -273,13 +274,14 @@ class Engine:
             self._admit(requests, outputs)
             return
         self._prefix["queried"] += sum(len(r.ids) for r in requests)
+        alone = len(requests) == 1  # (a lone prompt packs with nothing: any held prefix is worth continuing)
         while requests:
             packed, later = [], []
             for request in requests:
                 held = [(g, *g.held_prefix(request.ids, request.needed(self.max_context)))
                         for g in (self._gen, previous) if g is not None]
                 gen, row, tokens = max(held, key=lambda h: h[2], default=(None, -1, 0))
-                if tokens >= (1 if gen is previous else REUSED_AT_LEAST):
+                if tokens >= (1 if alone else REUSED_AT_LEAST):
                     taken = gen is previous and gen.batch == 1  # (no copy of a lone idle row: its cache is taken)
                     self._continue(request, gen, None if taken else row, outputs)
                     previous = None if taken else previous
