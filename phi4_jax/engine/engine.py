@@ -266,9 +266,9 @@ class Engine:
         """Prefills the admitted prompts. A prompt whose leading part a row holds (running or
         finished, in the running batch or the idle one; at least REUSED_AT_LEAST tokens unless it is
         admitted alone: a chat's previous turn, a shared system prompt) continues a copy of that row
-        (prefix caching); a prompt
-        sharing as much of its start with one admitted with it (`n > 1` siblings) waits for that
-        one's row, then continues it; the rest are packed together (`_admit`)."""
+        (prefix caching); a prompt sharing as much of its start with one admitted with it (`n > 1`
+        siblings) waits for that one's row, then continues it; the rest are packed together
+        (`_admit`)."""
         previous, self._idle = self._idle, None
         if not self.enable_prefix_caching:
             self._admit(requests, outputs)
@@ -423,8 +423,8 @@ class Engine:
 
     def _shrink(self, outputs: list[RequestOutput]) -> None:
         """Drops the batch once every row has left (keeping its cache for reuse until the next
-        admission), or
-        shrinks it as the scheduler says; drops its penalty state once no running row asks for it."""
+        admission), or shrinks it as the scheduler says; drops its penalty state once no running row
+        asks for it."""
         gen = self._gen
         if gen is None:
             return

@@ -396,21 +396,11 @@ class ModelRunner:
                       reach=reach, penalties=self.config.vocab_size if any(rows.penalised) else 0)
 
     def _reusable(self, previous: Generation | None, prompts, needed: int) -> int:
-        """How many leading tokens of the one prompt `previous`'s cache already holds (0: none
-        usable): the sequence must extend the cached one, fit in its cache, and, for LongRoPE,
-        stay on the same side of the threshold (transformers re-encodes across it)."""
+        """How many leading tokens of the one prompt the one-row `previous`'s cache already holds
+        (0: none usable; `Generation.held_prefix`)."""
         if previous is None or len(prompts) != 1 or previous.batch != 1:
             return 0
-        if needed > previous.state.cache.length:
-            return 0
-        cached = int(previous._positions[0])  # slots 0 .. position of the last token - 1 hold keys
-        prompt = prompts[0]
-        if not longrope.same_table(self.config, cached, len(prompt)):  # transformers re-encodes
-            return 0
-        known = np.asarray(previous.state.history[0, :cached])
-        n = min(cached, len(prompt) - 1)  # at least one new token makes the next logits
-        same = np.nonzero(known[:n] != np.asarray(prompt[:n]))[0]
-        return int(same[0]) if same.size else n
+        return previous.held_prefix(prompts[0], needed)[1]
 
 
 class Generation:
@@ -558,8 +548,10 @@ class Generation:
 
     def held_prefix(self, prompt: Sequence[int], needed: int) -> tuple[int, int]:
         """(row, tokens): the row, running or finished, whose cache holds the longest leading part of
-        `prompt` usable for it (at most all but its last token; the same LongRoPE table; `needed`
-        slots, the prompt and its new tokens, fit in the cache), and that part's length; (-1, 0) if none."""
+        `prompt` usable for it, and that part's length; (-1, 0) if none. Usable: at most all but the
+        prompt's last token (it makes the next logits); the same LongRoPE table on both sides
+        (transformers re-encodes across the threshold); `needed` slots, the prompt and its new
+        tokens, fit in the cache."""
         best, config = (-1, 0), self.runner.config
         if needed > self.length:
             return best
@@ -597,8 +589,7 @@ class Generation:
                penalties: bool | None = None) -> None:
         """Row i becomes old row `rows[i]` (None: a free row) and the cache holds `length` slots
         (default: as now; the kept rows must fit in it); `stop_width` widens the stop-id table,
-        `penalties`
-        adds or drops the penalty state (default: as now)."""
+        `penalties` adds or drops the penalty state (default: as now)."""
         s = self.state
         length = length or self.length
         penalties = self.penalties if penalties is None else penalties
