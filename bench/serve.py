@@ -50,6 +50,21 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "s
 SCHEMA = 1
 
 
+def schedule_bound(mix: list[dict], clients: int, offline: dict) -> dict:
+    """What a scheduler without delays would reach on this mix with this run's offline rates: every
+    decode step (of 16 rows, at the offline step time) as full as the clients allow (`mean_rows`),
+    every prompt prefilled packed at the offline rate, one after the other: output tokens / (steps x
+    step time + prompt tokens / prefill rate). Hiding prefill inside decode steps would at most drop
+    the second term (the bound without it is also given)."""
+    steps, rows = mean_rows(mix, clients)
+    step_seconds = 16 / offline["decode_tokens_per_s"]
+    output = sum(r["max_tokens"] for r in mix)
+    prefill_seconds = sum(len(r["prompt"]) for r in mix) / offline["packed_prefill_tokens_per_s"]
+    return {"bound_mean_rows": rows, "bound_steps": steps,
+            "bound_tokens_per_s": output / (steps * step_seconds + prefill_seconds),
+            "bound_without_prefill_tokens_per_s": output / (steps * step_seconds)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi3-110m",
@@ -87,6 +102,26 @@ def request_mix(count: int, vocab: int, prompt_range, output_range, seed: int) -
         mix.append({"prompt": rng.integers(100, vocab, n).tolist(),
                     "max_tokens": int(rng.integers(output_range[0], output_range[1] + 1))})
     return mix
+
+
+def mean_rows(mix: list[dict], clients: int, slots: int = 16) -> tuple[int, float]:
+    """The mix as `clients` clients send it (each its next request when its last one ends), on a
+    scheduler without delays: every running request gets a token each decode step, a request starts
+    the step after the previous one of its client ended, at most `slots` run. (Steps until the last
+    request ends, output tokens per step.) No scheduler keeps more rows busy on this mix."""
+    ends, step, queue, running = [0] * clients, 0, list(range(len(mix))), {}
+    free_at = [0] * clients
+    while queue or running:
+        for c in range(clients):
+            if queue and c not in running and free_at[c] <= step and len(running) < slots:
+                running[c] = mix[queue.pop(0)]["max_tokens"]
+        step += 1
+        for c in list(running):
+            running[c] -= 1
+            if running[c] == 0:
+                del running[c]
+                free_at[c] = ends[c] = step
+    return step, sum(r["max_tokens"] for r in mix) / step
 
 
 # The model folder and the server.
@@ -362,6 +397,30 @@ class Offline:
         tokens = run()
         return sum(r["max_tokens"] for r in mix) / (time.perf_counter() - start), tokens
 
+    def packed_prefill(self, mix: list[dict], budget: int = 2048, repeats: int = 3) -> float:
+        """Prompt tokens/s of prefilling the mix's prompts packed (`ModelRunner.prefill_packed`, as the
+        engine admits them: in order, at most `budget` tokens a call), the median of `repeats` after one
+        that compiles."""
+        import jax
+
+        from phi4_jax import SamplingParams
+
+        groups, tokens = [[]], 0
+        for r in mix:
+            if tokens + len(r["prompt"]) > budget:
+                groups, tokens = groups + [[]], 0
+            groups[-1].append(r["prompt"])
+            tokens += len(r["prompt"])
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for group in groups:
+                packed = self.engine.prefill_packed(group, [SamplingParams(max_tokens=1)] * len(group),
+                                                    [[]] * len(group), budget)
+                jax.block_until_ready(packed.hidden)
+            times.append(time.perf_counter() - start)
+        return sum(len(r["prompt"]) for r in mix) / statistics.median(times[1:])
+
     def batched_prefill(self, prompts: list[list[int]], repeats: int = 3) -> float:
         """Seconds of one prefill of every prompt together to their first tokens (`ModelRunner.start`),
         the median of `repeats` after one that compiles."""
@@ -423,6 +482,7 @@ def main(argv=None) -> int:
             static, static_tokens = offline.mix(mix[:args.requests])
             continuous, continuous_tokens = offline.continuous(mix[:args.requests])
             record = {"phase": "offline", "batch": 16, "decode_tokens_per_s": offline.decode(mix),
+                      "packed_prefill_tokens_per_s": offline.packed_prefill(mix[:args.requests]),
                       "mix_tokens_per_s": static, "mix_continuous_tokens_per_s": continuous,
                       "continuous_vs_static": continuous / static,
                       "continuous_tokens_identical": continuous_tokens == static_tokens}
@@ -465,13 +525,20 @@ def main(argv=None) -> int:
                 if offline:
                     result["vs_offline_decode"] = result["tokens_per_s"] / records[0]["decode_tokens_per_s"]
                     result["vs_offline_mix"] = result["tokens_per_s"] / records[0]["mix_tokens_per_s"]
+                    if n >= args.max_batch == 16:  # (the offline decode step is one of 16 rows, as the server's then)
+                        sent = [mix[i % len(mix)] for i in range(max(args.requests, n))]  # (as run_clients sends)
+                        result.update(schedule_bound(sent, n, records[0]))
                 records.append({**meta, **result})
                 print(f"{n} clients: {result['tokens_per_s']:.1f} tokens/s, {result['requests_per_s']:.2f} req/s, "
                       f"TTFT p50 {result['ttft_p50_ms']:.0f} ms p99 {result['ttft_p99_ms']:.0f} ms, "
                       f"ITL p50 {result['itl_p50_ms']:.2f} ms p99 {result['itl_p99_ms']:.2f} ms, chunk gap p99 "
                       f"{result['chunk_gap_p99_ms']:.1f} ms, slots {result['slot_occupancy_mean'] or 0:.2f}, "
                       f"prefill share {result['prefill_share'] or 0:.2f}, compiling "
-                      f"{result['compile_seconds'] or 0:.1f} s", flush=True)
+                      f"{result['compile_seconds'] or 0:.1f} s"
+                      + (f"; a scheduler without delays: {result['bound_tokens_per_s']:.1f} tokens/s "
+                         f"({result['bound_mean_rows']:.1f} rows a step; "
+                         f"{result['bound_without_prefill_tokens_per_s']:.1f} with prefill free)"
+                         if "bound_tokens_per_s" in result else ""), flush=True)
             if not args.offline_only:  # the burst and the TTFT under load
                 rng = np.random.default_rng(args.seed + 1)
                 prompts = [rng.integers(3, vocab, args.burst_tokens).tolist() for _ in range(16)]

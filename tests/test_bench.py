@@ -477,3 +477,18 @@ def test_gpu_parity_check_fails_on_differing_tokens(tmp_path, monkeypatch):
     assert check.verdict(same, same, check.BF16_TOLERANCE)["passed"]
     over = check.verdict(same, same, 2 * check.BF16_TOLERANCE)
     assert over["tokens_identical"] and not over["bf16_within_tolerance"] and not over["passed"]
+
+
+def test_serve_bench_schedule_bound_fills_rows_as_the_clients_allow():
+    """bench/serve.py's bound: clients send their next request the step after the last ended; every
+    running request gets a token a step; no more than the slots run."""
+    serve = bench_module("serve")
+    mix = [{"prompt": [1] * n, "max_tokens": m} for n, m in ((4, 3), (2, 1), (6, 1), (8, 3))]
+    # Client A: 3 tokens (steps 0-2); client B: 1 (step 0), 1 (step 1), then 3 (steps 2-4).
+    assert serve.mean_rows(mix, 2) == (5, 8 / 5)
+    assert serve.mean_rows(mix, 1) == (8, 1.0)
+    assert serve.mean_rows(mix, 4, slots=2) == (5, 8 / 5)  # (the slots bound it as two clients would)
+    offline = {"decode_tokens_per_s": 160.0, "packed_prefill_tokens_per_s": 20.0}  # a 0.1 s step
+    bound = serve.schedule_bound(mix, 2, offline)
+    assert bound["bound_steps"] == 5 and bound["bound_without_prefill_tokens_per_s"] == pytest.approx(8 / 0.5)
+    assert bound["bound_tokens_per_s"] == pytest.approx(8 / (0.5 + 20 / 20.0))
