@@ -26,7 +26,7 @@ def block():
 
 def reference(q, k, v, mask):
     """float64 numpy: output and log-sum-exp, query head h on KV head h // (H / KV)."""
-    kv = np.repeat(np.arange(KV), H // KV)
+    kv = np.repeat(np.arange(KV), q.shape[2] // KV)
     scores = np.einsum("bthd,bhsd->bhts", q.astype(np.float64), k[:, kv].astype(np.float64)) / np.sqrt(D)
     scores = np.where(mask[:, None], scores, -np.inf)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -48,16 +48,27 @@ def test_block_gives_the_softmax_output_and_log_sum_exp(block):
 
 @pytest.mark.parametrize("query", [0, 2, 4])
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
-def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query, platform):
+@pytest.mark.parametrize("heads", [H, KV])  # three queries per KV head, or one (its own form on accelerators)
+def test_one_query_gives_the_reference_in_the_cpu_form_and_the_accelerators(block, query, platform, heads):
     """A decode step's single query: XLA:CPU's own forms of the products (heads as rows), and the
     plain ones every accelerator program uses, both match the float64 reference."""
     q, k, v, mask = block
-    one = (q[:, query:query + 1], k, v, mask[:, query:query + 1])
+    one = (q[:, query:query + 1, :heads], k, v, mask[:, query:query + 1])
     want_out, want_lse = reference(*one)
     backend = Backend(platform)
     assert backend.heads_as_rows == (platform == "cpu")
     out, lse = jax.jit(lambda *a: attention.attend_block(*a, backend=backend))(*one)
-    assert out.shape == (B, 1, H, D) and lse.shape == (B, 1, H)
+    assert out.shape == (B, 1, heads, D) and lse.shape == (B, 1, heads)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("copies", [1, 4])  # 15 query rows a KV head (the decode form), or 60
+def test_the_accelerators_forms_give_the_reference_for_many_queries(block, copies):
+    q, k, v, mask = block
+    many = (np.tile(q, (1, copies, 1, 1)), k, v, np.tile(mask, (1, copies, 1)))
+    want_out, want_lse = reference(*many)
+    out, lse = jax.jit(lambda *a: attention.attend_block(*a, backend=Backend("gpu")))(*many)
     np.testing.assert_allclose(np.asarray(out), want_out, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6, atol=1e-5)
 

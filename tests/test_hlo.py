@@ -110,3 +110,34 @@ def test_a_batched_matmul_written_as_a_convolution_counts_only_the_taps_that_mee
             "rhs_reversal=0x1}, dim_labels=0bf1_o01i->0bf1\n}\n")
     heads, groups, rows, keys, head_dim = 2, 3, 4, 4, 16
     assert hlo.matmul_flops(hlo.parse(text)) == 2 * heads * groups * rows * keys * head_dim
+
+
+# A batch of 4 rows, each writing its new slot at its own position: the scatter XLA makes of a
+# vmapped dynamic-update-slice, fused, updating the cache in place.
+SCATTER = """\
+HloModule rows
+
+%keep (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  ROOT %b = bf16[] parameter(1)
+}
+
+%fused_rows (param_0: bf16[4,4096,128], param_1: s32[4,2], param_2: bf16[4,1,1,128]) -> bf16[4,4096,128] {
+  %param_0 = bf16[4,4096,128]{2,1,0} parameter(0)
+  %param_1 = s32[4,2]{1,0} parameter(1)
+  %param_2 = bf16[4,1,1,128]{3,2,1,0} parameter(2)
+  ROOT %slots = bf16[4,4096,128]{2,1,0} scatter(%param_0, %param_1, %param_2), update_window_dims={1,2,3}, inserted_window_dims={}, scatter_dims_to_operand_dims={0,1}, index_vector_dim=1, to_apply=%keep
+}
+
+ENTRY %main (cache: bf16[4,4096,128], where: s32[4,2], new: bf16[4,1,1,128]) -> bf16[4,4096,128] {
+  %cache = bf16[4,4096,128]{2,1,0} parameter(0)
+  %where = s32[4,2]{1,0} parameter(1)
+  %new = bf16[4,1,1,128]{3,2,1,0} parameter(2)
+  ROOT %written = bf16[4,4096,128]{2,1,0} fusion(%cache, %where, %new), kind=kLoop, calls=%fused_rows
+}
+"""  # noqa: E501  (an HLO line as XLA writes it)
+
+
+def test_a_scatter_into_its_operand_counts_the_rows_it_writes_not_the_whole_cache():
+    slots, where = 4 * 128 * 2, 4 * 2 * 4
+    assert hlo.main_memory_bytes(hlo.parse(SCATTER)) == where + 2 * slots  # the indices; each slot read, written

@@ -5,6 +5,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
@@ -19,6 +20,7 @@ from phi4_jax.parallel import rules
 from phi4_jax.config import Phi4Config
 from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.planner.plan import abstract_on_mesh
+from phi4_jax.model import int8, vocab_parallel
 from phi4_jax.model.phi4 import abstract_model
 from phi4_jax.errors import MeshError
 
@@ -335,6 +337,34 @@ def test_place_moves_a_model_in_memory_onto_the_mesh(tiny_checkpoint, reference)
     assert unrepeated.config.num_key_value_heads == 10
     with pytest.raises(MeshError, match="config_for_mesh"):
         meshes.place(unrepeated, mesh("tensor=4"))
+
+
+@pytest.mark.parametrize("spec", ["tensor=4", "data=2,tensor=2", "fsdp=2,tensor=2"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_vocabulary_parallel_lookup_gives_the_gather_s_rows(spec, quantized):
+    """Each device looks up the ids its rows hold and one all-reduce sums them: the very rows (and,
+    for an int8 table, the same rows times their scales) a gather from the whole table gives, with the
+    ids split over the batch axes too."""
+    on = mesh(spec)
+    rng = np.random.default_rng(0)
+    table, scale = rng.standard_normal((64, 16)).astype(np.float32), None
+    if quantized:
+        table, scale = int8.quantize(table, 1)
+    ids = rng.integers(0, 64, (4, 6)).astype(np.int32)
+    want = table[ids] if scale is None else table[ids] * scale[ids][..., None]
+    place = lambda x, axes: jax.device_put(x, rules.sharding(on, axes, x.shape))  # noqa: E731
+    args = (place(table, ("vocab", "embed")), None if scale is None else place(scale, ("vocab",)),
+            place(ids, ("batch", None)))
+    got = jax.jit(lambda w, s, i: vocab_parallel.lookup(on, w, s, i, jnp.float32))(*args)
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+def test_the_embedding_is_looked_up_vocabulary_parallel_only_where_the_rules_split_its_rows(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("phi-4-mini")
+    for spec, split in (("tensor=2", True), ("data=2,tensor=4", True), ("fsdp=8", False)):
+        model = phi4_jax.load(folder, dtype="float32", mesh=spec, progress=False)[0]
+        assert (model.model.embed_tokens.split is not None) == split, spec
+    assert phi4_jax.load(folder, dtype="float32", progress=False)[0].model.embed_tokens.split is None
 
 
 def test_layout_description_names_every_kind_of_parameter(tiny_checkpoint):

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.model import attention as attn
-from phi4_jax.model import int8
+from phi4_jax.model import int8, vocab_parallel
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.cache import KVCache, write
 from phi4_jax.model.ring import cache_attend, ring_attend
@@ -94,18 +94,23 @@ def _product(module: nnx.Module, x: jax.Array, weight: jax.Array) -> jax.Array:
 
 class VocabTable(nnx.Module):
     """A `[vocab, embed]` table (HF layout): looks up token embeddings, or scores hidden states.
-    Quantized, it is int8 with one scale per token row (for its lookup and its scores alike)."""
+    Quantized, it is int8 with one scale per token row (for its lookup and its scores alike).
+    `split`: the mesh whose `tensor` axis splits its rows (set by `parallel.mesh.split_tables`), for
+    a lookup that moves rows, not the table (`model/vocab_parallel.py`); None: the plain gather."""
 
     def __init__(self, vocab: int, embed: int, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype,
                  backend: Backend, quantize: str | None = None):
         init = stddev * jax.random.normal(rngs.params(), (vocab, embed), jnp.float32)
         _init_weight(self, init, ("vocab", "embed"), 1, param_dtype, quantize)
-        self.dtype, self.backend = dtype, backend
+        self.dtype, self.backend, self.split = dtype, backend, None
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
+        scale = self.scale[...] if hasattr(self, "scale") else None
+        if self.split is not None:
+            return vocab_parallel.lookup(self.split, self.weight[...], scale, input_ids, self.dtype)
         rows = self.weight[...][input_ids]
-        if hasattr(self, "scale"):
-            return (rows * self.scale[...][input_ids][..., None]).astype(self.dtype)
+        if scale is not None:
+            return (rows * scale[input_ids][..., None]).astype(self.dtype)
         return rows.astype(self.dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi4_jax.errors import MeshError
 from phi4_jax.parallel.heads import config_for_mesh
-from phi4_jax.parallel.rules import MESH_AXES, param_shardings
+from phi4_jax.parallel.rules import MESH_AXES, param_shardings, spec
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -105,10 +105,21 @@ def place(model, mesh: Mesh):
     if config_for_mesh(model.config, mesh) != model.config:
         raise MeshError(f"tensor={mesh.shape['tensor']} needs the KV heads repeated; build the model from "
                         "parallel.heads.config_for_mesh(config, mesh), or load it with phi4_jax.load(..., mesh=)")
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(split_tables(model, mesh))
     placed = param_shardings(mesh, state)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.device_put, nnx.to_pure_dict(state), placed))
     return nnx.merge(graphdef, state)
+
+
+def split_tables(model, mesh: Mesh | None):
+    """Gives `model`'s embedding table the mesh when the rules table splits its rows over `tensor`:
+    its lookups then move looked-up rows, not the table (`model/vocab_parallel.py`). Call it on the
+    model (abstract or real) before splitting it into graphdef and state; it returns the model."""
+    table = model.model.embed_tokens
+    shape = (model.config.vocab_size, model.config.hidden_size)
+    split = mesh is not None and spec(mesh, ("vocab", "embed"), shape)[0] == "tensor"
+    table.split = mesh if split else None
+    return model
 
 
 def put(array, sharding: NamedSharding) -> jax.Array:

@@ -248,18 +248,22 @@ def _pairs(outputs: int, inputs: int, taps: int, stride: int, pad: int, lhs_dila
     return count
 
 
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # ops that update their operand 0: their update's operand
+
+
 def main_memory_bytes(program: Program, looped: bool | None = None) -> int:
     """Bytes the program reads from and writes to main memory per call: each operand and result in
     memory space 0 of the instructions outside fusions, times they run; an asynchronous copy or
     slice at its main-memory end. A slice of an operand (a row of the embedding, a block of a
-    weight staged into VMEM) counts the slice, and an update in place (a cache slot) the update.
+    weight staged into VMEM) counts the slice, and an update in place (a cache slot; each row's
+    slot, by a scatter) the update.
     `looped`: only what runs inside loops (True; a decode call's steps) or outside them (False)."""
     total = 0
     for i, times in program.instructions(fused=False, looped=looped):
         if i.op in _NO_TRAFFIC or i.op.endswith("-done"):
             continue
         inside = _fused_body(program, i)
-        in_place = 0 if i.op == "dynamic-update-slice" else _updated_in_place(inside)
+        in_place = 0 if i.op in _IN_PLACE else _updated_in_place(inside)
         reads = 0
         for index, name in enumerate(i.operands):
             operand = program.by_name.get(name)
@@ -274,7 +278,8 @@ def main_memory_bytes(program: Program, looped: bool | None = None) -> int:
         if in_place is None:
             writes = i.main_memory_bytes
         else:
-            update = i.operands[1] if i.op == "dynamic-update-slice" else _root(inside).operands[1]
+            updating = i if i.op in _IN_PLACE else _root(inside)
+            update = updating.operands[_IN_PLACE[updating.op]]
             writes = program.by_name[update].bytes if i.in_main_memory else 0
         total += times * (reads + writes)
     return total
@@ -295,9 +300,11 @@ def _parameter(body: list[Instruction], index: int) -> Instruction | None:
 
 
 def _updated_in_place(body: list[Instruction]) -> int | None:
-    """The fusion's operand that its root updates in place (a dynamic-update-slice of a parameter)."""
+    """The fusion's operand that its root updates in place (a dynamic-update-slice or a scatter of a
+    parameter: XLA writes those into the operand's buffer, copying it first where it cannot, a copy
+    `memory_copy_bytes` counts)."""
     root = _root(body)
-    if root is None or root.op != "dynamic-update-slice":
+    if root is None or root.op not in _IN_PLACE:
         return None
     target = next((i for i in body if i.name == root.operands[0]), None)
     if target is None or target.op != "parameter":

@@ -144,8 +144,8 @@ def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Back
     """The model (its config already suited to `mesh`: `heads.config_for_mesh`) split into its
     graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh` (None: the first device), with
     XLA attention, traced for `backend`: what `jit(...).lower` takes to compile without weights."""
-    graphdef, state = nnx.split(abstract_model(config, param_dtype=dtype, attention="xla", backend=backend,
-                                               quantize=quantize))
+    model = abstract_model(config, param_dtype=dtype, attention="xla", backend=backend, quantize=quantize)
+    graphdef, state = nnx.split(meshes.split_tables(model, mesh))
     nnx.replace_by_pure_dict(state, placed_shapes(state, mesh))
     return graphdef, state
 
