@@ -43,20 +43,21 @@ def test_prefill_and_decode_compile_for_the_slice_with_xla_costs(plans, axis):
         assert step["cpu_only_upcast_bytes"] == 0 and step["temp_bytes"] == step["temp_bytes_cpu_compile"]
 
 
-def test_a_prompt_in_pieces_counts_each_piece_of_its_loop(plans):
-    """Two 256-token pieces, each over the 512 slots, are the work of one 512-token piece over them
-    but for the block the one piece's causal attention skips (its first 256 queries against its
-    last 256 keys: `attention.attend_causal`): the program's matmul FLOPs count the loop's body
-    twice (XLA's own count has it once)."""
-    whole = plan.plan(CONFIG, meshes.make_mesh("tensor=4", targets.devices(SLICE)), CONTEXT, batch=1,
-                      dtype="bfloat16", prefill_piece=CONTEXT)["steps"]["prefill"]
-    pieces = plans["tensor"]["steps"]["prefill"]
-    block = attention.CAUSAL_BLOCK
-    assert CONTEXT == 2 * block
-    # Scores and their values (2 products, 2 FLOPs a multiply-add), a device's heads, every layer.
-    skipped = 2 * 2 * (CONFIG.num_attention_heads // 4) * block * block * CONFIG.head_dim * CONFIG.num_hidden_layers
-    assert pieces["matmul_flops"] == whole["matmul_flops"] + skipped
-    assert pieces["xla_flops"] < 0.6 * whole["xla_flops"]
+def test_a_prompt_in_pieces_attends_only_what_its_groups_reach_and_counts_each_trip(plans):
+    """Eight 64-token pieces run in groups (`prefill.reach_groups`: pieces 1, 2, 3, 4, 5-6, 7-8), each
+    attending up to its group's end: 38 blocks of 64 x 64 query-key pairs, 1.19x the causal 32 (the
+    whole prompt from every piece: 64). One 512-token piece attends in causal blocks of 256 queries:
+    48. The program's matmul FLOPs count each group's loop as often as it runs (XLA's own count has
+    a loop's body once)."""
+    slice_mesh = meshes.make_mesh("tensor=4", targets.devices(SLICE))
+    whole = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=CONTEXT)["steps"]["prefill"]
+    pieces = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=64)["steps"]["prefill"]
+    assert CONTEXT == 2 * attention.CAUSAL_BLOCK == 8 * 64
+    # Scores and their values (2 products, 2 FLOPs a multiply-add) of a 64 x 64 block, a device's
+    # heads, every layer.
+    block = 2 * 2 * (CONFIG.num_attention_heads // 4) * 64 * 64 * CONFIG.head_dim * CONFIG.num_hidden_layers
+    assert pieces["matmul_flops"] == whole["matmul_flops"] - (48 - 38) * block
+    assert pieces["xla_flops"] < pieces["matmul_flops"]
     # Without a loop, the matmuls are nearly all of XLA's FLOPs.
     assert 0.9 * whole["xla_flops"] <= whole["matmul_flops"] <= whole["xla_flops"]
 

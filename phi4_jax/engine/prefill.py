@@ -9,6 +9,8 @@ rather than prompt x prompt; anything else runs in one piece.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +59,8 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     Without `starts` the prompts start at position 0 and attend among themselves; with `starts`
     `[B]` they continue sequences whose first `starts[b]` positions are cached (a chat's next
     turn) and attend over the cache. `piece`: prompts longer than this run in pieces of it, each
-    attending over the slots the prompt may reach (its first W from position 0, else all).
+    attending over the slots it may reach (from position 0: up to its group's end, `reach_groups`;
+    else all).
     `ring`: a mesh whose seq axis splits the cache (in contiguous shards) and the work: a prompt
     from position 0 whose W divides into 2·seq chunks runs with ring attention; other prompts and
     pieces attend over the split cache. `rope_lengths` `[B]`: the whole prompt's length where `ids`
@@ -82,18 +85,37 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
             path = over_cache(slots, ring)
         return _block(model, ids, lengths, rope, cache, starts, path)
 
-    def one_piece(offset, size, logits, cache):
+    def one_piece(offset, size, logits, cache, reach=slots):
         block = jax.lax.dynamic_slice_in_dim(ids, offset, size, axis=1)
-        new, cache = _block(model, block, lengths, rope, cache, starts + offset, over_cache(slots, ring))
+        new, cache = _block(model, block, lengths, rope, cache, starts + offset, over_cache(reach, ring))
         holds_last = (lengths - 1 >= starts + offset) & (lengths - 1 < starts + offset + size)
         return jnp.where(holds_last[:, None], new, logits), cache
 
     logits = jnp.zeros((batch, model.config.vocab_size), model.model.embed_tokens.dtype)
-    logits, cache = jax.lax.fori_loop(0, width // piece, lambda i, c: one_piece(i * piece, piece, *c),
-                                      (logits, cache))
+    # A fresh prompt's pieces see only the slots up to their own end: the pieces run in groups, each
+    # attending up to its last piece's end (a static bound, a loop each). Continuing rows start apart.
+    groups = reach_groups(width // piece) if fresh and ring is None else [(0, width // piece)]
+    for first, end in groups:
+        reach = end * piece if end < width // piece else slots
+        logits, cache = jax.lax.fori_loop(first, end, lambda i, c: one_piece(i * piece, piece, *c, reach=reach),
+                                          (logits, cache))
     if width % piece:  # a last, shorter piece (a cache shorter than the power-of-two bucket)
         logits, cache = one_piece(width - width % piece, width % piece, logits, cache)
     return logits, cache
+
+
+def reach_groups(pieces: int) -> list[tuple[int, int]]:
+    """`pieces` prompt pieces in groups `(first, end)` (piece indices) that end at about two bounds per
+    doubling (1, 2, 3, 4, 6, 8, 12, 16, 23, 32, ...): each group attends up to its end, so the pieces'
+    attention does at most 1.25x the causal work (1.17x from 16 pieces on), where attending the whole
+    prompt from every piece did 2x; one loop per group (12 at 64 pieces)."""
+    bounds, step = [], 0
+    while not bounds or bounds[-1] < pieces:
+        bound = min(pieces, math.ceil(2 ** (step / 2) - 1e-9))
+        if not bounds or bound > bounds[-1]:
+            bounds.append(bound)
+        step += 1
+    return list(zip([0] + bounds[:-1], bounds))
 
 
 def _block(model, ids, lengths, rope_lengths, cache, starts, path):
