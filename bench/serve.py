@@ -109,8 +109,7 @@ def mean_rows(mix: list[dict], clients: int, slots: int = 16) -> tuple[int, floa
     scheduler without delays: every running request gets a token each decode step, a request starts
     the step after the previous one of its client ended, at most `slots` run. (Steps until the last
     request ends, output tokens per step.) No scheduler keeps more rows busy on this mix."""
-    ends, step, queue, running = [0] * clients, 0, list(range(len(mix))), {}
-    free_at = [0] * clients
+    step, queue, running, free_at = 0, list(range(len(mix))), {}, [0] * clients
     while queue or running:
         for c in range(clients):
             if queue and c not in running and free_at[c] <= step and len(running) < slots:
@@ -120,7 +119,7 @@ def mean_rows(mix: list[dict], clients: int, slots: int = 16) -> tuple[int, floa
             running[c] -= 1
             if running[c] == 0:
                 del running[c]
-                free_at[c] = ends[c] = step
+                free_at[c] = step
     return step, sum(r["max_tokens"] for r in mix) / step
 
 

@@ -94,9 +94,10 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
     logits = jnp.zeros((batch, model.config.vocab_size), model.model.embed_tokens.dtype)
     # A fresh prompt's pieces see only the slots up to their own end: the pieces run in groups, each
     # attending up to its last piece's end (a static bound, a loop each). Continuing rows start apart.
-    groups = reach_groups(width // piece) if fresh and ring is None else [(0, width // piece)]
+    pieces = width // piece
+    groups = reach_groups(pieces) if fresh and ring is None else [(0, pieces)]
     for first, end in groups:
-        reach = end * piece if end < width // piece else slots
+        reach = end * piece if end < pieces else slots
         logits, cache = jax.lax.fori_loop(first, end, lambda i, c: one_piece(i * piece, piece, *c, reach=reach),
                                           (logits, cache))
     if width % piece:  # a last, shorter piece (a cache shorter than the power-of-two bucket)
@@ -111,7 +112,7 @@ def reach_groups(pieces: int) -> list[tuple[int, int]]:
     prompt from every piece did 2x; one loop per group (12 at 64 pieces)."""
     bounds, step = [], 0
     while not bounds or bounds[-1] < pieces:
-        bound = min(pieces, math.ceil(2 ** (step / 2) - 1e-9))
+        bound = min(pieces, math.ceil(2 ** (step / 2)))  # (even steps: exact powers of two)
         if not bounds or bound > bounds[-1]:
             bounds.append(bound)
         step += 1
