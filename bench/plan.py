@@ -93,13 +93,15 @@ TABLE_HEADER = ("| model | mesh | context × batch | weights | KV cache | tempor
 
 
 def _model(r: dict) -> str:
-    """The model's name, with its weights' quantization when it has one ("phi-4 int8")."""
-    return r["name"] + (f" {r['quantize']}" if r.get("quantize") else "")
+    """The model's name, with its weights' quantization when it has one and its attention kernel
+    where it is not XLA's ("phi-4 int8 (splash)")."""
+    return r["name"] + (f" {r['quantize']}" if r.get("quantize") else "") + (
+        f" ({r['attention']})" if r.get("attention", "xla") != "xla" else "")
 
 
 def _key(r: dict) -> tuple:
     return (r["name"], r["mesh_spec"], r["context"], r["batch"], r["dtype"], r["prefill_piece"], r["target"],
-            r.get("topology"), r.get("quantize"))
+            r.get("topology"), r.get("quantize"), r.get("attention", "xla"))
 
 
 def _existing(path: str) -> list[dict]:

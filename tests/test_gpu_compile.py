@@ -24,7 +24,7 @@ def tensor_plan():
         devices = targets.devices("h100:2")
     except ConfigError as e:  # the plugin without ptxas, or a jaxlib of another version
         pytest.skip(f"no GPU compiler here: {e}")
-    return plan.plan(CONFIG, meshes.make_mesh("tensor=2", devices), 512, batch=1, dtype="bfloat16", prefill_piece=256)
+    return plan.plan(CONFIG, meshes.make_mesh("tensor=2", devices), 512, batch=1, dtype="bfloat16", prefill_piece=256, attention="xla")
 
 
 def test_the_steps_compile_for_h100s_with_the_gpu_s_own_program(tensor_plan):
@@ -58,7 +58,7 @@ def test_decode_on_one_h100_reads_the_cache_where_it_lies(kv_heads):
         pytest.skip(f"no GPU compiler here: {e}")
     config = dataclasses.replace(CONFIG, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                                  original_max_position_embeddings=2048)
-    one = plan.plan(config, meshes.make_mesh("tensor=1", devices), 2048, batch=1, dtype="bfloat16", prefill_piece=256)
+    one = plan.plan(config, meshes.make_mesh("tensor=1", devices), 2048, batch=1, dtype="bfloat16", prefill_piece=256, attention="xla")
     decode, layer = one["steps"]["decode"], kv_heads * 2048 * config.head_dim * 2  # one layer's keys, bf16
     assert decode["memory_copy_bytes"] < layer / 4, decode
     assert decode["main_memory_bytes_in_loops"] <= 1.15 * one["per_device"]["decode_reads_bytes"], decode

@@ -14,8 +14,9 @@ ALLOWED = {
     "phi4_jax.config": {"phi4_jax.errors"},
     "phi4_jax.errors": set(),
     "phi4_jax.compilation_cache": set(),
-    "phi4_jax.model": BASE,
     "phi4_jax.parallel": BASE,
+    # Kernels run under shard_map take their specs from parallel's rules table (never the reverse).
+    "phi4_jax.model": BASE | {"phi4_jax.parallel"},
     "phi4_jax.text": BASE,
     # The engine detokenizes and stops on text: it stands on text/ as on the model.
     "phi4_jax.engine": BASE | {"phi4_jax.model", "phi4_jax.parallel", "phi4_jax.text"},

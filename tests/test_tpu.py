@@ -29,7 +29,7 @@ CONTEXT = 512
 def plans():
     devices = targets.devices(SLICE)
     return {axis: plan.plan(CONFIG, meshes.make_mesh(f"{axis}=4", devices), CONTEXT, batch=1, dtype="bfloat16",
-                            prefill_piece=256)
+                            prefill_piece=256, attention="xla")
             for axis in ("tensor", "seq")}
 
 
@@ -50,8 +50,8 @@ def test_a_prompt_in_pieces_attends_only_what_its_groups_reach_and_counts_each_t
     48. The program's matmul FLOPs count each group's loop as often as it runs (XLA's own count has
     a loop's body once)."""
     slice_mesh = meshes.make_mesh("tensor=4", targets.devices(SLICE))
-    whole = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=CONTEXT)["steps"]["prefill"]
-    pieces = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=64)["steps"]["prefill"]
+    whole = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=CONTEXT, attention="xla")["steps"]["prefill"]
+    pieces = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=64, attention="xla")["steps"]["prefill"]
     assert CONTEXT == 2 * attention.CAUSAL_BLOCK == 8 * 64
     # Scores and their values (2 products, 2 FLOPs a multiply-add) of a 64 x 64 block, a device's
     # heads, every layer.
@@ -60,6 +60,24 @@ def test_a_prompt_in_pieces_attends_only_what_its_groups_reach_and_counts_each_t
     assert pieces["xla_flops"] < pieces["matmul_flops"]
     # Without a loop, the matmuls are nearly all of XLA's FLOPs.
     assert 0.9 * whole["xla_flops"] <= whole["matmul_flops"] <= whole["xla_flops"]
+
+
+@pytest.mark.parametrize("axis", ["tensor", "seq"])
+def test_splash_runs_on_the_mesh_where_xla_wrote_the_scores(plans, axis):
+    """The default ("auto") on a TPU: splash attention, under shard_map on a tensor mesh and inside
+    the ring's blocks on a seq mesh (Mosaic refuses a kernel XLA would have to partition). The
+    prompt's attention is the same work as XLA's (every piece up to its reach, every ring block),
+    counted from the kernel calls' operands where XLA's products are gone; the decode step (one
+    query) stays XLA's. (At these sizes XLA keeps its scores in VMEM: the HBM the kernel saves is
+    measured on the real shapes, bench/RESULTS.md.)"""
+    devices = targets.devices(SLICE)
+    splash = plan.plan(CONFIG, meshes.make_mesh(f"{axis}=4", devices), CONTEXT, batch=1, dtype="bfloat16",
+                       prefill_piece=256)
+    xla = plans[axis]
+    assert splash["attention"] == "splash" and xla["attention"] == "xla"
+    got, want = splash["steps"]["prefill"], xla["steps"]["prefill"]
+    assert got["matmul_flops"] == want["matmul_flops"]
+    assert splash["steps"]["decode"]["matmul_flops"] == xla["steps"]["decode"]["matmul_flops"]
 
 
 @pytest.mark.parametrize("axis", ["tensor", "seq"])
@@ -128,7 +146,7 @@ def test_target_names_give_their_chips_and_a_gpu_without_its_compiler_is_a_confi
 @pytest.fixture(scope="session")
 def int8_plan():
     return plan.plan(CONFIG, meshes.make_mesh("tensor=4", targets.devices(SLICE)), CONTEXT, batch=1,
-                     dtype="bfloat16", prefill_piece=256, quantize="int8")
+                     dtype="bfloat16", prefill_piece=256, quantize="int8", attention="xla")
 
 
 def test_an_int8_decode_step_reads_the_int8_weights_and_no_float_copy_of_them(plans, int8_plan):

@@ -13,6 +13,7 @@ from phi4_jax.errors import ConfigError
 from phi4_jax.model import attention, tpu_attention
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM
+from phi4_jax.parallel import rules
 
 CPU = Backend("cpu")  # splash in interpret mode
 # float32, interpret mode against XLA: the same sums in another order (online softmax by blocks);
@@ -90,6 +91,34 @@ def test_splash_leaves_short_calls_to_xla_and_has_a_gradient():
     grads = [grad("splash"), grad("xla")]
     for got, want in zip(*grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)  # gradients of ~10-50
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, tensor=2), dict(seq=2, tensor=2)])
+def test_splash_on_a_mesh_runs_per_shard_and_matches_xla(axes):
+    """Splash given the mesh (`shard_map` over rows and heads from the rules table): a piece over the
+    cache on data x tensor, and ring attention's blocks on seq x tensor (a map inside ring's own
+    map, manual over seq), against XLA on one device."""
+    from phi4_jax.model import ring
+    from phi4_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(axes, jax.devices()[:4])
+    if "seq" in axes:  # a prompt of 256 over itself, 128 queries a device
+        q, k, v = random_block(2, 256, 256, 4, 2, 128)
+        positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
+        run = lambda impl: jax.jit(lambda q, k, v: ring.ring_attend(  # noqa: E731
+            mesh, q, k, v, positions, positions, window=100, implementation=impl, backend=CPU)[0])
+        got, want = run("splash")(q, k, v), run("xla")(q, k, v)
+    else:
+        q, k, v = random_block(2, 130, 384, 4, 2, 128)
+        mask = prompt_mask(2, 130, 384, None, [100, 254])
+        put = lambda x, names: jax.device_put(x, rules.sharding(mesh, names, x.shape))  # noqa: E731
+        args = (put(q, ("batch", None, "q_heads", None)), put(k, ("batch", "kv_heads", None, None)),
+                put(v, ("batch", "kv_heads", None, None)), put(mask, ("batch", None, None)))
+        got = jax.jit(lambda *a: attention.attend_block(*a, "splash", CPU, mesh))(*args)
+        want = attention.attend_block(q, k, v, mask, "xla", CPU)
+        assert got[0].sharding.spec == rules.spec(mesh, ("batch", None, "q_heads", None), q.shape)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOLERANCE)
 
 
 @pytest.mark.slow  # a whole model in interpret mode
@@ -221,10 +250,6 @@ def test_auto_picks_splash_on_a_tpu_for_head_dim_128():
         attention.check("splash", jnp.bfloat16, platform)
     with pytest.raises(ConfigError, match="TPU kernel.*--attention cudnn"):
         attention.check("splash", jnp.bfloat16, "gpu")
-    # Over a mesh: XLA cannot partition a Mosaic kernel ("wrap the call in a shard_map").
-    assert resolve("auto", jnp.bfloat16, "tpu", 128, devices=4) == "xla"
-    with pytest.raises(ConfigError, match="one device.*--attention xla"):
-        attention.check("splash", jnp.bfloat16, "tpu", devices=4)
     config = Phi4Config.from_preset("tiny-phi-4")  # head_dim 4
     model = nnx.eval_shape(lambda: Phi4ForCausalLM(config, rngs=nnx.Rngs(0), backend=Backend("tpu")))
     assert model.attention == "xla"

@@ -24,7 +24,7 @@ from phi4_jax.model import int8
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM, abstract_model, default_dtype
 from phi4_jax.parallel.heads import config_for_mesh, repeat_kv_heads
-from phi4_jax.parallel.mesh import make_mesh, split_tables
+from phi4_jax.parallel.mesh import make_mesh, mark_mesh
 from phi4_jax.parallel.rules import param_shardings, placed_shapes
 
 
@@ -48,11 +48,10 @@ def load_model(path: str | os.PathLike, dtype=None, mesh: str | Mesh | None = No
     dtype = dtype or default_dtype(backend.platform)
     model_config = config if mesh is None else config_for_mesh(config, mesh)
     repeat = model_config.num_key_value_heads // config.num_key_value_heads
-    devices = 1 if mesh is None else mesh.devices.size  # "auto" over a mesh: no kernel XLA cannot split
-    attn.check(attention, dtype, backend.platform, devices)
-    attention = attn.resolve(attention, dtype, backend.platform, config.head_dim, devices)
-    graphdef, abstract = nnx.split(split_tables(abstract_model(model_config, param_dtype=dtype, attention=attention,
-                                                               backend=backend, quantize=quantize), mesh))
+    attn.check(attention, dtype, backend.platform)
+    attention = attn.resolve(attention, dtype, backend.platform, config.head_dim)
+    graphdef, abstract = nnx.split(mark_mesh(abstract_model(model_config, param_dtype=dtype, attention=attention,
+                                                            backend=backend, quantize=quantize), mesh))
     placed = None if mesh is None else param_shardings(mesh, abstract)
     if orbax.is_orbax_folder(folder):
         params = _restore(folder, config, dtype, mesh, repeat, placed, quantize)

@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "compiled for fake CPU devices; or an accelerator to compile for, with its chip's rooflines: "
                         "a TPU slice (v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1; pip install 'phi4-jax[tpu]') or NVIDIA "
                         "GPUs (h100:8, h200:8; pip install 'phi4-jax[gpu-compile]')")
+    from phi4_jax.model.attention import IMPLEMENTATIONS
+
+    p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
+                   help="attention implementation, as generate and serve take it: auto is splash on a TPU (head_dim "
+                        "128), cuDNN on a GPU in bfloat16, else XLA; the kernels compile only for an accelerator "
+                        "--target (fake CPU devices compile XLA's)")
     p.add_argument(*cli.flag("--prefill-piece"), type=int, default=None,
                    help="prompt tokens per row in one prefill piece (default: the engine's, 2048 tokens "
                         "shared by the rows)")
@@ -99,7 +105,8 @@ def plan_records(args) -> list[dict]:
     for spec, n in zip(args.mesh, sizes):
         mesh = meshes.make_mesh(spec, devices[:n])
         result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_piece,
-                           target=devices[0].platform if described else args.target, quantize=args.quantize)
+                           target=devices[0].platform if described else args.target, quantize=args.quantize,
+                           attention=args.attention)
         result = {"name": args.model, "mesh_spec": spec, **result}
         if described:
             result.update(topology=args.target, **chip_roofline(config, result, args.target, devices))

@@ -7,15 +7,16 @@ exactly (`merge`). Implementations:
 
 - "xla": the reference, einsums and a float32 softmax, on every backend (CPU and the tests use it);
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
-  bfloat16/float16);
+  bfloat16/float16) for calls of at least CUDNN_MIN_QUERIES queries, XLA for fewer (decode);
 - "splash": JAX's splash attention kernel for TPUs (`model/tpu_attention.py`) for calls of at
   least 128 queries, XLA for fewer (decode); on a "cpu" backend in Pallas interpret mode (checks).
 
 "auto" picks cuDNN on a GPU for 16-bit compute, splash on a TPU for a head_dim that is a multiple
 of 128 (phi-4, Phi-4-mini: the kernel's own lane width; Phi-3.5-mini's 96 runs under "splash" as it
-is, but untimed on a chip, so "auto" keeps XLA there) on one device (XLA cannot partition the
-kernel over a mesh), and XLA otherwise. Which path a layer takes is one
-of the static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
+is, but untimed on a chip, so "auto" keeps XLA there), and XLA otherwise. On a mesh the kernels
+are given it (`mesh`): XLA partitions the XLA path and cuDNN's call itself, but not a Mosaic kernel,
+which splash then runs under `shard_map` (`tpu_attention`). Which path a layer takes is one of the
+static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from phi4_jax.model import tpu_attention
 from phi4_jax.model.backend import Backend
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# cuDNN serves calls of at least this many queries (prompts); fewer (a decode step) take XLA's path,
+# as splash's do: cuDNN's call reads keys and values token-major, so it would transpose every cache
+# layer it attends over at each step.
+CUDNN_MIN_QUERIES = 128
 # A prompt's attention over its own keys runs in blocks of this many queries, each over the keys up
 # to its last query (`attend_causal`): the scores no query can see are not computed.
 CAUSAL_BLOCK = 256
@@ -48,9 +53,8 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
     return mask
 
 
-def check(implementation: str, dtype, platform: str, devices: int = 1) -> None:
-    """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`
-    over a mesh of `devices`."""
+def check(implementation: str, dtype, platform: str) -> None:
+    """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"unknown attention implementation {implementation!r}; "
                           f"choose one of {', '.join(IMPLEMENTATIONS)}")
@@ -64,25 +68,21 @@ def check(implementation: str, dtype, platform: str, devices: int = 1) -> None:
     if implementation == "splash" and platform == "gpu":
         raise ConfigError("attention 'splash' is a TPU kernel (Pallas/Mosaic), it cannot run on a GPU: "
                           "use --attention cudnn (or auto, or xla)")
-    if implementation == "splash" and devices > 1:
-        # XLA does not partition a Mosaic kernel; a shard_map around it over heads and batch is not written yet.
-        raise ConfigError(f"attention 'splash' runs on one device, not a mesh of {devices}: "
-                          "use --attention xla (or auto) with --mesh")
 
 
-def resolve(implementation: str, dtype, platform: str, head_dim: int | None = None, devices: int = 1) -> str:
+def resolve(implementation: str, dtype, platform: str, head_dim: int | None = None) -> str:
     """The implementation "auto" stands for on `platform` with this compute dtype and `head_dim`
-    (None: not known, taken as a multiple of 128), over a mesh of `devices`."""
+    (None: not known, taken as a multiple of 128)."""
     if implementation != "auto":
         return implementation
-    if platform == "tpu" and devices == 1 and (head_dim is None or head_dim % tpu_attention.LANES == 0):
+    if platform == "tpu" and (head_dim is None or head_dim % tpu_attention.LANES == 0):
         return "splash"
     cudnn = platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if cudnn else "xla"
 
 
 def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
-                 backend: Backend = Backend("cpu")) -> tuple[jax.Array, jax.Array]:
+                 backend: Backend = Backend("cpu"), mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """Attention of queries over one block of keys, KV heads shared by groups of query heads.
 
     Args:
@@ -91,15 +91,16 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
       mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
       implementation: "xla", "cudnn" or "splash" (see the module doc).
       backend: the backend traced for (`heads_as_rows` picks the form of the XLA products).
+      mesh: the mesh the arrays lie on (None: one device), for a kernel XLA cannot partition.
     Returns:
       `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
       `[batch, q_len, heads]` float32, the log-sum-exp of the query's scaled scores over it. A query
       that sees no key gets zeros and -inf. Query head h reads KV head h // (heads/kv_heads).
     """
-    if implementation == "cudnn":
+    if implementation == "cudnn" and q.shape[1] >= CUDNN_MIN_QUERIES:
         return _jax_nn_block(q, k, v, mask, "cudnn")
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
-        return tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu")
+        return tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", mesh=mesh)
     return _xla_block(q, k, v, mask, backend.heads_as_rows)
 
 
@@ -171,17 +172,18 @@ def merge(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tup
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
-           backend: Backend = Backend("cpu")) -> jax.Array:
+           backend: Backend = Backend("cpu"), mesh: Mesh | None = None) -> jax.Array:
     """Softmax attention over all of `k`/`v` (arguments as in `attend_block`), in q's dtype."""
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
         # Without the log-sum-exp, which nothing here reads: the kernel differentiates only so.
-        out, _ = tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", with_lse=False)
+        out, _ = tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", with_lse=False,
+                                            mesh=mesh)
         return out.astype(q.dtype)
-    return attend_block(q, k, v, mask, implementation, backend)[0].astype(q.dtype)
+    return attend_block(q, k, v, mask, implementation, backend, mesh)[0].astype(q.dtype)
 
 
 def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla",
-                  backend: Backend = Backend("cpu")) -> jax.Array:
+                  backend: Backend = Backend("cpu"), mesh: Mesh | None = None) -> jax.Array:
     """`attend` of queries that are the last of the keys, in position order (query i is key
     `offset + i`, offset = keys - queries: a prompt over itself, or a piece over the cache before
     it): the queries in blocks of CAUSAL_BLOCK, each over the keys up to its last query only, which
@@ -189,12 +191,12 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, imp
     work). The kernels ("cudnn", "splash") take the whole mask as it is."""
     length, offset = q.shape[1], k.shape[2] - q.shape[1]
     if length <= CAUSAL_BLOCK or implementation != "xla":
-        return attend(q, k, v, mask, implementation, backend)
+        return attend(q, k, v, mask, implementation, backend, mesh)
     blocks = []
     for start in range(0, length, CAUSAL_BLOCK):
         end = offset + min(start + CAUSAL_BLOCK, length)
         blocks.append(attend(q[:, start:end - offset], k[:, :, :end], v[:, :, :end], mask[:, start:end - offset, :end],
-                             implementation, backend))
+                             implementation, backend, mesh))
     return jnp.concatenate(blocks, axis=1)
 
 

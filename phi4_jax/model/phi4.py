@@ -95,7 +95,7 @@ def _product(module: nnx.Module, x: jax.Array, weight: jax.Array) -> jax.Array:
 class VocabTable(nnx.Module):
     """A `[vocab, embed]` table (HF layout): looks up token embeddings, or scores hidden states.
     Quantized, it is int8 with one scale per token row (for its lookup and its scores alike).
-    `split`: the mesh whose `tensor` axis splits its rows (set by `parallel.mesh.split_tables`), for
+    `split`: the mesh whose `tensor` axis splits its rows (set by `parallel.mesh.mark_mesh`), for
     a lookup that moves rows, not the table (`model/vocab_parallel.py`); None: the plain gather."""
 
     def __init__(self, vocab: int, embed: int, *, rngs: nnx.Rngs, stddev: float, param_dtype, dtype,
@@ -142,6 +142,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear((e,), (kv, d), ("kv_heads", "head_dim", "embed"), **kw)
         self.o_proj = Linear((n, d), (e,), ("embed", "q_heads", "head_dim"), **kw)
         self.window, self.implementation, self.backend = config.window, implementation, kw["backend"]
+        self.mesh = None  # the mesh a kernel XLA cannot partition runs over (`parallel.mesh.mark_mesh`)
 
     def __call__(self, x, cos, sin, positions, mask, path: attn.Path, kv_cache=None):
         """`x` `[B, T, E]` at `positions` `[B, T]`; `mask` `[B, T, S]` (for `Dense` only);
@@ -161,7 +162,7 @@ class Attention(nnx.Module):
                 kv_cache = tuple(write(c, x, positions[:, 0], one_row) for c, x in zip(kv_cache, (k, v)))
                 if path.slots is not None:
                     k, v = (c[:, :, :path.slots] for c in kv_cache)
-            out = (attn.attend_causal if path.ordered else attn.attend)(q, k, v, mask, **kernel)
+            out = (attn.attend_causal if path.ordered else attn.attend)(q, k, v, mask, **kernel, mesh=self.mesh)
         return self.o_proj(out), kv_cache
 
 

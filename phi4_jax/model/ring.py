@@ -41,7 +41,7 @@ QUERY_BLOCK = 1024  # queries folded into a key block at a time: scores take QUE
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
                    cache=None, *, axis_name: str = AXIS, window: int | None = None, query_block: int = QUERY_BLOCK,
-                   implementation: str = "xla", backend: Backend = ACCELERATOR):
+                   implementation: str = "xla", backend: Backend = ACCELERATOR, mesh: Mesh | None = None):
     """Causal attention of this device's queries over the keys/values of every device on the axis.
 
     Args:
@@ -55,7 +55,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       window: sliding window (see `attention.causal_mask`), or None.
       query_block: fold the queries into each block this many at a time (when that divides q_len), so
         the float32 scores take query_block x k_len, not q_len x k_len.
-      implementation, backend: of each block's attention (`attention.attend_block`).
+      implementation, backend, mesh: of each block's attention (`attention.attend_block`).
     Returns:
       `(out, cache)`: `[batch, q_len, heads, head_dim]` in v's dtype, and the cache shard (None
       without one). Query head h reads KV head h // (heads/kv_heads); KV heads are never repeated.
@@ -72,7 +72,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
     def fold(block, q, q_positions, seen):
         k, v, k_positions = block
         mask = causal_mask(q_positions, k_positions, window)
-        return merge(seen, attend_block(q, k, v, mask, implementation, backend))
+        return merge(seen, attend_block(q, k, v, mask, implementation, backend, mesh))
 
     def step(carry, _):
         block, seen, cache = carry
@@ -98,7 +98,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache, *,
                     axis_name: str = AXIS, window: int | None = None, implementation: str = "xla",
-                    backend: Backend = ACCELERATOR):
+                    backend: Backend = ACCELERATOR, mesh: Mesh | None = None):
     """New tokens (the same on every device) over a cache split contiguously over the axis.
 
     Args:
@@ -107,7 +107,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
       positions: `[batch, q_len]` int: their positions (= cache slots).
       cache: this device's shard `(keys, values)` `[batch, kv_heads, slots, head_dim]`; shard i holds
         slots i*slots .. (i+1)*slots - 1.
-      implementation, backend: of the attention over the shard (`attention.attend_block`).
+      implementation, backend, mesh: of the attention over the shard (`attention.attend_block`).
     Returns:
       `([batch, q_len, heads, head_dim]` in v's dtype, the cache shard with the new keys/values
       written where it owns their slots). Each device attends over its own shard; the partial
@@ -116,7 +116,8 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     keys, values = _keep(cache, k, v, positions, axis_name)
     batch, slots = keys.shape[0], keys.shape[2]
     key_positions = jnp.broadcast_to(jax.lax.axis_index(axis_name) * slots + jnp.arange(slots), (batch, slots))
-    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation, backend)
+    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation, backend,
+                            mesh)
     top = jax.lax.pmax(lse, axis_name)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # a shard that sees nothing: 0
     out, total = jax.lax.psum((out * weight[..., None], weight), axis_name)
@@ -158,7 +159,7 @@ def ring_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_position
     layers): each device gets its contiguous block of the sequence as laid out (`zigzag` it first
     for balanced causal work) and its contiguous shard of the cache. Returns `(out, cache)`."""
     kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, query_block=query_block,
-                               implementation=implementation, backend=backend)
+                               implementation=implementation, backend=backend, mesh=mesh)
     if cache is None:
         out = _on_seq(mesh, lambda *a: kernel(*a)[0], (_SEQ, _KV, _KV, _SEQ, _SEQ), _SEQ)(
             q, k, v, q_positions, k_positions)
@@ -172,7 +173,7 @@ def cache_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, positions
     """`cache_attention` over `mesh`'s seq axis for whole arrays: the new tokens on every device,
     the cache layers `(keys, values)` split over seq. Returns `(out, cache)`."""
     kernel = functools.partial(cache_attention, axis_name=AXIS, window=window, implementation=implementation,
-                               backend=backend)
+                               backend=backend, mesh=mesh)
     whole = PartitionSpec()
     return _on_seq(mesh, kernel, (whole, whole, whole, whole, _KV), (whole, _KV))(q, k, v, positions, cache)
 

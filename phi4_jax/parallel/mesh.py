@@ -105,20 +105,25 @@ def place(model, mesh: Mesh):
     if config_for_mesh(model.config, mesh) != model.config:
         raise MeshError(f"tensor={mesh.shape['tensor']} needs the KV heads repeated; build the model from "
                         "parallel.heads.config_for_mesh(config, mesh), or load it with phi4_jax.load(..., mesh=)")
-    graphdef, state = nnx.split(split_tables(model, mesh))
+    graphdef, state = nnx.split(mark_mesh(model, mesh))
     placed = param_shardings(mesh, state)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.device_put, nnx.to_pure_dict(state), placed))
     return nnx.merge(graphdef, state)
 
 
-def split_tables(model, mesh: Mesh | None):
-    """Gives `model`'s embedding table the mesh when the rules table splits its rows over `tensor`:
-    its lookups then move looked-up rows, not the table (`model/vocab_parallel.py`). Call it on the
-    model (abstract or real) before splitting it into graphdef and state; it returns the model."""
+def mark_mesh(model, mesh: Mesh | None):
+    """Gives the parts of `model` that are partitioned by hand the mesh they run over: the embedding
+    table when the rules table splits its rows over `tensor` (its lookups then move looked-up rows,
+    not the table: `model/vocab_parallel.py`), and each attention layer (a kernel XLA cannot
+    partition, splash, runs under `shard_map`: `model/tpu_attention.py`). Call it on the model
+    (abstract or real) before splitting it into graphdef and state; it returns the model."""
     table = model.model.embed_tokens
     shape = (model.config.vocab_size, model.config.hidden_size)
     split = mesh is not None and spec(mesh, ("vocab", "embed"), shape)[0] == "tensor"
     table.split = mesh if split else None
+    several = mesh is not None and mesh.devices.size > 1
+    for layer in model.model.layers:
+        layer.self_attn.mesh = mesh if several and layer.self_attn.implementation == "splash" else None
     return model
 
 

@@ -32,12 +32,14 @@ RULES: dict[str, tuple[str, ...]] = {
 CACHE_AXES = ("batch", "kv_heads", "sequence", "head_dim")  # KVCache: [B, KV, L, D] per layer
 
 
-def spec(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+def spec(mesh: Mesh, axes: tuple[str | None, ...], shape: tuple[int, ...], over=None) -> PartitionSpec:
     """The `PartitionSpec` of an array with these logical axes: each dimension over the mesh axes
-    `RULES` gives it (those larger than 1), unless they do not divide it; a mesh axis serves once."""
+    `RULES` gives it (those larger than 1), unless they do not divide it; a mesh axis serves once.
+    `over`: the mesh axes that may split it (default: all; a map's own axes inside another's)."""
     used, out = set(), []
     for name, dim in zip(axes, shape, strict=True):
-        mesh_axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+        mesh_axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used
+                          and (over is None or a in over))
         if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)

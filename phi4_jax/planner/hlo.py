@@ -131,11 +131,11 @@ class Program:
 
 
 def parse(text: str) -> Program:
-    computations, current, entry = {}, None, None
+    computations, current, entry, last = {}, None, None, None
     for line in text.splitlines():
         head = _COMPUTATION.match(line)
         if head:
-            current = head.group(2)
+            current, last = head.group(2), None
             computations[current] = []
             entry = current if head.group(1) else entry
             continue
@@ -143,8 +143,10 @@ def parse(text: str) -> Program:
         if match and current is not None:
             name, result, op, rest = match.groups()
             operands = rest.split(")", 1)[0]
-            computations[current].append(Instruction(
-                name, _produced(op, _elements(result)), op, re.findall(r"%[\w.-]+", operands), line))
+            last = Instruction(name, _produced(op, _elements(result)), op, re.findall(r"%[\w.-]+", operands), line)
+            computations[current].append(last)
+        elif last is not None:  # an instruction's attributes go on over several lines (a kernel's metadata)
+            last.line += "\n" + line
     by_name = {i.name: i for body in computations.values() for i in body}
     fused = {called for body in computations.values() for i in body if i.op == "fusion"
              for called in re.findall(r"calls=(%[\w.-]+)", i.line)}
@@ -194,8 +196,8 @@ def _trip_count(computations: dict[str, list[Instruction]], condition: str) -> i
 
 
 def matmul_flops(program: Program) -> int:
-    """2 x multiply-adds of every dot, convolution (TPU writes matmuls as convolutions) and cuBLAS
-    matmul (GPU), each times its computation runs."""
+    """2 x multiply-adds of every dot, convolution (TPU writes matmuls as convolutions), cuBLAS
+    matmul (GPU) and splash attention kernel (TPU), each times its computation runs."""
     total = 0
     for i, times in program.instructions():
         if i.op == "dot":
@@ -209,7 +211,20 @@ def matmul_flops(program: Program) -> int:
             contracted = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', i.line).group(1)
             total += times * 2 * math.prod(i.arrays[0].dims) * math.prod(
                 lhs.dims[int(d.strip('"'))] for d in contracted.split(",") if d)
+        elif i.op == "custom-call" and '"tpu_custom_call"' in i.line and "splash_mha_fwd" in i.line:
+            total += times * _splash_flops(program, i)
     return total
+
+
+def _splash_flops(program: Program, call: Instruction) -> int:
+    """The scores and the weighted values of one splash attention call (a Mosaic custom call whose
+    first float operands are q `[rows..., heads, queries, head_dim]` and k `[rows..., kv_heads, keys,
+    head_dim]`): 4 x rows x heads x queries x keys x head_dim, every key block counted as XLA's
+    products count them (the kernel skips the blocks its mask hides; the engine gives it only the
+    keys a piece reaches)."""
+    q, k = [a for name in call.operands for a in program.by_name[name].arrays
+            if len(a.dims) >= 3 and a.dtype in ("bf16", "f16", "f32")][:2]
+    return 4 * math.prod(q.dims) * k.dims[-2]
 
 
 def _convolution_macs(out: Instruction, lhs: Instruction, kernel: Instruction) -> int:

@@ -32,6 +32,8 @@ from flax import nnx
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.engine import runner
+from phi4_jax.errors import ConfigError
+from phi4_jax.model import attention as attn
 from phi4_jax.planner import hlo
 from phi4_jax.engine.prefill import piece_for, seq_mesh
 from phi4_jax.engine.sampling import SamplingParams, sampler_state
@@ -49,11 +51,14 @@ _DEQUANTIZE = re.compile(r"^%\S+ \(param[.\w]*: s8\[([\d,]*)\]\) -> (f32|bf16|f1
 
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
-         prefill_piece: int | None = None, target: str = "gpu", quantize: str | None = None) -> dict:
+         prefill_piece: int | None = None, target: str = "gpu", quantize: str | None = None,
+         attention: str = "auto") -> dict:
     """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
-    "tpu": the plain forms, never XLA:CPU's own; "cpu": XLA:CPU's program), attention by XLA.
+    "tpu": the plain forms, never XLA:CPU's own; "cpu": XLA:CPU's program). `attention` as the
+    engine resolves it on the mesh's devices ("auto": splash on a TPU for head_dim 128, cuDNN on a
+    GPU for 16-bit compute, else XLA; on fake CPU devices XLA, the only one they compile).
     A mesh of accelerator devices described without one (`planner.targets.devices`: a TPU slice,
     NVIDIA GPUs) compiles that accelerator's programs themselves: their temporaries are its own, and
     XLA's cost analysis comes with them where the compiler gives one (TPU's; GPU's has none).
@@ -68,12 +73,18 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     own = platform in ("tpu", "gpu")  # the accelerator's own compiler, not XLA:CPU tracing for it
     target = platform if own else target
     backend = Backend(target)
+    attention = attn.resolve(attention, dtype, platform, config.head_dim)
+    if attention != "xla" and not own:
+        raise ConfigError(f"attention {attention!r} compiles only for an accelerator named as the target "
+                          "(a TPU slice such as v5e:2x4, or h100:8); fake CPU devices compile XLA's attention")
+    attn.check(attention, dtype, platform)
     steps = {}
     for name in ("prefill", "decode"):
         try:
-            with _no_persistent_cache(own):
+            # (Mosaic lowers a TPU kernel for the default device's chip: the target's, not the CPU's.)
+            with _no_persistent_cache(own), jax.default_device(mesh.devices.flat[0]):
                 real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece,
-                                  backend, quantize).compile()
+                                  backend, quantize, attention).compile()
         except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler refuses what overflows its memory
             needed = _temporaries_refused(str(e))
             if needed is None:
@@ -99,6 +110,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
                   "kv_heads_on_mesh": model_config.num_key_value_heads, "parameters": config.num_parameters},
         "mesh": dict(mesh.shape), "devices": mesh.devices.size, "context": context, "batch": batch,
         "dtype": str(jnp.dtype(dtype)), "quantize": quantize, "prefill_piece": prefill_piece, "target": target,
+        "attention": attention,
         "per_device": {"weights_bytes": weights, "kv_cache_bytes": cache, "needed_bytes": need,
                        # What a decode step must read: all but an embedding table apart from the head
                        # (a row of it per token), and the whole cache.
@@ -108,12 +120,13 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 
 def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, batch: int, dtype, piece: int,
-               backend: Backend, quantize: str | None = None) -> jax.stages.Lowered:
+               backend: Backend, quantize: str | None = None, attention: str = "xla") -> jax.stages.Lowered:
     """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
     from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
     `ModelRunner` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
-    the cache holds `context` slots of `batch` rows, a prompt fills them."""
-    graphdef, state = abstract_on_mesh(config, mesh, dtype, backend, quantize)
+    the cache holds `context` slots of `batch` rows, a prompt fills them. `attention`: the
+    implementation (`model/attention.py`)."""
+    graphdef, state = abstract_on_mesh(config, mesh, dtype, backend, quantize, attention)
     cache_shape = (batch, config.num_key_value_heads, context, config.head_dim)
     if mesh is None:
         layout = None
@@ -140,12 +153,12 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
 
 
 def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu"),
-                     quantize: str | None = None):
+                     quantize: str | None = None, attention: str = "xla"):
     """The model (its config already suited to `mesh`: `heads.config_for_mesh`) split into its
     graphdef and a state of `ShapeDtypeStruct`s laid out on `mesh` (None: the first device), with
-    XLA attention, traced for `backend`: what `jit(...).lower` takes to compile without weights."""
-    model = abstract_model(config, param_dtype=dtype, attention="xla", backend=backend, quantize=quantize)
-    graphdef, state = nnx.split(meshes.split_tables(model, mesh))
+    this attention, traced for `backend`: what `jit(...).lower` takes to compile without weights."""
+    model = abstract_model(config, param_dtype=dtype, attention=attention, backend=backend, quantize=quantize)
+    graphdef, state = nnx.split(meshes.mark_mesh(model, mesh))
     nnx.replace_by_pure_dict(state, placed_shapes(state, mesh))
     return graphdef, state
 
