@@ -19,7 +19,7 @@ from phi4_jax.cli import common as cli
 from phi4_jax.checkpoints import orbax
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import CheckpointError, ConfigError
-from phi4_jax.model import int8
+from phi4_jax.model import int8, xla_cpu
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.phi4 import Phi4ForCausalLM
 from phi4_jax.parallel.mesh import make_mesh
@@ -115,7 +115,7 @@ def test_chunked_dequantization_gives_the_plain_product(monkeypatch):
     scale = jnp.asarray(rng.random(70, dtype=np.float32))
     x = jnp.asarray(rng.standard_normal((3, 5, 48), dtype=np.float32))
     dense = lambda x, w: jnp.einsum("...k,nk->...n", x, w)  # noqa: E731
-    monkeypatch.setattr(int8, "CHUNK_BYTES", 16 * 48 * 4)  # 16 rows a block: 4 blocks and 6 rows left
+    monkeypatch.setattr(xla_cpu, "CHUNK_BYTES", 16 * 48 * 4)  # 16 rows a block: 4 blocks and 6 rows left
     chunked = int8.product(x, q, scale, jnp.float32, dense, chunk_rows=True)
     plain = int8.product(x, q, scale, jnp.float32, dense, chunk_rows=False)
     assert chunked.shape == (3, 5, 70)
@@ -248,6 +248,6 @@ def test_xla_cpu_dequantizes_a_block_at_a_time_never_a_whole_weight(monkeypatch)
     assert whole and max(whole) >= config.vocab_size * config.hidden_size * 4
     halves = dequantized_arrays("cpu")  # tiny weights: two blocks each
     assert halves and max(halves) <= config.vocab_size * config.hidden_size * 4 // 2
-    monkeypatch.setattr(int8, "CHUNK_BYTES", 8 * 1024)
+    monkeypatch.setattr(xla_cpu, "CHUNK_BYTES", 8 * 1024)
     blocks = dequantized_arrays("cpu")
     assert blocks and max(blocks) <= 8 * 1024 < smallest * 4

@@ -50,8 +50,9 @@ def test_a_prompt_in_pieces_attends_only_what_its_groups_reach_and_counts_each_t
     48. The program's matmul FLOPs count each group's loop as often as it runs (XLA's own count has
     a loop's body once)."""
     slice_mesh = meshes.make_mesh("tensor=4", targets.devices(SLICE))
-    whole = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=CONTEXT, attention="xla")["steps"]["prefill"]
-    pieces = plan.plan(CONFIG, slice_mesh, CONTEXT, batch=1, dtype="bfloat16", prefill_piece=64, attention="xla")["steps"]["prefill"]
+    options = dict(batch=1, dtype="bfloat16", attention="xla")
+    whole = plan.plan(CONFIG, slice_mesh, CONTEXT, prefill_piece=CONTEXT, **options)["steps"]["prefill"]
+    pieces = plan.plan(CONFIG, slice_mesh, CONTEXT, prefill_piece=64, **options)["steps"]["prefill"]
     assert CONTEXT == 2 * attention.CAUSAL_BLOCK == 8 * 64
     # Scores and their values (2 products, 2 FLOPs a multiply-add) of a 64 x 64 block, a device's
     # heads, every layer.

@@ -100,6 +100,10 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
         reach = end * piece if end < pieces else slots
         logits, cache = jax.lax.fori_loop(first, end, lambda i, c: one_piece(i * piece, piece, *c, reach=reach),
                                           (logits, cache))
+        # The next group writes the cache only once this group's logits (so all its reads of the
+        # cache) are done: else a compiler may schedule a write first and copy the cache layer to
+        # keep the version the read wants (a one-trip loop is inlined, and its order with it).
+        logits, cache = jax.lax.optimization_barrier((logits, cache))
     if width % piece:  # a last, shorter piece (a cache shorter than the power-of-two bucket)
         logits, cache = one_piece(width - width % piece, width % piece, logits, cache)
     return logits, cache

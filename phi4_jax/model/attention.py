@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from phi4_jax.errors import ConfigError
-from phi4_jax.model import tpu_attention
+from phi4_jax.model import tpu_attention, xla_cpu, xla_gpu
 from phi4_jax.model.backend import Backend
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -90,7 +90,8 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
       k, v: `[batch, kv_heads, k_len, head_dim]` (the KV-cache layout).
       mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
       implementation: "xla", "cudnn" or "splash" (see the module doc).
-      backend: the backend traced for (`heads_as_rows` picks the form of the XLA products).
+      backend: the backend traced for: it picks the forms of XLA's products (`model/xla_cpu.py`,
+        `model/xla_gpu.py`).
       mesh: the mesh the arrays lie on (None: one device), for a kernel XLA cannot partition.
     Returns:
       `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
@@ -101,7 +102,7 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
         return _jax_nn_block(q, k, v, mask, "cudnn")
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
         return tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", mesh=mesh)
-    return _xla_block(q, k, v, mask, backend.heads_as_rows)
+    return _xla_block(q, k, v, mask, backend)
 
 
 def _jax_nn_block(q, k, v, mask, kernel):
@@ -114,26 +115,15 @@ def _jax_nn_block(q, k, v, mask, kernel):
     return jnp.where(seen[..., None], out.astype(jnp.float32), 0.0), jnp.where(seen, lse.astype(jnp.float32), -jnp.inf)
 
 
-DECODE_ROWS = 16  # query rows per KV head up to which `_xla_block` takes the decode form of the PV product
-
-
-def _xla_block(q, k, v, mask, heads_as_rows: bool):
+def _xla_block(q, k, v, mask, backend: Backend):
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    # XLA:CPU: each KV head's queries (its groups x T) as the rows of plain batched matmuls whose
-    # outputs keep that [B, KV, rows, ...] order (transposed to [B, T, H, D] at the end): products
-    # straight into a [B, T, ...] order ran 2-3x slower there (prefill of 512-2048 tokens). The
-    # plain 5-D forms elsewhere: the planner's compile of the rows form held 2-3x the decode
-    # temporaries (Phi-4-mini 128K on one device: 42-57 GB against 17.7).
-    if heads_as_rows:
-        rows = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-        rows = rows.reshape(batch, kv_heads, groups * q_len, head_dim)
-        scores = jnp.einsum("bkrd,bksd->bkrs", rows, k, preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, kv_heads, groups, q_len, -1)
+    grouped = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    if backend.heads_as_rows:
+        scores = xla_cpu.scores(grouped, k)
     else:
-        scores = jnp.einsum("btkgd,bksd->bkgts", q.reshape(batch, q_len, kv_heads, groups, head_dim), k,
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * head_dim**-0.5, -jnp.inf)
     top = scores.max(-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # nothing visible: exp(-inf - 0) = 0, no NaN
@@ -143,20 +133,11 @@ def _xla_block(q, k, v, mask, heads_as_rows: bool):
     p = p.astype(v.dtype)
     # Normalised after the values (T x D divisions, not T x S).
     divisor = jnp.where(total > 0, total, 1.0)
-    if heads_as_rows:
-        out = jnp.einsum("bkrs,bksd->bkrd", p.reshape(batch, kv_heads, groups * q_len, -1), v)
-        out = out.astype(jnp.float32).reshape(batch, kv_heads, groups, q_len, head_dim) / divisor
-        out = out.transpose(0, 3, 1, 2, 4)
-    elif groups * q_len <= DECODE_ROWS:
-        # Decoding: values first. With the probabilities first, XLA's GPU compiler transposed and
-        # copied every cache layer's values out and back at each step where a GPU holds several KV
-        # heads. One query per KV head (Phi-3.5-mini; phi-4 on tensor=8) gets a second, zero row:
-        # as a vector-matrix product that compiler wrote the values times the probabilities out
-        # whole (a cache layer each step) before summing them.
-        wide = p if groups * q_len > 1 else jnp.concatenate([p, jnp.zeros_like(p)], axis=2)
-        out = jnp.einsum("bksd,bkgts->btkgd", v, wide)[:, :, :, :groups]
-        out = out.astype(jnp.float32) / divisor.transpose(0, 3, 1, 2, 4)
-    else:  # (prompts: values first made GPU's ring prefill move 3-4% more)
+    if backend.heads_as_rows:
+        out = xla_cpu.weighted_values(p, v, divisor)
+    elif groups * q_len <= xla_gpu.DECODE_ROWS:
+        out = xla_gpu.decode_weighted_values(p, v, divisor)
+    else:
         out = jnp.einsum("bkgts,bksd->btkgd", p, v).astype(jnp.float32) / divisor.transpose(0, 3, 1, 2, 4)
     lse = (top + jnp.log(total))[..., 0]  # [B, KV, G, T]; log(0) = -inf where nothing is visible
     return (out.reshape(batch, q_len, heads, head_dim), lse.transpose(0, 3, 1, 2).reshape(batch, q_len, heads))

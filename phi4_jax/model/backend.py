@@ -1,9 +1,11 @@
-"""The backend a program is traced for, and the forms of a few products that depend on it.
+"""The backend a program is traced for, which chooses the forms of a few products.
 
 XLA:CPU runs some products much faster written another way than the plain forms GPUs and TPUs
-share. Which forms a program uses is this static, hashable value: the model carries it (so it is
-in the graph definition, and with it in every jit cache key), built from the platform its arrays
-live on, or given explicitly when compiling for another target (the memory planner).
+share (`model/xla_cpu.py`); XLA's GPU compiler wants the decode step's attention product written
+its own way (`model/xla_gpu.py`). Which forms a program uses is this static, hashable value: the
+model carries it (so it is in the graph definition, and with it in every jit cache key), built
+from the platform its arrays live on, or given explicitly when compiling for another target (the
+memory planner).
 """
 
 from __future__ import annotations
@@ -34,25 +36,27 @@ class Backend:
     # XLA:CPU's own forms; every accelerator program uses the plain ones.
     @property
     def weight_first_rows(self) -> int:
-        """Products of 2 to this many rows put the weight first (`phi4.project`; 0: never)."""
+        """Products of 2 to this many rows put the weight first (`phi4.project`, `xla_cpu.weight_first`;
+        0: never)."""
         return 64 if self.platform == "cpu" else 0
 
     @property
     def heads_as_rows(self) -> bool:
         """Attention products take each KV head's queries as the rows of plain batched matmuls
-        (`attention.attend_block`), rather than the grouped 5-D forms."""
+        (`xla_cpu.scores`, `xla_cpu.weighted_values`), rather than the grouped 5-D forms."""
         return self.platform == "cpu"
 
     @property
     def one_row_cache(self) -> bool:
         """A one-row decode carries its cache layers without their batch axis, and writes them with
-        a plain update (`cache.write`, the engine's decode loop)."""
+        a plain update (`cache.write`, `xla_cpu.write_one_row`; the engine's decode loop)."""
         return self.platform == "cpu"
 
     @property
     def chunked_dequantize(self) -> bool:
-        """int8 products convert their weight a block of output rows at a time (`int8.product`):
-        XLA:CPU writes a converted operand to memory before its matmul; accelerators fuse it."""
+        """int8 products convert their weight a block of output rows at a time (`int8.product`,
+        `xla_cpu.chunked_product`): XLA:CPU writes a converted operand to memory before its matmul;
+        accelerators fuse it."""
         return self.platform == "cpu"
 
 

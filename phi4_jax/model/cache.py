@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from phi4_jax.config import Phi4Config
+from phi4_jax.model import xla_cpu
 
 
 class KVCache(NamedTuple):
@@ -40,8 +41,7 @@ def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array, one_row: bo
     """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`.
     `one_row` (`Backend.one_row_cache`): a cache of one row is written with a plain update of it."""
     if one_row and cache_layer.shape[0] == 1:  # matches the engine's one-row decode loop
-        row = jax.lax.dynamic_update_slice(cache_layer[0], new[0].astype(cache_layer.dtype), (0, starts[0], 0))
-        return row[None]
+        return xla_cpu.write_one_row(cache_layer, new, starts[0])
 
     def one_row(row, piece, start):
         return jax.lax.dynamic_update_slice(row, piece.astype(row.dtype), (0, start, 0))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phi4_jax.errors import ConfigError
+from phi4_jax.model import xla_cpu
 
 KINDS = ("int8",)
 QMAX = 127  # symmetric: -127..127, so that q and -q both exist
-CHUNK_BYTES = 8 * 2**20  # XLA:CPU dequantizes at most this much of a weight at a time (`product`)
 
 
 def check_kind(kind: str | None) -> str | None:
@@ -63,21 +62,8 @@ def product(x: jax.Array, q: jax.Array, scale: jax.Array, dtype, dense, chunk_ro
     """`x` `[..., in]` times the int8 weight `q` `[out, in]` with `scale` `[out]`: `[..., out]` in `dtype`.
 
     `dense(x, w)` is the float product. GPU and TPU compilers fuse the int8 -> `dtype` conversion into
-    the matmul's operand reads. XLA:CPU does not: it writes the converted weight to memory first, so
-    (`chunk_rows`) it converts at most `CHUNK_BYTES` of output rows, and at most half of them, at a
-    time in a loop, into a buffer that stays small, never a full-precision copy of the weight.
+    the matmul's operand reads; XLA:CPU does not (`chunk_rows`, `Backend.chunked_dequantize`: it
+    converts a block of output rows at a time, `xla_cpu.chunked_product`).
     """
-    out = q.shape[0]
-    # At least two blocks: a weight converted whole is a loop-invariant value that XLA:CPU converts
-    # once per decode call (a float copy of it held for the call) or all at once each step.
-    rows = min(max(1, CHUNK_BYTES // (q.shape[1] * jnp.dtype(dtype).itemsize)), out // 2)
-    if not chunk_rows or rows == 0:
-        y = dense(x, q.astype(dtype))
-    else:
-        whole = out // rows * rows
-        blocks = jax.lax.map(lambda block: dense(x, block.astype(dtype)), q[:whole].reshape(-1, rows, q.shape[1]))
-        parts = [jnp.moveaxis(blocks, 0, -2).reshape(*x.shape[:-1], whole)]
-        if whole < out:
-            parts.append(dense(x, q[whole:].astype(dtype)))
-        y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    y = xla_cpu.chunked_product(x, q, dtype, dense) if chunk_rows else dense(x, q.astype(dtype))
     return (y * scale).astype(dtype)  # scales in float32: y promotes, then the compute dtype

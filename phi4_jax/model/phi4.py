@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.model import attention as attn
-from phi4_jax.model import int8, vocab_parallel
+from phi4_jax.model import int8, vocab_parallel, xla_cpu
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.cache import KVCache, write
 from phi4_jax.model.ring import cache_attend, ring_attend
@@ -35,17 +35,11 @@ def default_dtype(platform: str | None = None) -> jnp.dtype:
 
 
 def project(x: jax.Array, weight: jax.Array, weight_first_rows: int = 0) -> jax.Array:
-    """`x` `[..., in]` times `weight` `[out, in]` transposed: `[..., out]`.
-
-    With 2 to `weight_first_rows` rows in all (XLA:CPU decoding at batch > 1), the weight is the
-    left operand (`[out, rows]`, then transposed): that compiler's small-M GEMM runs about twice
-    as fast so, and the barrier stops it folding the transpose back. Elsewhere the plain product,
-    with the leading axes kept (merging a `seq`-sharded axis would reshard it).
-    """
-    rows = math.prod(x.shape[:-1])
-    if 1 < rows <= weight_first_rows:
-        y = jax.lax.optimization_barrier(jnp.einsum("nk,bk->nb", weight, x.reshape(rows, -1))).T
-        return y.reshape(*x.shape[:-1], -1)
+    """`x` `[..., in]` times `weight` `[out, in]` transposed: `[..., out]`, with the leading axes kept
+    (merging a `seq`-sharded axis would reshard it). With 2 to `weight_first_rows` rows in all
+    (`Backend.weight_first_rows`: XLA:CPU decoding at batch > 1), `xla_cpu.weight_first`'s form."""
+    if 1 < math.prod(x.shape[:-1]) <= weight_first_rows:
+        return xla_cpu.weight_first(x, weight)
     return jnp.einsum("...k,nk->...n", x, weight)
 
 
