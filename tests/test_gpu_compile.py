@@ -9,7 +9,7 @@ import pytest
 from phi4_jax.config import Phi4Config
 from phi4_jax.errors import ConfigError
 from phi4_jax.model.backend import Backend
-from phi4_jax.planner import plan
+from phi4_jax.planner import hlo, plan
 from phi4_jax.parallel import mesh as meshes
 from phi4_jax.planner import targets
 
@@ -69,18 +69,22 @@ def test_decode_on_one_h100_reads_the_cache_where_it_lies(kv_heads):
 
 
 def test_cudnn_serves_the_prompt_and_decode_stays_with_xla():
-    """"auto" on a GPU in bfloat16 is cuDNN: its flash attention in the prefill's program, and XLA's
-    products in the decode step (cuDNN's call reads keys and values token-major: it transposed every
-    cache layer at each step where the engine decoded through it)."""
+    """"auto" on a GPU in bfloat16 is cuDNN: its flash attention in the prefill's program (the same
+    work as XLA's products, counted from the kernel calls' operands), and XLA's products in the
+    decode step (cuDNN's call reads keys and values token-major: it transposed every cache layer at
+    each step where the engine decoded through it)."""
     pytest.importorskip("nvidia.cudnn", reason="cuDNN's library (the gpu-compile extra) builds its kernels")
     try:
         devices = targets.devices("h100:1")
     except ConfigError as e:
         pytest.skip(f"no GPU compiler here: {e}")
     mesh = meshes.make_mesh("tensor=1", devices)
-    text = {step: plan.lower_step(step, CONFIG, mesh, 512, 1, jnp.bfloat16, 256, Backend("gpu"),
-                                  attention="cudnn").compile().as_text() for step in ("prefill", "decode")}
-    assert '"__cudnn$fmha' in text["prefill"] and "__cudnn" not in text["decode"]
+    text = {(step, kernel): plan.lower_step(step, CONFIG, mesh, 512, 1, jnp.bfloat16, 256, Backend("gpu"),
+                                            attention=kernel).compile().as_text()
+            for step in ("prefill", "decode") for kernel in ("cudnn", "xla")}
+    assert '"__cudnn$fmha' in text["prefill", "cudnn"] and "__cudnn" not in text["decode", "cudnn"]
+    flops = {key: hlo.matmul_flops(hlo.parse(program)) for key, program in text.items()}
+    assert flops["prefill", "cudnn"] == flops["prefill", "xla"] and flops["decode", "cudnn"] == flops["decode", "xla"]
 
 
 def test_a_prompt_in_groups_of_pieces_copies_no_cache_layer():

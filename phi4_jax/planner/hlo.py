@@ -197,7 +197,8 @@ def _trip_count(computations: dict[str, list[Instruction]], condition: str) -> i
 
 def matmul_flops(program: Program) -> int:
     """2 x multiply-adds of every dot, convolution (TPU writes matmuls as convolutions), cuBLAS
-    matmul (GPU) and splash attention kernel (TPU), each times its computation runs."""
+    matmul (GPU) and flash attention kernel (splash on TPU, cuDNN on GPU: its scores and weighted
+    values, every key counted), each times its computation runs."""
     total = 0
     for i, times in program.instructions():
         if i.op == "dot":
@@ -213,6 +214,9 @@ def matmul_flops(program: Program) -> int:
                 lhs.dims[int(d.strip('"'))] for d in contracted.split(",") if d)
         elif i.op == "custom-call" and '"tpu_custom_call"' in i.line and "splash_mha_fwd" in i.line:
             total += times * _splash_flops(program, i)
+        elif i.op == "custom-call" and '"__cudnn$fmha' in i.line:  # cuDNN's flash attention (GPU)
+            q, k = (program.by_name[name].arrays[0] for name in i.operands[:2])  # [B, T, heads | kv_heads, D]
+            total += times * 4 * math.prod(q.dims) * k.dims[1]
     return total
 
 
