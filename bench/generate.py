@@ -110,8 +110,6 @@ def build_model(args, config, mesh, dtype):
     from flax import nnx
 
     from phi4_jax import Phi4ForCausalLM, load
-    from phi4_jax.model.attention import resolve
-    from phi4_jax.model.backend import Backend
     from phi4_jax.parallel import heads
     from phi4_jax.parallel import mesh as meshes
 
@@ -121,11 +119,9 @@ def build_model(args, config, mesh, dtype):
     if mesh is None:
         return Phi4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtype), attention=args.attention,
                                quantize=quantize)
-    # "auto" for a mesh: no kernel XLA cannot split (splash)
-    platform = Backend.of(mesh.devices.flat).platform
-    attention = resolve(args.attention, dtype, platform, config.head_dim, mesh.devices.size)
     return meshes.place(Phi4ForCausalLM(heads.config_for_mesh(config, mesh), rngs=nnx.Rngs(0),
-                                          param_dtype=jnp.dtype(dtype), attention=attention, quantize=quantize), mesh)
+                                        param_dtype=jnp.dtype(dtype), attention=args.attention, quantize=quantize),
+                        mesh)
 
 
 def quantized(args) -> str | None:
@@ -376,16 +372,13 @@ def setup(args):
 
 def metadata(args, config, dtype) -> dict:
     from phi4_jax.model.attention import resolve
-    from phi4_jax.parallel import mesh as meshes
     from runinfo import describe_run
 
     import jax
 
-    devices = math.prod(meshes.parse_mesh(args.mesh).values()) if args.mesh else 1
-
     return {"schema": SCHEMA, **describe_run(), "model": args.model, "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "parameters": config.num_parameters, "dtype": dtype,
-            "attention": resolve(args.attention, dtype, jax.default_backend(), config.head_dim, devices),
+            "attention": resolve(args.attention, dtype, jax.default_backend(), config.head_dim),
             "mesh": args.mesh or "", "quantize": quantized(args),
             "weights": "loaded" if has_weights(args.model) else "random",
             "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", "")}

@@ -116,7 +116,6 @@ def _time(config, mesh, length: int, args) -> dict:
 
     from phi4_jax import ModelRunner, Phi4ForCausalLM, SamplingParams
     from phi4_jax.planner import plan
-    from phi4_jax.model.attention import resolve
     from phi4_jax.model.backend import Backend
     from phi4_jax.parallel import mesh as meshes
     from phi4_jax.parallel.heads import config_for_mesh
@@ -124,10 +123,8 @@ def _time(config, mesh, length: int, args) -> dict:
     n = mesh.shape["seq"]
     dtype = jnp.dtype(args.dtype)
     backend = Backend.of(mesh.devices.flat)
-    # "auto" for a mesh: no kernel XLA cannot split (splash)
-    attention = resolve(args.attention, dtype, backend.platform, config.head_dim, mesh.devices.size)
     model = meshes.place(Phi4ForCausalLM(config_for_mesh(config, mesh), rngs=nnx.Rngs(0), param_dtype=dtype,
-                                         attention=attention, backend=backend), mesh)
+                                         attention=args.attention, backend=backend), mesh)
     engine = ModelRunner(model, max_context=length)
     prompt = np.random.default_rng(0).integers(3, config.vocab_size, length - 1).tolist()
     params = SamplingParams(max_tokens=1, ignore_eos=True)

@@ -103,13 +103,14 @@ def test_a_decode_step_reads_the_weights_and_cache_once_and_copies_none_within_h
 
 def test_tensor_parallel_all_reduces_twice_per_layer(plans):
     """Of the all-reduces that move activations, each layer has two (the attention's and the MLP's
-    outputs) and the vocabulary-split embedding lookup one; the rest are a few scalars per row
-    (the sampler's), and the decode step gathers nothing larger than a row of logits."""
+    outputs; in each of the prompt's two pieces, one group each) and the vocabulary-split embedding
+    lookup one; the rest are a few scalars per row (the sampler's), and the decode step gathers
+    nothing larger than a row of logits."""
     steps = plans["tensor"]["steps"]
-    for name, rows in (("prefill", 256), ("decode", 1)):  # a piece of the prompt, or one token
+    for name, rows, pieces in (("prefill", 256, 2), ("decode", 1, 1)):  # pieces of the prompt, or one token
         sizes = steps[name]["collective_result_bytes"]
         activations = [b for b in sizes["all-reduce"] if b >= rows * CONFIG.hidden_size * 2]
-        assert len(activations) == 2 * CONFIG.num_hidden_layers + 1, (name, sizes)
+        assert len(activations) == pieces * 2 * CONFIG.num_hidden_layers + 1, (name, sizes)
         assert max(sizes["all-reduce"][len(activations):], default=0) <= 64, (name, sizes)
         assert max(sizes.get("all-gather", [0])) <= rows * CONFIG.vocab_size * 4, (name, sizes)
 
