@@ -101,3 +101,20 @@ def test_a_prompt_in_groups_of_pieces_copies_no_cache_layer():
                     attention="xla")
     layer = 2 * CONFIG.num_key_value_heads * 512 * CONFIG.head_dim * 2  # one layer's keys, bf16
     assert two["steps"]["prefill"]["memory_copy_bytes"] < layer / 4
+
+
+@pytest.mark.parametrize("mesh", ["tensor=2", "seq=2"])
+def test_cudnn_runs_per_gpu_on_a_mesh_and_in_the_ring(mesh):
+    """cuDNN's call on a mesh runs per GPU under shard_map (`attention.per_device`), on `tensor` and
+    inside ring attention's map on `seq`: the same work as XLA's attention there."""
+    pytest.importorskip("nvidia.cudnn", reason="cuDNN's library (the gpu-compile extra) builds its kernels")
+    try:
+        devices = targets.devices("h100:2")
+    except ConfigError as e:
+        pytest.skip(f"no GPU compiler here: {e}")
+    got = plan.plan(CONFIG, meshes.make_mesh(mesh, devices), 512, batch=1, dtype="bfloat16", prefill_piece=256)
+    want = plan.plan(CONFIG, meshes.make_mesh(mesh, devices), 512, batch=1, dtype="bfloat16", prefill_piece=256,
+                     attention="xla")
+    assert got["attention"] == "cudnn"
+    assert got["steps"]["prefill"]["matmul_flops"] == want["steps"]["prefill"]["matmul_flops"]
+

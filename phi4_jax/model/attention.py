@@ -14,14 +14,15 @@ exactly (`merge`). Implementations:
 "auto" picks cuDNN on a GPU for 16-bit compute, splash on a TPU for a head_dim that is a multiple
 of 128 (phi-4, Phi-4-mini: the kernel's own lane width; Phi-3.5-mini's 96 runs under "splash" as it
 is, but untimed on a chip, so "auto" keeps XLA there), and XLA otherwise. On a mesh the kernels
-are given it (`mesh`): XLA partitions the XLA path and cuDNN's call itself, but not a Mosaic kernel,
-which splash then runs under `shard_map` (`tpu_attention`). Which path a layer takes is one of the
+are given it (`mesh`) and run per device under `shard_map` (`per_device`): XLA partitions its own
+path, but not a Mosaic kernel, nor cuDNN's call inside ring attention's map. Which path a layer takes is one of the
 static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from jax.sharding import Mesh
 from phi4_jax.errors import ConfigError
 from phi4_jax.model import tpu_attention, xla_cpu, xla_gpu
 from phi4_jax.model.backend import Backend
+from phi4_jax.parallel import rules
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # cuDNN serves calls of at least this many queries (prompts); fewer (a decode step) take XLA's path,
@@ -92,17 +94,49 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
       implementation: "xla", "cudnn" or "splash" (see the module doc).
       backend: the backend traced for: it picks the forms of XLA's products (`model/xla_cpu.py`,
         `model/xla_gpu.py`).
-      mesh: the mesh the arrays lie on (None: one device), for a kernel XLA cannot partition.
+      mesh: the mesh the arrays lie on (None: one device): a kernel runs per device (`per_device`).
     Returns:
       `(out, lse)`: `[batch, q_len, heads, head_dim]` float32, normalised over this block, and
       `[batch, q_len, heads]` float32, the log-sum-exp of the query's scaled scores over it. A query
       that sees no key gets zeros and -inf. Query head h reads KV head h // (heads/kv_heads).
     """
     if implementation == "cudnn" and q.shape[1] >= CUDNN_MIN_QUERIES:
-        return _jax_nn_block(q, k, v, mask, "cudnn")
+        return per_device(mesh, functools.partial(_jax_nn_block, kernel="cudnn"), q, k, v, mask)
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
-        return tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", mesh=mesh)
+        splash = functools.partial(tpu_attention.splash_block, interpret=backend.platform == "cpu")
+        return per_device(mesh, splash, q, k, v, mask)
     return _xla_block(q, k, v, mask, backend)
+
+
+# A kernel's operands and results by their logical axes (`parallel/rules.py`); None: never split.
+_AXES = {"q": ("batch", None, "q_heads", "head_dim"), "kv": ("batch", "kv_heads", None, "head_dim"),
+         "mask": ("batch", None, None), "lse": ("batch", None, "q_heads")}
+
+
+def per_device(mesh: Mesh | None, kernel, q, k, v, mask, with_lse: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """`kernel(q, k, v, mask)` -> `(out, lse)` (`lse` None where not `with_lse`; arguments as in
+    `attend_block`) on each device's rows (batch over data/fsdp) and heads (query and KV heads over
+    tensor) under `shard_map`, manual over every mesh axis not manual yet (inside ring attention's
+    map: all but seq), the specs from the rules table. XLA cannot partition a Mosaic kernel (splash) at all, nor
+    cuDNN's call inside a map manual over some axes only. A KV head's query heads lie on its
+    device (heads split contiguously), so the GQA pairing holds in every shard. None: one device."""
+    context = jax.sharding.get_abstract_mesh()
+    manual = set() if mesh is None or context.empty else set(context.manual_axes)
+    if mesh is None or manual >= set(mesh.axis_names):
+        return kernel(q, k, v, mask)
+    free = {a for a in mesh.axis_names if a not in manual}  # size-1 axes too: none may stay automatic
+    spec = lambda name, x: rules.spec(mesh, _AXES[name], x.shape, over=free)  # noqa: E731
+    q_spec = spec("q", q)
+
+    def run(q, k, v, mask):
+        out, lse = kernel(q, k, v, mask)
+        return (out,) if lse is None else (out, lse)
+
+    got = jax.shard_map(run, mesh=context if manual else mesh,
+                        in_specs=(q_spec, spec("kv", k), spec("kv", v), spec("mask", mask)),
+                        out_specs=(q_spec, spec("lse", q[..., 0])) if with_lse else (q_spec,),
+                        axis_names=free, check_vma=False)(q, k, v, mask)
+    return got if with_lse else (got[0], None)
 
 
 def _jax_nn_block(q, k, v, mask, kernel):
@@ -157,9 +191,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
     """Softmax attention over all of `k`/`v` (arguments as in `attend_block`), in q's dtype."""
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
         # Without the log-sum-exp, which nothing here reads: the kernel differentiates only so.
-        out, _ = tpu_attention.splash_block(q, k, v, mask, interpret=backend.platform == "cpu", with_lse=False,
-                                            mesh=mesh)
-        return out.astype(q.dtype)
+        splash = functools.partial(tpu_attention.splash_block, interpret=backend.platform == "cpu", with_lse=False)
+        return per_device(mesh, splash, q, k, v, mask, with_lse=False)[0].astype(q.dtype)
     return attend_block(q, k, v, mask, implementation, backend, mesh)[0].astype(q.dtype)
 
 

@@ -136,7 +136,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear((e,), (kv, d), ("kv_heads", "head_dim", "embed"), **kw)
         self.o_proj = Linear((n, d), (e,), ("embed", "q_heads", "head_dim"), **kw)
         self.window, self.implementation, self.backend = config.window, implementation, kw["backend"]
-        self.mesh = None  # the mesh a kernel XLA cannot partition runs over (`parallel.mesh.mark_mesh`)
+        self.mesh = None  # the mesh its kernel runs per device over (`parallel.mesh.mark_mesh`)
 
     def __call__(self, x, cos, sin, positions, mask, path: attn.Path, kv_cache=None):
         """`x` `[B, T, E]` at `positions` `[B, T]`; `mask` `[B, T, S]` (for `Dense` only);

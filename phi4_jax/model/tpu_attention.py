@@ -39,11 +39,9 @@ phi-4's 10 KV heads are refused ("can not be XLA fully tiled"), Phi-4-mini's 8 a
 checks: compiled for v5e and v6e by the tests, and its reference run on CPU (jax 0.10.2 cannot
 interpret the kernel itself).
 
-On a mesh, XLA does not partition a Mosaic kernel ("wrap the call in a shard_map"): `splash_block`
-given the mesh runs the kernel inside `shard_map`, each device on its own rows (batch over
-data/fsdp) and heads (query and KV heads over tensor), the specs from the rules table. Its KV heads
-are contiguous with their query heads on every device, so the GQA pairing holds within each shard.
-Inside ring attention (a map already manual over seq) the map takes the axes still automatic.
+On a mesh, XLA does not partition a Mosaic kernel ("wrap the call in a shard_map"): the attention
+module runs the kernel under `shard_map`, each device on its own rows and heads
+(`attention.per_device`).
 """
 
 from __future__ import annotations
@@ -54,9 +52,6 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-
-from phi4_jax.parallel import rules
 
 MIN_QUERIES = 128  # one query block: fewer queries go to XLA
 KV_BLOCK = 512  # ragged paged attention: cache slots per kernel block
@@ -74,14 +69,12 @@ def _block(length: int) -> int:
 
 
 def splash_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, interpret: bool = False,
-                 with_lse: bool = True, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """`attention.attend_block` by splash attention (arguments and results as there).
+                 with_lse: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """`attention.attend_block` by splash attention (arguments and results as there), on one
+    device's arrays (on a mesh, `attention.per_device` runs it under `shard_map`).
 
     `interpret`: run the kernel in Pallas interpret mode (on CPU). `with_lse` False: the output
-    alone (lse None), from the kernel's form without residuals, the one that has a gradient.
-    `mesh`: the arrays' mesh, for a call on several devices (the kernel then runs under `shard_map`)."""
-    if mesh is not None:
-        return _on_mesh(mesh, q, k, v, mask, interpret=interpret, with_lse=with_lse)
+    alone (lse None), from the kernel's form without residuals, the one that has a gradient."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
     q_len, head_dim = q.shape[1], q.shape[3]
@@ -113,29 +106,6 @@ def splash_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, inte
     seen = mask[:, :q_len].any(-1)[..., None]
     out = jnp.where(seen[..., None], out, 0.0)
     return out, None if lse is None else jnp.where(seen, lse[:, :, :q_len].transpose(0, 2, 1), -jnp.inf)
-
-
-# The kernel's operands and results by their logical axes (`parallel/rules.py`); None: never split.
-_AXES = {"q": ("batch", None, "q_heads", "head_dim"), "kv": ("batch", "kv_heads", None, "head_dim"),
-         "mask": ("batch", None, None), "lse": ("batch", None, "q_heads")}
-
-
-def _on_mesh(mesh: Mesh, q, k, v, mask, **options):
-    """`splash_block` on each device's rows and heads, under `shard_map` over the mesh's axes that
-    are not manual already (inside ring attention's map: all but seq)."""
-    context = jax.sharding.get_abstract_mesh()
-    manual = set(context.manual_axes) if not context.empty else set()
-    # Every axis not manual yet, those of size 1 too: Mosaic lowers only where no axis is left to XLA.
-    free = {a for a in mesh.axis_names if a not in manual}
-    spec = lambda name, x: rules.spec(mesh, _AXES[name], x.shape, over=free)  # noqa: E731
-    q_spec = spec("q", q)
-    with_lse = options["with_lse"]
-    run = lambda *a: splash_block(*a, **options) if with_lse else (splash_block(*a, **options)[0],)  # noqa: E731
-    out = jax.shard_map(run, mesh=context if manual else mesh,
-                        in_specs=(q_spec, spec("kv", k), spec("kv", v), spec("mask", mask)),
-                        out_specs=(q_spec, spec("lse", q[..., 0])) if with_lse else (q_spec,),
-                        axis_names=free, check_vma=False)(q, k, v, mask)
-    return out if with_lse else (out[0], None)
 
 
 def pages_from_cache(keys: jax.Array, values: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:

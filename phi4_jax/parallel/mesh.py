@@ -114,8 +114,8 @@ def place(model, mesh: Mesh):
 def mark_mesh(model, mesh: Mesh | None):
     """Gives the parts of `model` that are partitioned by hand the mesh they run over: the embedding
     table when the rules table splits its rows over `tensor` (its lookups then move looked-up rows,
-    not the table: `model/vocab_parallel.py`), and each attention layer (a kernel XLA cannot
-    partition, splash, runs under `shard_map`: `model/tpu_attention.py`). Call it on the model
+    not the table: `model/vocab_parallel.py`), and each attention layer with a kernel (splash or
+    cuDNN, run per device under `shard_map`: `attention.per_device`). Call it on the model
     (abstract or real) before splitting it into graphdef and state; it returns the model."""
     table = model.model.embed_tokens
     shape = (model.config.vocab_size, model.config.hidden_size)
@@ -123,7 +123,7 @@ def mark_mesh(model, mesh: Mesh | None):
     table.split = mesh if split else None
     several = mesh is not None and mesh.devices.size > 1
     for layer in model.model.layers:
-        layer.self_attn.mesh = mesh if several and layer.self_attn.implementation == "splash" else None
+        layer.self_attn.mesh = mesh if several and layer.self_attn.implementation != "xla" else None
     return model
 
 
