@@ -67,3 +67,17 @@ def test_a_compiler_refusal_for_memory_reads_as_the_temporaries_it_names():
                "(16.19G) exceeds available HBM (15.75G).")
     assert plan._temporaries_refused(message) == int(16.19 * 2**30)
     assert plan._temporaries_refused("RESOURCE_EXHAUSTED: something else") is None
+
+
+def test_a_kernel_is_planned_only_for_an_accelerator_target():
+    """Fake CPU devices compile XLA's attention; a kernel asked for there is a ConfigError naming the
+    targets that compile it, before anything is compiled ("auto" is XLA there)."""
+    from phi4_jax.errors import ConfigError
+
+    config = Phi4Config.from_preset("tiny")
+    mesh = meshes.make_mesh("tensor=1", jax.devices()[:1])
+    for kernel in ("splash", "cudnn"):
+        with pytest.raises(ConfigError, match="compiles only for an accelerator named as the target.*v5e:2x4"):
+            plan.plan(config, mesh, 64, batch=1, target="tpu" if kernel == "splash" else "gpu", attention=kernel)
+    with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU"):
+        plan.plan(config, mesh, 64, batch=1, target="tpu", attention="cudnn")

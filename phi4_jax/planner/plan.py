@@ -73,11 +73,11 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     own = platform in ("tpu", "gpu")  # the accelerator's own compiler, not XLA:CPU tracing for it
     target = platform if own else target
     backend = Backend(target)
+    attn.check(attention, dtype, target)
     attention = attn.resolve(attention, dtype, platform, config.head_dim)
     if attention != "xla" and not own:
         raise ConfigError(f"attention {attention!r} compiles only for an accelerator named as the target "
                           "(a TPU slice such as v5e:2x4, or h100:8); fake CPU devices compile XLA's attention")
-    attn.check(attention, dtype, platform)
     steps = {}
     for name in ("prefill", "decode"):
         try:
