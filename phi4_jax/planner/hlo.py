@@ -275,7 +275,8 @@ def main_memory_bytes(program: Program, looped: bool | None = None) -> int:
     memory space 0 of the instructions outside fusions, times they run; an asynchronous copy or
     slice at its main-memory end. A slice of an operand (a row of the embedding, a block of a
     weight staged into VMEM) counts the slice, and an update in place (a cache slot; each row's
-    slot, by a scatter) the update.
+    slot, by a scatter) the update. A kernel's call (splash, cuDNN) counts its operands whole, where
+    the kernel may fetch blocks of them only (splash's mask blocks): an upper bound there.
     `looped`: only what runs inside loops (True; a decode call's steps) or outside them (False)."""
     total = 0
     for i, times in program.instructions(fused=False, looped=looped):
