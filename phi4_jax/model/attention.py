@@ -15,8 +15,9 @@ exactly (`merge`). Implementations:
 of 128 (phi-4, Phi-4-mini: the kernel's own lane width; Phi-3.5-mini's 96 runs under "splash" as it
 is, but untimed on a chip, so "auto" keeps XLA there), and XLA otherwise. On a mesh the kernels
 are given it (`mesh`) and run per device under `shard_map` (`per_device`): XLA partitions its own
-path, but not a Mosaic kernel, nor cuDNN's call inside ring attention's map. Which path a layer takes is one of the
-static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model per call.
+path, but not a Mosaic kernel, nor cuDNN's call inside ring attention's map. Which path a layer
+takes is one of the static choices at the end (`Dense`, `Ring`, `SplitCache`), handed to the model
+per call.
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def per_device(mesh: Mesh | None, kernel, q, k, v, mask, with_lse: bool = True) 
     """`kernel(q, k, v, mask)` -> `(out, lse)` (`lse` None where not `with_lse`; arguments as in
     `attend_block`) on each device's rows (batch over data/fsdp) and heads (query and KV heads over
     tensor) under `shard_map`, manual over every mesh axis not manual yet (inside ring attention's
-    map: all but seq), the specs from the rules table. XLA cannot partition a Mosaic kernel (splash) at all, nor
-    cuDNN's call inside a map manual over some axes only. A KV head's query heads lie on its
-    device (heads split contiguously), so the GQA pairing holds in every shard. None: one device."""
+    map: all but seq), the specs from the rules table. XLA cannot partition a Mosaic kernel
+    (splash) at all, nor cuDNN's call inside a map manual over some axes only. A KV head's query
+    heads lie on its device (heads split contiguously), so the GQA pairing holds in every shard.
+    None: one device."""
     context = jax.sharding.get_abstract_mesh()
     manual = set() if mesh is None or context.empty else set(context.manual_axes)
     if mesh is None or manual >= set(mesh.axis_names):
