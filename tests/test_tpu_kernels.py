@@ -47,15 +47,36 @@ def both(q, k, v, mask):
     pytest.param(8, 2, 256, 256, 100, None, 128, marks=pytest.mark.slow),  # GQA 4:1, a window shorter than the prompt
     pytest.param(6, 2, 200, 200, None, None, 128, marks=pytest.mark.slow),  # odd length: padded to 256
     (8, 2, 130, 384, 150, [100, 254], 128),  # a piece over the cache at two offsets: queries padded
+    # Key blocks of 512 full, partial and empty, in that order; with a window, empty ones first too.
+    (4, 2, 128, 1536, None, [1000, 1300], 128),
+    pytest.param(4, 2, 128, 1536, 200, [1100, 1400], 128, marks=pytest.mark.slow),
     pytest.param(4, 4, 256, 256, None, None, 96, marks=pytest.mark.slow),  # Phi-3.5-mini's head_dim 96, as it is
 ])
 def test_splash_matches_xla(heads, kv_heads, q_len, k_len, window, start, head_dim):
+    """The mask as an array (a dynamic mask) and as each query's last key (`attention.Causal`: the
+    kernel computes it per block)."""
     q, k, v = random_block(2, q_len, k_len, heads, kv_heads, head_dim)
+    start = np.zeros(2, int) if start is None else np.asarray(start)
+    causal = attention.Causal(jnp.asarray(start[:, None] + np.arange(q_len)), k_len, window)
     mask = prompt_mask(2, q_len, k_len, window, start)
+    assert np.array_equal(causal.dense(), mask)
     (out, lse), (want_out, want_lse) = both(q, k, v, mask)
     assert out.shape == want_out.shape and lse.shape == want_lse.shape and out.dtype == lse.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **TOLERANCE)
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), **TOLERANCE)
+    got = jax.jit(lambda *a: attention.attend_block(*a, "splash", CPU))(q, k, v, causal)
+    for out, lse in ((out, lse), got):
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **TOLERANCE)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), **TOLERANCE)
+
+
+def test_splash_with_segments_matches_xla():
+    """Prompts packed in a row (`attention.Causal` with segments, the keys the queries themselves):
+    four prompts of 50, in a row of 200 (padded to 256 for the kernel)."""
+    q, k, v = random_block(2, 200, 200, 4, 2, 128)
+    causal = attention.Causal(jnp.broadcast_to(jnp.arange(200), (2, 200)), 200, None,
+                              jnp.broadcast_to(jnp.arange(200) // 50, (2, 200)))
+    got = jax.jit(lambda *a: attention.attend(*a, "splash", CPU))(q, k, v, causal)
+    want = attention.attend(q, k, v, causal.dense(), "xla", CPU)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOLERANCE)
 
 
 def test_splash_gives_zeros_and_minus_infinity_where_a_query_sees_nothing():
@@ -84,13 +105,15 @@ def test_splash_leaves_short_calls_to_xla_and_has_a_gradient():
 
     q, k, v = random_block(1, 128, 128, 4, 1, 128)
     mask = prompt_mask(1, 128, 128)
-    def grad(impl):
+    def grad(impl, mask):
         loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, mask, impl, CPU) ** 2)  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    grads = [grad("splash"), grad("xla")]
-    for got, want in zip(*grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)  # gradients of ~10-50
+    # The mask as an array and as each query's last key (the model's form for splash).
+    grads = [grad("splash", mask), grad("splash", attention.Causal(jnp.arange(128)[None], 128)), grad("xla", mask)]
+    for *got, want in zip(*grads):
+        for g in got:
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=0, atol=1e-4)  # gradients of ~10-50
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, tensor=2), dict(seq=2, tensor=2)])
@@ -110,12 +133,12 @@ def test_splash_on_a_mesh_runs_per_shard_and_matches_xla(axes):
         got, want = run("splash")(q, k, v), run("xla")(q, k, v)
     else:
         q, k, v = random_block(2, 130, 384, 4, 2, 128)
-        mask = prompt_mask(2, 130, 384, None, [100, 254])
+        last = jnp.asarray(np.array([[100], [254]]) + np.arange(130))  # the model's form of the mask
         put = lambda x, names: jax.device_put(x, rules.sharding(mesh, names, x.shape))  # noqa: E731
         args = (put(q, ("batch", None, "q_heads", None)), put(k, ("batch", "kv_heads", None, None)),
-                put(v, ("batch", "kv_heads", None, None)), put(mask, ("batch", None, None)))
+                put(v, ("batch", "kv_heads", None, None)), attention.Causal(put(last, ("batch", None)), 384))
         got = jax.jit(lambda *a: attention.attend_block(*a, "splash", CPU, mesh))(*args)
-        want = attention.attend_block(q, k, v, mask, "xla", CPU)
+        want = attention.attend_block(q, k, v, prompt_mask(2, 130, 384, None, [100, 254]), "xla", CPU)
         assert got[0].sharding.spec == rules.spec(mesh, ("batch", None, "q_heads", None), q.shape)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOLERANCE)

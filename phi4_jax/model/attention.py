@@ -1,9 +1,10 @@
 """Causal grouped-query attention over position-tagged keys, through one block interface.
 
 Every attention path (dense, ring blocks, a split KV cache) asks an implementation for the same
-thing: the attention of some queries over a block of keys under a boolean mask, as the normalised
-output and the log-sum-exp of each query's scores. Results over different key blocks then combine
-exactly (`merge`). Implementations:
+thing: the attention of some queries over a block of keys under a boolean mask (an array, or
+`Causal`: each query's last visible key, which a kernel masks from without the array), as the
+normalised output and the log-sum-exp of each query's scores. Results over different key blocks
+then combine exactly (`merge`). Implementations:
 
 - "xla": the reference, einsums and a float32 softmax, on every backend (CPU and the tests use it);
 - "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
@@ -56,6 +57,36 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array, window: int | No
     return mask
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Causal:
+    """A causal mask given by each query's last visible key, for keys in position order: key j (of
+    `keys`) is visible to query i of row b when `j <= last[b, i]`, `last[b, i] - j < window` (keys
+    at consecutive positions) and, with `segments` `[B, T]` (the keys are then the queries
+    themselves), in the query's segment. `last` `[B, T]` int; -1: the query sees no key.
+
+    The form a kernel masks from without a `[B, T, keys]` array (splash computes each block's mask
+    from `last` and skips the blocks it hides); `dense()` is that array, for the others."""
+
+    last: jax.Array
+    keys: int = dataclasses.field(metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    segments: jax.Array | None = None
+
+    def dense(self) -> jax.Array:
+        """The `[B, T, keys]` bool mask."""
+        mask = causal_mask(self.last, jnp.broadcast_to(jnp.arange(self.keys), (self.last.shape[0], self.keys)),
+                           self.window)
+        if self.segments is not None:
+            mask &= self.segments[:, :, None] == self.segments[:, None, :]
+        return mask
+
+
+def dense(mask: jax.Array | Causal) -> jax.Array:
+    """`mask` as a `[B, T, S]` bool array."""
+    return mask.dense() if isinstance(mask, Causal) else mask
+
+
 def check(implementation: str, dtype, platform: str) -> None:
     """Raises ConfigError when `implementation` is unknown or cannot run on `platform` with `dtype`."""
     if implementation not in IMPLEMENTATIONS:
@@ -91,7 +122,8 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
     Args:
       q: `[batch, q_len, heads, head_dim]`, already rotated.
       k, v: `[batch, kv_heads, k_len, head_dim]` (the KV-cache layout).
-      mask: `[batch, q_len, k_len]` bool, True where a query may see a key.
+      mask: `[batch, q_len, k_len]` bool, True where a query may see a key, or that mask as a
+        `Causal` (splash reads it as it is; the other paths make the array).
       implementation: "xla", "cudnn" or "splash" (see the module doc).
       backend: the backend traced for: it picks the forms of XLA's products (`model/xla_cpu.py`,
         `model/xla_gpu.py`).
@@ -102,16 +134,22 @@ def attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl
       that sees no key gets zeros and -inf. Query head h reads KV head h // (heads/kv_heads).
     """
     if implementation == "cudnn" and q.shape[1] >= CUDNN_MIN_QUERIES:
-        return per_device(mesh, functools.partial(_jax_nn_block, kernel="cudnn"), q, k, v, mask)
+        return per_device(mesh, functools.partial(_jax_nn_block, kernel="cudnn"), q, k, v, dense(mask))
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
-        splash = functools.partial(tpu_attention.splash_block, interpret=backend.platform == "cpu")
-        return per_device(mesh, splash, q, k, v, mask)
-    return _xla_block(q, k, v, mask, backend)
+        return per_device(mesh, functools.partial(_splash_block, interpret=backend.platform == "cpu"), q, k, v, mask)
+    return _xla_block(q, k, v, dense(mask), backend)
+
+
+def _splash_block(q, k, v, mask, interpret: bool, with_lse: bool = True):
+    """`attend_block` by splash, its mask as given: an array, or a `Causal`'s limits."""
+    if isinstance(mask, Causal):
+        return tpu_attention.splash_causal(q, k, v, mask.last, mask.window, mask.segments, interpret, with_lse)
+    return tpu_attention.splash_block(q, k, v, mask, interpret, with_lse)
 
 
 # A kernel's operands and results by their logical axes (`parallel/rules.py`); None: never split.
 _AXES = {"q": ("batch", None, "q_heads", "head_dim"), "kv": ("batch", "kv_heads", None, "head_dim"),
-         "mask": ("batch", None, None), "lse": ("batch", None, "q_heads")}
+         "mask": ("batch", None, None), "lse": ("batch", None, "q_heads"), "queries": ("batch", None)}
 
 
 def per_device(mesh: Mesh | None, kernel, q, k, v, mask, with_lse: bool = True) -> tuple[jax.Array, jax.Array | None]:
@@ -129,13 +167,18 @@ def per_device(mesh: Mesh | None, kernel, q, k, v, mask, with_lse: bool = True) 
     free = {a for a in mesh.axis_names if a not in manual}  # size-1 axes too: none may stay automatic
     spec = lambda name, x: rules.spec(mesh, _AXES[name], x.shape, over=free)  # noqa: E731
     q_spec = spec("q", q)
+    if isinstance(mask, Causal):  # its arrays per query
+        mask_spec = dataclasses.replace(mask, last=spec("queries", mask.last), segments=None if mask.segments is None
+                                        else spec("queries", mask.segments))
+    else:
+        mask_spec = spec("mask", mask)
 
     def run(q, k, v, mask):
         out, lse = kernel(q, k, v, mask)
         return (out,) if lse is None else (out, lse)
 
     got = jax.shard_map(run, mesh=context if manual else mesh,
-                        in_specs=(q_spec, spec("kv", k), spec("kv", v), spec("mask", mask)),
+                        in_specs=(q_spec, spec("kv", k), spec("kv", v), mask_spec),
                         out_specs=(q_spec, spec("lse", q[..., 0])) if with_lse else (q_spec,),
                         axis_names=free, check_vma=False)(q, k, v, mask)
     return got if with_lse else (got[0], None)
@@ -193,7 +236,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementa
     """Softmax attention over all of `k`/`v` (arguments as in `attend_block`), in q's dtype."""
     if implementation == "splash" and tpu_attention.splash_serves(q.shape[1]):
         # Without the log-sum-exp, which nothing here reads: the kernel differentiates only so.
-        splash = functools.partial(tpu_attention.splash_block, interpret=backend.platform == "cpu", with_lse=False)
+        splash = functools.partial(_splash_block, interpret=backend.platform == "cpu", with_lse=False)
         return per_device(mesh, splash, q, k, v, mask, with_lse=False)[0].astype(q.dtype)
     return attend_block(q, k, v, mask, implementation, backend, mesh)[0].astype(q.dtype)
 
@@ -204,10 +247,11 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, imp
     `offset + i`, offset = keys - queries: a prompt over itself, or a piece over the cache before
     it): the queries in blocks of CAUSAL_BLOCK, each over the keys up to its last query only, which
     skips the part of the score matrix above the diagonal (about half of a long prompt's attention
-    work). The kernels ("cudnn", "splash") take the whole mask as it is."""
+    work). The kernels ("cudnn", "splash") take the whole mask as it is (splash skips those blocks)."""
     length, offset = q.shape[1], k.shape[2] - q.shape[1]
     if length <= CAUSAL_BLOCK or implementation != "xla":
         return attend(q, k, v, mask, implementation, backend, mesh)
+    mask = dense(mask)
     blocks = []
     for start in range(0, length, CAUSAL_BLOCK):
         end = offset + min(start + CAUSAL_BLOCK, length)

@@ -197,7 +197,7 @@ class Phi4Model(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, implementation, rngs=rngs, **kw)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.config = config
+        self.config, self.implementation = config, implementation
 
     def __call__(self, input_ids, positions, lengths, path: attn.Path, cache: KVCache | None = None,
                  segments: jax.Array | None = None):
@@ -209,12 +209,14 @@ class Phi4Model(nnx.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
         mask = None
-        if isinstance(path, attn.Dense):  # one mask for every layer
-            keys = positions if path.slots is None else jnp.broadcast_to(
-                jnp.arange(path.slots), (positions.shape[0], path.slots))
-            mask = attn.causal_mask(positions, keys, self.config.window)
-            if segments is not None:
-                mask &= segments[:, :, None] == segments[:, None, :]
+        if isinstance(path, attn.Dense):  # one mask for every layer; slot = position in a cache
+            if path.slots is None:  # the keys are the tokens, at consecutive positions (in each segment)
+                last = jnp.broadcast_to(jnp.arange(positions.shape[1]), positions.shape)
+            else:
+                last = positions
+            mask = attn.Causal(last, path.slots or positions.shape[1], self.config.window, segments)
+            if self.implementation != "splash":  # the others read the array: made once here
+                mask = mask.dense()
         layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
         written = []
         for layer, kv_cache in zip(self.layers, layer_caches):

@@ -8,10 +8,13 @@ implementation of `attention.attend_block`:
   path inside the same implementation: one 128-row query block would mostly compute padding.
 - Lengths that are not a multiple of 128 are padded with masked queries and keys (the padding of
   the keys copies the block: only a prompt of odd length in one piece has one).
-- The mask is the call's own `[batch, q, k]` array, given to the kernel as a dynamic mask, so one
-  kernel serves every path (causal, windowed, over the cache, ring blocks) and skips the blocks
-  the mask hides. A static `CausalMask` would save reading the mask, but the interface knows no
-  positions.
+- The mask comes in either of the interface's forms. An `attention.Causal` (a prompt or a piece
+  over the cache: each query's last visible key) needs no array: the kernel computes each block's
+  mask from the limits (splash's `q_sequence` and a mask function, as its static `CausalMask` does,
+  but with the offset a traced value), and which blocks are empty, partial or full comes from each
+  query block's least and greatest limit (`splash_causal`). A `[batch, q, k]` array (ring blocks,
+  the split cache) goes in as splash's dynamic mask: cut into blocks of the whole array at every
+  call, the empty ones skipped (`splash_block`).
 - `attention.attend` (the dense path: prompts, and training) takes the kernel's form without the
   log-sum-exp, which has a gradient (the form with it has none in JAX); ring and split-cache
   blocks need the log-sum-exp to merge, so they run but do not differentiate.
@@ -47,6 +50,7 @@ module runs the kernel under `shard_map`, each device on its own rows and heads
 from __future__ import annotations
 
 import contextlib
+import functools
 
 # Pallas and its TPU kernels are imported where a kernel is built: every CLI start would pay for them.
 import jax
@@ -71,16 +75,90 @@ def _block(length: int) -> int:
 def splash_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, interpret: bool = False,
                  with_lse: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """`attention.attend_block` by splash attention (arguments and results as there), on one
-    device's arrays (on a mesh, `attention.per_device` runs it under `shard_map`).
+    device's arrays (on a mesh, `attention.per_device` runs it under `shard_map`), the mask an
+    array given to the kernel as a dynamic mask.
 
     `interpret`: run the kernel in Pallas interpret mode (on CPU). `with_lse` False: the output
     alone (lse None), from the kernel's form without residuals, the one that has a gradient."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    q_len, head_dim = q.shape[1], q.shape[3]
-    k_len = k.shape[2]
-    pad_q, pad_k = -q_len % LANES, -k_len % LANES
+    pad_q, pad_k = -q.shape[1] % LANES, -k.shape[2] % LANES
     mask = jnp.pad(mask, ((0, 0), (0, pad_q), (0, pad_k)))  # padding is masked: seen by no one
+
+    def kernel(mask, sizes):
+        kernel = splash.make_splash_mha(mask[None], block_sizes=sizes, save_residuals=with_lse, head_shards=1,
+                                        q_seq_shards=1, interpret=interpret)
+        # jax 0.10.2 maps jnp.array over the whole mask info, its `is_dynamic_mask` flag included:
+        # a traced bool under jit, which the kernel's call then tests. It is a dynamic mask.
+        kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
+        return kernel, {}
+
+    return _run(q, k, v, kernel, (mask,), mask[:, :q.shape[1]].any(-1), with_lse)
+
+
+def splash_causal(q: jax.Array, k: jax.Array, v: jax.Array, last: jax.Array, window: int | None = None,
+                  segments: jax.Array | None = None, interpret: bool = False,
+                  with_lse: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """`splash_block` for the mask `attention.Causal(last, keys, window, segments)`: no mask array.
+    The kernel computes each block's mask from the queries' last keys (its `q_sequence`), and the
+    blocks' kinds (empty: skipped and not fetched, partial, full) come from each query block's
+    least and greatest last key, a few bytes per block, where a dynamic mask is turned into 512 x
+    512 blocks of the whole `[T, S]` array at every call."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info
+
+    pad_q, pad_k = -q.shape[1] % LANES, -k.shape[2] % LANES
+    last = jnp.pad(last.astype(jnp.int32), ((0, 0), (0, pad_q)), constant_values=-1)  # padding sees nothing
+    segments = None if segments is None else jnp.pad(segments.astype(jnp.int32), ((0, 0), (0, pad_q)))
+    keys = k.shape[2] + pad_k
+
+    def kernel(last, segments, sizes):
+        bq, bkv = sizes.block_q, sizes.block_kv
+        ends = last.reshape(-1, bq)
+        lo, hi = ends.min(1)[:, None], ends.max(1)[:, None]  # [q blocks, 1]
+        first = jnp.arange(keys // bkv)[None, :] * bkv  # [1, kv blocks]: each block's keys first .. final
+        final = first + bkv - 1
+        seen, full = hi >= first, lo >= final
+        if window is not None:  # some query - key distance below the window / all of them
+            seen &= lo - final < window
+            full &= hi - first < window
+        block_mask = jnp.where(full, 2, seen.astype(jnp.int32))[None].astype(jnp.int8)
+        # The next key block to fetch: a skipped block keeps the index of the nearest one fetched (a
+        # repeated index is not fetched again).
+        index = jnp.broadcast_to(jnp.arange(keys // bkv), seen.shape)
+        upcoming = jax.lax.cummin(jnp.where(seen, index, keys), axis=1, reverse=True)
+        previous = jax.lax.cummax(jnp.where(seen, index, 0), axis=1)
+        data_next = jnp.where(upcoming < keys, upcoming, previous)[None]
+        info = mask_info.MaskInfo(data_next=data_next, mask_next=None, block_mask=block_mask,
+                                  partial_mask_blocks=None, q_sequence=last, is_dynamic_mask=False)
+        # The backward pass (training) walks query blocks for each key block.
+        rows = jnp.where(seen, jnp.arange(seen.shape[0])[:, None], 0)[None]
+        kernel = splash.SplashAttentionKernel(
+            info, None, info._replace(data_next=rows), block_sizes=sizes, is_mqa=False, save_residuals=with_lse,
+            mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None, residual_checkpoint_name=None,
+            mask_function=_sees(window), interpret=interpret)
+        return kernel, {} if segments is None else dict(segment_ids=splash.SegmentIds(q=segments, kv=segments))
+
+    return _run(q, k, v, kernel, (last, segments), last[:, :q.shape[1]] >= 0, with_lse)
+
+
+@functools.cache
+def _sees(window: int | None):
+    """Splash's mask function for `attention.Causal`: query `last` sees key `key` (one function per
+    window, so the kernel's static argument is the same one at every call)."""
+    if window is None:
+        return lambda last, key: key <= last
+    return lambda last, key: (key <= last) & (last - key < window)
+
+
+def _run(q, k, v, kernel, per_row, seen, with_lse):
+    """Splash over each row: q `[B, T, H, D]`, k/v `[B, KV, S, D]` padded to multiples of 128,
+    `kernel(*row's per_row arrays, block sizes)` -> (the row's kernel, its call's keywords); `seen`
+    `[B, T]`: the queries that see some key (the others get zeros and -inf)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    q_len, head_dim, k_len = q.shape[1], q.shape[3], k.shape[2]
+    pad_q, pad_k = -q_len % LANES, -k_len % LANES
     q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, H, T, D]
     if pad_k:
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0))) for x in (k, v))
@@ -90,20 +168,16 @@ def splash_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, inte
     sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                               block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
 
-    def row(q, k, v, mask):
-        kernel = splash.make_splash_mha(mask[None], block_sizes=sizes, save_residuals=with_lse, head_shards=1,
-                                        q_seq_shards=1, interpret=interpret)
-        # jax 0.10.2 maps jnp.array over the whole mask info, its `is_dynamic_mask` flag included:
-        # a traced bool under jit, which the kernel's call then tests. It is a dynamic mask.
-        kernel.fwd_mask_info = kernel.fwd_mask_info._replace(is_dynamic_mask=True)
-        got = kernel(q * jnp.asarray(head_dim**-0.5, q.dtype), k, v)
+    def row(q, k, v, *per_row):
+        run, keywords = kernel(*per_row, sizes)
+        got = run(q * jnp.asarray(head_dim**-0.5, q.dtype), k, v, **keywords)
         return (got[0], got[1][0]) if with_lse else (got, None)
 
-    out, lse = jax.vmap(row)(q, k, v, mask)  # [B, H, T, D], [B, H, T]
+    out, lse = jax.vmap(row)(q, k, v, *per_row)  # [B, H, T, D], [B, H, T]
     out = out[:, :, :q_len].transpose(0, 2, 1, 3).astype(jnp.float32)
     # A query that sees nothing: the kernel leaves an average of values or 0/0 there (it masks
     # with a large finite value, not -inf); this interface says zeros, -inf.
-    seen = mask[:, :q_len].any(-1)[..., None]
+    seen = seen[..., None]
     out = jnp.where(seen[..., None], out, 0.0)
     return out, None if lse is None else jnp.where(seen, lse[:, :, :q_len].transpose(0, 2, 1), -jnp.inf)
 
