@@ -125,12 +125,14 @@ def test_splash_on_a_mesh_runs_per_shard_and_matches_xla(axes):
     from phi4_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(axes, jax.devices()[:4])
-    if "seq" in axes:  # a prompt of 256 over itself, 128 queries a device
-        q, k, v = random_block(2, 256, 256, 4, 2, 128)
-        positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
-        run = lambda impl: jax.jit(lambda q, k, v: ring.ring_attend(  # noqa: E731
-            mesh, q, k, v, positions, positions, window=100, implementation=impl, backend=CPU)[0])
-        got, want = run("splash")(q, k, v), run("xla")(q, k, v)
+    if "seq" in axes:  # a prompt of 2048 over itself, zig-zag: 1024 queries a device in chunks of 512
+        q, k, v = random_block(1, 2048, 2048, 4, 2, 128)
+        positions = jnp.asarray(ring.zigzag_order(2048, 2))[None]
+        # Ordered: each query's last key in a block (`attention.Causal`), the blocks empty, partial
+        # or full; the reference reads the masks from the positions.
+        run = lambda impl, ordered: jax.jit(lambda q, k, v: ring.ring_attend(  # noqa: E731
+            mesh, q, k, v, positions, positions, ordered=ordered, implementation=impl, backend=CPU)[0])
+        got, want = run("splash", True)(q, k, v), run("xla", False)(q, k, v)
     else:
         q, k, v = random_block(2, 130, 384, 4, 2, 128)
         last = jnp.asarray(np.array([[100], [254]]) + np.arange(130))  # the model's form of the mask

@@ -75,7 +75,7 @@ def prefill(model: Phi4ForCausalLM, ids: jax.Array, lengths: jax.Array, cache: K
         order = zigzag_order(width, ring.shape["seq"])
         last = jnp.asarray(np.argsort(order))[lengths - 1]  # where each row's last token went
         return model.prefill(jnp.take(ids, order, axis=1), jnp.broadcast_to(order, ids.shape), rope, last,
-                             cache, attn.Ring(ring))
+                             cache, attn.Ring(ring, ordered=True))
     slots = width if fresh else cache.length
     starts = jnp.zeros(batch, jnp.int32) if fresh else starts
     if piece is None or width <= piece:  # one piece: a fresh one attends among its own tokens

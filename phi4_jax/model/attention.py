@@ -63,7 +63,7 @@ class Causal:
     """A causal mask given by each query's last visible key, for keys in position order: key j (of
     `keys`) is visible to query i of row b when `j <= last[b, i]`, `last[b, i] - j < window` (keys
     at consecutive positions) and, with `segments` `[B, T]` (the keys are then the queries
-    themselves), in the query's segment. `last` `[B, T]` int; -1: the query sees no key.
+    themselves), in the query's segment. `last` `[B, T]` int; below 0: the query sees no key.
 
     The form a kernel masks from without a `[B, T, keys]` array (splash computes each block's mask
     from `last` and skips the blocks it hides); `dense()` is that array, for the others."""
@@ -277,9 +277,12 @@ class Dense:
 @dataclasses.dataclass(frozen=True)
 class Ring:
     """A new sequence split over `mesh`'s seq axis (laid out as given, zig-zag for balance): ring
-    attention, the cache (if any) split over seq in contiguous shards and filled as blocks pass."""
+    attention, the cache (if any) split over seq in contiguous shards and filled as blocks pass.
+    `ordered`: each device's block is in position order (zig-zag's are), so each query's keys in a
+    block are a prefix of it (`Causal`)."""
 
     mesh: Mesh
+    ordered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,7 +147,7 @@ class Attention(nnx.Module):
         kernel = dict(implementation=self.implementation, backend=self.backend)
         if isinstance(path, attn.Ring):
             out, kv_cache = ring_attend(path.mesh, q, k, v, positions, positions, self.window, cache=kv_cache,
-                                        **kernel)
+                                        ordered=path.ordered, **kernel)
         elif isinstance(path, attn.SplitCache):
             out, kv_cache = cache_attend(path.mesh, q, k, v, positions, kv_cache, self.window, **kernel)
         else:
@@ -209,14 +209,18 @@ class Phi4Model(nnx.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = rope_tables(self.config, positions, lengths)
         mask = None
-        if isinstance(path, attn.Dense):  # one mask for every layer; slot = position in a cache
-            if path.slots is None:  # the keys are the tokens, at consecutive positions (in each segment)
-                last = jnp.broadcast_to(jnp.arange(positions.shape[1]), positions.shape)
+        if isinstance(path, attn.Dense):  # one mask for every layer
+            width, window = positions.shape[1], self.config.window
+            if path.slots is not None:  # over the cache: slot = position
+                mask = attn.Causal(positions, path.slots, window)
+            elif path.ordered:  # the tokens themselves, at consecutive positions (in each segment)
+                mask = attn.Causal(jnp.broadcast_to(jnp.arange(width), positions.shape), width, window, segments)
             else:
-                last = positions
-            mask = attn.Causal(last, path.slots or positions.shape[1], self.config.window, segments)
+                mask = attn.causal_mask(positions, positions, window)
+                if segments is not None:
+                    mask &= segments[:, :, None] == segments[:, None, :]
             if self.implementation != "splash":  # the others read the array: made once here
-                mask = mask.dense()
+                mask = attn.dense(mask)
         layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
         written = []
         for layer, kv_cache in zip(self.layers, layer_caches):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from phi4_jax.model.attention import attend_block, causal_mask, merge
+from phi4_jax.model.attention import Causal, attend_block, causal_mask, merge
 from phi4_jax.model.backend import ACCELERATOR, Backend
 from phi4_jax.model.cache import write_at
 
@@ -41,7 +41,8 @@ QUERY_BLOCK = 1024  # queries folded into a key block at a time: scores take QUE
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
                    cache=None, *, axis_name: str = AXIS, window: int | None = None, query_block: int = QUERY_BLOCK,
-                   implementation: str = "xla", backend: Backend = ACCELERATOR, mesh: Mesh | None = None):
+                   ordered: bool = False, implementation: str = "xla", backend: Backend = ACCELERATOR,
+                   mesh: Mesh | None = None):
     """Causal attention of this device's queries over the keys/values of every device on the axis.
 
     Args:
@@ -54,7 +55,9 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       axis_name: the mesh axis the sequence is split over.
       window: sliding window (see `attention.causal_mask`), or None.
       query_block: fold the queries into each block this many at a time (when that divides q_len), so
-        the float32 scores take query_block x k_len, not q_len x k_len.
+        the float32 scores (XLA) or the mask (cuDNN) take query_block x k_len, not q_len x k_len.
+      ordered: every block's positions ascend (zig-zag's do): without a window, each query's keys in
+        a block are a prefix of it, given as its last (`attention.Causal`: no mask array).
       implementation, backend, mesh: of each block's attention (`attention.attend_block`).
     Returns:
       `(out, cache)`: `[batch, q_len, heads, head_dim]` in v's dtype, and the cache shard (None
@@ -67,11 +70,18 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
     zero = q.astype(jnp.float32) * 0.0
     seen = (zero, zero[..., 0] - jnp.inf)
     ring = [(i, (i + 1) % n) for i in range(n)]
-    query_blocks = q_len // query_block if q_len > query_block and q_len % query_block == 0 else 1
+    # Splash takes all the queries at once: its scores stay in VMEM and its mask is each query's limit.
+    folded = implementation != "splash" and q_len > query_block and q_len % query_block == 0
+    query_blocks = q_len // query_block if folded else 1
 
     def fold(block, q, q_positions, seen):
         k, v, k_positions = block
-        mask = causal_mask(q_positions, k_positions, window)
+        if ordered and window is None:
+            # The last key at or before each query (a count: searchsorted fails inside this map).
+            before = (k_positions[:, None, :] <= q_positions[:, :, None]).sum(-1, dtype=jnp.int32)
+            mask = Causal(before - 1, k_positions.shape[1])
+        else:
+            mask = causal_mask(q_positions, k_positions, window)
         return merge(seen, attend_block(q, k, v, mask, implementation, backend, mesh))
 
     def step(carry, _):
@@ -114,10 +124,10 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
       results are combined across the axis by their log-sum-exp.
     """
     keys, values = _keep(cache, k, v, positions, axis_name)
-    batch, slots = keys.shape[0], keys.shape[2]
-    key_positions = jnp.broadcast_to(jax.lax.axis_index(axis_name) * slots + jnp.arange(slots), (batch, slots))
-    out, lse = attend_block(q, keys, values, causal_mask(positions, key_positions, window), implementation, backend,
-                            mesh)
+    slots = keys.shape[2]
+    # The shard's slots in order: a query sees those up to its own position (`Causal`, no mask array).
+    mask = Causal(positions - jax.lax.axis_index(axis_name) * slots, slots, window)
+    out, lse = attend_block(q, keys, values, mask, implementation, backend, mesh)
     top = jax.lax.pmax(lse, axis_name)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # a shard that sees nothing: 0
     out, total = jax.lax.psum((out * weight[..., None], weight), axis_name)
@@ -153,13 +163,13 @@ def unzigzag(x: jax.Array, n: int, axis: int) -> jax.Array:
 
 def ring_attend(mesh: Mesh, q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                 k_positions: jax.Array, window: int | None = None, query_block: int = QUERY_BLOCK, cache=None,
-                implementation: str = "xla", backend: Backend = ACCELERATOR):
+                ordered: bool = False, implementation: str = "xla", backend: Backend = ACCELERATOR):
     """`ring_attention` over `mesh`'s seq axis for whole arrays (shapes as there, sequence axes of
     the same length divisible by the seq size; `cache` a `(keys, values)` pair of whole cache
     layers): each device gets its contiguous block of the sequence as laid out (`zigzag` it first
     for balanced causal work) and its contiguous shard of the cache. Returns `(out, cache)`."""
     kernel = functools.partial(ring_attention, axis_name=AXIS, window=window, query_block=query_block,
-                               implementation=implementation, backend=backend, mesh=mesh)
+                               ordered=ordered, implementation=implementation, backend=backend, mesh=mesh)
     if cache is None:
         out = _on_seq(mesh, lambda *a: kernel(*a)[0], (_SEQ, _KV, _KV, _SEQ, _SEQ), _SEQ)(
             q, k, v, q_positions, k_positions)
