@@ -146,6 +146,24 @@ def test_splash_on_a_mesh_runs_per_shard_and_matches_xla(axes):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOLERANCE)
 
 
+def test_splash_over_a_split_cache_matches_xla():
+    """A chat's next turn of 130 tokens at positions 200.. over a cache of 512 slots split over
+    seq=2: each shard gets the queries' limits in its own slots (the second's start below 0: the
+    first queries see none of it), against XLA's masks."""
+    from phi4_jax.model import ring
+    from phi4_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(dict(seq=2), jax.devices()[:2])
+    q, k, v = random_block(2, 130, 130, 4, 2, 128)
+    cache = random_block(2, 1, 512, 4, 2, 128, seed=1)[1:]
+    positions = jnp.broadcast_to(200 + jnp.arange(130), (2, 130))
+    run = lambda impl: jax.jit(lambda *a: ring.cache_attend(  # noqa: E731
+        mesh, *a, window=300, implementation=impl, backend=CPU))(q, k, v, positions, cache)
+    (got, got_cache), (want, want_cache) = run("splash"), run("xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOLERANCE)
+    assert all(np.array_equal(a, b) for a, b in zip(got_cache, want_cache))
+
+
 @pytest.mark.slow  # a whole model in interpret mode
 def test_a_model_gives_the_same_logits_with_splash():
     """A tiny model with head_dim 128 (GQA 2:1, a window shorter than the prompt): logits of a prompt

@@ -82,6 +82,12 @@ class Causal:
         return mask
 
 
+def reads_limits(implementation: str) -> bool:
+    """Whether `implementation` takes a `Causal` as it is (splash); the others are given the array,
+    and paths that can make either make the array for them as they did."""
+    return implementation == "splash"
+
+
 def dense(mask: jax.Array | Causal) -> jax.Array:
     """`mask` as a `[B, T, S]` bool array."""
     return mask.dense() if isinstance(mask, Causal) else mask

@@ -219,7 +219,7 @@ class Phi4Model(nnx.Module):
                 mask = attn.causal_mask(positions, positions, window)
                 if segments is not None:
                     mask &= segments[:, :, None] == segments[:, None, :]
-            if self.implementation != "splash":  # the others read the array: made once here
+            if not attn.reads_limits(self.implementation):  # the others read the array: made once here
                 mask = attn.dense(mask)
         layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
         written = []

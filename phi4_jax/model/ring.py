@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from phi4_jax.model.attention import Causal, attend_block, causal_mask, merge
+from phi4_jax.model.attention import Causal, attend_block, causal_mask, merge, reads_limits
 from phi4_jax.model.backend import ACCELERATOR, Backend
 from phi4_jax.model.cache import write_at
 
@@ -55,9 +55,10 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
       axis_name: the mesh axis the sequence is split over.
       window: sliding window (see `attention.causal_mask`), or None.
       query_block: fold the queries into each block this many at a time (when that divides q_len), so
-        the float32 scores (XLA) or the mask (cuDNN) take query_block x k_len, not q_len x k_len.
+        the float32 scores (XLA) or the mask take query_block x k_len, not q_len x k_len.
       ordered: every block's positions ascend (zig-zag's do): without a window, each query's keys in
-        a block are a prefix of it, given as its last (`attention.Causal`: no mask array).
+        a block are a prefix of it, given to a kernel that reads them so as its last
+        (`attention.Causal`: no mask array, no folding).
       implementation, backend, mesh: of each block's attention (`attention.attend_block`).
     Returns:
       `(out, cache)`: `[batch, q_len, heads, head_dim]` in v's dtype, and the cache shard (None
@@ -70,13 +71,14 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
     zero = q.astype(jnp.float32) * 0.0
     seen = (zero, zero[..., 0] - jnp.inf)
     ring = [(i, (i + 1) % n) for i in range(n)]
-    # Splash takes all the queries at once: its scores stay in VMEM and its mask is each query's limit.
-    folded = implementation != "splash" and q_len > query_block and q_len % query_block == 0
+    limits = ordered and window is None and reads_limits(implementation)
+    # A kernel given limits takes all the queries at once: its scores stay in VMEM, and no mask.
+    folded = not limits and q_len > query_block and q_len % query_block == 0
     query_blocks = q_len // query_block if folded else 1
 
     def fold(block, q, q_positions, seen):
         k, v, k_positions = block
-        if ordered and window is None:
+        if limits:
             # The last key at or before each query (a count: searchsorted fails inside this map).
             before = (k_positions[:, None, :] <= q_positions[:, :, None]).sum(-1, dtype=jnp.int32)
             mask = Causal(before - 1, k_positions.shape[1])
@@ -124,9 +126,12 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
       results are combined across the axis by their log-sum-exp.
     """
     keys, values = _keep(cache, k, v, positions, axis_name)
-    slots = keys.shape[2]
-    # The shard's slots in order: a query sees those up to its own position (`Causal`, no mask array).
-    mask = Causal(positions - jax.lax.axis_index(axis_name) * slots, slots, window)
+    batch, slots = keys.shape[0], keys.shape[2]
+    start = jax.lax.axis_index(axis_name) * slots
+    if reads_limits(implementation):  # the shard's slots in order: a query sees those up to its position
+        mask = Causal(positions - start, slots, window)
+    else:
+        mask = causal_mask(positions, jnp.broadcast_to(start + jnp.arange(slots), (batch, slots)), window)
     out, lse = attend_block(q, keys, values, mask, implementation, backend, mesh)
     top = jax.lax.pmax(lse, axis_name)
     weight = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # a shard that sees nothing: 0
