@@ -14,6 +14,7 @@ from phi4_jax import ModelRunner, Phi4Config, Phi4ForCausalLM
 from phi4_jax.model.phi4 import forward
 from phi4_jax.engine.prefill import reach_groups
 from phi4_jax.planner.plan import lower_step
+from phi4_jax.model import xla_tpu
 from phi4_jax.model.backend import Backend
 
 from conftest import greedy_run
@@ -93,3 +94,13 @@ def test_both_forms_give_the_same_tokens(both_forms, batch):
     ids = np.array([prompts[0]], np.int32)
     logits = [np.asarray(forward(e.graphdef, e.params, ids)) for e in engines]
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2, 1), (3,)])
+def test_the_tpu_lookup_form_gives_the_rows_of_a_plain_gather(shape):
+    """`xla_tpu.rows` (one id: gathered with row 0 beside it, then dropped) is `table[ids]`, int8
+    tables included, whatever the ids' shape."""
+    table = jnp.asarray(np.random.default_rng(0).integers(-127, 128, (50, 8)), jnp.int8)
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 50, shape), jnp.int32)
+    got = jax.jit(xla_tpu.rows)(table, ids)
+    assert got.shape == (*shape, 8) and np.array_equal(got, table[ids])

@@ -160,10 +160,9 @@ def test_an_int8_decode_step_reads_the_int8_weights_and_no_float_copy_of_them(pl
     assert 0.5 * bf16["weights_bytes"] < int8["weights_bytes"] < 0.55 * bf16["weights_bytes"]
     decode = int8_plan["steps"]["decode"]
     assert int8_plan["quantize"] == "int8" and decode["cpu_only_dequantized_bytes"] == 0
-    # As bf16's step (above), and at most the int8 embedding shard beside (its lookup may read the shard
-    # whole: TPU gathers int8 rows through its (32, 128) tiling). No copy within HBM.
-    table_shard = CONFIG.vocab_size // 4 * CONFIG.hidden_size
+    # As bf16's step (above). No copy within HBM, nor the int8 table relaid out for the lookup of
+    # one token (XLA's one-row gather, a dynamic slice, did: its shard read and written every step,
+    # 1.035x here; `model/xla_tpu.py`).
     assert decode["memory_copy_bytes"] < 1024
-    assert (decode["main_memory_bytes_in_loops"]
-            <= 1.02 * int8["decode_reads_bytes"] + int8["kv_cache_bytes"] + table_shard)
+    assert decode["main_memory_bytes_in_loops"] <= 1.02 * (int8["decode_reads_bytes"] + int8["kv_cache_bytes"])
     assert decode["main_memory_bytes_in_loops"] < 0.7 * plans["tensor"]["steps"]["decode"]["main_memory_bytes_in_loops"]

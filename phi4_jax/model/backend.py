@@ -2,10 +2,10 @@
 
 XLA:CPU runs some products much faster written another way than the plain forms GPUs and TPUs
 share (`model/xla_cpu.py`); XLA's GPU compiler wants the decode step's attention product written
-its own way (`model/xla_gpu.py`). Which forms a program uses is this static, hashable value: the
-model carries it (so it is in the graph definition, and with it in every jit cache key), built
-from the platform its arrays live on, or given explicitly when compiling for another target (the
-memory planner).
+its own way (`model/xla_gpu.py`), and its TPU compiler a one-token lookup (`model/xla_tpu.py`).
+Which forms a program uses is this static, hashable value: the model carries it (so it is in the
+graph definition, and with it in every jit cache key), built from the platform its arrays live
+on, or given explicitly when compiling for another target (the memory planner).
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ class Backend:
         `xla_cpu.chunked_product`): XLA:CPU writes a converted operand to memory before its matmul;
         accelerators fuse it."""
         return self.platform == "cpu"
+
+
+    # XLA's TPU compiler's own form.
+    @property
+    def two_row_lookup(self) -> bool:
+        """A lookup of one id gathers a second row and drops it (`xla_tpu.rows`): XLA's TPU compiler
+        relays an int8 table out of its tiling for a one-row gather."""
+        return self.platform == "tpu"
 
 
 ACCELERATOR = Backend("gpu")  # the plain forms (GPU and TPU programs are traced alike)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.model import attention as attn
-from phi4_jax.model import int8, vocab_parallel, xla_cpu
+from phi4_jax.model import int8, vocab_parallel, xla_cpu, xla_tpu
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.cache import KVCache, write
 from phi4_jax.model.ring import cache_attend, ring_attend
@@ -100,9 +100,10 @@ class VocabTable(nnx.Module):
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         scale = self.scale[...] if hasattr(self, "scale") else None
+        take = xla_tpu.rows if self.backend.two_row_lookup else lambda table, ids: table[ids]
         if self.split is not None:
-            return vocab_parallel.lookup(self.split, self.weight[...], scale, input_ids, self.dtype)
-        rows = self.weight[...][input_ids]
+            return vocab_parallel.lookup(self.split, self.weight[...], scale, input_ids, self.dtype, take)
+        rows = take(self.weight[...], input_ids)
         if scale is not None:
             return (rows * scale[input_ids][..., None]).astype(self.dtype)
         return rows.astype(self.dtype)

@@ -17,16 +17,18 @@ from jax.sharding import Mesh, PartitionSpec
 AXIS = "tensor"
 
 
-def lookup(mesh: Mesh, weight: jax.Array, scale: jax.Array | None, ids: jax.Array, dtype) -> jax.Array:
+def lookup(mesh: Mesh, weight: jax.Array, scale: jax.Array | None, ids: jax.Array, dtype,
+           take=lambda table, ids: table[ids]) -> jax.Array:
     """Rows `[..., embed]` (in `dtype`) of `weight` `[vocab, embed]` (times `scale` `[vocab]`, when
     quantized) for `ids`, with the vocabulary split evenly over `mesh`'s tensor axis. Only `tensor` is
-    manual here: the embed axis's and the batch's shardings are left to the compiler."""
+    manual here: the embed axis's and the batch's shardings are left to the compiler. `take(table,
+    ids)`: the backend's form of the local lookup (`table[ids]`)."""
     def local(ids, weight, *scale):
         shard = weight.shape[0]
         index = ids - jax.lax.axis_index(AXIS) * shard
         held = (index >= 0) & (index < shard)
         index = jnp.where(held, index, 0)
-        found = weight[index]
+        found = take(weight, index)
         if scale:  # (as the plain lookup: the int8 row times its scale in float32, then the dtype)
             found = found * scale[0][index][..., None]
         return jax.lax.psum(jnp.where(held[..., None], found.astype(dtype), 0), AXIS)  # (one term is not 0)
