@@ -33,9 +33,9 @@ def forms(step: str, batch: int, platform: str) -> dict:
     attention = [a if cache.fullmatch(b) else b for a, b in dots if cache.fullmatch(a) or cache.fullmatch(b)]
     return {"dots": len(dots), "attention_dots": len(attention),
             "attention_ranks": sorted({t.count("x") for t in attention}),
-            # (a weight-first product's barrier holds one value; between groups of prompt pieces one
-            # holds the logits and the cache)
-            "weight_first": len(re.findall(r"= stablehlo\.optimization_barrier %[\w#]+ :", text)),
+            # (a weight-first product's barrier holds one 2-D value; each layer's hidden states have
+            # one of their own, and between groups of prompt pieces one holds the logits and the cache)
+            "weight_first": len(re.findall(r"= stablehlo\.optimization_barrier %[\w#]+ : tensor<\d+x\d+x[a-z]", text)),
             "one_row_cache": f"tensor<{kv}x{CONTEXT}x{d}xf32>" in text}
 
 

@@ -226,6 +226,9 @@ class Phi4Model(nnx.Module):
         written = []
         for layer, kv_cache in zip(self.layers, layer_caches):
             h, kv_cache = layer(h, cos, sin, positions, mask, path, kv_cache)
+            # Each layer's hidden states as they are: else a compiler may rewrite the residual stream
+            # as one sum of every layer's outputs at the end, holding all of them to the last layer.
+            h = jax.lax.optimization_barrier(h)
             written.append(kv_cache)
         return self.norm(h), None if cache is None else KVCache(*(tuple(part) for part in zip(*written)))
 
