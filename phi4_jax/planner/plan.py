@@ -23,6 +23,7 @@ import contextlib
 import functools
 import math
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,7 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
                           "(a TPU slice such as v5e:2x4, or h100:8); fake CPU devices compile XLA's attention")
     steps = {}
     for name in ("prefill", "decode"):
+        started = time.perf_counter()
         try:
             # (Mosaic lowers a TPU kernel for the default device's chip: the target's, not the CPU's.)
             with _no_persistent_cache(own), jax.default_device(mesh.devices.flat[0]):
@@ -91,11 +93,13 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
                 raise
             steps[name] = {"refused": str(e).splitlines()[0], "temp_bytes": needed}
             continue
+        # Tracing, lowering and compiling on this machine (the target's compiler where it is one).
+        seconds = time.perf_counter() - started
         # XLA:CPU's bf16 upcasts (see the module's docstring) need a float32 bound; an accelerator's has none.
         upper = real if own or jnp.dtype(dtype) == jnp.float32 else lower_step(
             name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend,
             quantize).compile()
-        steps[name] = _report(real, upper, cpu_compile=not own)
+        steps[name] = _report(real, upper, cpu_compile=not own) | {"compile_seconds": round(seconds, 1)}
         if own:  # XLA's own figures, each loop body counted once (XLA:CPU's would be for its own program)
             cost = real.cost_analysis() or {}
             steps[name].update(xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
