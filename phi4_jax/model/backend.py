@@ -59,7 +59,6 @@ class Backend:
         accelerators fuse it."""
         return self.platform == "cpu"
 
-
     # XLA's TPU compiler's own form.
     @property
     def two_row_lookup(self) -> bool:

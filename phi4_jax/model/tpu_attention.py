@@ -8,13 +8,14 @@ implementation of `attention.attend_block`:
   path inside the same implementation: one 128-row query block would mostly compute padding.
 - Lengths that are not a multiple of 128 are padded with masked queries and keys (the padding of
   the keys copies the block: only a prompt of odd length in one piece has one).
-- The mask comes in either of the interface's forms. An `attention.Causal` (a prompt or a piece
-  over the cache: each query's last visible key) needs no array: the kernel computes each block's
-  mask from the limits (splash's `q_sequence` and a mask function, as its static `CausalMask` does,
-  but with the offset a traced value), and which blocks are empty, partial or full comes from each
-  query block's least and greatest limit (`splash_causal`). A `[batch, q, k]` array (ring blocks,
-  the split cache) goes in as splash's dynamic mask: cut into blocks of the whole array at every
-  call, the empty ones skipped (`splash_block`).
+- The mask comes in either of the interface's forms. An `attention.Causal` (a prompt, a piece
+  over the cache, a zig-zag ring block, a split cache's shard: each query's last visible key)
+  needs no array: the kernel computes each block's mask from the limits (splash's `q_sequence` and
+  a mask function, as its static `CausalMask` does, but with the offset a traced value), and which
+  blocks are empty, partial or full comes from each query block's least and greatest limit
+  (`splash_causal`). A `[batch, q, k]` array (a windowed ring block, a caller's own mask) goes in
+  as splash's dynamic mask: cut into blocks of the whole array at every call, the empty ones
+  skipped (`splash_block`).
 - `attention.attend` (the dense path: prompts, and training) takes the kernel's form without the
   log-sum-exp, which has a gradient (the form with it has none in JAX); ring and split-cache
   blocks need the log-sum-exp to merge, so they run but do not differentiate.
