@@ -1,15 +1,19 @@
 """TPU programs compiled on this CPU machine for a described v5e slice (libtpu; no TPU): the engine's
 prefill and decode on `tensor` and `seq` meshes, their memory, bytes and collectives as designed."""
 
+import dataclasses
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from phi4_jax.config import Phi4Config
 from phi4_jax.model import attention
+from phi4_jax.model.backend import Backend
 from phi4_jax.errors import ConfigError
 from phi4_jax.parallel import mesh as meshes
-from phi4_jax.planner import plan, targets
+from phi4_jax.planner import hlo, plan, targets
 
 # One worker compiles the plans, once; compiling for a TPU slice is slow, so these run with the slow tests.
 pytestmark = [pytest.mark.xdist_group("tpu"), pytest.mark.slow]
@@ -130,14 +134,6 @@ def test_a_ring_prefill_holds_one_layers_hidden_states_not_every_layers():
     compiler wrote the residual stream as one sum of every layer's outputs in a fusion at the end
     (16 operands of a chip's hidden-state shape), each output live to the last layer (temporaries
     62 MB here, 30 MB with the barrier; at 128K on v5e-8, 6.6 GB against 1.4 GB)."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    from phi4_jax.model.backend import Backend
-    from phi4_jax.planner import hlo
-
     config, context = dataclasses.replace(CONFIG, num_hidden_layers=12), 8192
     mesh = meshes.make_mesh("seq=4", targets.devices(SLICE))
     with jax.default_device(mesh.devices.flat[0]):
