@@ -49,7 +49,8 @@ def test_the_wheel_in_a_fresh_virtualenv_runs_every_command(tmp_path):
     step([sys.executable, "-m", "venv", venv])
     # Its dependencies come from pip's index (and cache), pinned as CI pins them; without bytecode for
     # every file (as CI installs: Python compiles what the commands import).
-    step([venv / "bin" / "pip", "install", "-q", "--no-compile", "-c", ROOT / ".ci" / "constraints.txt", f"{wheel}[tpu]"])
+    step([venv / "bin" / "pip", "install", "-q", "--no-compile", "-c", ROOT / ".ci" / "constraints.txt",
+          f"{wheel}[tpu]"])
     work = tmp_path / "work"
     work.mkdir()
     # The user's environment: none of the test run's JAX settings, no checkout on the path.
