@@ -14,7 +14,7 @@ from phi4_jax import ModelRunner, Phi4Config, Phi4ForCausalLM
 from phi4_jax.model.phi4 import forward
 from phi4_jax.engine.prefill import reach_groups
 from phi4_jax.planner.plan import lower_step
-from phi4_jax.model import xla_tpu
+from phi4_jax.model import cache, xla_tpu
 from phi4_jax.model.backend import Backend
 
 from conftest import greedy_run
@@ -104,3 +104,21 @@ def test_the_tpu_lookup_form_gives_the_rows_of_a_plain_gather(shape):
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 50, shape), jnp.int32)
     got = jax.jit(xla_tpu.rows)(table, ids)
     assert got.shape == (*shape, 8) and np.array_equal(got, table[ids])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_the_tpu_cache_writes_put_each_token_where_the_plain_writes_do(tokens):
+    """`cache.write` and `cache.write_at` traced for a TPU (one token pinned to the cache's layout,
+    the split cache's one-token write as one window a row) write what the plain forms write, a slot
+    past the cache's end dropped."""
+    rng = np.random.default_rng(2)
+    layer = jnp.asarray(rng.standard_normal((3, 2, 8, 4)), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((3, 2, tokens, 4)), jnp.float32)
+    starts = jnp.asarray([0, 5, 8 - tokens], jnp.int32)
+    slots = jnp.asarray([[8] * tokens, [7 - t for t in range(tokens)], [3 + t for t in range(tokens)]], jnp.int32)
+    tpu = Backend("tpu")
+    written = jax.jit(lambda c, n, s: cache.write(c, n, s, tpu))(layer, new, starts)
+    assert np.array_equal(written, cache.write(layer, new, starts))
+    placed = jax.jit(lambda c, n, s: cache.write_at(c, n, s, tpu))(layer, new, slots)
+    assert np.array_equal(placed, cache.write_at(layer, new, slots))
+    assert np.array_equal(placed[0], layer[0]) and np.array_equal(placed[2, :, 3:3 + tokens], new[2])

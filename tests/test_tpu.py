@@ -146,6 +146,25 @@ def test_a_ring_prefill_holds_one_layers_hidden_states_not_every_layers():
     assert 1 <= max(counts) <= 4, sorted(counts)[-5:]
 
 
+@pytest.mark.parametrize("mesh_spec, batch, context", [("tensor=1", 1, 32768), ("seq=4", 2, 65536)])
+def test_a_decode_call_keeps_the_cache_where_it_lies_with_several_kv_heads_a_chip(mesh_spec, batch, context):
+    """8 KV heads on a chip (one device, or each seq shard), 256 MB of cache a chip: the new token's
+    keys/values pinned to the cache's layout (`xla_tpu.as_cache_layout`), the decode loop carries
+    the cache as it is stored, for the plain write (`cache.write`) and the split cache's
+    (`cache.write_at`): nothing runs outside the loop but scalars. Left free, XLA's TPU compiler
+    relaid each layer out token-major into the loop and back (963 MB a call here)."""
+    config = dataclasses.replace(CONFIG, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                                 num_hidden_layers=2, max_position_embeddings=context,
+                                 original_max_position_embeddings=context)
+    mesh = meshes.make_mesh(mesh_spec, targets.devices(SLICE))
+    with jax.default_device(mesh.devices.flat[0]):
+        program = hlo.parse(plan.lower_step("decode", config, mesh, context, batch, jnp.dtype(jnp.bfloat16), 256,
+                                            Backend("tpu")).compile().as_text())
+    cache = 2 * config.num_hidden_layers * batch * 8 * (context // mesh.shape["seq"]) * 128 * 2  # a chip's
+    outside = hlo.main_memory_bytes(program) - hlo.main_memory_bytes(program, looped=True)
+    assert cache >= 2**28 and outside < cache / 1000 and hlo.memory_copy_bytes(program) < cache / 1000
+
+
 def test_a_slice_that_libtpu_cannot_describe_is_a_config_error():
     with pytest.raises(ConfigError, match=re.escape(targets.TPU_EXAMPLES)):
         targets.devices("v5e:1x1")  # a slice fills a host

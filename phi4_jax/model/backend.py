@@ -59,7 +59,14 @@ class Backend:
         accelerators fuse it."""
         return self.platform == "cpu"
 
-    # XLA's TPU compiler's own form.
+    # XLA's TPU compiler's own forms.
+    @property
+    def pinned_token_writes(self) -> bool:
+        """A decode step's new keys/values are pinned to the cache's layout before their write
+        (`xla_tpu.as_cache_layout`, in `cache.write`/`write_at`): left free, XLA's TPU compiler lays
+        the decode loop's cache out token-major for that write, relaying every layer at each call."""
+        return self.platform == "tpu"
+
     @property
     def two_row_lookup(self) -> bool:
         """A lookup of one id gathers a second row and drops it (`xla_tpu.rows`): XLA's TPU compiler

@@ -153,8 +153,7 @@ class Attention(nnx.Module):
             out, kv_cache = cache_attend(path.mesh, q, k, v, positions, kv_cache, self.window, **kernel)
         else:
             if kv_cache is not None:  # the tokens are contiguous: row b from slot positions[b, 0]
-                one_row = self.backend.one_row_cache
-                kv_cache = tuple(write(c, x, positions[:, 0], one_row) for c, x in zip(kv_cache, (k, v)))
+                kv_cache = tuple(write(c, x, positions[:, 0], self.backend) for c, x in zip(kv_cache, (k, v)))
                 if path.slots is not None:
                     k, v = (c[:, :, :path.slots] for c in kv_cache)
             out = (attn.attend_causal if path.ordered else attn.attend)(q, k, v, mask, **kernel, mesh=self.mesh)

@@ -101,7 +101,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Ar
                                     seen, new)
             seen = jax.lax.fori_loop(0, query_blocks, one_block, seen)
         if cache is not None:
-            cache = _keep(cache, *block, axis_name)
+            cache = _keep(cache, *block, axis_name, backend)
         return (following, seen, cache), None
 
     (_, (out, _), cache), _ = jax.lax.scan(step, ((k, v, k_positions), seen, cache), length=n)
@@ -125,7 +125,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
       written where it owns their slots). Each device attends over its own shard; the partial
       results are combined across the axis by their log-sum-exp.
     """
-    keys, values = _keep(cache, k, v, positions, axis_name)
+    keys, values = _keep(cache, k, v, positions, axis_name, backend)
     batch, slots = keys.shape[0], keys.shape[2]
     start = jax.lax.axis_index(axis_name) * slots
     if reads_limits(implementation):  # the shard's slots in order: a query sees those up to its position
@@ -139,14 +139,14 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     return (out / jnp.where(total > 0, total, 1.0)[..., None]).astype(v.dtype), (keys, values)
 
 
-def _keep(cache, k, v, positions, axis_name):
+def _keep(cache, k, v, positions, axis_name, backend: Backend):
     """Writes the keys/values `[B, KV, T, D]` whose positions `[B, T]` fall in this device's shard
-    of the cache into it; the rest are dropped."""
+    of the cache into it (`backend`: `cache.write_at`'s); the rest are dropped."""
     keys, values = cache
     slots = keys.shape[2]
     local = positions - jax.lax.axis_index(axis_name) * slots
     local = jnp.where((local >= 0) & (local < slots), local, slots)  # out of range: dropped
-    return write_at(keys, k, local), write_at(values, v, local)
+    return write_at(keys, k, local, backend), write_at(values, v, local, backend)
 
 
 def zigzag_order(length: int, n: int) -> np.ndarray:
