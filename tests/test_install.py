@@ -47,10 +47,8 @@ def test_the_wheel_in_a_fresh_virtualenv_runs_every_command(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("phi4_jax-*.whl")
     venv = tmp_path / "venv"
     step([sys.executable, "-m", "venv", venv])
-    # Its dependencies come from pip's index (and cache), pinned as CI pins them; without bytecode for
-    # every file (as CI installs: Python compiles what the commands import).
-    step([venv / "bin" / "pip", "install", "-q", "--no-compile", "-c", ROOT / ".ci" / "constraints.txt",
-          f"{wheel}[tpu]"])
+    # Its dependencies come from pip's index (and cache), pinned as CI pins them.
+    step([venv / "bin" / "pip", "install", "-q", "-c", ROOT / ".ci" / "constraints.txt", f"{wheel}[tpu]"])
     work = tmp_path / "work"
     work.mkdir()
     # The user's environment: none of the test run's JAX settings, no checkout on the path.
@@ -72,10 +70,10 @@ def test_the_wheel_in_a_fresh_virtualenv_runs_every_command(tmp_path):
     back = load_file(work / "hf" / "model.safetensors")
     assert shipped.keys() == back.keys() and all((shipped[k] == back[k]).all() for k in shipped)
 
-    gpu = run([phi4_jax, "plan", "--model", "phi-4-mini", "--mesh", "tensor=2", "--context", "1k", "--dtype", "float32",
+    gpu = run([phi4_jax, "plan", "--model", "tiny", "--mesh", "tensor=2", "--context", "256", "--dtype", "float32",
                "--json"], work, env)  # (float32: one compile a step, where bfloat16 adds a float32 bound)
     (record,) = json.loads(gpu.stdout)
-    assert gpu.returncode == 0 and record["devices"] == 2 and record["model"]["parameters"] == 3836021760
+    assert gpu.returncode == 0 and record["devices"] == 2 and record["per_device"]["needed_bytes"] > 0
     tpu = run([phi4_jax, "plan", "--model", "tiny", "--target", "v5e:2x2", "--mesh", "tensor=4", "--context", "256"],
               work, env)
     assert tpu.returncode == 0 and "decode on one TPU v5e:" in tpu.stdout, tpu.stdout
