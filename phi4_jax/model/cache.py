@@ -41,8 +41,9 @@ class KVCache(NamedTuple):
 def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array, backend: Backend | None = None) -> jax.Array:
     """Writes `new` `[batch, kv_heads, T, head_dim]` into each row's slots `starts[b] .. + T`.
     `backend` (None: the plain form) picks a compiler's own forms: a one-row cache on XLA:CPU, written
-    with a plain update of it (`Backend.one_row_cache`); one token on a TPU (`_as_stored`)."""
-    new = _as_stored(new, backend)
+    with a plain update of it (`Backend.one_row_cache`); one token on a TPU (`Backend.pinned_token_writes`)."""
+    if _pinned(new, backend):
+        new = xla_tpu.as_cache_layout(new)
     if backend is not None and backend.one_row_cache and cache_layer.shape[0] == 1:  # the engine's one-row loop
         return xla_cpu.write_one_row(cache_layer, new, starts[0])
 
@@ -55,23 +56,12 @@ def write(cache_layer: jax.Array, new: jax.Array, starts: jax.Array, backend: Ba
 def write_at(cache_layer: jax.Array, new: jax.Array, slots: jax.Array, backend: Backend | None = None) -> jax.Array:
     """Writes `new` `[batch, kv_heads, T, head_dim]` at `slots[b, t]` (any order, as in a zig-zagged
     ring prefill); a slot past the cache's end is dropped. `backend`: as in `write`."""
-    new = _as_stored(new, backend)
-    if backend is not None and backend.pinned_token_writes and new.shape[2] == 1:
-        # One token a row, as `write` writes it: each row's [KV, 1, D] window at its slot (dropped
-        # past the end). A scatter of [KV, D] windows at rows x slots would want the cache
-        # token-major, each window contiguous, and bring back the relayout.
-        index = jnp.stack([jnp.arange(new.shape[0]), slots[:, 0]], axis=1)
-        numbers = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
-                                                  scatter_dims_to_operand_dims=(0, 2))
-        return jax.lax.scatter(cache_layer, index, new.astype(cache_layer.dtype), numbers,
-                               mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+    if _pinned(new, backend):  # (its scatter of [KV, D] windows would want the cache token-major)
+        return xla_tpu.write_token_at(cache_layer, new, slots)
     rows = jnp.arange(new.shape[0])[:, None]
     return cache_layer.at[rows, :, slots].set(new.transpose(0, 2, 1, 3).astype(cache_layer.dtype), mode="drop")
 
 
-def _as_stored(new: jax.Array, backend: Backend | None) -> jax.Array:
-    """One token's keys or values, pinned to the cache's own layout where the compiler would
-    otherwise lay the cache out for their write (`Backend.pinned_token_writes`)."""
-    if backend is not None and backend.pinned_token_writes and new.shape[2] == 1:
-        return xla_tpu.as_cache_layout(new)
-    return new
+def _pinned(new: jax.Array, backend: Backend | None) -> bool:
+    """Whether `new` is one token a row written in the TPU's form (`Backend.pinned_token_writes`)."""
+    return backend is not None and backend.pinned_token_writes and new.shape[2] == 1
