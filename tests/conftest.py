@@ -4,8 +4,16 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
+
+# The test command installs without compiling bytecode (`pip install --no-compile`: most of torch's
+# and transformers' modules are never imported here); the first process to import a module writes
+# its bytecode, for the other workers and the processes tests start, also where the machine sets
+# PYTHONDONTWRITEBYTECODE (every process would compile them again).
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Meshes are simulated with 8 CPU devices; this must happen before jax is imported. The tests' programs
 # are tiny and many, so compiling them is half the suite's time: XLA:CPU's LLVM backend at -O0 compiles

@@ -311,3 +311,44 @@ def test_decode_updates_the_cache_in_place_and_reads_it_as_it_lies(engines, batc
     assert made((kv, slots, d)).count("fusion") == 2 * layers
     assert "copy" not in made((kv, slots, d))
     assert made((kv, d, slots)) == []
+
+
+def test_prompt_logprobs_are_transformers_log_softmax_over_each_prompt(tiny_model):
+    """`SamplingParams.prompt_logprobs`: prompts packed together (one across LongRoPE's threshold,
+    one asking nothing, one again once its tokens are held, which is scored all the same) get each
+    prompt token's log-probability and the likeliest ones: transformers' log-softmax of the prompt's
+    logits (float32, eager); the generated tokens are unchanged."""
+    from phi4_jax.engine.engine import Engine
+
+    model, hf = tiny_model("phi-4-mini")
+    engine = Engine(ModelRunner(model), max_batch=4, prefill_tokens=64)
+    batch = prompts(seed=21, lengths=(5, 23, 9))
+    asks = [3, None, 0]
+    for i, (prompt, k) in enumerate(zip(batch, asks)):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, prompt_logprobs=k))
+    outputs = list(engine.outputs())
+    engine.add_request("again", batch[0], SamplingParams(max_tokens=4, prompt_logprobs=3))  # (its prefix is held)
+    outputs += list(engine.outputs())
+    scored = {o.request_id: o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None}
+    assert sorted(scored) == ["0", "2", "again"]
+    # (packed alone at another width: the same numbers but for rounding)
+    assert [[t for t, _ in e[1]] for e in scored["again"][1:]] == [[t for t, _ in e[1]] for e in scored["0"][1:]]
+    np.testing.assert_allclose([e[0] for e in scored["again"][1:]], [e[0] for e in scored["0"][1:]], atol=1e-6)
+    for key, prompt, k in [("0", batch[0], 3), ("2", batch[2], 0)]:
+        with torch.no_grad():
+            want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1).numpy()
+        entries = scored[key]
+        assert len(entries) == len(prompt) and entries[0] is None
+        got = [e[0] for e in entries[1:]]
+        np.testing.assert_allclose(got, want[np.arange(len(prompt) - 1), prompt[1:]], rtol=0, atol=1e-5)
+        for (_, top, rank), row, token in zip(entries[1:], want, prompt[1:]):
+            assert rank == 1 + (row > row[token]).sum()
+            assert [t for t, _ in top] == np.argsort(-row)[:k].tolist()
+            np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:k], rtol=0, atol=1e-5)
+    tokens = {}
+    for o in outputs:
+        tokens.setdefault(o.request_id, []).extend(o.token_ids)
+    for key, prompt in [("0", batch[0]), ("1", batch[1]), ("2", batch[2])]:
+        assert tokens[key] == run(engine.runner, [prompt], SamplingParams(max_tokens=4))[0][0]
+    with pytest.raises(ConfigError, match="prompt_logprobs needs a prompt of at most 64 tokens"):
+        engine.add_request("long", list(range(3, 70)), SamplingParams(prompt_logprobs=1))

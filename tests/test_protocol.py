@@ -131,16 +131,17 @@ def test_a_bad_completion_request_is_refused_naming_the_field(body, param):
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
-FIELDS = sorted(set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields) | {"logit_bias"})
+KINDS = [ChatCompletionRequest, CompletionRequest, protocol.TokenizeRequest, protocol.DetokenizeRequest]
+FIELDS = sorted({name for kind in KINDS for name in kind.model_fields} | {"logit_bias"})
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(kind=st.sampled_from([ChatCompletionRequest, CompletionRequest]),
-       body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | JSON)
+@given(kind=st.sampled_from(KINDS), body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | JSON)
 def test_any_json_body_is_a_request_or_a_request_error(kind, body):
     try:
         request = parse(kind, body)
-        protocol.sampling_params(request, 16)
+        if kind in (ChatCompletionRequest, CompletionRequest):
+            protocol.sampling_params(request, 16)
     except RequestError as e:
         assert e.status == 400 and isinstance(e.message, str) and e.message
         json.dumps(error_body(e))  # always serialisable

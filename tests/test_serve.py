@@ -205,6 +205,90 @@ def test_logprobs_are_transformers_log_softmax_streamed_or_not(client, demo):
     assert text.choices[0].logprobs.text_offset == list(np.cumsum([0] + [len(e.token) for e in entries[:-1]]))
 
 
+def test_echo_scores_the_prompt_as_transformers_does_for_lm_eval(server, client, demo):
+    """Text completions with `echo` and `logprobs`, as lm-evaluation-harness's `local-completions`
+    sends them for log-likelihoods (token-id prompts in one request, `max_tokens` 1, `logprobs` 1)
+    and with `max_tokens` 0 (the prompt scored only): the prompt's tokens come first, the first
+    without a log-probability, each the log-softmax transformers gives (float32, eager), the
+    likeliest and the chosen one in `top_logprobs`; vLLM's `prompt_logprobs` agree."""
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    model, tokenizer = demo
+    hf = Phi3ForCausalLM.from_pretrained(resolve("demo").folder, attn_implementation="eager",
+                                         torch_dtype=torch.float32).eval()
+    prompts = [tokenizer.encode(q + " It is") for q in QUESTIONS[:3]]
+    scored = client.completions.create(model="demo", prompt=prompts, max_tokens=1, logprobs=1, echo=True,
+                                       temperature=0, seed=1234)
+    assert len(scored.choices) == 3
+    for choice, prompt in zip(sorted(scored.choices, key=lambda c: c.index), prompts):
+        lp = choice.logprobs
+        with torch.no_grad():
+            want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1).numpy()
+        assert lp.tokens[:len(prompt)] == [tokenizer.decode([i]) for i in prompt] and len(lp.tokens) == len(prompt) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        np.testing.assert_allclose(lp.token_logprobs[1:len(prompt)], want[np.arange(len(prompt) - 1), prompt[1:]],
+                                   rtol=0, atol=1e-4)
+        for top, row, token in zip(lp.top_logprobs[1:len(prompt)], want, prompt[1:]):
+            best = int(np.argmax(row))
+            assert set(top) == {tokenizer.decode([best]), tokenizer.decode([token])}
+            assert top[tokenizer.decode([best])] == pytest.approx(row[best], abs=1e-4)
+        assert choice.text.startswith(tokenizer.decode(prompt))
+        # The generated token: the greedy one after the prompt.
+        assert lp.token_logprobs[-1] == pytest.approx(want[-1].max(), abs=1e-4)
+    text = QUESTIONS[5]
+    only = client.completions.create(model="demo", prompt=text, max_tokens=0, echo=True, logprobs=0,
+                                     extra_body={"prompt_logprobs": 2})
+    choice, prompt = only.choices[0], tokenizer.encode(text)
+    assert (choice.text, choice.finish_reason, only.usage.completion_tokens) == (text, "length", 0)
+    assert len(choice.logprobs.tokens) == len(prompt)
+    vllm = choice.model_extra["prompt_logprobs"]
+    assert vllm[0] is None and len(vllm) == len(prompt)
+    for entry, token, logprob in zip(vllm[1:], prompt[1:], choice.logprobs.token_logprobs[1:]):
+        assert entry[str(token)]["logprob"] == logprob and len(entry) in (2, 3)  # (the two likeliest, and it)
+        assert {1, 2} <= {e["rank"] for e in entry.values()} and entry[str(token)]["rank"] >= 1
+    code, error = post_json(f"{server[1]}/v1/completions", {"prompt": text, "max_tokens": 0})
+    assert (code, error["error"]["param"]) == (400, "max_tokens")
+    code, error = post_json(f"{server[1]}/v1/completions", {"prompt": text, "prompt_logprobs": 1, "stream": True})
+    assert (code, error["error"]["param"]) == (400, "prompt_logprobs")
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    return request(url, json.dumps(body).encode())
+
+
+def test_tokenizer_endpoints_answer_in_vllms_shapes_as_transformers_tokenizes(server, demo):
+    """/tokenize (a text with special tokens added or not, or a chat rendered by its template, with
+    the vocabulary's token strings), /detokenize and /tokenizer_info, as lm-eval's remote tokenizer
+    reads them: transformers' tokenizer of the demo folder gives the same ids, strings and text."""
+    from transformers import AutoTokenizer
+
+    url = server[1]
+    hf = AutoTokenizer.from_pretrained(resolve("demo").folder)
+    text = "What is 482+37?<|end|> héllo  wörld"
+    for add in (True, False):
+        status, body = post_json(f"{url}/tokenize", {"prompt": text, "add_special_tokens": add,
+                                                     "return_token_strs": True})
+        ids = hf.encode(text, add_special_tokens=add)
+        assert (status, body["tokens"], body["count"]) == (200, ids, len(ids))
+        assert body["token_strs"] == hf.convert_ids_to_tokens(ids)
+        assert body["max_model_len"] == demo[0].config.max_position_embeddings
+    messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": QUESTIONS[4]}]
+    status, chat = post_json(f"{url}/tokenize", {"model": "demo", "messages": messages})
+    assert status == 200 and chat["token_strs"] is None
+    assert chat["tokens"] == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
+    assert post_json(f"{url}/detokenize", {"tokens": chat["tokens"]}) == (200, {"prompt": hf.decode(chat["tokens"])})
+    status, info = request(f"{url}/tokenizer_info")
+    assert status == 200 and (info["eos_token"], info["chat_template"]) == (hf.eos_token, hf.chat_template)
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                              ("/tokenize", {"prompt": 5}, "prompt"),
+                              ("/detokenize", {"tokens": [1, len(hf)]}, "tokens"),
+                              ("/detokenize", {"tokens": [1], "model": "gpt-4"}, "model")]:
+        status, answer = post_json(f"{url}{path}", body)
+        assert status in (400, 404) and answer["error"]["param"] == param, (path, body)
+
+
 BAD = [  # (body, status, the field the error names)
     (b"{not json", 400, None),
     (b"\xff\xfe", 400, None),

@@ -132,6 +132,19 @@ def test_metrics_count_requests_tokens_and_latencies(server):
     assert after[("phi4_jax_slots_max", ())] == 4 and after[("phi4_jax_rows_running", ())] == 0
     assert delta("phi4_jax_scheduler_seconds_total", kind="prefill") > 0
     assert delta("phi4_jax_scheduler_seconds_total", kind="decode") > 0
+    # The same under vLLM's names, with its model_name label (finished_reason for our reason).
+    vllm = {"phi4_jax_prompt_tokens_total": "vllm:prompt_tokens_total",
+            "phi4_jax_generation_tokens_total": "vllm:generation_tokens_total",
+            "phi4_jax_time_to_first_token_seconds_count": "vllm:time_to_first_token_seconds_count",
+            "phi4_jax_inter_token_latency_seconds_count": "vllm:inter_token_latency_seconds_count",
+            "phi4_jax_e2e_request_latency_seconds_count": "vllm:e2e_request_latency_seconds_count"}
+    for ours, theirs in vllm.items():
+        assert delta(theirs, model_name="demo") == delta(ours) > 0, theirs
+    finished = {r: delta("phi4_jax_rows_finished_total", reason=r) for r in ("stop", "length")}
+    assert sum(finished.values()) == 3
+    assert {r: delta("vllm:request_success_total", model_name="demo", finished_reason=r) for r in finished} == finished
+    assert after[("vllm:num_requests_running", (("model_name", "demo"),))] == 0
+    assert after[("vllm:kv_cache_usage_perc", (("model_name", "demo"),))] == 0
 
 
 def test_an_api_key_guards_v1_and_nothing_else(server):

@@ -113,12 +113,14 @@ def test_the_servers_streamed_deltas_add_up_to_its_whole_message(phi4_mini, case
     from phi4_jax.engine.sampling import SamplingParams
     from phi4_jax.engine.stats import RequestStats
     from phi4_jax.server.app import _Choice, _delta, _whole
+    from phi4_jax.server.protocol import ChatCompletionRequest
 
     output, content, calls = OUTPUTS[case]
     end = phi4_mini.token_to_id("<|end|>")
     ids = phi4_mini.encode(output) + [end]
     decoder = phi4_mini.stream(stop_ids={end})
-    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), SamplingParams(), tools=True)
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), request, SamplingParams(), [1], tools=True)
     deltas = []
     for start in range(0, len(ids), 3):
         last = start + 3 >= len(ids)

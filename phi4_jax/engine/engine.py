@@ -49,7 +49,9 @@ class RequestOutput:
     characters, no part of a stop string), and, on its last output, `finish_reason`: "stop" (a stop
     token or string), "length", "abort" (`Engine.abort`) or "error" (with `error`). `logprobs`
     (when its params ask): per new token, (its log-probability, [(token, log-probability) of the
-    most likely ones]). `stats`: the request's counts and rates so far."""
+    most likely ones]). `prompt_logprobs` (when its params ask; on its first output): per prompt
+    token, None for the first, then (its log-probability, [(token, log-probability) of the most
+    likely ones]). `stats`: the request's counts and rates so far."""
 
     request_id: str
     token_ids: list[int]
@@ -58,6 +60,7 @@ class RequestOutput:
     stats: stats.RequestStats
     logprobs: list | None = None
     error: str | None = None
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
@@ -72,6 +75,7 @@ class _Running:
         self.decoder = tokenizer.stream(stop=request.params.stop, stop_ids=request.stop_ids) if tokenizer else None
         self.stats = stats.RequestStats.arriving(len(request.ids))
         self.ended: str | None = None  # "abort" or "stop": to end at the next step
+        self.prompt_logprobs: list | None = None  # (computed at its prefill, sent with its first output)
 
 
 class Engine:
@@ -146,6 +150,9 @@ class Engine:
                               "(prompt + generated tokens): shorten the prompt or raise --max-context")
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer: give the Engine one, or use stop_token_ids")
+        if params.prompt_logprobs is not None and len(ids) > self.scheduler.prefill_tokens:
+            raise ConfigError(f"prompt_logprobs needs a prompt of at most {self.scheduler.prefill_tokens} tokens "
+                              f"(the engine's prefill_tokens: it is read in one piece), got {len(ids)}")
         if stop_ids is None:
             model_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
             stop_ids = request_stop_ids(model_ids, params.ignore_eos, params.stop_token_ids)
@@ -278,6 +285,9 @@ class Engine:
         while requests:
             packed, later = [], []
             for request in requests:
+                if request.params.prompt_logprobs is not None:  # (scored from its own prefill: all of it)
+                    packed.append(request)
+                    continue
                 held = [(g, *g.held_prefix(request.ids, request.needed(self.max_context)))
                         for g in (self._gen, previous) if g is not None]
                 gen, row, tokens = max(held, key=lambda h: h[2], default=(None, -1, 0))
@@ -302,6 +312,9 @@ class Engine:
                 packed = self.runner.prefill_packed([r.ids for r in requests], [r.params for r in requests],
                                                     [sorted(r.stop_ids) for r in requests],
                                                     self.scheduler.prefill_tokens if self.fixed_length else None)
+                scored = self.runner.prompt_logprobs(packed, [r.params.prompt_logprobs for r in requests])
+                for r, entries in zip(requests, scored):
+                    self._requests[r.request_id].prompt_logprobs = entries
             except Exception as e:  # noqa: BLE001  prompts that cannot start fail alone
                 error, alone = e, True
             else:
@@ -471,7 +484,9 @@ class Engine:
             if running.decoder is not None:
                 text.append(running.decoder.finish())
         if kept or reason is not None:
-            outputs.append(RequestOutput(request.request_id, kept, "".join(text), reason, running.stats, logprobs))
+            outputs.append(RequestOutput(request.request_id, kept, "".join(text), reason, running.stats, logprobs,
+                                         prompt_logprobs=running.prompt_logprobs))
+            running.prompt_logprobs = None
         return reason
 
     def _final(self, running: _Running, reason: str, error: BaseException | None = None) -> RequestOutput:

@@ -15,6 +15,7 @@ LongRoPE's step at the original context's end (`longrope.py`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -254,6 +255,26 @@ class ModelRunner:
                                         slots=slots)
         more = lambda x, fill: np.pad(x, (0, slots - width), constant_values=fill)  # noqa: E731  (the cache's slots)
         return Packed(info, width, more(ids, 0), more(positions, 0), more(segments, len(prompts)), lasts, hidden, cache)
+
+    def prompt_logprobs(self, packed: Packed, wants: Sequence[int | None]) -> list[list | None]:
+        """Per packed prompt b, where `wants[b]` is not None: each of its tokens' log-probability after
+        the tokens before it (None for the first), as `[None, (log-probability, [(token,
+        log-probability) of the wants[b] most likely], its rank there (1: the likeliest)), ...]`; None
+        for the others. Computed on the device from the prefill's hidden states: only `[S]` and
+        `[S, MAX_LOGPROBS]` reach the host."""
+        if all(w is None for w in wants):
+            return [None] * len(wants)
+        chosen, ranks, top_ids, top_values = jax.device_get(_prompt_logprobs(
+            self.graphdef, self.params, packed.hidden, self.put(np.roll(packed.ids, -1))))
+        out = []
+        for want, last, n in zip(wants, packed.lasts, packed.rows.lengths):
+            if want is None:
+                out.append(None)
+                continue
+            slots = range(last + 1 - n, last)  # token j + 1 of the prompt comes after slot first + j
+            top = lambda s: list(zip(top_ids[s, :want].tolist(), top_values[s, :want].tolist()))  # noqa: E731
+            out.append([None] + [(float(chosen[s]), top(s), int(ranks[s])) for s in slots])
+        return out
 
     def empty(self, batch: int, length: int, stop_width: int = STOP_WIDTH) -> Generation:
         """A generation of `batch` free rows of `length` cache slots, for `Generation.admit`."""
@@ -729,6 +750,26 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
 def _prefill_packed(graphdef, params, ids, positions, segments, rope_lengths, *, slots) -> tuple[jax.Array, KVCache]:
     """`prefill.prefill_packed` of the model."""
     return prefill_packed(nnx.merge(graphdef, params), ids, positions, segments, rope_lengths, slots)
+
+
+@jax.jit
+def _prompt_logprobs(graphdef, params, hidden, next_ids) -> tuple[jax.Array, ...]:
+    """Log-probabilities of `next_ids[t]` `[S]` after each slot's final `hidden` state `[S, E]` and
+    their ranks, and the MAX_LOGPROBS most likely tokens' (`[S, K]` ids and values); the
+    `[S, vocab]` scores exist a chunk of slots at a time."""
+    model = nnx.merge(graphdef, params)
+    slots = hidden.shape[0]
+    chunk = math.gcd(slots, 256)
+
+    def scored(h_ids):
+        h, ids = h_ids
+        logprobs = jax.nn.log_softmax(model.logits(h).astype(jnp.float32), axis=-1)
+        values, top = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+        chosen = jnp.take_along_axis(logprobs, ids[:, None], axis=-1)
+        return chosen[:, 0], 1 + jnp.sum(logprobs > chosen, axis=-1), top, values
+
+    out = jax.lax.map(scored, (hidden.reshape(slots // chunk, chunk, -1), next_ids.reshape(slots // chunk, chunk)))
+    return tuple(x.reshape(slots, *x.shape[2:]) for x in out)
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "stop_width", "layout"))

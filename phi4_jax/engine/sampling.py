@@ -44,6 +44,8 @@ class SamplingParams:
     detokenizer; the sampler never reads it. `logprobs` (vLLM): None, or return each generated
     token's log-probability and those of the `logprobs` most likely tokens (0 to MAX_LOGPROBS),
     under the model's own distribution (log-softmax of its logits, before any penalty or filter).
+    `prompt_logprobs` (vLLM): None, or return each prompt token's log-probability after the tokens
+    before it (None for the first) and those of the `prompt_logprobs` most likely tokens there.
     """
 
     temperature: float = 0.0  # 0 = greedy (argmax)
@@ -59,6 +61,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def check_number(name, ok, allowed):
@@ -84,9 +87,10 @@ class SamplingParams:
         for name in ("top_k", "max_tokens", "seed"):  # NumPy integers become ints (seed math needs it)
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
-                                "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise SamplingError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}", name)
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", "ignore_eos")
 

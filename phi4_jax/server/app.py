@@ -6,7 +6,8 @@ at stop strings by the engine) come back to this event loop, where Phi-4-mini's 
 parsed when the request gave tools. Every refusal is OpenAI's error JSON with its status; no
 request can stop the server, and no client waits on an engine that failed. A client that goes
 away ends its requests. GET /health is 200 only while the engine takes requests (503 while
-loading, draining or failed); GET /metrics is Prometheus text (`metrics.py`).
+loading, draining or failed); GET /metrics is Prometheus text (`metrics.py`). POST /tokenize and
+/detokenize and GET /tokenizer_info are vLLM's tokenizer endpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from phi4_jax.engine.scheduler import QueueFullError
 from phi4_jax.errors import TokenizerError
 from phi4_jax.server import protocol
 from phi4_jax.server.metrics import CONTENT_TYPE, Metrics
-from phi4_jax.server.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from phi4_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError,
+                                      TokenizeRequest)
 from phi4_jax.text.tokenizer import Tokenizer
 from phi4_jax.text.tool_calls import Call, Content, ToolCallParser
 
@@ -46,12 +48,15 @@ class Served:
     metrics: Metrics | None = None  # made by build_app
 
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info")
+# vLLM's tokenizer endpoints (lm-evaluation-harness's `tokenizer_backend=remote` reads them), outside /v1
+# as vLLM serves them; behind the API key as /v1 is.
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def build_app(served: Served) -> FastAPI:
     app = FastAPI(title="phi4_jax", docs_url=None, redoc_url=None)
-    served.metrics = metrics = Metrics(served.engine.load)
+    served.metrics = metrics = Metrics(served.engine.load, served.name)
 
     @app.exception_handler(RequestError)
     async def refused(_, error: RequestError):
@@ -76,6 +81,30 @@ def build_app(served: Served) -> FastAPI:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                             "owned_by": "phi4_jax"}]}
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        parsed = protocol.parse(TokenizeRequest, await _json(request))
+        _check_model(served, parsed.model)
+        ids = await asyncio.to_thread(_tokenized, served.tokenizer, parsed)
+        strs = [served.tokenizer.id_to_token(i) for i in ids] if parsed.return_token_strs else None
+        return {"count": len(ids), "max_model_len": served.max_context, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        parsed = protocol.parse(DetokenizeRequest, await _json(request))
+        _check_model(served, parsed.model)
+        _check_ids(served.tokenizer, parsed.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(served.tokenizer.decode, parsed.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tokenizer = served.tokenizer
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # (named templates: the default one, as transformers renders it)
+            template = template.get("default")
+        return {"tokenizer_class": tokenizer.tokenizer_class, **tokenizer.special_tokens, "chat_template": template,
+                "model_max_length": served.max_context, "vocab_size": tokenizer.vocab_size}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
@@ -91,10 +120,9 @@ def build_app(served: Served) -> FastAPI:
     async def completions(request: Request):
         arrived = time.perf_counter()
         parsed = protocol.parse(CompletionRequest, await _json(request))
-        if parsed.echo:
-            raise RequestError("echo is not supported yet", "echo")
-        prompts = await asyncio.to_thread(_encoded, served.tokenizer, parsed.prompts())
-        return await _respond(served, request, arrived, parsed, prompts, chat=False)
+        texts = parsed.prompts()
+        prompts = await asyncio.to_thread(_encoded, served.tokenizer, texts)
+        return await _respond(served, request, arrived, parsed, prompts, chat=False, texts=texts)
 
     return app
 
@@ -116,7 +144,7 @@ class _Gate:
                 status[0] = message["status"]
             await send(message)
 
-        if self.api_key is not None and path.startswith("/v1/"):
+        if self.api_key is not None and (path.startswith("/v1/") or path in TOKENIZER_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 error = RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'",
@@ -138,10 +166,34 @@ def _encoded(tokenizer: Tokenizer, prompts) -> list[list[int]]:
     encoded = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
-            raise RequestError(f"prompt token ids must be in [0, {tokenizer.vocab_size})", "prompt")
+        _check_ids(tokenizer, ids, "prompt")
         encoded.append(ids)
     return encoded
+
+
+def _check_ids(tokenizer: Tokenizer, ids: list[int], param: str) -> None:
+    if any(not 0 <= i < tokenizer.vocab_size for i in ids):
+        raise RequestError(f"{param} token ids must be in [0, {tokenizer.vocab_size})", param)
+
+
+def _check_model(served: Served, model: str | None) -> None:
+    if model is not None and model != served.name:
+        raise RequestError(f"the model {model!r} does not exist: this server serves {served.name!r}",
+                           "model", status=404, code="model_not_found")
+
+
+def _tokenized(tokenizer: Tokenizer, request: TokenizeRequest) -> list[int]:
+    """/tokenize's ids: of the text (special tokens added unless `add_special_tokens` is false), or of
+    the rendered chat (none added unless it is true), as vLLM tokenizes them."""
+    if request.prompt is not None:
+        return tokenizer.encode(request.prompt, request.add_special_tokens is not False)
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+    try:
+        text = tokenizer.render_chat_template(protocol.conversation(request.messages), request.add_generation_prompt,
+                                              tools)
+    except TokenizerError as e:
+        raise RequestError(str(e), "messages") from None
+    return tokenizer.encode(text, request.add_special_tokens is True)
 
 
 async def _json(request: Request):
@@ -157,24 +209,43 @@ async def _json(request: Request):
 
 
 class _Choice:
-    """One choice's text as it comes from the engine: its tool-call parser, log-probabilities and counts."""
+    """One choice's text as it comes from the engine: its tool-call parser, log-probabilities and
+    counts; for a text completion's `echo`, its prompt (`prompt`: the ids) first; with the request's
+    `scores_only`, nothing generated (the prompt is only scored)."""
 
-    def __init__(self, index: int, served: Served, params, tools: bool, chat: bool = True):
-        self.index = index
+    def __init__(self, index: int, served: Served, request, params, prompt: list[int], tools: bool,
+                 chat: bool = True, prompt_text: str | None = None):
+        self.index, self.tokenizer, self.prompt, self.prompt_text = index, served.tokenizer, prompt, prompt_text
         self.tools = ToolCallParser() if tools else None
         self.tokens = 0
         self.finish_reason: str | None = None
         self.text, self.calls = "", []
         self.logprobs = None if params.logprobs is None else _Logprobs(served.tokenizer, chat)
+        self.top = params.logprobs
+        self.echo, self.scores_only = getattr(request, "echo", False), request.scores_only
+        self.wants_prompt_logprobs = request.prompt_logprobs is not None
+        self.prompt_logprobs: list | None = None  # vLLM's field, where the request asks for it
 
     def add(self, output: RequestOutput) -> list:
         """The choice's new events (Content / Call) from an output of its request."""
+        events = []
+        if output.prompt_logprobs is not None and self.wants_prompt_logprobs:
+            self.prompt_logprobs = _prompt_logprobs(self.tokenizer, self.prompt, output.prompt_logprobs)
+        if self.echo:  # (on its first output)
+            self.echo = False
+            if self.logprobs is not None:
+                self.logprobs.add_prompt(self.prompt, output.prompt_logprobs, self.top)
+            text = self.prompt_text if self.prompt_text is not None else self.tokenizer.decode(self.prompt)
+            events += self._parse(text, final=False)
+        if self.scores_only:  # (its one token is dropped)
+            output = dataclasses.replace(output, token_ids=[], text="", logprobs=None,
+                                         finish_reason=output.finish_reason and "length")
         self.tokens += len(output.token_ids)
         if self.logprobs is not None and output.logprobs is not None:
             for token, entry in zip(output.token_ids, output.logprobs):
                 self.logprobs.add(token, *entry)
         self.finish_reason = output.finish_reason
-        events = self._parse(output.text, final=output.finished)
+        events += self._parse(output.text, final=output.finished)
         if self.finish_reason == "stop" and self.calls:
             self.finish_reason = "tool_calls"
         return events
@@ -202,10 +273,18 @@ class _Logprobs:
         self.taken = 0
         self.offset = 0  # text offset of the next token (text completions)
 
-    def add(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+    def add(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         text = self.tokenizer.decode([token])
-        self.entries.append((text, logprob, [(self.tokenizer.decode([t]), v) for t, v in top], self.offset))
+        top = None if top is None else [(self.tokenizer.decode([t]), v) for t, v in top]
+        self.entries.append((text, logprob, top, self.offset))
         self.offset += len(text)
+
+    def add_prompt(self, ids: list[int], entries: list | None, top: int) -> None:
+        """An echoed prompt's tokens, before the generated ones (the `top` likeliest at each): the
+        first without a log-probability."""
+        for j, token in enumerate(ids):
+            entry = entries[j] if entries is not None else None
+            self.add(token, *((entry[0], entry[1][:top]) if entry is not None else (None, None)))
 
     def take(self) -> dict | None:
         new, self.taken = self.entries[self.taken:], len(self.entries)
@@ -219,20 +298,34 @@ class _Logprobs:
             entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode())}  # noqa: E731
             return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]}
                                 for text, lp, top, _ in entries]}
+        # (as OpenAI's: each position's likeliest tokens and the chosen one)
         return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-                "top_logprobs": [dict(e[2]) for e in entries], "text_offset": [e[3] for e in entries]}
+                "top_logprobs": [None if e[2] is None else {**dict(e[2]), e[0]: e[1]} for e in entries],
+                "text_offset": [e[3] for e in entries]}
 
 
-async def _respond(served: Served, http: Request, arrived: float, request, prompts: list[list[int]], chat: bool):
-    """Runs a validated request's rows; `arrived`: its perf_counter time, for the latencies."""
+def _prompt_logprobs(tokenizer: Tokenizer, prompt: list[int], entries: list) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, then {token id: {logprob, rank,
+    decoded_token}} of that token and of the likeliest ones."""
+    shaped = [None]
+    for token, (logprob, top, rank) in zip(prompt[1:], entries[1:]):
+        likeliest = {str(t): {"logprob": v, "rank": r, "decoded_token": tokenizer.decode([t])}
+                     for r, (t, v) in enumerate(top, 1)}
+        shaped.append({str(token): {"logprob": logprob, "rank": rank, "decoded_token": tokenizer.decode([token])},
+                       **likeliest})
+    return shaped
+
+
+async def _respond(served: Served, http: Request, arrived: float, request, prompts: list[list[int]], chat: bool,
+                   texts: list | None = None):
+    """Runs a validated request's rows; `arrived`: its perf_counter time, for the latencies; `texts`:
+    the prompts as the client gave them (text or ids), for `echo`."""
     for ids in prompts:
         if len(ids) >= served.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server's context holds {served.max_context} "
                                "(prompt + generated tokens)", "messages" if chat else "prompt",
                                code="context_length_exceeded")
-    if request.model is not None and request.model != served.name:
-        raise RequestError(f"the model {request.model!r} does not exist: this server serves {served.name!r}",
-                           "model", status=404, code="model_not_found")
+    _check_model(served, request.model)
     params = protocol.sampling_params(request, served.default_max_tokens)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": served.name}
@@ -245,7 +338,8 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             choice_params = dataclasses.replace(params, seed=params.seed + j) if seeded else params
             index = p * request.n + j
             requests.append((f"{meta['id']}-{index}", ids, choice_params))
-            choices[requests[-1][0]] = _Choice(index, served, choice_params, tools, chat)
+            text = texts[p] if texts is not None and isinstance(texts[p], str) else None
+            choices[requests[-1][0]] = _Choice(index, served, request, choice_params, ids, tools, chat, text)
     metrics = served.metrics
     try:
         outputs = served.engine.submit(requests)
@@ -291,8 +385,11 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
         finally:
             watcher.cancel()
             outputs.abort()  # (requests still running here: the client went, or the request failed)
-        return {**meta, "object": "chat.completion" if chat else "text_completion",
+        body = {**meta, "object": "chat.completion" if chat else "text_completion",
                 "choices": [_whole(c, chat) for c in choices.values()], "usage": usage()}
+        if chat and request.prompt_logprobs is not None:  # (vLLM's: of the one prompt, beside the choices)
+            body["prompt_logprobs"] = next(iter(choices.values())).prompt_logprobs
+        return body
 
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -345,7 +442,9 @@ def _tool_call(call: Call) -> dict:
 def _whole(choice: _Choice, chat: bool) -> dict:
     logprobs = choice.logprobs.whole() if choice.logprobs else None
     if not chat:
-        return {"index": choice.index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        whole = {"index": choice.index, "text": choice.text, "logprobs": logprobs,
+                 "finish_reason": choice.finish_reason}
+        return {**whole, "prompt_logprobs": choice.prompt_logprobs} if choice.wants_prompt_logprobs else whole
     message = {"role": "assistant", "content": choice.text if choice.text or not choice.calls else None}
     if choice.calls:
         message["tool_calls"] = [_tool_call(c) for c in choice.calls]

@@ -3,6 +3,8 @@
 One registry per app, so each server (or test) counts on its own. Latencies are in seconds:
 time to first token from the request's arrival, inter-token latency per generated token (a
 delivery of k tokens after a gap of t counts k latencies of t/k), and end-to-end latency.
+Each metric vLLM also has is scraped a second time under vLLM's name (`VLLM_NAMES`, with its
+`model_name` label), which existing dashboards and routers read.
 """
 
 from __future__ import annotations
@@ -10,20 +12,38 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from phi4_jax.engine import stats
 from phi4_jax.engine.scheduler import Load
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # the scrape's media type
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Ours -> vLLM's (its V1 engine's names). A running request holds a whole row of the cache, so the share of
+# the cache in use is the share of rows running (`slot_occupancy`). vLLM's `finished_reason` is our `reason`.
+VLLM_NAMES = {
+    "phi4_jax_rows_running": "vllm:num_requests_running",
+    "phi4_jax_rows_waiting": "vllm:num_requests_waiting",
+    "phi4_jax_slot_occupancy": "vllm:kv_cache_usage_perc",
+    "phi4_jax_prompt_tokens": "vllm:prompt_tokens",
+    "phi4_jax_generation_tokens": "vllm:generation_tokens",
+    "phi4_jax_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "phi4_jax_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "phi4_jax_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "phi4_jax_rows_finished": "vllm:request_success",
+    "phi4_jax_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "phi4_jax_prefix_cache_hits": "vllm:prefix_cache_hits",
+}
+_VLLM_LABELS = {"reason": "finished_reason"}
 
 
 class Metrics:
     """The counters, gauges and histograms of one server; `load` reads the engine at each scrape."""
 
-    def __init__(self, load: Callable[[], Load]):
+    def __init__(self, load: Callable[[], Load], model_name: str = ""):
         self.registry = registry = CollectorRegistry()
+        self.vllm = CollectorRegistry()
+        self.vllm.register(_VllmNames(registry, model_name))
         self.requests = Counter("phi4_jax_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=registry)
         self.prompt_tokens = Counter("phi4_jax_prompt_tokens", "prompt tokens of accepted requests (n rows each)",
@@ -50,7 +70,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=registry)
 
     def scrape(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(self.vllm)
+
+
+class _VllmNames:
+    """The metrics of `registry` that vLLM has too, under vLLM's names and with its `model_name` label."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str):
+        self.registry, self.model_name = registry, model_name
+
+    def collect(self):
+        for family in self.registry.collect():
+            name = VLLM_NAMES.get(family.name)
+            if name is None:
+                continue
+            renamed = Metric(name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                labels = {_VLLM_LABELS.get(k, k): v for k, v in s.labels.items()}
+                renamed.add_sample(name + s.name[len(family.name):], {"model_name": self.model_name, **labels},
+                                   s.value, s.timestamp, s.exemplar)
+            yield renamed
 
 
 class _EngineCounts:

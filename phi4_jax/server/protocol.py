@@ -4,7 +4,7 @@ Requests are validated as OpenAI validates them: a wrong type is refused, not co
 a number), an unknown field is ignored (clients send fields of other servers). Every refusal is a
 `RequestError` naming the field (`param`), which the server answers with status 400 and
 `error_body`. Field names are OpenAI's, plus vLLM's extras (`top_k`, `min_p`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos`).
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -109,9 +109,15 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def scores_only(self) -> bool:
+        """Nothing to generate: the prompt is only scored (a text completion's echo with max_tokens 0)."""
+        return False
 
 
 class ChatCompletionRequest(_Sampling):
@@ -127,16 +133,7 @@ class ChatCompletionRequest(_Sampling):
 
     def conversation(self) -> list[dict]:
         """The messages as the chat template takes them."""
-        out = []
-        for m in self.messages:
-            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            if m.tool_calls:
-                message["tool_calls"] = [{"type": "function", "id": c.id, "function": {
-                    "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
-            if m.tool_call_id is not None:
-                message["tool_call_id"] = m.tool_call_id
-            out.append(message)
-        return out
+        return conversation(self.messages)
 
     def tool_schemas(self) -> list[dict] | None:
         """The tools as the chat template takes them (none when `tool_choice` is "none")."""
@@ -145,11 +142,29 @@ class ChatCompletionRequest(_Sampling):
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
+def conversation(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template takes them."""
+    out = []
+    for m in messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [{"type": "function", "id": c.id, "function": {
+                "name": c.function.name, "arguments": c.function.arguments}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # (OpenAI's bound is 5; vLLM's 20)
     echo: bool = False
+
+    @property
+    def scores_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -159,7 +174,27 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-def parse(kind: type[_Sampling], body: Any) -> _Sampling:
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a text `prompt` (`add_special_tokens`: those the tokenizer adds to a text), or
+    chat `messages` rendered by the chat template (then nothing is added by default)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's /detokenize: the text of token ids."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse(kind: type[_Request], body: Any) -> _Request:
     """The request `body` (decoded JSON) as `kind`, or a RequestError naming the first bad field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -183,11 +218,16 @@ def parse(kind: type[_Sampling], body: Any) -> _Sampling:
         raise RequestError("messages hold no content", "messages")
     if isinstance(request, CompletionRequest) and request.prompt == "":
         raise RequestError("prompt is empty", "prompt")
+    if isinstance(request, _Sampling) and request.stream and request.prompt_logprobs is not None:
+        raise RequestError("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+    if isinstance(request, TokenizeRequest) and (request.prompt is None) == (request.messages is None):
+        raise RequestError("give either prompt (a text) or messages (a chat), not both", "prompt")
     return request
 
 
 _FIELDS = {name for model in (ChatCompletionRequest, CompletionRequest, Message, Tool, Function, ToolCall,
-                               FunctionCall, TextPart, StreamOptions) for name in model.model_fields}
+                               FunctionCall, TextPart, StreamOptions, TokenizeRequest, DetokenizeRequest)
+           for name in model.model_fields}
 _UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids, none empty",
            "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
 
@@ -199,12 +239,19 @@ def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingPara
         "seed", "stop", "stop_token_ids") if getattr(request, name) is not None}
     limit = request.token_limit()
     fields["max_tokens"] = default_max_tokens if limit is None else limit
+    if request.scores_only:
+        fields["max_tokens"] = 1  # (its token is not returned)
+    elif fields["max_tokens"] == 0 and isinstance(request, CompletionRequest):
+        raise RequestError("max_tokens 0 returns nothing without echo: true (which scores the prompt)", "max_tokens")
+    fields["prompt_logprobs"] = request.prompt_logprobs
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
         fields["logprobs"] = (request.top_logprobs or 0) if request.logprobs else None
     else:
         fields["logprobs"] = request.logprobs
+        if request.echo and request.logprobs is not None:  # (the prompt's tokens come first, with theirs)
+            fields["prompt_logprobs"] = max(request.logprobs, request.prompt_logprobs or 0)
     try:
         return SamplingParams(**fields, ignore_eos=request.ignore_eos)
     except SamplingError as e:

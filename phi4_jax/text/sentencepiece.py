@@ -34,7 +34,7 @@ class SentencePieceBackend:
     joins byte pieces (`<0xE4>`) into UTF-8 and strips one leading space.
     """
 
-    def __init__(self, path: str, added: list[AddedToken], legacy: bool):
+    def __init__(self, path: str, added: list[AddedToken], legacy: bool, add_bos: bool = True, add_eos: bool = False):
         import sentencepiece
         from tokenizers import decoders
 
@@ -52,6 +52,7 @@ class SentencePieceBackend:
             raise TokenizerError(f"{path} is not a SentencePiece model: {e}") from None
         self._dummy_prefix = original.normalize("a") != self._sp.normalize("a")
         self._legacy = bool(legacy)
+        self._add_bos, self._add_eos = add_bos, add_eos  # (with add_special_tokens)
         self._unk_id = self._sp.unk_id()
         pieces = self._sp.get_piece_size()
         self.default_special_tokens = {key: self._sp.id_to_piece(i) for key, i in
@@ -109,8 +110,8 @@ class SentencePieceBackend:
         if done < len(text):
             yield done, text[done:], None
 
-    def encode(self, text: str) -> list[int]:
-        ids = []
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [self._sp.bos_id()] if add_special_tokens and self._add_bos and self._sp.bos_id() >= 0 else []
         for start, piece, token_id in self._split(text):
             if token_id is not None:
                 ids.append(token_id)
@@ -120,6 +121,8 @@ class SentencePieceBackend:
                 normalized = _SPIECE_SPACE + normalized
             if normalized:  # normalizing is idempotent, so encoding the normalized text changes nothing else
                 ids.extend(self._sp.encode(normalized))
+        if add_special_tokens and self._add_eos and self._sp.eos_id() >= 0:
+            ids.append(self._sp.eos_id())
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
@@ -137,6 +140,11 @@ class SentencePieceBackend:
             return self._added_ids[token]
         token_id = self._sp.piece_to_id(token)
         return None if token_id == self._unk_id and token != self._sp.id_to_piece(token_id) else token_id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._added:
+            return self._added[token_id].content
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
 
 
 def _is_word_char(c: str) -> bool:

@@ -36,7 +36,10 @@ class Tokenizer:
             self._backend = _HFBackend(json_path, _added_tokens(self.folder, config, special_map))
         elif os.path.isfile(spm_path):
             self._backend = SentencePieceBackend(spm_path, _added_tokens(self.folder, config, special_map),
-                                                 legacy=config.get("legacy", True))
+                                                 legacy=config.get("legacy", True),
+                                                 # (LlamaTokenizer's defaults)
+                                                 add_bos=config.get("add_bos_token", True) is not False,
+                                                 add_eos=config.get("add_eos_token", False) is True)
         else:
             raise TokenizerError(f"{self.folder} has no tokenizer: looked for tokenizer.json and tokenizer.model; "
                                  "pass the model's folder as downloaded from Hugging Face")
@@ -53,6 +56,7 @@ class Tokenizer:
             for key, piece in self._backend.default_special_tokens.items():
                 self.special_tokens.setdefault(key, piece)
 
+        self.tokenizer_class: str | None = config.get("tokenizer_class")  # (as tokenizer_config.json names it)
         self.chat_template: str | dict[str, str] | None = read_chat_template(self.folder, config)
         self._chat = ChatRenderer(self.folder)
 
@@ -76,10 +80,11 @@ class Tokenizer:
                 f"eos_token_ids={sorted(self.eos_token_ids)})")
 
     # Text <-> ids.
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with no BOS/EOS added (transformers' `encode(add_special_tokens=False)`).
-        Special tokens written in the text (`<|end|>`) become their ids."""
-        return self._backend.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, as transformers' `encode(text, add_special_tokens=...)`: by default
+        with no BOS/EOS added; with `add_special_tokens`, those the tokenizer adds to a text (none for
+        the Phi models). Special tokens written in the text (`<|end|>`) become their ids."""
+        return self._backend.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int] | int, skip_special_tokens: bool = False) -> str:
         """The text of `ids` (a list, tuple or 1-D array); unknown ids are dropped, as transformers does."""
@@ -92,6 +97,10 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         """The id of one token string (`"<|end|>"`), or None when the vocabulary lacks it."""
         return None if token is None else self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's string of one id (`"Ġthe"`, transformers' `convert_ids_to_tokens`), or None."""
+        return self._backend.id_to_token(int(token_id))
 
     def stream(self, stop: tuple[str, ...] = (), stop_ids: Iterable[int] = (),
                skip_special_tokens: bool = False) -> StreamDecoder:
@@ -195,11 +204,14 @@ class _HFBackend:
             self._tok.add_tokens(missing)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # (its post-processor adds them)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
