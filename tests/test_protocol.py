@@ -94,7 +94,7 @@ BAD_CHAT = [  # (fields replacing a valid chat request's, the field named)
     ({"max_tokens": 1.5}, "max_tokens"),
     ({"stop": 3}, "stop"),
     ({"stop": [""]}, "stop"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ({"n": 0}, "n"),

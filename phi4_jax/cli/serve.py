@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_model_flags(p, multihost=False)
     p.add_argument(*cli.flag("--log-level"), default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="how much the server logs")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the API's interactive documentation at /docs (the OpenAPI schema is at /openapi.json "
+                        "always)")
 
 
 def run(args) -> int:
@@ -97,7 +100,7 @@ def run(args) -> int:
     log.info("compiling; /health answers 503 until done")
     engine.start(lambda e: e.warm_up(tokenizer.encode("Hello") or [0], args.max_tokens))
     log.info("serving %s as %r on http://%s:%d", args.model, name, args.host, args.port)
-    server = DrainingServer(uvicorn.Config(build_app(served), host=args.host, port=args.port,
+    server = DrainingServer(uvicorn.Config(build_app(served, docs=args.docs), host=args.host, port=args.port,
                                            log_level=args.log_level, timeout_graceful_shutdown=5),
                             engine, args.shutdown_timeout)
     try:

@@ -20,8 +20,10 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from phi4_jax import __version__
 from phi4_jax.engine.async_engine import AsyncEngine, EngineUnavailableError
 from phi4_jax.engine.engine import RequestOutput
 from phi4_jax.engine.scheduler import QueueFullError
@@ -54,8 +56,27 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
-def build_app(served: Served) -> FastAPI:
-    app = FastAPI(title="phi4_jax", docs_url=None, redoc_url=None)
+# Each POST endpoint's body, described in the OpenAPI schema (the handlers parse the raw JSON themselves,
+# to answer a bad body with OpenAI's error JSON naming the field).
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+_REFUSALS = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404)}
+_BUSY = {503: {"model": protocol.ErrorResponse, "description": "the queue is full, or the engine is not ready"}}
+
+
+def _streamed(chunk) -> dict:
+    """A streamed answer (`stream: true`): server-sent events whose data are `chunk`s (or an error
+    body), then `[DONE]`."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": f"#/components/schemas/{chunk.__name__}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"anyOf": [data, {"const": "[DONE]"}]}}}}}
+
+
+def build_app(served: Served, docs: bool = False) -> FastAPI:
+    """The API of `served`; `docs`: the OpenAPI schema rendered at /docs (it is at /openapi.json always)."""
+    app = FastAPI(title="phi4_jax", version=__version__, docs_url="/docs" if docs else None, redoc_url=None)
+    app.openapi = lambda: _openapi(app)
     served.metrics = metrics = Metrics(served.engine.load, served.name)
 
     @app.exception_handler(RequestError)
@@ -64,7 +85,7 @@ def build_app(served: Served) -> FastAPI:
 
     app.add_middleware(_Gate, api_key=served.api_key, metrics=metrics)
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": protocol.Health}, 503: {"model": protocol.Health}})
     async def health():
         engine = served.engine
         if engine.state == "ready":
@@ -76,12 +97,12 @@ def build_app(served: Served) -> FastAPI:
     async def scrape():
         return Response(metrics.scrape(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": protocol.ModelList}, **_REFUSALS})
     async def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
                                             "owned_by": "phi4_jax"}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": protocol.TokenizeResponse}, **_REFUSALS})
     async def tokenize(request: Request):
         parsed = protocol.parse(TokenizeRequest, await _json(request))
         _check_model(served, parsed.model)
@@ -89,14 +110,14 @@ def build_app(served: Served) -> FastAPI:
         strs = [served.tokenizer.id_to_token(i) for i in ids] if parsed.return_token_strs else None
         return {"count": len(ids), "max_model_len": served.max_context, "tokens": ids, "token_strs": strs}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": protocol.DetokenizeResponse}, **_REFUSALS})
     async def detokenize(request: Request):
         parsed = protocol.parse(DetokenizeRequest, await _json(request))
         _check_model(served, parsed.model)
         _check_ids(served.tokenizer, parsed.tokens, "tokens")
         return {"prompt": await asyncio.to_thread(served.tokenizer.decode, parsed.tokens)}
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses={200: {"model": protocol.TokenizerInfo}})
     async def tokenizer_info():
         tokenizer = served.tokenizer
         template = tokenizer.chat_template
@@ -105,7 +126,9 @@ def build_app(served: Served) -> FastAPI:
         return {"tokenizer_class": tokenizer.tokenizer_class, **tokenizer.special_tokens, "chat_template": template,
                 "model_max_length": served.max_context, "vocab_size": tokenizer.vocab_size}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"model": protocol.ChatCompletion,
+                                                       "content": _streamed(protocol.ChatCompletionChunk)},
+                                                 **_REFUSALS, **_BUSY})
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
         parsed = protocol.parse(ChatCompletionRequest, await _json(request))
@@ -116,7 +139,9 @@ def build_app(served: Served) -> FastAPI:
             raise RequestError(str(e), "messages") from None
         return await _respond(served, request, arrived, parsed, [ids], chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"model": protocol.Completion,
+                                                  "content": _streamed(protocol.CompletionChunk)},
+                                            **_REFUSALS, **_BUSY})
     async def completions(request: Request):
         arrived = time.perf_counter()
         parsed = protocol.parse(CompletionRequest, await _json(request))
@@ -125,6 +150,25 @@ def build_app(served: Served) -> FastAPI:
         return await _respond(served, request, arrived, parsed, prompts, chat=False, texts=texts)
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of `app` with each POST endpoint's request body (REQUEST_BODIES)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for chunk in (protocol.ChatCompletionChunk, protocol.CompletionChunk):  # (the streams' events)
+            described = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(described.pop("$defs", {}))
+            components[chunk.__name__] = described
+        for path, model in REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Gate:
@@ -166,6 +210,8 @@ def _encoded(tokenizer: Tokenizer, prompts) -> list[list[int]]:
     encoded = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("a prompt is empty: give at least one token", "prompt")
         _check_ids(tokenizer, ids, "prompt")
         encoded.append(ids)
     return encoded

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.errors import SamplingError
@@ -40,6 +40,13 @@ def error_body(error: RequestError) -> dict:
     """OpenAI's error JSON for a refusal."""
     return {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
                       "param": error.param, "code": error.code}}
+
+
+# An integer as JSON Schema means it: 3 or 3.0 (what `json.dumps(3.0)` sends), never 3.5 or "3".
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
+
+
+Text = Annotated[str, Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -96,20 +103,21 @@ class _Sampling(_Request):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
+    # (The bounds SamplingParams checks, here too so that the schema describes them.)
+    max_tokens: Annotated[Int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[Int, Field(ge=-1, lt=2**31)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    seed: Annotated[Int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[Int, Field(ge=0, lt=2**31)]] | None = None
     ignore_eos: bool = False
-    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -122,11 +130,11 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto"] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -157,9 +165,9 @@ def conversation(messages: list[Message]) -> list[dict]:
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
-        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # (OpenAI's bound is 5; vLLM's 20)
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Int], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[Int], Field(min_length=1)]], Field(min_length=1)]
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # (OpenAI's bound is 5; vLLM's 20)
     echo: bool = False
 
     @property
@@ -191,7 +199,7 @@ class DetokenizeRequest(_Request):
     """vLLM's /detokenize: the text of token ids."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 def parse(kind: type[_Request], body: Any) -> _Request:
@@ -266,3 +274,172 @@ def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingPara
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# The answers' shapes: what the OpenAPI schema (`/openapi.json`) describes (the handlers build plain dicts).
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Response):
+    """OpenAI's error JSON: every refusal and failure."""
+
+    error: ErrorDetail
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class PromptLogprob(_Response):
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, None for the first, then by token id (a string).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None
+
+
+class ChatCompletion(_Response):
+    """A chat completion; streamed (`stream: true`) as server-sent `chat.completion.chunk` events."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "abort"] | None
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class Completion(_Response):
+    """A text completion; streamed (`stream: true`) as server-sent `text_completion` events."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class TokenizerInfo(_Response):
+    tokenizer_class: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    status: str
+    error: str | None = None
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat completion (`data: {...}`; the last is `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed text completion (`data: {...}`; the last is `data: [DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
