@@ -102,9 +102,10 @@ BAD_CHAT = [  # (fields replacing a valid chat request's, the field named)
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),  # (without logprobs: true)
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # (no tools)
     ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # (no schema)
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
 ]
 
 

@@ -117,6 +117,10 @@ class AsyncEngine:
             self._wake.notify()
         return stream
 
+    def check(self, prompt_ids, params) -> None:
+        """`Engine.check` (from any thread: it reads the config and compiles a grammar, nothing more)."""
+        self.engine.check(prompt_ids, params)
+
     def abort(self, request_ids, error: str | None = None) -> None:
         """Ends these requests at the engine's next step (from any thread)."""
         with self._wake:

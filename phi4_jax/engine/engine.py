@@ -27,12 +27,15 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+
 from phi4_jax.engine import stats
-from phi4_jax.engine.runner import Generation, ModelRunner, cache_length, common_prefix
+from phi4_jax.engine.runner import Generation, ModelRunner, cache_length, common_prefix, mask_width
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import Load, Pieces, QueueFullError, Request, Scheduler
 from phi4_jax.errors import ConfigError, Phi4Error
 from phi4_jax.text.stops import request_stop_ids
+from phi4_jax.text.structured import Grammar
 from phi4_jax.text.tokenizer import Tokenizer
 
 __all__ = ["Engine", "QueueFullError", "RequestOutput"]
@@ -70,8 +73,8 @@ class RequestOutput:
 class _Running:
     """The engine's record of one request: the request, its detokenizer and statistics."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer | None):
-        self.request = request
+    def __init__(self, request: Request, tokenizer: Tokenizer | None, grammar: Grammar | None = None):
+        self.request, self.grammar = request, grammar  # (grammar: its structured outputs' matcher)
         self.decoder = tokenizer.stream(stop=request.params.stop, stop_ids=request.stop_ids) if tokenizer else None
         self.stats = stats.RequestStats.arriving(len(request.ids))
         self.ended: str | None = None  # "abort" or "stop": to end at the next step
@@ -135,9 +138,10 @@ class Engine:
         ids = [r.request_id for r in made]
         if len(set(ids)) != len(ids) or any(i in self._requests for i in ids):
             raise ConfigError(f"a request id is in use already: {ids}")
+        grammars = [self._grammar(r) for r in made]
         self.scheduler.add(made)
-        for r in made:
-            self._requests[r.request_id] = _Running(r, self.tokenizer)
+        for r, grammar in zip(made, grammars):
+            self._requests[r.request_id] = _Running(r, self.tokenizer, grammar)
 
     def _request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                  stop_ids: Iterable[int] | None = None) -> Request:
@@ -157,6 +161,34 @@ class Engine:
             model_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
             stop_ids = request_stop_ids(model_ids, params.ignore_eos, params.stop_token_ids)
         return Request(request_id, ids, params, frozenset(stop_ids))
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> None:
+        """Raises what `add_request` would for this prompt and params (ConfigError, SamplingError),
+        queueing nothing: the server's answer before it submits."""
+        self._grammar(self._request("check", prompt_ids, params))
+
+    def _grammar(self, request: Request) -> Grammar | None:
+        """The matcher of the request's structured outputs (None: unconstrained); raises
+        SamplingError for a constraint that does not compile, ConfigError without a tokenizer."""
+        constraint = request.params.structured_outputs
+        if constraint is None:
+            return None
+        if self.tokenizer is None:
+            raise ConfigError("structured outputs need a tokenizer: give the Engine one")
+        return self.tokenizer.grammars(self.runner.config.vocab_size).matcher(constraint)
+
+    def _masks(self, requests: Sequence[Request | None], rows: int | None = None) -> np.ndarray | None:
+        """The next token's mask of each request (`[rows, ceil(V / 32)]` int32, a bit a token, -1:
+        any), or None when none is constrained. On the host, between device calls."""
+        grammars = [None if r is None or r.request_id not in self._requests else self._requests[r.request_id].grammar
+                    for r in requests]
+        if all(g is None for g in grammars):
+            return None
+        masks = np.full((rows or len(requests), mask_width(self.runner.config.vocab_size)), -1, np.int32)
+        for i, grammar in enumerate(grammars):
+            if grammar is not None:
+                grammar.fill(masks, i)
+        return masks
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Ends a request (unknown or finished ones are ignored): its last output, finish reason
@@ -205,7 +237,7 @@ class Engine:
                     self._idle = None
                     self._pieces = self.runner.start_in_pieces(plan.request.ids, plan.request.params,
                                                                sorted(plan.request.stop_ids), plan.size,
-                                                               self._length())
+                                                               self._length(), self._masks([plan.request]))
                 elif plan:
                     self._prefill(plan, outputs)
                     prefilled = True
@@ -311,7 +343,8 @@ class Engine:
             try:
                 packed = self.runner.prefill_packed([r.ids for r in requests], [r.params for r in requests],
                                                     [sorted(r.stop_ids) for r in requests],
-                                                    self.scheduler.prefill_tokens if self.fixed_length else None)
+                                                    self.scheduler.prefill_tokens if self.fixed_length else None,
+                                                    self._masks(requests))
                 scored = self.runner.prompt_logprobs(packed, [r.params.prompt_logprobs for r in requests])
                 for r, entries in zip(requests, scored):
                     self._requests[r.request_id].prompt_logprobs = entries
@@ -351,7 +384,8 @@ class Engine:
         try:
             with self._timed("prefill", [request]):
                 new = self.runner.start([request.ids], [request.params], [sorted(request.stop_ids)],
-                                        continuing=source if row is None else source.copy_row(row))
+                                        continuing=source if row is None else source.copy_row(row),
+                                        allowed=self._masks([request]))
                 first = new.advance(0)  # (waits for the prefill to end)
         except Exception as e:  # noqa: BLE001
             outputs.append(self._final(self._requests.pop(request.request_id), "error", e))
@@ -410,7 +444,7 @@ class Engine:
         gen = self._gen
         try:
             with self._timed("decode"):
-                new = gen.advance(self.steps_per_call)
+                new = gen.advance(self.steps_per_call, self._masks(self.scheduler.slots, gen.batch))
         except Exception as e:  # noqa: BLE001
             self._fail_running(outputs, e)
             return
@@ -477,6 +511,8 @@ class Engine:
                     break
         if logprobs is not None:
             logprobs = logprobs[:len(kept)]
+        if running.grammar is not None:
+            running.grammar.advance(kept)
         running.stats.generated(len(kept))
         if reason is not None:
             del self._requests[request.request_id]

@@ -63,6 +63,9 @@ class DecodeState(NamedTuple):
     logprob_ring: jax.Array  # [B, R] float32: of the newest R tokens, at index (token count % R)
     top_ids: jax.Array  # [B, R, K] int32: the K most likely tokens at those steps
     top_logprobs: jax.Array  # [B, R, K] float32
+    # The tokens each row may sample next, a bit each (32 an int32; all set: unconstrained). A row whose
+    # grammar sets them (`sampler.constrained`) takes one step a call, its host computing the next mask.
+    allowed: jax.Array  # [B, ceil(V / 32)] int32
     cache: KVCache
 
 
@@ -77,6 +80,7 @@ class _Rows(NamedTuple):
     length: int  # the cache length for them
     logprobs: list[int | None]  # per row: SamplingParams.logprobs
     penalised: list[bool]  # per row: SamplingParams.penalised
+    allowed: np.ndarray  # [B, ceil(V / 32)] int32: each row's first token's mask (-1: any token)
 
 
 class Packed(NamedTuple):
@@ -141,6 +145,11 @@ def attended_sizes(length: int) -> list[int]:
     return sizes
 
 
+def mask_width(vocab_size: int) -> int:
+    """int32 words of a token mask (`DecodeState.allowed`): a bit a token."""
+    return (vocab_size + 31) // 32
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens `a` and `b` share."""
     n = min(len(a), len(b))
@@ -201,7 +210,7 @@ class ModelRunner:
 
     def start(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
               stop_ids: Sequence[Sequence[int]], continuing: Generation | None = None,
-              length: int | None = None) -> Generation:
+              length: int | None = None, allowed: np.ndarray | None = None) -> Generation:
         """Prefills `prompts` (token ids) and samples each row's first token.
 
         `stop_ids[b]`: the token ids that end row b (its EOS set, unless ignored, plus its
@@ -209,9 +218,10 @@ class ModelRunner:
         prompt extends (a chat's next turn): its KV cache is reused (and consumed) for the common
         prefix, so only the new tokens are prefilled; `reused_tokens` says how many were reused.
         `length`: a fresh cache holds at least this many slots (a running batch's, which the rows
-        then join as they are).
+        then join as they are). `allowed` `[B, ceil(V / 32)]` int32: the tokens each row's first
+        token may be, a bit each (default any: rows whose params are constrained need theirs).
         """
-        rows = self._rows(prompts, params, stop_ids, length)
+        rows = self._rows(prompts, params, stop_ids, length, allowed)
         lengths = rows.lengths
         reused = self._reusable(continuing, prompts, rows.needed)
         starts = np.array([reused], np.int32) if reused else np.zeros(len(prompts), np.int32)
@@ -229,15 +239,16 @@ class ModelRunner:
         return gen
 
     def prefill_packed(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-                       stop_ids: Sequence[Sequence[int]], budget: int | None = None) -> Packed:
+                       stop_ids: Sequence[Sequence[int]], budget: int | None = None,
+                       allowed: np.ndarray | None = None) -> Packed:
         """Prefills `prompts` (token ids) packed end to end in one row: no prompt is padded to
         another's length. With a `budget` of tokens (an engine that compiles every program first),
         the row is `packed_width` tokens (few programs) and the keys and values wait in the result
         in `packed_width(budget)` slots (so that `Generation.admit` is one program for every width);
         without, the row is the finer `prompt_bucket` (less padding, more programs) and the slots
         are its own. Raises ConfigError for prompts that cannot run, or of over `budget` tokens
-        (nothing was computed then)."""
-        info = self._rows(prompts, params, stop_ids)
+        (nothing was computed then). `allowed`: as `start`'s."""
+        info = self._rows(prompts, params, stop_ids, allowed=allowed)
         tokens = int(info.lengths.sum())
         if budget is not None and tokens > budget:
             raise ConfigError(f"{tokens} prompt tokens do not fit in a packed prefill of {budget}")
@@ -351,14 +362,15 @@ class ModelRunner:
         return len(packs) + sum(rows(size, penalties) for penalties in (False, True) for size in sizes)
 
     def start_in_pieces(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Sequence[int],
-                        piece: int, length: int | None = None) -> Iterator[Generation | None]:
+                        piece: int, length: int | None = None,
+                        allowed: np.ndarray | None = None) -> Iterator[Generation | None]:
         """Prefills one prompt `piece` tokens per device call: yields None after each piece but the
         last, then the Generation (its first token sampled), so a scheduler can run other rows'
         decode steps between the pieces. The tokens are those of `start([prompt], ...)`: every
         piece is encoded with the whole prompt's rotary table. `length` as in `start`."""
         if piece < 1:
             raise ConfigError(f"piece must be at least 1, got {piece}")
-        rows = self._rows([prompt], [params], [stop_ids], length)
+        rows = self._rows([prompt], [params], [stop_ids], length, allowed)
         history, cache = self._fresh(1, rows.length)
         for offset in range(0, len(prompt), piece):
             end = min(offset + piece, len(prompt))
@@ -372,7 +384,7 @@ class ModelRunner:
             history, cache = state.history, state.cache  # (the junk token sampled here is overwritten)
         yield Generation(self, state, rows.logprobs, rows.penalised, [prompt])
 
-    def _rows(self, prompts, params, stop_ids, length: int | None = None) -> _Rows:
+    def _rows(self, prompts, params, stop_ids, length: int | None = None, allowed=None) -> _Rows:
         batch = len(prompts)
         params = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if not prompts or len(params) != batch or len(stop_ids) != batch:
@@ -397,8 +409,12 @@ class ModelRunner:
         sampler = jax.tree.map(np.asarray, sampler_state(params, batch, default_seed=seed))
         needed = longest + max_new
         slots = max(cache_length(needed, self.max_context), min(length or 0, self.max_context))
+        width = mask_width(self.config.vocab_size)
+        allowed = np.full((batch, width), -1, np.int32) if allowed is None else np.asarray(allowed, np.int32)
+        if allowed.shape != (batch, width):
+            raise ConfigError(f"allowed must be [{batch}, {width}] int32 (a bit a token), got {allowed.shape}")
         return _Rows(lengths, limits, stops, sampler, needed, slots, [p.logprobs for p in params],
-                     [p.penalised for p in params])
+                     [p.penalised for p in params], allowed)
 
     def _fresh(self, batch: int, length: int) -> tuple[jax.Array, KVCache]:
         """An empty history and KV cache of `batch` rows of `length` slots."""
@@ -411,7 +427,8 @@ class ModelRunner:
         `prefill.prefill`)."""
         batch, length = ids.shape[0], cache.length
         return _start(self.graphdef, self.params,
-                      *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler)),
+                      *self.put((ids, starts, ends, rows.lengths, rows.limits, rows.stops, rows.sampler,
+                                 rows.allowed)),
                       history, cache, continuing=continuing, layout=self.cache_sharding(batch, length),
                       piece=self.piece(batch), ring=seq_mesh(self.mesh, length),
                       reach=reach, penalties=self.config.vocab_size if any(rows.penalised) else 0)
@@ -461,22 +478,31 @@ class Generation:
     def finished(self) -> bool:
         return bool(self._done.all())
 
-    def advance(self, steps: int) -> list[list[int]]:
-        """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new tokens."""
+    def advance(self, steps: int, allowed: np.ndarray | None = None) -> list[list[int]]:
+        """Runs up to `steps` more steps (fewer when every row finishes); returns each row's new
+        tokens. `allowed` `[B, ceil(V / 32)]` int32: the tokens each row may sample next, a bit each;
+        where rows are constrained (their params' `structured_outputs`) it is their next token's
+        mask, and they take that one step while the others take theirs (one device call)."""
         runner = self.runner
         left = steps
+        if allowed is not None:
+            self.state = self.state._replace(allowed=runner.put(np.ascontiguousarray(allowed, np.int32)))
         while not self._done.all() and left > 0:
             attended, run = self._attended(min(left, RING))  # (no more steps than the ring holds)
             self.state, ran = _decode(runner.graphdef, runner.params, self.state, runner.put(np.int32(run)),
                                       attended=attended, layout=self._layout, ring=self._ring)
             left -= int(ran)
             self._sync()
+            if allowed is not None and ran:  # (the masks were for one step: a crossing waits for the next call)
+                break
             if left > 0 and self._crossing.any():
                 length = cache_length(runner.config.original_max_position_embeddings + 1, self.length)
                 self.state = _reencode(runner.graphdef, runner.params, self.state, length=length,
                                        layout=self._layout, ring=self._ring, piece=runner.piece(self.batch))
                 left -= 1
                 self._sync()
+            if allowed is not None:  # (the masks were for one step)
+                break
         new, self._new = self._new, [[] for _ in range(self.batch)]
         self.new_logprobs = [None if w is None else p for w, p in zip(self._wants, self._pending)]
         self._pending = [[] for _ in range(self.batch)]
@@ -532,7 +558,8 @@ class Generation:
                                                  pad(packed.lasts, 0))), entries)
         self.state = _first(runner.graphdef, runner.params, self.state, hidden, entries,
                             *runner.put((pad(info.lengths, 1), pad(info.limits, 1), pad(stops, -1),
-                                         jax.tree.map(lambda x: pad(x, 0), info.sampler))), layout=self._layout)
+                                         jax.tree.map(lambda x: pad(x, 0), info.sampler), pad(info.allowed, -1))),
+                            layout=self._layout)
         for r, want, penalised, last, n in zip(rows, info.logprobs, info.penalised, packed.lasts, info.lengths):
             self._harvested[r], self._penalised[r] = 0, penalised
             self._wants[r], self._new[r], self._pending[r] = want, [], []
@@ -673,12 +700,12 @@ def _laid_out(state: DecodeState, layout) -> DecodeState:
     return DecodeState(**rest, cache=jax.lax.with_sharding_constraint(state.cache, layout))
 
 
-def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None) -> DecodeState:
-    """Samples the next token of every running row from `logits` [B, V] and records it; a finished
-    row keeps its state."""
-    active = ~state.done
+def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None, hold=None) -> DecodeState:
+    """Samples the next token of every running row from `logits` [B, V] (among the tokens it is
+    `allowed`) and records it; a finished row, or one to `hold` [B], keeps its state."""
+    active = ~state.done if hold is None else ~state.done & ~hold
     # Each row's key is folded with its own token count: the draws a row makes alone.
-    token = sample(logits, state.sampler, state.generated, state.seen, state.counts)
+    token = sample(_masked(logits, state), state.sampler, state.generated, state.seen, state.counts)
     rows = jnp.arange(token.shape[0])
     length = state.history.shape[1]
     # A finished row writes past the end, which mode="drop" discards.
@@ -694,6 +721,17 @@ def _advance(state: DecodeState, logits: jax.Array, cache: KVCache, layout=None)
         tokens=tokens, last=jnp.where(active, token, state.last), positions=positions, history=history,
         seen=seen, counts=counts, cache=cache, generated=generated,
         done=state.done | finished, stopped_by_token=state.stopped_by_token | (active & is_stop)), layout)
+
+
+def _masked(logits: jax.Array, state: DecodeState) -> jax.Array:
+    """`logits` [B, V] with the tokens a constrained row is not `allowed` at -inf (computed only
+    while such a row runs)."""
+    def mask(logits):
+        ids = jnp.arange(logits.shape[-1])
+        bits = (state.allowed[:, ids // 32] >> (ids % 32)) & 1
+        return jnp.where(bits.astype(bool), logits, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(state.sampler.constrained & ~state.done), mask, lambda x: x, logits)
 
 
 def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, active: jax.Array) -> DecodeState:
@@ -717,14 +755,15 @@ def _logprobs_recorded(state: DecodeState, logits: jax.Array, token: jax.Array, 
     return state._replace(logprob_ring=rings[0], top_ids=rings[1], top_logprobs=rings[2])
 
 
-@functools.partial(jax.jit, donate_argnums=(9, 10),
+@functools.partial(jax.jit, donate_argnums=(10, 11),
                    static_argnames=("continuing", "layout", "piece", "ring", "reach", "penalties"))
-def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, history, cache, *,
-           continuing, layout=None, piece=None, ring=None, reach=None,
+def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_ids, sampler, allowed, history, cache,
+           *, continuing, layout=None, piece=None, ring=None, reach=None,
            penalties=0) -> DecodeState:
     """Prefills `ids` `[B, W]` at positions `starts[b]` on (`continuing`: over the cached prefix;
-    else from 0 into a fresh cache) and samples the first token. `lengths[b]`: row b's sequence
-    through `ids`; `rope_lengths[b]`: its whole prompt's (more when `ids` is only a part)."""
+    else from 0 into a fresh cache) and samples the first token (among those `allowed`).
+    `lengths[b]`: row b's sequence through `ids`; `rope_lengths[b]`: its whole prompt's (more when
+    `ids` is only a part)."""
     model = nnx.merge(graphdef, params)
     batch, width = ids.shape
     logits, cache = prefill(model, ids, lengths, cache, starts if continuing else None, piece, ring, rope_lengths,
@@ -742,7 +781,7 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
         seen=seen, counts=jnp.zeros((batch, penalties), jnp.int32), sampler=sampler,
         logprob_ring=jnp.zeros((batch, RING), jnp.float32), top_ids=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.int32),
-        top_logprobs=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.float32), cache=cache)
+        top_logprobs=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.float32), allowed=allowed, cache=cache)
     return _advance(state, logits, cache, layout)
 
 
@@ -786,6 +825,7 @@ def _empty(graphdef, params, *, batch: int, length: int, stop_width: int, layout
         sampler=SamplerState(*(zeros(x.dtype, *x.shape[1:]) for x in sampler_state(SamplingParams(), 1))),
         logprob_ring=zeros(jnp.float32, RING), top_ids=zeros(jnp.int32, RING, MAX_LOGPROBS),
         top_logprobs=zeros(jnp.float32, RING, MAX_LOGPROBS),
+        allowed=jnp.full((batch, mask_width(config.vocab_size)), -1, jnp.int32),
         cache=KVCache.create(config, batch, length, dtype))
     return _laid_out(state, layout)
 
@@ -811,11 +851,12 @@ def _place(state: DecodeState, hidden, packed: KVCache, ids, token_rows, slots, 
 
 
 @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("layout",))
-def _first(graphdef, params, state: DecodeState, hidden, rows, lengths, limits, stop_ids, sampler, *,
+def _first(graphdef, params, state: DecodeState, hidden, rows, lengths, limits, stop_ids, sampler, allowed, *,
            layout=None) -> DecodeState:
     """Starts rows `rows` `[B]` (placed by `_place`; B: unused entries) from their last prompt
     token's `hidden` state `[B, E]`: entry b's prompt has `lengths[b]` tokens, `limits[b]`,
-    `stop_ids[b]` and `sampler` row b. Samples their first tokens; the other rows keep their state."""
+    `stop_ids[b]`, `sampler` row b and first-token mask `allowed[b]`. Samples their first tokens;
+    the other rows keep their state."""
     model = nnx.merge(graphdef, params)
     batch = state.done.shape[0]
     admitted = jnp.zeros(batch, bool).at[rows].set(True, mode="drop")
@@ -825,7 +866,8 @@ def _first(graphdef, params, state: DecodeState, hidden, rows, lengths, limits, 
         positions=put(state.positions, lengths - 1), done=~admitted,
         stopped_by_token=put(state.stopped_by_token, jnp.zeros_like(rows, bool)),
         generated=put(state.generated, jnp.zeros_like(rows)), limit=put(state.limit, limits),
-        stop_ids=put(state.stop_ids, stop_ids), sampler=jax.tree.map(put, state.sampler, sampler))
+        stop_ids=put(state.stop_ids, stop_ids), sampler=jax.tree.map(put, state.sampler, sampler),
+        allowed=put(state.allowed, allowed))
     new = _advance(rest, logits, state.cache)
     return _laid_out(new._replace(done=jnp.where(admitted, new.done, state.done)), layout)
 
@@ -850,15 +892,21 @@ def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, attended:
     def restored(cache):
         return jax.tree.map(lambda c: c[None], cache) if squeeze else cache
 
+    # A constrained row takes one step a call (its host computes the next step's mask): held after it.
+    first = state.generated
+
+    def held(s):
+        return s.sampler.constrained & (s.generated > first)
+
     def running(carry):
         s, ran = carry
-        go = (ran < steps) & ~jnp.all(s.done)
+        go = (ran < steps) & ~jnp.all(s.done | held(s))
         return go & ~jnp.any(longrope.crossing(model.config, s.done, s.positions)) if longrope_model else go
 
     def step(carry):
         s, ran = carry
         logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
-        return _advance(s, logits, carried(cache), layout), ran + 1
+        return _advance(s, logits, carried(cache), layout, hold=held(s)), ran + 1
 
     state, ran = jax.lax.while_loop(running, step, (state._replace(cache=carried(state.cache)), jnp.int32(0)))
     return _laid_out(state._replace(cache=restored(state.cache)), layout), ran

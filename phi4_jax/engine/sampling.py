@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phi4_jax.errors import SamplingError
+from phi4_jax.text.structured import StructuredOutputs
 
 # Keys are pinned to threefry so their raw data is always [2] uint32, whatever jax's default impl is.
 _PRNG_IMPL = "threefry2x32"
@@ -46,6 +47,9 @@ class SamplingParams:
     under the model's own distribution (log-softmax of its logits, before any penalty or filter).
     `prompt_logprobs` (vLLM): None, or return each prompt token's log-probability after the tokens
     before it (None for the first) and those of the `prompt_logprobs` most likely tokens there.
+    `structured_outputs` (vLLM): the text must match a JSON schema, a regex, one of some choices
+    or a grammar (`text.structured.StructuredOutputs`, or a dict of its fields); the sampler then
+    draws only tokens that keep it matching (log-probabilities stay the model's own).
     """
 
     temperature: float = 0.0  # 0 = greedy (argmax)
@@ -62,6 +66,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         def check_number(name, ok, allowed):
@@ -91,6 +96,14 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise SamplingError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}", name)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                object.__setattr__(self, "structured_outputs", StructuredOutputs(**self.structured_outputs))
+            except TypeError as e:
+                raise SamplingError(f"structured_outputs: {e}", "structured_outputs") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise SamplingError(f"structured_outputs must be None, a StructuredOutputs or a dict of its fields, got "
+                                f"{self.structured_outputs!r}", "structured_outputs")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", "ignore_eos")
 
@@ -123,6 +136,7 @@ class SamplerState(NamedTuple):
     frequency_penalty: jax.Array  # [B] float32
     keys: jax.Array  # [B, 2] uint32 raw threefry keys
     logprobs: jax.Array  # [B] bool: the row asks for log-probabilities (the sampler does not read it)
+    constrained: jax.Array  # [B] bool: the row's tokens are masked by its grammar (one decode step a call)
 
 
 def _seed_key_data(seed: int) -> np.ndarray:
@@ -176,6 +190,7 @@ def sampler_state(params: list[SamplingParams] | SamplingParams, batch: int,
         frequency_penalty=column("frequency_penalty", np.float32),
         keys=keys,
         logprobs=np.array([p.logprobs is not None for p in params], bool),
+        constrained=np.array([p.structured_outputs is not None for p in params], bool),
     )
 
 

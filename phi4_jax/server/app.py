@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import json
 import secrets
 import time
@@ -23,15 +24,15 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from phi4_jax import __version__
 from phi4_jax.engine.async_engine import AsyncEngine, EngineUnavailableError
 from phi4_jax.engine.engine import RequestOutput
 from phi4_jax.engine.scheduler import QueueFullError
-from phi4_jax.errors import TokenizerError
+from phi4_jax.errors import ConfigError, SamplingError, TokenizerError
 from phi4_jax.server import protocol
 from phi4_jax.server.metrics import CONTENT_TYPE, Metrics
 from phi4_jax.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, RequestError,
                                       TokenizeRequest)
+from phi4_jax.text.structured import FIELD
 from phi4_jax.text.tokenizer import Tokenizer
 from phi4_jax.text.tool_calls import Call, Content, ToolCallParser
 
@@ -75,7 +76,7 @@ def _streamed(chunk) -> dict:
 
 def build_app(served: Served, docs: bool = False) -> FastAPI:
     """The API of `served`; `docs`: the OpenAPI schema rendered at /docs (it is at /openapi.json always)."""
-    app = FastAPI(title="phi4_jax", version=__version__, docs_url="/docs" if docs else None, redoc_url=None)
+    app = FastAPI(title="phi4_jax", version=_version(), docs_url="/docs" if docs else None, redoc_url=None)
     app.openapi = lambda: _openapi(app)
     served.metrics = metrics = Metrics(served.engine.load, served.name)
 
@@ -150,6 +151,13 @@ def build_app(served: Served, docs: bool = False) -> FastAPI:
         return await _respond(served, request, arrived, parsed, prompts, chat=False, texts=texts)
 
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("phi4-jax")
+    except importlib.metadata.PackageNotFoundError:  # (a checkout on the path, not installed)
+        return "unknown"
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -263,6 +271,7 @@ class _Choice:
                  chat: bool = True, prompt_text: str | None = None):
         self.index, self.tokenizer, self.prompt, self.prompt_text = index, served.tokenizer, prompt, prompt_text
         self.tools = ToolCallParser() if tools else None
+        self.one_call = getattr(request, "parallel_tool_calls", None) is False  # (at most one call)
         self.tokens = 0
         self.finish_reason: str | None = None
         self.text, self.calls = "", []
@@ -301,12 +310,36 @@ class _Choice:
             events = [Content(text)] if text else []
         else:
             events = self.tools.feed(text) + (self.tools.finish() if final else [])
+        if self.one_call:
+            events = [e for e in events if isinstance(e, Content) or e.index == 0]
         for e in events:
             if isinstance(e, Content):
                 self.text += e.text
             else:
                 self.calls.append(e)
         return events
+
+
+class _ForcedCalls:
+    """The tool calls of an answer constrained to be calls (`tool_choice` "required", or `forced` the
+    named function): the JSON is gathered and made calls at its end, as vLLM makes them; cut short
+    (its length reached), it stays text."""
+
+    def __init__(self, forced: str):
+        self.forced, self.text = forced, ""
+
+    def feed(self, text: str) -> list:
+        self.text += text
+        return []
+
+    def finish(self) -> list:
+        try:
+            value = json.loads(self.text)
+        except json.JSONDecodeError:
+            return [Content(self.text)] if self.text else []
+        if self.forced != "required":
+            return [Call(0, self.forced, self.text)]
+        return [Call(i, c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for i, c in enumerate(value)]
 
 
 class _Logprobs:
@@ -373,10 +406,18 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
                                code="context_length_exceeded")
     _check_model(served, request.model)
     params = protocol.sampling_params(request, served.default_max_tokens)
+    try:  # (what the engine would refuse, refused here as the request's fault; a grammar compiles here)
+        await asyncio.to_thread(lambda: [served.engine.check(ids, params) for ids in prompts])
+    except SamplingError as e:
+        fmt = request.response_format is not None and request.response_format.type != "text"
+        raise RequestError(str(e), "response_format" if fmt and e.field == FIELD else e.field) from None
+    except (ConfigError, TokenizerError) as e:
+        raise RequestError(str(e), "messages" if chat else "prompt") from None
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": served.name}
     requests, choices = [], {}
     tools = chat and request.tool_schemas() is not None
+    forced = request.forced_tool() if chat else None
     for p, ids in enumerate(prompts):
         for j in range(request.n):
             # Choices of one request differ: choice j samples with seed + j (choice 0 is the lone seeded output).
@@ -386,6 +427,8 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             requests.append((f"{meta['id']}-{index}", ids, choice_params))
             text = texts[p] if texts is not None and isinstance(texts[p], str) else None
             choices[requests[-1][0]] = _Choice(index, served, request, choice_params, ids, tools, chat, text)
+            if forced is not None:  # (its output is the calls' JSON: gathered, then made calls)
+                choices[requests[-1][0]].tools = _ForcedCalls(forced)
     metrics = served.metrics
     try:
         outputs = served.engine.submit(requests)

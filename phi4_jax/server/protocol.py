@@ -16,10 +16,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.errors import SamplingError
+from phi4_jax.text.structured import StructuredOutputs
 
 # OpenAI fields this server does not honour: refused rather than ignored, except at these values.
-UNSUPPORTED = {"logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "best_of": (None, 1),
-               "suffix": (None, ""), "parallel_tool_calls": (None, True)}
+UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
 MAX_N = 16  # rows one request may ask for (`n`)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
@@ -97,6 +97,42 @@ class Tool(_Request):
     function: Function
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, any JSON object, a regex, one of some
+    choices, or a Lark grammar (llguidance's)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: str | None = None
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice` naming the one function to call."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class _Sampling(_Request):
     """The fields chat and completion requests share."""
 
@@ -118,9 +154,36 @@ class _Sampling(_Request):
     stop_token_ids: list[Annotated[Int, Field(ge=0, lt=2**31)]] | None = None
     ignore_eos: bool = False
     prompt_logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def constraint(self) -> StructuredOutputs | None:
+        """What the text must match (`response_format` or `structured_outputs`), or None."""
+        fmt = self.response_format if self.response_format is not None and self.response_format.type != "text" \
+            else None
+        if fmt is not None and self.structured_outputs is not None:
+            raise RequestError("give response_format or structured_outputs, not both", "structured_outputs")
+        if fmt is not None:
+            if fmt.type == "json_object":
+                return StructuredOutputs(json_object=True)
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise RequestError("response_format json_schema needs json_schema.schema", "response_format")
+            try:
+                return StructuredOutputs(json=fmt.json_schema.schema_)
+            except SamplingError as e:
+                raise RequestError(str(e).replace("structured_outputs.json", "response_format.json_schema.schema"),
+                                   "response_format") from None
+        if self.structured_outputs is None:
+            return None
+        s = self.structured_outputs
+        try:
+            return StructuredOutputs(json=s.json_, json_object=s.json_object is True, regex=s.regex,
+                                     choice=None if s.choice is None else tuple(s.choice), grammar=s.grammar)
+        except SamplingError as e:
+            raise RequestError(str(e), "structured_outputs") from None
 
     @property
     def scores_only(self) -> bool:
@@ -132,7 +195,8 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
@@ -142,6 +206,40 @@ class ChatCompletionRequest(_Sampling):
     def conversation(self) -> list[dict]:
         """The messages as the chat template takes them."""
         return conversation(self.messages)
+
+    def forced_tool(self) -> str | None:
+        """A call the answer must be (`tool_choice` "required" or a named function): "required" or the
+        function's name; None where the model chooses."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise RequestError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
+                                   f"tools ({', '.join(names) or 'none given'})", "tool_choice")
+            return self.tool_choice.function.name
+        if self.tool_choice == "required":
+            if not self.tools:
+                raise RequestError("tool_choice 'required' needs tools", "tool_choice")
+            return "required"
+        return None
+
+    def constraint(self) -> StructuredOutputs | None:
+        """`_Sampling.constraint`, or where a call is forced (`forced_tool`), the JSON of it: the named
+        function's arguments, or (`required`) a list of `{"name", "parameters"}` calls of the tools,
+        one at most without `parallel_tool_calls` (vLLM's forms)."""
+        forced = self.forced_tool()
+        if forced is None:
+            return super().constraint()
+        if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):
+            raise RequestError("a forced tool call (tool_choice) cannot take response_format or structured_outputs "
+                               "too", "tool_choice")
+        schemas = {tool.function.name: tool.function.parameters or {"type": "object"} for tool in self.tools}
+        if forced != "required":
+            return StructuredOutputs(json=schemas[forced])
+        call = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                 "required": ["name", "parameters"], "additionalProperties": False}
+                for name, schema in schemas.items()]
+        calls = {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+        return StructuredOutputs(json=calls if self.parallel_tool_calls is not False else {**calls, "maxItems": 1})
 
     def tool_schemas(self) -> list[dict] | None:
         """The tools as the chat template takes them (none when `tool_choice` is "none")."""
@@ -233,9 +331,11 @@ def parse(kind: type[_Request], body: Any) -> _Request:
     return request
 
 
-_FIELDS = {name for model in (ChatCompletionRequest, CompletionRequest, Message, Tool, Function, ToolCall,
-                               FunctionCall, TextPart, StreamOptions, TokenizeRequest, DetokenizeRequest)
-           for name in model.model_fields}
+_FIELDS = {field.alias or name for model in (ChatCompletionRequest, CompletionRequest, Message, Tool, Function,
+                                             ToolCall, FunctionCall, TextPart, StreamOptions, TokenizeRequest,
+                                             DetokenizeRequest, ResponseFormat, JsonSchemaFormat,
+                                             StructuredOutputsRequest, NamedToolChoice, NamedFunction)
+           for name, field in model.model_fields.items()}
 _UNIONS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids, none empty",
            "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
 
@@ -252,6 +352,7 @@ def sampling_params(request: _Sampling, default_max_tokens: int) -> SamplingPara
     elif fields["max_tokens"] == 0 and isinstance(request, CompletionRequest):
         raise RequestError("max_tokens 0 returns nothing without echo: true (which scores the prompt)", "max_tokens")
     fields["prompt_logprobs"] = request.prompt_logprobs
+    fields["structured_outputs"] = request.constraint()
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")

@@ -17,6 +17,7 @@ from phi4_jax.errors import TokenizerError
 from phi4_jax.text.chat_template import ChatRenderer, read_chat_template
 from phi4_jax.text.sentencepiece import AddedToken, SentencePieceBackend
 from phi4_jax.text.stops import StreamDecoder, model_stop_ids
+from phi4_jax.text.structured import Grammars
 
 # The named special tokens transformers puts into the chat template's variables.
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -58,6 +59,7 @@ class Tokenizer:
 
         self.tokenizer_class: str | None = config.get("tokenizer_class")  # (as tokenizer_config.json names it)
         self.chat_template: str | dict[str, str] | None = read_chat_template(self.folder, config)
+        self._grammars: Grammars | None = None
         self._chat = ChatRenderer(self.folder)
 
         self.vocab_size: int = self._backend.vocab_size
@@ -101,6 +103,16 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary's string of one id (`"Ġthe"`, transformers' `convert_ids_to_tokens`), or None."""
         return self._backend.id_to_token(int(token_id))
+
+    def grammars(self, vocab_size: int) -> Grammars:
+        """The grammar engine of this tokenizer for a model of `vocab_size` tokens (structured
+        outputs; made once). Raises TokenizerError where the tokenizer is SentencePiece's alone."""
+        if self._grammars is None or self._grammars.vocab_size != vocab_size:
+            if not isinstance(self._backend, _HFBackend):
+                raise TokenizerError(f"structured outputs need a tokenizer.json; {self.folder} has only "
+                                     "tokenizer.model")
+            self._grammars = Grammars(self._backend.to_str(), vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def stream(self, stop: tuple[str, ...] = (), stop_ids: Iterable[int] = (),
                skip_special_tokens: bool = False) -> StreamDecoder:
@@ -215,3 +227,7 @@ class _HFBackend:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def to_str(self) -> str:
+        """The tokenizer as tokenizer.json holds it, with the added tokens of the config files."""
+        return self._tok.to_str()
