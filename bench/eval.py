@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from runinfo import describe_run
+    from runinfo import append_record, describe_run
 
     from phi4_jax import platforms
     from phi4_jax.checkpoints.hub import DEMO_FOLDER
@@ -202,9 +202,7 @@ def main(argv=None) -> int:
 
             folder = smollm2.folder()
         record = {**compare(name, folder, args.limit, args.max_tokens), **describe_run()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(args.output, record)
         print(f"| {name} | {record['docs']} ({record['choices']} choices) | "
               f"{record['max_loglikelihood_difference']:.1e} | {record['accuracy_served']:.2f} / "
               f"{record['accuracy_hf']:.2f} | {record['same_answers']} of {record['generated']} |")

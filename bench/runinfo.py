@@ -31,3 +31,10 @@ def write_record(path: str, record: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+
+
+def append_record(path: str, record: dict) -> None:
+    """Appends one benchmark record as a line of a JSON-lines file, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

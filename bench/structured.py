@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import jsonschema_rs
-    from runinfo import describe_run
+    from runinfo import append_record, describe_run
 
     import phi4_jax
     from phi4_jax import SamplingParams, platforms
@@ -106,9 +106,7 @@ def main(argv=None) -> int:
                     "ratio": rates[0] / rates[1], "constrained_decode_s": json_s, "unconstrained_decode_s": free_s,
                     "mask_s": mask_s, "mask_us_per_token": 1e6 * mask_s / tokens, "valid": valid}
     record = {**best, **describe_run()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(args.output, record)
     print(f"| {args.model} | {args.rows} | {record['tokens']} | {record['constrained_tokens_per_s']:.1f} | "
           f"{record['unconstrained_tokens_per_s']:.1f} | {record['ratio']:.2f}× | "
           f"{record['mask_us_per_token']:.0f} µs | {record['valid']} of {args.rows} |")

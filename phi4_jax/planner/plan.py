@@ -143,8 +143,9 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
     ints = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=whole)
     sampler = jax.tree.map(lambda a: _sds(a, whole), sampler_state(SamplingParams(), batch))
     rows = ints((batch,))  # starts, lengths, rope lengths, limits
-    start_args = (ints((batch, context)), rows, rows, rows, rows, ints((batch, 1)), sampler, ints((batch, context)),
-                  KVCache(layers, layers))
+    allowed = ints((batch, runner.mask_width(config.vocab_size)))  # (the first token's mask: any)
+    start_args = (ints((batch, context)), rows, rows, rows, rows, ints((batch, 1)), sampler, allowed,
+                  ints((batch, context)), KVCache(layers, layers))
     # As the engine runs it: ring attention on a seq mesh, else in pieces of `piece`.
     ring = seq_mesh(mesh, context)
     options = dict(continuing=False, layout=layout, piece=piece, ring=ring)
