@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 import phi4_jax
 from conftest import serving
 
-EXAMPLES = 25  # requests per endpoint and mode (valid bodies, then invalid ones)
+EXAMPLES = 12  # requests per endpoint and mode (valid bodies, then invalid ones)
 
 
 def rss() -> int:
