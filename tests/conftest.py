@@ -18,7 +18,7 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # Meshes are simulated with 8 CPU devices; this must happen before jax is imported. The tests' programs
 # are tiny and many, so compiling them is half the suite's time: XLA:CPU's LLVM backend at -O0 compiles
 # them in about half that, to the same HLO. Its arithmetic differs from -O2's by rounding (float32
-# logits within 1e-6 of each other, measured; the tests' tolerances are 1e-5 and wider), and the tests
+# logits within 1e-6 of each other, measured; the tests' tolerances are 1e-5 and wider), and most tests
 # that start the commands in fresh processes run them as users do, at XLA's default level, against
 # tokens and text computed here (BUILD.md, "Tests"). Flags of the user's own are kept beside them.
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):

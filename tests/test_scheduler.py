@@ -149,7 +149,7 @@ def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their
     `warm_up` ran, none of it makes a program, and every request gets its lone tokens."""
     requests = requests_of(runner, 12, seed=5)  # (log-probabilities and penalties among them)
     want = [alone(runner, r) for r in requests]
-    engine = Engine(runner, max_batch=4, steps_per_call=3, prefill_tokens=40, fixed_length=64)
+    engine = Engine(runner, max_batch=4, steps_per_call=3, prefill_tokens=32, fixed_length=64)
     engine.warm_up([1], 4)
     compiled, got = stats.CLOCK.total, Collected()
     arrivals = iter(requests)
