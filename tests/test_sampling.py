@@ -305,6 +305,7 @@ def test_low_precision_logits_are_computed_in_float32():
     (dict(min_p=1.5), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(temperature=1e39), "temperature"),  # (past float32: the sampler holds it as one)
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-2.01), "frequency_penalty"),
     (dict(max_tokens=0), "max_tokens"),

@@ -324,7 +324,8 @@ def test_the_command_serves_until_sigterm_and_exits_0(demo):
     port = free_port()
     # (Its warm-up compiles every program: at -O0, as this process compiles; `phi4-jax generate` in a
     # fresh process runs at XLA's default level, test_generate.py.)
-    process = subprocess.Popen([PHI4_JAX, "serve", "--port", str(port), "--max-batch", "1", "--log-level", "warning"],
+    process = subprocess.Popen([PHI4_JAX, "serve", "--port", str(port), "--max-batch", "1", "--max-context", "64",
+                                "--log-level", "warning"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=user_environment(XLA_FLAGS="--xla_backend_optimization_level=0"))
     url = f"http://127.0.0.1:{port}"

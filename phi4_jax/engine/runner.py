@@ -344,7 +344,7 @@ class ModelRunner:
             for attended in attended_sizes(length):
                 gen.state, _ = _decode(self.graphdef, self.params, gen.state, self.put(np.int32(0)),
                                        attended=attended, layout=gen._layout, ring=gen._ring)
-            if self._longrope:  # (LongRoPE's step at the crossing: no row is there, none changes)
+            if crosses:  # (LongRoPE's step at the crossing: no row is there, none changes)
                 gen.state = _reencode(self.graphdef, self.params, gen.state, layout=gen._layout, ring=gen._ring,
                                       length=cache_length(self.config.original_max_position_embeddings + 1, length),
                                       piece=self.piece(size))
@@ -356,8 +356,10 @@ class ModelRunner:
             if penalties:
                 gen.resize(list(range(size)), penalties=False)  # (as the engine drops it, rows unchanged)
                 ran += 1
-            return ran + 4 + len(attended_sizes(length)) + self._longrope + len(sizes) - 1
+            return ran + 4 + len(attended_sizes(length)) + crosses + len(sizes) - 1
 
+        # A row crosses LongRoPE's original context only where the cache holds past it.
+        crosses = self._longrope and self.config.original_max_position_embeddings < min(length, self.max_context)
         packs = [pack(cut) for cut in cuts.values()]
         return len(packs) + sum(rows(size, penalties) for penalties in (False, True) for size in sizes)
 

@@ -8,7 +8,6 @@ one compiled step serves any mix of requests.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -24,6 +23,7 @@ _PRNG_IMPL = "threefry2x32"
 _SEED_RANGE = (-(2**63), 2**64)
 _INT32_END = 2**31  # top_k and token ids become int32 arrays
 MAX_LOGPROBS = 20  # most likely tokens a row may ask the log-probabilities of (OpenAI's bound)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(value) -> bool:
@@ -71,7 +71,8 @@ class SamplingParams:
     def __post_init__(self):
         def check_number(name, ok, allowed):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or not ok(value):
+            # (finite as the float32 the sampler holds it in)
+            if not _is_number(value) or not abs(value) <= _FLOAT32_MAX or not ok(value):
                 raise SamplingError(f"{name} must be a number {allowed}, got {value!r}", name)
 
         check_number("temperature", lambda t: t >= 0, ">= 0 (0 = greedy)")
