@@ -120,7 +120,7 @@ def test_the_servers_streamed_deltas_add_up_to_its_whole_message(phi4_mini, case
     ids = phi4_mini.encode(output) + [end]
     decoder = phi4_mini.stream(stop_ids={end})
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
-    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), request, SamplingParams(), [1], tools=True)
+    choice = _Choice(0, SimpleNamespace(tokenizer=phi4_mini), request, SamplingParams(), [1], tools=ToolCallParser())
     deltas = []
     for start in range(0, len(ids), 3):
         last = start + 3 >= len(ids)

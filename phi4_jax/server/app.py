@@ -165,14 +165,11 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for chunk in (protocol.ChatCompletionChunk, protocol.CompletionChunk):  # (the streams' events)
-            described = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+        for model in (protocol.ChatCompletionChunk, protocol.CompletionChunk, *REQUEST_BODIES.values()):
+            described = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(described.pop("$defs", {}))
-            components[chunk.__name__] = described
+            components[model.__name__] = described
         for path, model in REQUEST_BODIES.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
             schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         app.openapi_schema = schema
@@ -267,10 +264,10 @@ class _Choice:
     counts; for a text completion's `echo`, its prompt (`prompt`: the ids) first; with the request's
     `scores_only`, nothing generated (the prompt is only scored)."""
 
-    def __init__(self, index: int, served: Served, request, params, prompt: list[int], tools: bool,
+    def __init__(self, index: int, served: Served, request, params, prompt: list[int], tools,
                  chat: bool = True, prompt_text: str | None = None):
         self.index, self.tokenizer, self.prompt, self.prompt_text = index, served.tokenizer, prompt, prompt_text
-        self.tools = ToolCallParser() if tools else None
+        self.tools = tools  # (the choice's tool-call parser, or None)
         self.one_call = getattr(request, "parallel_tool_calls", None) is False  # (at most one call)
         self.tokens = 0
         self.finish_reason: str | None = None
@@ -418,6 +415,9 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
     requests, choices = [], {}
     tools = chat and request.tool_schemas() is not None
     forced = request.forced_tool() if chat else None
+
+    def parser():  # (a forced call's output is the calls' JSON: gathered, then made calls)
+        return _ForcedCalls(forced) if forced is not None else ToolCallParser() if tools else None
     for p, ids in enumerate(prompts):
         for j in range(request.n):
             # Choices of one request differ: choice j samples with seed + j (choice 0 is the lone seeded output).
@@ -426,9 +426,7 @@ async def _respond(served: Served, http: Request, arrived: float, request, promp
             index = p * request.n + j
             requests.append((f"{meta['id']}-{index}", ids, choice_params))
             text = texts[p] if texts is not None and isinstance(texts[p], str) else None
-            choices[requests[-1][0]] = _Choice(index, served, request, choice_params, ids, tools, chat, text)
-            if forced is not None:  # (its output is the calls' JSON: gathered, then made calls)
-                choices[requests[-1][0]].tools = _ForcedCalls(forced)
+            choices[requests[-1][0]] = _Choice(index, served, request, choice_params, ids, parser(), chat, text)
     metrics = served.metrics
     try:
         outputs = served.engine.submit(requests)
