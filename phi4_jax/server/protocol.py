@@ -1,10 +1,11 @@
-"""OpenAI's request shapes and error body, and the sampling parameters a request asks the engine for.
+"""OpenAI's request and answer shapes, and the sampling parameters a request asks the engine for.
 
 Requests are validated as OpenAI validates them: a wrong type is refused, not coerced ("1" is not
 a number), an unknown field is ignored (clients send fields of other servers). Every refusal is a
 `RequestError` naming the field (`param`), which the server answers with status 400 and
 `error_body`. Field names are OpenAI's, plus vLLM's extras (`top_k`, `min_p`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `prompt_logprobs`).
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `prompt_logprobs`, `structured_outputs`).
+The answers' models (`ChatCompletion`, ...) only describe them in the OpenAPI schema.
 """
 
 from __future__ import annotations
