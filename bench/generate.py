@@ -14,6 +14,12 @@ weights of an HF/Orbax folder) generates through the engine, greedy, with every 
            the read bandwidth, the rate at which XLA's products read the weights.
   compile: two fresh processes sharing an empty compilation cache time their first token: cold
            (compiling) and warm (from JAX's persistent cache).
+  speculative: (a model folder with its tokenizer; not run by default) greedy chat answers of up to
+           --new-tokens tokens, with --speculative and without, in alternation, on two workloads:
+           "grounded" (copy, edit or quote a document or code given in the prompt: this repository's
+           own files) and "free" (open questions and stories), at each --batch (rows of different
+           prompts): decode tokens/s of both (the median of --repeats), whether every token is the
+           same, the drafts' acceptance rate and the tokens a row makes per step.
 The rooflines are read beside the work they judge, since a shared machine's speed drifts: before
 each timed run of a decode, the read bandwidth (a 1 GiB buffer on a CPU, three multi-threaded
 readers); before each timed run of a prefill, the matmul peak. A record holds the median of its
@@ -23,6 +29,7 @@ readings, with how they were taken. The reading's buffer stays allocated through
   python bench/generate.py                                   # the committed CPU run
   python bench/generate.py --model phi-4-mini --dtype bfloat16 --batch 1 64 --prefill-len 2048  # GPU
   python bench/generate.py --parts prefill --mesh seq=4 --prefill-len 1k 2k 4k   # one line per seq size
+  python bench/generate.py --model $(python bench/smollm2.py) --parts speculative --batch 1 16 --new-tokens 256
 Then `python bench/plot.py` draws the figures from the results file.
 """
 
@@ -66,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default none)")
     p.add_argument("--mesh", default=None,
                    help="shard over this mesh, e.g. tensor=2 or seq=4 (on a CPU: that many fake devices)")
-    p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile"],
+    p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile", "speculative"],
                    default=["prefill", "decode", "products", "compile"],
-                   help="what to measure (see above; default all four)")
+                   help="what to measure (see above; default the first four)")
+    p.add_argument("--speculative", default="ngram:4",
+                   help="the speculative part's setting, as phi4-jax generate --speculative (default ngram:4)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="decode batch sizes (default 1 4 16 64)")
     p.add_argument("--prompt-len", "--prompt_len", type=tokens, nargs="+", default=[16],
@@ -248,6 +257,80 @@ def measure_decode(engine, config, batch: int, prompt_len: int, new_tokens: int,
             "mean_context": prompt_len + (steps - 1) / 2}
 
 
+GROUNDED = ("Copy the following text exactly, word for word:\n\n{text}",
+            "Here is some Python code. Return the whole code with a short comment added above each function, "
+            "changing nothing else:\n\n{code}",
+            "Quote the three most important sentences of this text, word for word, one per line:\n\n{text}",
+            "Rename the variable `self` to `this` in the following code and return all of it:\n\n{code}")
+FREE = ("Write a story about a dragon who learns to bake bread.", "What are the main causes of climate change?",
+        "Write a poem about the sea at night.", "Explain how a bicycle stays upright.",
+        "Give me ideas for a birthday party for a ten-year-old.", "Why is the sky blue?",
+        "Describe a day in the life of a medieval blacksmith.", "What should I pack for a week of hiking?",
+        "Write a letter to a friend you have not seen in years.", "How do vaccines work?",
+        "Tell me about the history of the printing press.", "Invent a new board game and explain its rules.",
+        "What makes a good teacher?", "Write a short mystery set on a train.",
+        "Compare cats and dogs as pets.", "Describe the city of the future.")
+
+
+def speculative_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]:
+    """`batch` chat prompts of a workload: "grounded" pieces of this repository's own text and code
+    under the GROUNDED tasks (each row another piece), or "free" questions (FREE)."""
+    if workload == "free":
+        texts = [FREE[i % len(FREE)] for i in range(batch)]
+    else:
+        docs = [open(os.path.join(ROOT, name), encoding="utf-8").read() for name in ("README.md", "BUILD.md")]
+        code = [open(os.path.join(ROOT, "phi4_jax", "engine", name), encoding="utf-8").read()
+                for name in ("scheduler.py", "async_engine.py")]
+        texts = []
+        for i in range(batch):
+            doc, source = docs[i % len(docs)], code[i % len(code)]
+            start = 1500 * (i // len(docs))
+            text, piece = doc[start:start + 1500], source[2000 + start:3500 + start]
+            texts.append(GROUNDED[i % len(GROUNDED)].format(text=text, code=piece))
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+
+
+def measure_speculative(model, tokenizer, spec: str, workload: str, batch: int, new_tokens: int,
+                        repeats: int) -> dict:
+    """Greedy generation of one workload's prompts by two runners, plain and speculating, in
+    alternation: decode tokens/s (after each row's first token), tokens per step, acceptance."""
+    from phi4_jax import ModelRunner, SamplingParams
+
+    runners = {"plain": ModelRunner(model), "speculative": ModelRunner(model, speculative=spec)}
+    prompts = speculative_prompts(tokenizer, workload, batch)
+    params, stops = SamplingParams(max_tokens=new_tokens), [tokenizer.eos_token_ids] * batch
+
+    def run(runner):
+        gen = runner.start(prompts, params, stops)
+        out = [list(t) for t in gen.advance(0)]
+        start, drafted = time.perf_counter(), np.zeros(3, np.int64)
+        while not gen.finished:
+            for row, new in zip(out, gen.advance(new_tokens)):
+                row += new
+            drafted += gen.drafted.sum(axis=0)
+        return out, time.perf_counter() - start, drafted
+
+    seen = {name: run(r)[0] for name, r in runners.items()}  # (compiles)
+    seconds = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            out, took, drafted = run(runner)
+            seconds[name].append(took)
+            assert out == seen[name], f"{name} generation is not deterministic"
+    tokens = sum(len(row) - 1 for row in seen["plain"])
+    drafts, draft_tokens, accepted = (int(x) for x in drafted)
+    plain, fast = statistics.median(seconds["plain"]), statistics.median(seconds["speculative"])
+    return {"part": "speculative", "workload": workload, "batch": batch, "new_tokens": new_tokens,
+            "speculative": spec, "prompt_tokens": [len(p) for p in prompts], "tokens": tokens,
+            "same_tokens": seen["plain"] == seen["speculative"],
+            "plain_tokens_per_s": tokens / plain, "tokens_per_s": tokens / fast, "speedup": plain / fast,
+            "plain_seconds": seconds["plain"], "speculative_seconds": seconds["speculative"],
+            "drafts": drafts, "draft_tokens": draft_tokens, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / max(draft_tokens, 1),
+            "tokens_per_step": tokens / max(tokens - accepted, 1),  # (a row's tokens over its decode steps)
+            "tokens_per_drafting_step": 1 + accepted / max(drafts, 1)}
+
+
 def measure_products(engine, config, batch: int, repeats: int, peaks: Rooflines) -> dict:
     """The decode step's weight products alone, in one program: every weight matrix a step reads
     (the input embedding only where it is also the head), as `[out, in]`, times `batch` rows, in
@@ -409,6 +492,9 @@ def check(parser, args, config) -> None:
         parser.error("--new-tokens must be at least 2 (decode speed needs a step after the first token)")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if "speculative" in args.parts and not has_weights(args.model):
+        parser.error(f"--parts speculative needs a model folder with weights and a tokenizer (as that of "
+                     f"bench/smollm2.py), not {args.model}")
     if args.layers and has_weights(args.model):
         parser.error(f"--layers cuts random-weight models; {args.model} has weights (drop --layers)")
     lengths = ([n + 1 for n in args.prefill_len] if "prefill" in args.parts else []) + (
@@ -428,6 +514,10 @@ def describe(r: dict) -> str:
                 f"{r['latency_p99_ms']:.2f} ms), TTFT {1e3 * r['time_to_first_token_s']:.1f} ms, "
                 f"MBU {100 * r['mbu']:.1f}% "
                 f"of {r['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    if r["part"] == "speculative":
+        return (f"speculative {r['workload']} batch {r['batch']:3d}: {r['tokens_per_s']:8.1f} tok/s against "
+                f"{r['plain_tokens_per_s']:.1f} ({r['speedup']:.2f}x), same tokens {r['same_tokens']}, acceptance "
+                f"{100 * r['acceptance_rate']:.0f}%, {r['tokens_per_step']:.2f} tokens a step")
     if r["part"] == "products":
         return (f"products batch {r['batch']:3d}: {r['products_ms']:.2f} ms for {r['weight_bytes'] / 1e6:.0f} MB of "
                 f"weights, {r['products_gb_per_s']:.1f} GB/s ({100 * r['products_of_read_bandwidth']:.0f}% of "
@@ -485,6 +575,13 @@ def measure_model(args, argv: list[str]) -> None:
                          for b in args.batch]
     if "compile" in args.parts:
         measurements.append(("compile (two fresh processes)", lambda peaks: measure_compile(args, argv)))
+    if "speculative" in args.parts:
+        from phi4_jax import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        measurements += [(f"speculative {w} batch {b}", lambda peaks, w=w, b=b: measure_speculative(
+            model, tokenizer, args.speculative, w, b, args.new_tokens, args.repeats))
+            for w in ("grounded", "free") for b in args.batch]
     base = metadata(args, config, dtype)
     # Fake CPU devices share one machine's cores and memory; real ones each bring their own.
     peak_devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size

@@ -6,6 +6,7 @@ Text in, text out, over the engine (`engine/`), the weights (`checkpoints/`) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from phi4_jax.checkpoints.load import load_model
 from phi4_jax.engine.engine import Engine, RequestOutput
 from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
+from phi4_jax.engine.speculative import Speculation
 from phi4_jax.errors import ConfigError, GenerationError
 from phi4_jax.model.phi4 import Phi4ForCausalLM
 from phi4_jax.text.tokenizer import Tokenizer
@@ -97,6 +99,9 @@ class GenerationResponse:
     compile_cache_seconds: float  # ... of it, loading programs from the persistent compilation cache
     peak_memory_gb: float | None  # the device's peak where the backend reports it (last response only)
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the previous turn
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified ...
+    accepted_tokens: int = 0  # ... and accepted (tokens made without a step of their own)
+    tokens_per_step: float = 1.0  # tokens made per decode step after the first token
 
 
 class PromptCache:
@@ -131,8 +136,16 @@ def _peak_memory_gb() -> float | None:
     return max(peaks) / 1e9 if peaks else None
 
 
-def _runner(model: Phi4ForCausalLM | ModelRunner) -> ModelRunner:
-    return model if isinstance(model, ModelRunner) else ModelRunner(model)
+def _runner(model: Phi4ForCausalLM | ModelRunner, speculative: str | Speculation | None = None) -> ModelRunner:
+    """A runner of the model (a runner given as it is); with `speculative`, one that speculates so."""
+    if speculative is None:
+        return model if isinstance(model, ModelRunner) else ModelRunner(model)
+    spec = Speculation.parse(speculative) if isinstance(speculative, str) else speculative
+    if not isinstance(model, ModelRunner):
+        return ModelRunner(model, speculative=spec)
+    runner = copy.copy(model)  # (the same weights and settings)
+    runner.speculative = spec
+    return runner
 
 
 def _outputs(engine: Engine) -> Iterator[RequestOutput]:
@@ -152,7 +165,7 @@ def _outputs(engine: Engine) -> Iterator[RequestOutput]:
 def stream_generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt: Prompt,
                     sampling: SamplingParams | None = None, max_tokens: int | None = None,
                     steps_per_call: int = STEPS_PER_CALL, prompt_cache: PromptCache | None = None,
-                    ) -> Iterator[GenerationResponse]:
+                    speculative: str | Speculation | None = None) -> Iterator[GenerationResponse]:
     """Generates from one prompt, yielding a response per token with the text that became safe to
     show (whole characters, no part of a stop string; often empty). A last response (token None)
     flushes held-back text and carries the finish reason.
@@ -164,6 +177,8 @@ def stream_generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, 
       steps_per_call: decode steps per device call (the host looks in every `steps_per_call` tokens).
       prompt_cache: reuse the KV cache of the previous call through the same PromptCache for the
         prefix this prompt shares with that sequence.
+      speculative: prompt-lookup speculative decoding, as "ngram:6" (`engine.speculative`): the same
+        tokens, fewer decode steps where the answer repeats the prompt; None: the runner's setting.
     """
     params = sampling or SamplingParams()
     if max_tokens is not None:
@@ -171,7 +186,7 @@ def stream_generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, 
     ids = prompt_ids(tokenizer, prompt)
     engine = prompt_cache.engine if prompt_cache is not None and prompt_cache.model is model else None
     if engine is None:
-        engine = Engine(_runner(model), tokenizer, max_batch=1, steps_per_call=steps_per_call)
+        engine = Engine(_runner(model, speculative), tokenizer, max_batch=1, steps_per_call=steps_per_call)
         if prompt_cache is not None:
             prompt_cache.model, prompt_cache.engine = model, engine
     engine.add_request("stream", ids, params)
@@ -191,15 +206,18 @@ def _response(out: RequestOutput, text: str, token: int | None, reason: str | No
         text=text, token=token, finish_reason=reason, prompt_tokens=s.prompt_tokens, generation_tokens=count,
         prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
         compile_seconds=s.compile_seconds, compile_cache_seconds=s.compile_cache_seconds,
-        peak_memory_gb=_peak_memory_gb() if final else None, cached_tokens=s.cached_tokens)
+        peak_memory_gb=_peak_memory_gb() if final else None, cached_tokens=s.cached_tokens,
+        draft_tokens=s.spec_draft_tokens, accepted_tokens=s.spec_accepted_tokens, tokens_per_step=s.tokens_per_step)
 
 
 def generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt: Prompt | Sequence[Prompt],
              sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-             max_tokens: int | None = None, max_batch: int = 16) -> str | list[str]:
+             max_tokens: int | None = None, max_batch: int = 16,
+             speculative: str | Speculation | None = None) -> str | list[str]:
     """The generated text of a prompt (raw text or chat messages), or of a batch (a list of
     prompts, each with its own SamplingParams if a list is given): up to `max_batch` rows generate
-    together, each new prompt joining as a row finishes (continuous batching)."""
+    together, each new prompt joining as a row finishes (continuous batching). `speculative`: as
+    in `stream_generate`."""
     single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
                                          and all(isinstance(m, dict) for m in prompt))
     prompts = [prompt] if single else list(prompt)
@@ -215,7 +233,7 @@ def generate(model: Phi4ForCausalLM | ModelRunner, tokenizer: Tokenizer, prompt:
     # Stop strings are seen only by the host, and waiting prompts join only between calls: then look
     # in every few steps; else each row may run to its end in one call.
     few = any(p.stop for p in params) or len(prompts) > max_batch
-    engine = Engine(_runner(model), tokenizer, max_batch=max_batch, max_queue=len(prompts),
+    engine = Engine(_runner(model, speculative), tokenizer, max_batch=max_batch, max_queue=len(prompts),
                     steps_per_call=STEPS_PER_CALL if few else max(p.max_tokens for p in params))
     engine.add_requests([(str(i), p_ids, p) for i, (p_ids, p) in enumerate(zip(ids, params))])
     texts = [""] * len(prompts)

@@ -257,16 +257,16 @@ def user_environment(**changes) -> dict:
 
 @contextlib.contextmanager
 def serving(model, tokenizer, timeout: float = 120, warm_up=None, max_context=None, default_max_tokens=256,
-            **engine_options):
+            speculative=None, **engine_options):
     """(port, Served) of `model` behind the OpenAI API in this process, as `phi4-jax serve` serves
-    it (`engine_options`: the Engine's, such as max_batch): an AsyncEngine started with `warm_up`
-    (default none), uvicorn on a free loopback port (`listening`); stopped on exit."""
+    it (`engine_options`: the Engine's, such as max_batch; `speculative`: the runner's): an AsyncEngine
+    started with `warm_up` (default none), uvicorn on a free loopback port (`listening`); stopped on exit."""
     from phi4_jax.engine.async_engine import AsyncEngine
     from phi4_jax.engine.engine import Engine
     from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.server.app import Served
 
-    runner = ModelRunner(model, max_context=max_context)
+    runner = ModelRunner(model, max_context=max_context, speculative=speculative)
     engine = AsyncEngine(Engine(runner, tokenizer, **engine_options), heartbeat=0.5)
     engine.start(warm_up)
     served = Served(name="demo", tokenizer=tokenizer, engine=engine, max_context=runner.max_context,

@@ -174,7 +174,7 @@ def test_decode_attending_over_the_reached_slots_equals_transformers(engines, mo
     batch, new = prompts(seed=4, lengths=(100, 40, 3)), 150
     attended = []
     spy = Generation._attended
-    monkeypatch.setattr(Generation, "_attended", lambda g, steps: attended.append(spy(g, steps)) or attended[-1])
+    monkeypatch.setattr(Generation, "_attended", lambda g, *a: attended.append(spy(g, *a)) or attended[-1])
     got, _ = run(engine, batch, SamplingParams(max_tokens=new), steps_per_call=64)
     assert {a for a, _ in attended} == {128, 256}
     # Calls of at most RING steps (the first: row 0 from slot 100 could run 28 within 128 slots).

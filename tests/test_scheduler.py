@@ -4,6 +4,8 @@ crossings, prompts prefilled together or in pieces, a reused prefix), slots grow
 free them, a full queue refuses without queueing anything, and a failed device call fails only the
 requests it touched."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from phi4_jax.engine.engine import Engine
 from phi4_jax.engine.runner import ModelRunner
 from phi4_jax.engine.sampling import SamplingParams
 from phi4_jax.engine.scheduler import QueueFullError, Request
+from phi4_jax.engine.speculative import Speculation
 
 MAX_STEPS = 2000  # steps any loop here may take
 
@@ -145,11 +148,14 @@ def test_waiting_prompts_are_prefilled_together_and_get_their_lone_tokens(runner
 
 @pytest.mark.slow  # its warm-up compiles every program (19 s); the quick loop keeps the packed admission's test
 def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their_lone_tokens(runner):
-    """Prompts packed together, rows joining and leaving, batches growing and shrinking: once
-    `warm_up` ran, none of it makes a program, and every request gets its lone tokens."""
+    """Prompts packed together, rows joining and leaving, batches growing and shrinking, speculating in
+    batches of up to 2 rows: once `warm_up` ran, none of it makes a program, and every request gets
+    its lone tokens (without speculation)."""
     requests = requests_of(runner, 12, seed=5)  # (log-probabilities and penalties among them)
     want = [alone(runner, r) for r in requests]
-    engine = Engine(runner, max_batch=4, steps_per_call=3, prefill_tokens=32, fixed_length=64)
+    speculating = copy.copy(runner)
+    speculating.speculative, speculating.speculative_rows = Speculation(3, 1, 2), 2
+    engine = Engine(speculating, max_batch=4, steps_per_call=3, prefill_tokens=32, fixed_length=64)
     engine.warm_up([1], 4)
     compiled, got = stats.CLOCK.total, Collected()
     arrivals = iter(requests)
@@ -163,6 +169,7 @@ def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their
         got.take(engine.step())
     assert [(got.tokens[r.request_id], got.reasons[r.request_id]) for r in requests] == want
     assert stats.CLOCK.total == compiled
+    assert engine.load().spec_draft_tokens > 0
 
 
 def test_penalty_state_lives_only_while_a_penalised_row_runs(runner):

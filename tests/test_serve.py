@@ -318,14 +318,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 @pytest.mark.slow  # a fresh process with its own warm-up
 def test_the_command_serves_until_sigterm_and_exits_0(demo):
-    """`phi4-jax serve` as a user starts it (the console script, a fresh process): healthy once its
-    warm-up compiled, answers a request with the lone `generate` text, and on SIGTERM (as a service
+    """`phi4-jax serve` as a user starts it (the console script, a fresh process; speculating):
+    healthy once its warm-up compiled, answers a request with the lone `generate` text, and on SIGTERM (as a service
     manager stops it) finishes and exits 0."""
     port = free_port()
     # (Its warm-up compiles every program: at -O0, as this process compiles; `phi4-jax generate` in a
     # fresh process runs at XLA's default level, test_generate.py.)
     process = subprocess.Popen([PHI4_JAX, "serve", "--port", str(port), "--max-batch", "1", "--max-context", "64",
-                                "--log-level", "warning"],
+                                "--speculative", "ngram", "--log-level", "warning"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=user_environment(XLA_FLAGS="--xla_backend_optimization_level=0"))
     url = f"http://127.0.0.1:{port}"

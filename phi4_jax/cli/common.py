@@ -84,7 +84,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # the compute dtypes --dtype takes
 
 def add_model_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
     """What `generate` and `serve` share about the model they run: --max-context, --dtype, the mesh
-    flags (`add_mesh_flags`), --quantize and --attention."""
+    flags (`add_mesh_flags`), --quantize, --speculative (and --speculative-rows) and --attention."""
     from phi4_jax.model.attention import IMPLEMENTATIONS
 
     p.add_argument(*flag("--max-context"), type=int, default=None,
@@ -93,6 +93,14 @@ def add_model_flags(p: argparse.ArgumentParser, multihost: bool = True) -> None:
                    help="parameter and compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     add_mesh_flags(p, multihost)
     add_quantize_flag(p)
+    p.add_argument("--speculative", default=None, metavar="ngram[:K[:MIN_N:MAX_N]]",
+                   help="prompt-lookup speculative decoding: where the last MIN_N to MAX_N tokens (default 2 to "
+                        "4) occurred before in the prompt or answer, propose the K tokens that followed them "
+                        "(default 6) and check them in one step. The same tokens, greedy or seeded; faster "
+                        "where the answer repeats its input (quoting, editing code). Default: off")
+    p.add_argument(*flag("--speculative-rows"), type=int, default=None,
+                   help="speculate only in decode batches of at most this many rows (default: 2 on a CPU, where "
+                        "a wider step is bound by compute; any number on a GPU/TPU)")
     p.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS),
                    help="attention kernel: 'auto' (cuDNN flash attention on an NVIDIA GPU in bfloat16/float16, "
                         "splash attention on a TPU for head_dim 128, else XLA), 'xla' (the reference, any "
@@ -108,6 +116,15 @@ def add_quantize_flag(p: argparse.ArgumentParser) -> None:
                         "with a float32 scale per output channel (about half the bf16 memory and bytes per "
                         "decode step; activations stay in --dtype). A folder converted with "
                         "phi4-jax convert --quantize int8 is int8 without it. Default: float weights")
+
+
+def speculation_from(args):
+    """The `Speculation` that --speculative asks for (None: off); ConfigError for a bad value."""
+    from phi4_jax.engine.speculative import Speculation
+
+    if args.speculative_rows is not None and args.speculative_rows < 1:
+        raise ConfigError(f"--speculative-rows must be at least 1, got {args.speculative_rows}")
+    return Speculation.parse(args.speculative)
 
 
 def mesh_from(args):

@@ -103,13 +103,18 @@ def _stats(last) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
             "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
             "peak_memory_gb": last.peak_memory_gb, "compile_seconds": last.compile_seconds,
-            "compile_cache_seconds": last.compile_cache_seconds}
+            "compile_cache_seconds": last.compile_cache_seconds, "draft_tokens": last.draft_tokens,
+            "accepted_tokens": last.accepted_tokens, "tokens_per_step": last.tokens_per_step}
 
 
 def _print_stats(last) -> None:
     print("==========", file=sys.stderr)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec", file=sys.stderr)
+    if last.draft_tokens:
+        print(f"Speculative: {last.accepted_tokens} of {last.draft_tokens} draft tokens accepted "
+              f"({100 * last.accepted_tokens / last.draft_tokens:.0f}%), {last.tokens_per_step:.2f} tokens a step",
+              file=sys.stderr)
     if last.peak_memory_gb is not None:
         print(f"Peak memory: {last.peak_memory_gb:.3f} GB", file=sys.stderr)
     cached = f" ({last.compile_cache_seconds:.2f} s of it loading from the compilation cache)" \
@@ -177,6 +182,8 @@ def run(args) -> int:
     from phi4_jax.api import load
     from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.parallel import distributed
+
+    speculation = cli.speculation_from(args)  # (refused before the model is read)
     from phi4_jax.parallel.mesh import describe
 
     main_process = distributed.is_main_process()
@@ -189,7 +196,8 @@ def run(args) -> int:
 
         print(describe(nnx.to_pure_dict(nnx.state(model))), file=sys.stderr)
     sampling = sampling_from(args, tokenizer)
-    engine = ModelRunner(model, max_context=args.max_context)
+    engine = ModelRunner(model, max_context=args.max_context, speculative=speculation,
+                         speculative_rows=args.speculative_rows)
     if args.chat:
         _chat(args, engine, tokenizer, sampling)
         return cli.EXIT_OK

@@ -78,13 +78,15 @@ def run(args) -> int:
     from phi4_jax.server.app import Served, build_app
     from phi4_jax.server.lifecycle import DrainingServer
 
+    speculation = cli.speculation_from(args)  # (refused before the model is read)
     log = logging.getLogger("phi4_jax.serve")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=False,
                             attention=args.attention, quantize=args.quantize)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer files (tokenizer.json or tokenizer.model)")
-    runner = ModelRunner(model, max_context=args.max_context)
+    runner = ModelRunner(model, max_context=args.max_context, speculative=speculation,
+                         speculative_rows=args.speculative_rows)
     fixed = runner.fixed_length(args.max_batch)
     if fixed is None:
         log.warning("--max-batch %d rows of the %d-token context would take over a quarter of the memory: caches "

@@ -122,6 +122,7 @@ class Engine:
         self._prefilled = False  # the last step prefilled: the next decodes (if any row runs)
         self._finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by reason
         self._prefix = {"queried": 0, "hit": 0}  # prompt tokens looked up in the prefix cache, and found
+        self._drafted = np.zeros(3, np.int64)  # speculation: row steps that drafted, draft tokens, accepted ones
 
     # Requests in.
 
@@ -218,7 +219,8 @@ class Engine:
                     slots=len(self.scheduler.slots), max_batch=self.scheduler.max_batch,
                     prefill_seconds=self._seconds["prefill"], decode_seconds=self._seconds["decode"],
                     finished=dict(self._finish_reasons), prefix_queried_tokens=self._prefix["queried"],
-                    prefix_hit_tokens=self._prefix["hit"])
+                    prefix_hit_tokens=self._prefix["hit"], spec_drafts=int(self._drafted[0]),
+                    spec_draft_tokens=int(self._drafted[1]), spec_accepted_tokens=int(self._drafted[2]))
 
     # The step.
 
@@ -448,10 +450,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self._fail_running(outputs, e)
             return
+        self._drafted += gen.drafted.sum(axis=0)
         reasons, stopped = gen.finish_reasons(), []
         for i, request in enumerate(self.scheduler.slots):
             if request is None:
                 continue
+            self._requests[request.request_id].stats.speculated(*gen.drafted[i])
             reason = self._emit(request, new[i], gen.new_logprobs[i], reasons[i], outputs)
             if reason is not None:
                 self.scheduler.slots[i] = None

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi4_jax.engine import longrope
+from phi4_jax.engine import longrope, speculative
 from phi4_jax.engine.prefill import MIN_PIECE, over_cache, piece_for, prefill, prefill_packed, seq_mesh
+from phi4_jax.engine.speculative import Speculation
 from phi4_jax.engine.sampling import MAX_LOGPROBS, SamplerState, SamplingParams, sample, sampler_state, update_history
 from phi4_jax.errors import ConfigError
 from phi4_jax.model.cache import KVCache
@@ -66,6 +67,9 @@ class DecodeState(NamedTuple):
     # The tokens each row may sample next, a bit each (32 an int32; all set: unconstrained). A row whose
     # grammar sets them (`sampler.constrained`) takes one step a call, its host computing the next mask.
     allowed: jax.Array  # [B, ceil(V / 32)] int32
+    # Prompt-lookup speculation (`speculative.backed_off`): failed drafts in a row, steps left to rest.
+    misses: jax.Array  # [B] int32
+    rest: jax.Array  # [B] int32
     cache: KVCache
 
 
@@ -175,16 +179,26 @@ class ModelRunner:
         config's `max_position_embeddings`. Caches are allocated only as long as a request needs.
       prefill_piece: prompts longer than this many tokens are prefilled in pieces of it; default
         `prefill.piece_for(batch)`.
+      speculative: prompt-lookup speculation in the decode loop (`speculative.Speculation`; its
+        `parse` form, as "ngram:4"), or None; the tokens are those plain decoding gives.
+      speculative_rows: speculate in batches of at most this many rows, plain steps in larger ones (where
+        a step's products are bound by compute, verifying k drafts a row costs about k times a step);
+        default the backend's (`Backend.speculative_rows`: 2 on a CPU, any number elsewhere).
     """
 
     def __init__(self, model: Phi4ForCausalLM, max_context: int | None = None,
-                 prefill_piece: int | None = None):
+                 prefill_piece: int | None = None, speculative: Speculation | str | None = None,
+                 speculative_rows: int | None = None):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.max_context = max_context or self.config.max_position_embeddings
         if prefill_piece is not None and prefill_piece < 1:
             raise ConfigError(f"prefill_piece must be at least 1, got {prefill_piece}")
         self.prefill_piece = prefill_piece
+        self.speculative = Speculation.parse(speculative) if isinstance(speculative, str) else speculative
+        if speculative_rows is not None and speculative_rows < 1:
+            raise ConfigError(f"speculative_rows must be at least 1, got {speculative_rows}")
+        self.speculative_rows = speculative_rows or model.backend.speculative_rows
         self.dtype = model.model.embed_tokens.dtype
         self._longrope = self.config.rope_type == "longrope"
         # On a mesh (the model was loaded with one): the cache follows the rules table; what the
@@ -316,7 +330,8 @@ class ModelRunner:
         prefilled packed (at most 8 stop ids each): for every row count it may hold (powers of two
         up to `max_batch`), with and without penalty state, the empty batch, each admission of a
         packed width up to `prefill_tokens` (and each such width's prefill), each decode call's
-        attended size, stopping rows, each change of row count, and adding and dropping penalty state.
+        attended size (plain and, up to `speculative_rows`, speculative), stopping rows, each change of
+        row count, and adding and dropping penalty state.
         Afterwards such requests compile nothing. Returns the programs run."""
         sizes = [1]
         while sizes[-1] < max_batch:
@@ -342,8 +357,9 @@ class ModelRunner:
                     gen.admit(range(len(packed.lasts)), packed)  # (each row ends on its first token)
             gen.stop([0])
             for attended in attended_sizes(length):
-                gen.state, _ = _decode(self.graphdef, self.params, gen.state, self.put(np.int32(0)),
-                                       attended=attended, layout=gen._layout, ring=gen._ring)
+                for spec in {None, self.speculative if size <= self.speculative_rows else None}:
+                    gen.state = _decode(self.graphdef, self.params, gen.state, self.put(np.int32(0)),
+                                        attended=attended, layout=gen._layout, ring=gen._ring, spec=spec)[0]
             if crosses:  # (LongRoPE's step at the crossing: no row is there, none changes)
                 gen.state = _reencode(self.graphdef, self.params, gen.state, layout=gen._layout, ring=gen._ring,
                                       length=cache_length(self.config.original_max_position_embeddings + 1, length),
@@ -356,7 +372,8 @@ class ModelRunner:
             if penalties:
                 gen.resize(list(range(size)), penalties=False)  # (as the engine drops it, rows unchanged)
                 ran += 1
-            return ran + 4 + len(attended_sizes(length)) + crosses + len(sizes) - 1
+            speculating = self.speculative is not None and size <= self.speculative_rows
+            return ran + 4 + len(attended_sizes(length)) * (1 + speculating) + crosses + len(sizes) - 1
 
         # A row crosses LongRoPE's original context only where the cache holds past it.
         crosses = self._longrope and self.config.original_max_position_embeddings < min(length, self.max_context)
@@ -465,6 +482,8 @@ class Generation:
         self._new: list[list[int]] = [[] for _ in range(self.batch)]  # tokens read, not yet returned
         self._pending: list[list] = [[] for _ in range(self.batch)]  # their log-probabilities (when asked)
         self.new_logprobs: list[list | None] = [None] * self.batch
+        # Speculation in the last `advance`, per row: its steps that drafted, draft tokens, accepted ones.
+        self.drafted = np.zeros((self.batch, 3), np.int64)
         self._sync()
 
     @property
@@ -487,13 +506,18 @@ class Generation:
         mask, and they take that one step while the others take theirs (one device call)."""
         runner = self.runner
         left = steps
+        self.drafted = np.zeros((self.batch, 3), np.int64)
         if allowed is not None:
             self.state = self.state._replace(allowed=runner.put(np.ascontiguousarray(allowed, np.int32)))
         while not self._done.all() and left > 0:
-            attended, run = self._attended(min(left, RING))  # (no more steps than the ring holds)
-            self.state, ran = _decode(runner.graphdef, runner.params, self.state, runner.put(np.int32(run)),
-                                      attended=attended, layout=self._layout, ring=self._ring)
+            spec = runner.speculative if self.batch <= runner.speculative_rows else None
+            attended, run = self._attended(min(left, RING), spec.k if spec else 0)  # (no more than the ring holds)
+            if run < 1:  # (no room in the cache for the drafts' slots: plain steps)
+                spec, (attended, run) = None, self._attended(min(left, RING))
+            self.state, ran, tally = _decode(runner.graphdef, runner.params, self.state, runner.put(np.int32(run)),
+                                             attended=attended, layout=self._layout, ring=self._ring, spec=spec)
             left -= int(ran)
+            self.drafted += jax.device_get(tally)
             self._sync()
             if allowed is not None and ran:  # (the masks were for one step: a crossing waits for the next call)
                 break
@@ -510,16 +534,18 @@ class Generation:
         self._pending = [[] for _ in range(self.batch)]
         return new
 
-    def _attended(self, steps: int) -> tuple[int, int]:
+    def _attended(self, steps: int, spare: int = 0) -> tuple[int, int]:
         """The cache slots the next decode call attends over (the power of two, from MIN_ATTENDED,
         above every running row's position, at most the cache) and the steps it may run within
-        them. (A finished row's attention is not used.) A cache split over seq attends over all of
-        it: the bound would only make more programs."""
+        them, with `spare` slots past them in the cache (drafts' keys: 0 here means none fit). (A
+        finished row's attention is not used.) A cache split over seq attends over all of it: the
+        bound would only make more programs (and it drops keys past its end)."""
         if self._ring is not None:
             return self.length, steps
         start = int(self._positions[~self._done].max())
         attended = min(self.length, bucket(start + 1, MIN_ATTENDED))
-        return attended, max(1, min(steps, attended - start))
+        run = min(steps, attended - start)
+        return attended, (max(1, run) if not spare else min(run, self.length - spare - start))
 
     def stop(self, rows: Sequence[int]) -> None:
         """Ends these rows now, with finish reason "stop" (a stop string the host found: it wins
@@ -783,7 +809,8 @@ def _start(graphdef, params, ids, starts, lengths, rope_lengths, limits, stop_id
         generated=jnp.zeros(batch, jnp.int32), limit=limits, stop_ids=stop_ids, history=history,
         seen=seen, counts=jnp.zeros((batch, penalties), jnp.int32), sampler=sampler,
         logprob_ring=jnp.zeros((batch, RING), jnp.float32), top_ids=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.int32),
-        top_logprobs=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.float32), allowed=allowed, cache=cache)
+        top_logprobs=jnp.zeros((batch, RING, MAX_LOGPROBS), jnp.float32), allowed=allowed,
+        misses=jnp.zeros(batch, jnp.int32), rest=jnp.zeros(batch, jnp.int32), cache=cache)
     return _advance(state, logits, cache, layout)
 
 
@@ -828,7 +855,7 @@ def _empty(graphdef, params, *, batch: int, length: int, stop_width: int, layout
         logprob_ring=zeros(jnp.float32, RING), top_ids=zeros(jnp.int32, RING, MAX_LOGPROBS),
         top_logprobs=zeros(jnp.float32, RING, MAX_LOGPROBS),
         allowed=jnp.full((batch, mask_width(config.vocab_size)), -1, jnp.int32),
-        cache=KVCache.create(config, batch, length, dtype))
+        misses=zeros(jnp.int32), rest=zeros(jnp.int32), cache=KVCache.create(config, batch, length, dtype))
     return _laid_out(state, layout)
 
 
@@ -869,24 +896,30 @@ def _first(graphdef, params, state: DecodeState, hidden, rows, lengths, limits, 
         stopped_by_token=put(state.stopped_by_token, jnp.zeros_like(rows, bool)),
         generated=put(state.generated, jnp.zeros_like(rows)), limit=put(state.limit, limits),
         stop_ids=put(state.stop_ids, stop_ids), sampler=jax.tree.map(put, state.sampler, sampler),
-        allowed=put(state.allowed, allowed))
+        allowed=put(state.allowed, allowed), misses=put(state.misses, jnp.zeros_like(rows)),
+        rest=put(state.rest, jnp.zeros_like(rows)))
     new = _advance(rest, logits, state.cache)
     return _laid_out(new._replace(done=jnp.where(admitted, new.done, state.done)), layout)
 
 
-@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("attended", "layout", "ring"))
+@functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("attended", "layout", "ring", "spec"))
 def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, attended: int | None = None,
-            layout=None, ring=None) -> tuple[DecodeState, jax.Array]:
+            layout=None, ring=None, spec: Speculation | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Up to `steps` decode steps, fewer when every row is done or a row is at the LongRoPE
-    crossing; returns the state and the steps run. The queries attend over the cache's first
-    `attended` slots (default all): every row's positions in these steps must lie below it."""
+    crossing. The queries attend over the cache's first `attended` slots (default all): every row's
+    positions in these steps must lie below it. With `spec`, a step also verifies each row's drafts
+    (`speculative.py`) and a row makes up to `steps` tokens (the cache must hold `spec.k` slots past
+    them). Returns the state, the most tokens a row made, and each row's drafts `[B, 3]`: its steps
+    that drafted, draft tokens, accepted ones."""
     model = nnx.merge(graphdef, params)
-    longrope_model = model.config.rope_type == "longrope"
+    config = model.config
+    longrope_model = config.rope_type == "longrope"
     # One row, one device, on XLA:CPU: the loop carries the cache layers without their batch axis.
     # With it, XLA:CPU dropped that axis only around the attention's dot and copied every layer
     # several times a step (3x slower decode at 3K tokens than two rows); `cache.write` matches this.
     squeeze = state.done.shape[0] == 1 and layout is None and model.backend.one_row_cache
-    path = over_cache(attended or state.cache.length, ring)
+    slots = attended or state.cache.length
+    path = over_cache(slots, ring)
 
     def carried(cache):
         return jax.tree.map(lambda c: c[0], cache) if squeeze else cache
@@ -898,20 +931,69 @@ def _decode(graphdef, params, state: DecodeState, steps: jax.Array, *, attended:
     first = state.generated
 
     def held(s):
-        return s.sampler.constrained & (s.generated > first)
+        hold = s.sampler.constrained & (s.generated > first)
+        return hold | (s.generated - first >= steps) if spec else hold
 
     def running(carry):
-        s, ran = carry
+        s, ran, _ = carry
         go = (ran < steps) & ~jnp.all(s.done | held(s))
-        return go & ~jnp.any(longrope.crossing(model.config, s.done, s.positions)) if longrope_model else go
+        return go & ~jnp.any(longrope.crossing(config, s.done, s.positions)) if longrope_model else go
+
+    def plain(s):
+        logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
+        return _advance(s, logits, carried(cache), layout, hold=held(s))
 
     def step(carry):
-        s, ran = carry
-        logits, cache = model.decode(s.last, s.positions, restored(s.cache), path)
-        return _advance(s, logits, carried(cache), layout, hold=held(s)), ran + 1
+        s, ran, tally = carry
+        if spec is None:
+            return plain(s), ran + 1, tally
+        drafts, count = speculative.propose(s.history[:, :slots], s.positions, spec)
+        room = steps - (s.generated - first) - 1  # drafts a row may keep: its tokens fit in this call ...
+        if longrope_model:  # ... and end at LongRoPE's switch (the crossing row stops there)
+            before = s.positions < config.original_max_position_embeddings
+            room = jnp.where(before, jnp.minimum(room, config.original_max_position_embeddings - 1 - s.positions), room)
+        active = ~s.done & ~held(s)
+        drafting = active & ~s.sampler.constrained & (s.rest == 0) & (count > 0) & (room > 0)
+        count = jnp.where(drafting, jnp.minimum(count, room), 0)
+        made = s.generated
+        verified = functools.partial(_verified, model, drafts, count, held, layout, carried, restored, path)
+        s = _either(jnp.any(drafting), verified, plain, s)
+        accepted = jnp.where(drafting, s.generated - made - 1, 0)
+        misses, rest = speculative.backed_off(s.misses, s.rest, drafting, accepted, active)
+        tally = tally + jnp.stack([drafting, count, accepted], axis=1).astype(jnp.int32)
+        return s._replace(misses=misses, rest=rest), ran + 1, tally
 
-    state, ran = jax.lax.while_loop(running, step, (state._replace(cache=carried(state.cache)), jnp.int32(0)))
-    return _laid_out(state._replace(cache=restored(state.cache)), layout), ran
+    state, ran, tally = jax.lax.while_loop(running, step, (state._replace(cache=carried(state.cache)), jnp.int32(0),
+                                                           jnp.zeros((state.done.shape[0], 3), jnp.int32)))
+    if spec is not None:
+        ran = jnp.max(state.generated - first)
+    return _laid_out(state._replace(cache=restored(state.cache)), layout), ran, tally
+
+
+def _either(pred: jax.Array, true_fn, false_fn, state: DecodeState) -> DecodeState:
+    """`lax.cond(pred, true_fn, false_fn, state)` as two loops of at most one turn: XLA:CPU copied
+    every cache layer in and out of a conditional's branches, while a loop updates them in place."""
+    once = lambda fn: lambda carry: (fn(carry[0]), False)  # noqa: E731
+    state = jax.lax.while_loop(lambda carry: carry[1], once(true_fn), (state, pred))[0]
+    return jax.lax.while_loop(lambda carry: carry[1], once(false_fn), (state, ~pred))[0]
+
+
+def _verified(model, drafts, count, held, layout, carried, restored, path, s: DecodeState) -> DecodeState:
+    """One step that runs each row's newest token and its `drafts` `[B, k]` (the first `count[b]`
+    hold tokens) in one forward, then samples position after position as plain steps would: a row
+    goes on while the token it sampled is its next draft."""
+    ids = jnp.concatenate([s.last[:, None], drafts], axis=1)
+    logits, cache = model.decode(ids, s.positions, restored(s.cache), path)
+    s = s._replace(cache=KVCache((), ()))  # (the positions' conditionals without it: XLA copied it in and out)
+    going = jnp.ones_like(s.done)
+    for i in range(ids.shape[1]):
+        hold = held(s) | ~going
+        made = s.generated
+        sampled = functools.partial(lambda i, hold, s: _advance(s, logits[:, i], s.cache, layout, hold=hold), i, hold)
+        s = jax.lax.cond(jnp.any(~s.done & ~hold), sampled, lambda s: s, s)
+        if i < drafts.shape[1]:
+            going &= (s.generated > made) & (i < count) & (s.last == drafts[:, i])
+    return s._replace(cache=carried(cache))
 
 
 def _fit(x: jax.Array, axis: int, size: int, fill) -> jax.Array:

@@ -54,7 +54,7 @@ class Pieces:
 class Load:
     """What the engine holds now: requests decoding, waiting, and decode slots allocated; the wall
     seconds of its prefill and decode calls so far, the requests ended so far by finish reason, and
-    the prefix cache's lookups."""
+    the prefix cache's lookups and speculative decoding's drafts."""
 
     running: int
     waiting: int
@@ -65,6 +65,9 @@ class Load:
     finished: dict[str, int] = dataclasses.field(default_factory=dict)
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache ...
     prefix_hit_tokens: int = 0  # ... and those whose keys and values were reused
+    spec_drafts: int = 0  # speculative decoding: row steps that verified drafts ...
+    spec_draft_tokens: int = 0  # ... the draft tokens verified ...
+    spec_accepted_tokens: int = 0  # ... and those accepted
 
 
 class Scheduler:

@@ -49,6 +49,9 @@ class RequestStats:
     compile_seconds: float = 0.0  # tracing, lowering and compiling since it arrived (0 once compiled) ...
     compile_cache_seconds: float = 0.0  # ... of it, loading programs from the persistent compilation cache
     first_token_at: float | None = None
+    spec_drafts: int = 0  # speculative decoding: its steps that verified drafts ...
+    spec_draft_tokens: int = 0  # ... the draft tokens verified ...
+    spec_accepted_tokens: int = 0  # ... and those accepted (tokens made without a step of their own)
     _compile_at_add: tuple[float, float] = (0.0, 0.0)
     _compile_at_first: float = 0.0
 
@@ -65,6 +68,22 @@ class RequestStats:
         self.generation_tokens += count
         self.compile_seconds = CLOCK.total - self._compile_at_add[0]
         self.compile_cache_seconds = CLOCK.cached - self._compile_at_add[1]
+
+    def speculated(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        self.spec_drafts += int(drafts)
+        self.spec_draft_tokens += int(draft_tokens)
+        self.spec_accepted_tokens += int(accepted)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Draft tokens accepted / verified (None: none verified)."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens made per decode step after the first token (1 without speculation)."""
+        decoded = max(self.generation_tokens - 1, 0)
+        return decoded / max(decoded - self.spec_accepted_tokens, 1) if decoded else 1.0
 
     @property
     def prompt_tps(self) -> float:

@@ -291,9 +291,16 @@ class Phi4ForCausalLM(nnx.Module):
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                path: attn.Path) -> tuple[jax.Array, KVCache]:
-        """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`."""
-        h, cache = self.model(tokens[:, None], positions[:, None], positions + 1, path, cache)
-        return self.logits(h)[:, 0], cache
+        """One step: `tokens` `[B]` at `positions` `[B]` against the cache; logits `[B, vocab]`. Or
+        `tokens` `[B, T]`, row b's at `positions[b]` on (a step verifying drafts): logits `[B, T,
+        vocab]`; every token of a row takes its first's rotary table (LongRoPE's switch: the caller
+        keeps only tokens before it)."""
+        wide = tokens.ndim == 2
+        ids = tokens if wide else tokens[:, None]
+        at = positions[:, None] + jnp.arange(ids.shape[1], dtype=positions.dtype)
+        h, cache = self.model(ids, at, positions + 1, path, cache)
+        logits = self.logits(h)
+        return (logits if wide else logits[:, 0]), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Scores `[..., vocab]` of final hidden states `[..., embed]` (the tied table or `lm_head`)."""

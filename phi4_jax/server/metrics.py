@@ -33,6 +33,9 @@ VLLM_NAMES = {
     "phi4_jax_rows_finished": "vllm:request_success",
     "phi4_jax_prefix_cache_queries": "vllm:prefix_cache_queries",
     "phi4_jax_prefix_cache_hits": "vllm:prefix_cache_hits",
+    "phi4_jax_spec_decode_drafts": "vllm:spec_decode_num_drafts",
+    "phi4_jax_spec_decode_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "phi4_jax_spec_decode_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
 }
 _VLLM_LABELS = {"reason": "finished_reason"}
 
@@ -96,7 +99,10 @@ class _EngineCounts:
     """Counters the engine keeps, read at each scrape: `phi4_jax_scheduler_seconds_total{kind}` (wall
     seconds of its prefill and decode calls), `phi4_jax_rows_finished_total{reason}` (rows ended,
     by finish reason; abort: the client went), the prefix cache's `phi4_jax_prefix_cache_queries_total`
-    and `_hits_total` (prompt tokens looked up, and found), and `phi4_jax_compile_seconds_total`."""
+    and `_hits_total` (prompt tokens looked up, and found), speculative decoding's
+    `phi4_jax_spec_decode_drafts_total`, `_draft_tokens_total` and `_accepted_tokens_total` (acceptance
+    rate: accepted / draft tokens; tokens a drafting step makes: 1 + accepted / drafts), and
+    `phi4_jax_compile_seconds_total`."""
 
     def __init__(self, load: Callable[[], Load]):
         self.load = load
@@ -119,4 +125,10 @@ class _EngineCounts:
         compiled = CounterMetricFamily("phi4_jax_compile_seconds", "seconds this process spent making programs "
                                        "(tracing, lowering, compiling; a compile while serving stalls every stream)")
         compiled.add_metric([], stats.CLOCK.total)
-        yield from (seconds, finished, queries, hits, compiled)
+        spec = [CounterMetricFamily("phi4_jax_spec_decode_drafts", "speculative decoding: steps of a row that "
+                                    "verified drafts (--speculative)", value=load.spec_drafts),
+                CounterMetricFamily("phi4_jax_spec_decode_draft_tokens", "speculative decoding: draft tokens verified",
+                                    value=load.spec_draft_tokens),
+                CounterMetricFamily("phi4_jax_spec_decode_accepted_tokens", "speculative decoding: draft tokens "
+                                    "accepted", value=load.spec_accepted_tokens)]
+        yield from (seconds, finished, queries, hits, compiled, *spec)
