@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", nargs="+", choices=["prefill", "decode", "products", "compile", "speculative"],
                    default=["prefill", "decode", "products", "compile"],
                    help="what to measure (see above; default the first four)")
-    p.add_argument("--speculative", default="ngram:4",
-                   help="the speculative part's setting, as phi4-jax generate --speculative (default ngram:4)")
+    p.add_argument("--speculative", default="ngram",
+                   help="the speculative part's setting, as phi4-jax generate --speculative (default ngram: K=6, "
+                        "n-grams of 2 to 4)")
+    p.add_argument("--speculative-rows", type=int, nargs="+", default=[None],
+                   help="the speculative part's --speculative-rows, each measured in turn (default: the backend's)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="decode batch sizes (default 1 4 16 64)")
     p.add_argument("--prompt-len", "--prompt_len", type=tokens, nargs="+", default=[16],
@@ -290,13 +293,14 @@ def speculative_prompts(tokenizer, workload: str, batch: int) -> list[list[int]]
     return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
 
 
-def measure_speculative(model, tokenizer, spec: str, workload: str, batch: int, new_tokens: int,
+def measure_speculative(model, tokenizer, spec: str, rows: int | None, workload: str, batch: int, new_tokens: int,
                         repeats: int) -> dict:
     """Greedy generation of one workload's prompts by two runners, plain and speculating, in
     alternation: decode tokens/s (after each row's first token), tokens per step, acceptance."""
     from phi4_jax import ModelRunner, SamplingParams
 
-    runners = {"plain": ModelRunner(model), "speculative": ModelRunner(model, speculative=spec)}
+    runners = {"plain": ModelRunner(model),
+               "speculative": ModelRunner(model, speculative=spec, speculative_rows=rows)}
     prompts = speculative_prompts(tokenizer, workload, batch)
     params, stops = SamplingParams(max_tokens=new_tokens), [tokenizer.eos_token_ids] * batch
 
@@ -321,7 +325,9 @@ def measure_speculative(model, tokenizer, spec: str, workload: str, batch: int, 
     drafts, draft_tokens, accepted = (int(x) for x in drafted)
     plain, fast = statistics.median(seconds["plain"]), statistics.median(seconds["speculative"])
     return {"part": "speculative", "workload": workload, "batch": batch, "new_tokens": new_tokens,
-            "speculative": spec, "prompt_tokens": [len(p) for p in prompts], "tokens": tokens,
+            "speculative": str(runners["speculative"].speculative),
+            "speculative_rows": runners["speculative"].speculative_rows,
+            "prompt_tokens": [len(p) for p in prompts], "tokens": tokens,
             "same_tokens": seen["plain"] == seen["speculative"],
             "plain_tokens_per_s": tokens / plain, "tokens_per_s": tokens / fast, "speedup": plain / fast,
             "plain_seconds": seconds["plain"], "speculative_seconds": seconds["speculative"],
@@ -515,7 +521,8 @@ def describe(r: dict) -> str:
                 f"MBU {100 * r['mbu']:.1f}% "
                 f"of {r['read_bytes_per_s'] / 1e9:.1f} GB/s")
     if r["part"] == "speculative":
-        return (f"speculative {r['workload']} batch {r['batch']:3d}: {r['tokens_per_s']:8.1f} tok/s against "
+        return (f"speculative {r['workload']} batch {r['batch']:3d} (rows {r['speculative_rows']}): "
+                f"{r['tokens_per_s']:8.1f} tok/s against "
                 f"{r['plain_tokens_per_s']:.1f} ({r['speedup']:.2f}x), same tokens {r['same_tokens']}, acceptance "
                 f"{100 * r['acceptance_rate']:.0f}%, {r['tokens_per_step']:.2f} tokens a step")
     if r["part"] == "products":
@@ -579,9 +586,9 @@ def measure_model(args, argv: list[str]) -> None:
         from phi4_jax import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        measurements += [(f"speculative {w} batch {b}", lambda peaks, w=w, b=b: measure_speculative(
-            model, tokenizer, args.speculative, w, b, args.new_tokens, args.repeats))
-            for w in ("grounded", "free") for b in args.batch]
+        measurements += [(f"speculative {w} batch {b}", lambda peaks, w=w, b=b, r=r: measure_speculative(
+            model, tokenizer, args.speculative, r, w, b, args.new_tokens, args.repeats))
+            for r in args.speculative_rows for w in ("grounded", "free") for b in args.batch]
     base = metadata(args, config, dtype)
     # Fake CPU devices share one machine's cores and memory; real ones each bring their own.
     peak_devices = 1 if mesh is None or jax.default_backend() == "cpu" else mesh.size
