@@ -18,8 +18,9 @@ weights of an HF/Orbax folder) generates through the engine, greedy, with every 
            --new-tokens tokens, with --speculative and without, in alternation, on two workloads:
            "grounded" (copy, edit or quote a document or code given in the prompt: this repository's
            own files) and "free" (open questions and stories), at each --batch (rows of different
-           prompts): decode tokens/s of both (the median of --repeats), whether every token is the
-           same, the drafts' acceptance rate and the tokens a row makes per step.
+           prompts; at least 4 prompts, in batches one after the other): decode tokens/s of both (the
+           median of --repeats), whether every token is the same, the drafts' acceptance rate and the
+           tokens a row makes per step.
 The rooflines are read beside the work they judge, since a shared machine's speed drifts: before
 each timed run of a decode, the read bandwidth (a 1 GiB buffer on a CPU, three multi-threaded
 readers); before each timed run of a prefill, the matmul peak. A record holds the median of its
@@ -301,18 +302,23 @@ def measure_speculative(model, tokenizer, spec: str, rows: int | None, workload:
 
     runners = {"plain": ModelRunner(model),
                "speculative": ModelRunner(model, speculative=spec, speculative_rows=rows)}
-    prompts = speculative_prompts(tokenizer, workload, batch)
+    # At least 4 prompts (every task of a workload), in batches of `batch` rows one after the other.
+    prompts = speculative_prompts(tokenizer, workload, max(batch, len(GROUNDED)))
     params, stops = SamplingParams(max_tokens=new_tokens), [tokenizer.eos_token_ids] * batch
 
     def run(runner):
-        gen = runner.start(prompts, params, stops)
-        out = [list(t) for t in gen.advance(0)]
-        start, drafted = time.perf_counter(), np.zeros(3, np.int64)
-        while not gen.finished:
-            for row, new in zip(out, gen.advance(new_tokens)):
-                row += new
-            drafted += gen.drafted.sum(axis=0)
-        return out, time.perf_counter() - start, drafted
+        out, seconds, drafted = [], 0.0, np.zeros(3, np.int64)
+        for first in range(0, len(prompts), batch):
+            gen = runner.start(prompts[first:first + batch], params, stops)
+            rows = [list(t) for t in gen.advance(0)]
+            start = time.perf_counter()
+            while not gen.finished:
+                for row, new in zip(rows, gen.advance(new_tokens)):
+                    row += new
+                drafted += gen.drafted.sum(axis=0)
+            seconds += time.perf_counter() - start
+            out += rows
+        return out, seconds, drafted
 
     seen = {name: run(r)[0] for name, r in runners.items()}  # (compiles)
     seconds = {name: [] for name in runners}

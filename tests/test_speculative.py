@@ -218,3 +218,15 @@ def test_the_server_answers_as_plain_decoding_and_counts_the_drafts():
 
     assert 0 < value("phi4_jax_spec_decode_accepted_tokens_total") < value("phi4_jax_spec_decode_draft_tokens_total")
     assert value("vllm:spec_decode_num_accepted_tokens_total") == value("phi4_jax_spec_decode_accepted_tokens_total")
+
+
+@pytest.mark.parametrize("seed", [3, 10, 14])
+def test_drafts_stop_at_longropes_switch(runners, seed):
+    """Prompts ending just before the tiny Phi-4-mini's original context (16): drafts accepted across
+    it would be keys of the short table where transformers re-encodes with the long one (these
+    seeds' tokens differ without the stop)."""
+    plain, spec = runners("phi-4-mini", Speculation(4, 1, 3))
+    prompts = repetitive_prompts(seed, (9, 11, 12, 13, 14))
+    params = SamplingParams(max_tokens=20)
+    got, _, _, tally = run(spec, prompts, params)
+    assert got == run(plain, prompts, params)[0] and tally[2] > 0
