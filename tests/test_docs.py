@@ -353,3 +353,25 @@ def test_smollm2_serving_and_prefix_tables_are_the_committed_results():
     for r in (r for records in newest.values() for r in records):
         assert (f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {1e3 * r['ttft_s_cached']:.0f} ms | "
                 f"{1e3 * r['ttft_s_uncached']:.0f} ms | {r['speedup']:.1f}× | {r['same_tokens']} |") in page
+
+
+def speculative_row(r: dict) -> str:
+    """A `speculative` record of bench/generate.py as its row of bench/RESULTS.md's table."""
+    return (f"| {r['workload']} | {r['batch']} | {r['speculative_rows']} | {r['plain_tokens_per_s']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {'yes' if r['same_tokens'] else 'no'} | "
+            f"{100 * r['acceptance_rate']:.0f}% | {r['tokens_per_step']:.2f} | {r['tokens_per_drafting_step']:.2f} |")
+
+
+def test_speculative_table_is_the_committed_result():
+    """bench/generate.py --parts speculative on SmolLM2: both workloads at batch 1 and 16 (the default
+    row bound, and speculating at 16), every token the same."""
+    lines = (ROOT / "bench" / "results" / "generate.jsonl").read_text().splitlines()
+    newest = {(r["model"], r["workload"], r["batch"], r["speculative_rows"]): r
+              for r in map(json.loads, lines) if r["part"] == "speculative"}
+    records = list(newest.values())
+    seen = {(r["workload"], r["batch"], r["speculative_rows"] >= r["batch"]) for r in records}
+    assert {("grounded", 1, True), ("free", 1, True), ("grounded", 16, False), ("free", 16, False),
+            ("grounded", 16, True), ("free", 16, True)} <= seen
+    readme = RESULTS.read_text()
+    for r in records:
+        assert r["same_tokens"] and speculative_row(r) in readme, speculative_row(r)
