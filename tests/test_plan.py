@@ -81,3 +81,17 @@ def test_a_kernel_is_planned_only_for_an_accelerator_target():
             plan.plan(config, mesh, 64, batch=1, target="tpu" if kernel == "splash" else "gpu", attention=kernel)
     with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU"):
         plan.plan(config, mesh, 64, batch=1, target="tpu", attention="cudnn")
+
+
+def test_the_speculative_call_holds_a_drafting_step_beside_the_plain_one():
+    """`speculative=`: the decode call that verifies drafts, its loop a drafting step (the K + 1
+    positions' forward: the weights and cache read again, and more) beside the plain step."""
+    from phi4_jax.engine.speculative import Speculation
+
+    p = plan.plan(tiny("phi-4"), meshes.make_mesh("tensor=1", jax.devices()[:1]), context=64, batch=4,
+                  dtype="float32", prefill_piece=16, speculative=Speculation(4))
+    plain, spec = p["steps"]["decode"], p["steps"]["speculative"]
+    assert spec["drafts"] == 4
+    drafting = spec["main_memory_bytes_in_loops"] - plain["main_memory_bytes_in_loops"]
+    resident = p["per_device"]["weights_bytes"] + p["per_device"]["kv_cache_bytes"]
+    assert resident < drafting < 5 * plain["main_memory_bytes_in_loops"]

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(*cli.flag("--prefill-piece"), type=int, default=None,
                    help="prompt tokens per row in one prefill piece (default: the engine's, 2048 tokens "
                         "shared by the rows)")
+    p.add_argument("--speculative", default=None, metavar="ngram[:K[:MIN_N:MAX_N]]",
+                   help="also compile the decode call that verifies K drafts a row (generate's --speculative): "
+                        "with an accelerator --target, its traffic per token when all are accepted beside plain "
+                        "decode's")
     p.add_argument("--json", action="store_true", help="print the records as one JSON list instead of the summary")
     p.add_argument("--output", default=None, help="also write the records to this JSON file")
 
@@ -84,10 +88,12 @@ def plan_records(args) -> list[dict]:
     import jax
 
     from phi4_jax.config import Phi4Config
+    from phi4_jax.engine.speculative import Speculation
     from phi4_jax.parallel import mesh as meshes
     from phi4_jax.planner import plan, targets
     from phi4_jax.planner.roofline import chip_roofline
 
+    Speculation.parse(args.speculative)  # (a bad value is refused before anything compiles)
     for name in ("context", "batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -106,7 +112,7 @@ def plan_records(args) -> list[dict]:
         mesh = meshes.make_mesh(spec, devices[:n])
         result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_piece,
                            target=devices[0].platform if described else args.target, quantize=args.quantize,
-                           attention=args.attention)
+                           attention=args.attention, speculative=Speculation.parse(args.speculative))
         result = {"name": args.model, "mesh_spec": spec, **result}
         if described:
             result.update(topology=args.target, **chip_roofline(config, result, args.target, devices))
@@ -173,6 +179,13 @@ def summary(r: dict) -> str:
     c = r["chip"]
     for name, s in r["steps"].items():
         if "refused" in s:
+            continue
+        if name == "speculative":
+            if "drafting_step_bytes" in s:
+                per_token = s["bytes_per_token_all_accepted"] / 1e6
+                lines.append(f"  speculative on one {c['name']}: a step verifying {s['drafts']} drafts a row moves "
+                             f"{s['drafting_step_bytes'] / 1e9:.2f} GB: {per_token:.1f} MB a token when all are "
+                             f"accepted, against {s['plain_bytes_per_token'] / 1e6:.1f} MB a token of plain decode")
             continue
         bound = f"MBU ≤ {100 * s['mbu_bound']:.0f}%" if name == "decode" else f"MFU ≤ {100 * s['mfu_bound']:.0f}%"
         lines.append(f"  {name} on one {c['name']}: {s['flops'] / 1e12:.3f} TFLOP, {s['step_bytes'] / 1e9:.2f} GB "

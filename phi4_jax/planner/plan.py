@@ -38,6 +38,7 @@ from phi4_jax.model import attention as attn
 from phi4_jax.planner import hlo
 from phi4_jax.engine.prefill import piece_for, seq_mesh
 from phi4_jax.engine.sampling import SamplingParams, sampler_state
+from phi4_jax.engine.speculative import Speculation
 from phi4_jax.model.backend import Backend
 from phi4_jax.model.cache import KVCache
 from phi4_jax.model.phi4 import abstract_model
@@ -53,7 +54,7 @@ _DEQUANTIZE = re.compile(r"^%\S+ \(param[.\w]*: s8\[([\d,]*)\]\) -> (f32|bf16|f1
 
 def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat16",
          prefill_piece: int | None = None, target: str = "gpu", quantize: str | None = None,
-         attention: str = "auto") -> dict:
+         attention: str = "auto", speculative: Speculation | None = None) -> dict:
     """Compiles a prefill of a `context`-token prompt (in pieces of `prefill_piece` tokens per row;
     default the engine's `prefill.piece_for(batch)`) into a `context`-slot cache, and one decode
     step against it, for `batch` rows on `mesh`, as traced for the `target` platform ("gpu" or
@@ -67,7 +68,9 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
     program (`hlo`: loops counted as many times as they run; decode's loop of steps once, a step)
     and the bytes it copies within main memory. A step the accelerator's compiler refuses for want
     of memory reports the temporaries it would need ("refused"). `quantize="int8"`: the model's
-    weights are int8 with their scales (`model/int8.py`). Returns a JSON-ready dict."""
+    weights are int8 with their scales (`model/int8.py`). `speculative`: also the decode call that
+    verifies drafts ("speculative": its loop holds a drafting step beside a plain one, each counted
+    once; `drafts` says how many). Returns a JSON-ready dict."""
     model_config = config_for_mesh(config, mesh)
     prefill_piece = prefill_piece or piece_for(batch)
     platform = mesh.devices.flat[0].platform
@@ -80,13 +83,13 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
         raise ConfigError(f"attention {attention!r} compiles only for an accelerator named as the target "
                           "(a TPU slice such as v5e:2x4, or h100:8); fake CPU devices compile XLA's attention")
     steps = {}
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode") + (("speculative",) if speculative else ()):
         started = time.perf_counter()
         try:
             # (Mosaic lowers a TPU kernel for the default device's chip: the target's, not the CPU's.)
             with _no_persistent_cache(own), jax.default_device(mesh.devices.flat[0]):
                 real = lower_step(name, model_config, mesh, context, batch, jnp.dtype(dtype), prefill_piece,
-                                  backend, quantize, attention).compile()
+                                  backend, quantize, attention, speculative).compile()
         except jax.errors.JaxRuntimeError as e:  # an accelerator's compiler refuses what overflows its memory
             needed = _temporaries_refused(str(e))
             if needed is None:
@@ -98,8 +101,10 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
         # XLA:CPU's bf16 upcasts (see the module's docstring) need a float32 bound; an accelerator's has none.
         upper = real if own or jnp.dtype(dtype) == jnp.float32 else lower_step(
             name, model_config, mesh, context, batch, jnp.dtype(jnp.float32), prefill_piece, backend,
-            quantize).compile()
+            quantize, speculative=speculative).compile()
         steps[name] = _report(real, upper, cpu_compile=not own) | {"compile_seconds": round(seconds, 1)}
+        if name == "speculative":
+            steps[name]["drafts"] = speculative.k
         if own:  # XLA's own figures, each loop body counted once (XLA:CPU's would be for its own program)
             cost = real.cost_analysis() or {}
             steps[name].update(xla_flops=cost.get("flops"), xla_bytes_accessed=cost.get("bytes accessed"),
@@ -124,8 +129,10 @@ def plan(config: Phi4Config, mesh: Mesh, context: int, batch: int, dtype="bfloat
 
 
 def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, batch: int, dtype, piece: int,
-               backend: Backend, quantize: str | None = None, attention: str = "xla") -> jax.stages.Lowered:
-    """The engine's own "prefill" (`_start`) or "decode" (`_decode`) program, lowered for `backend`
+               backend: Backend, quantize: str | None = None, attention: str = "xla",
+               speculative: Speculation | None = None) -> jax.stages.Lowered:
+    """The engine's own "prefill" (`_start`), "decode" or "speculative" (`_decode`, with `speculative`)
+    program, lowered for `backend`
     from abstract inputs on `mesh` (shapes and shardings; no weights; None: one device, as an
     `ModelRunner` without a mesh runs): `config` is the model's config on the mesh (KV heads repeated),
     the cache holds `context` slots of `batch` rows, a prompt fills them. `attention`: the
@@ -154,7 +161,8 @@ def lower_step(step: str, config: Phi4Config, mesh: Mesh | None, context: int, b
     # The DecodeState the prefill hands over.
     decoded = jax.eval_shape(functools.partial(runner._start, graphdef, **options), state, *start_args)
     decoded = jax.tree.map(lambda a: _sds(a, whole), decoded)._replace(cache=KVCache(layers, layers))
-    return runner._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring)
+    return runner._decode.lower(graphdef, state, decoded, ints(()), layout=layout, ring=ring,
+                                spec=speculative if step == "speculative" else None)
 
 
 def abstract_on_mesh(config: Phi4Config, mesh: Mesh | None, dtype, backend: Backend = Backend("gpu"),

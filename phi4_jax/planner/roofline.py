@@ -71,7 +71,8 @@ def chip_roofline(config: Phi4Config, r: dict, topology: str, devices: list) -> 
         step["flops"] = max(step["matmul_flops"], step["xla_flops"] or 0)
         # A decode call runs its steps in a loop: a step reads what the loop does (what the call does
         # once around it, such as a relayout of the cache, is `per_call_bytes`).
-        step["step_bytes"] = step["main_memory_bytes_in_loops"] if name == "decode" else step["main_memory_bytes"]
+        looped = name in ("decode", "speculative")
+        step["step_bytes"] = step["main_memory_bytes_in_loops"] if looped else step["main_memory_bytes"]
         step["per_call_bytes"] = step["main_memory_bytes"] - step["step_bytes"]
         compute, memory = step["flops"] / peak, step["step_bytes"] / bandwidth
         step.update(roofline_s=max(compute, memory), bound="flops" if compute >= memory else "bandwidth")
@@ -80,6 +81,12 @@ def chip_roofline(config: Phi4Config, r: dict, topology: str, devices: list) -> 
         decode.update(tokens_per_s_bound=r["batch"] / decode["roofline_s"],
                       mbu_bound=must_read / bandwidth / decode["roofline_s"],
                       bytes_over_must_read=decode["step_bytes"] / must_read)
+    if "speculative" in compiled and "decode" in compiled:
+        # Its loop holds a drafting step beside a plain step (the decode step), each counted once.
+        spec, plain = compiled["speculative"], compiled["decode"]
+        drafting = spec["step_bytes"] - plain["step_bytes"]
+        spec.update(drafting_step_bytes=drafting, plain_bytes_per_token=plain["step_bytes"] / r["batch"],
+                    bytes_per_token_all_accepted=drafting / (r["batch"] * (spec["drafts"] + 1)))
     if "prefill" in compiled:
         prefill, work = compiled["prefill"], prefill_flops(config, r["batch"], r["context"]) / r["devices"]
         prefill.update(tokens_per_s_bound=r["batch"] * r["context"] / prefill["roofline_s"],
