@@ -375,3 +375,28 @@ def test_speculative_table_is_the_committed_result():
     readme = RESULTS.read_text()
     for r in records:
         assert r["same_tokens"] and speculative_row(r) in readme, speculative_row(r)
+
+
+def speculative_plan_row(r: dict, tokens_per_drafting_step: float) -> str:
+    """A bench/plan.py --speculative record as its row of bench/RESULTS.md's table (GB and MB per
+    chip; a token: a row's)."""
+    s, plain = r["steps"]["speculative"], r["steps"]["decode"]
+    per_token = s["drafting_step_bytes"] / (r["batch"] * tokens_per_drafting_step) / 1e6
+    return (f"| {r['name']} | {r['topology']} | `{r['mesh_spec']}` | {r['context'] // 1024}K × {r['batch']} | "
+            f"{plain['step_bytes'] / 1e9:.2f} GB | {s['drafting_step_bytes'] / 1e9:.2f} GB | "
+            f"{s['plain_bytes_per_token'] / 1e6:.0f} MB | {s['bytes_per_token_all_accepted'] / 1e6:.0f} MB | "
+            f"{per_token:.0f} MB |")
+
+
+def test_speculative_plan_table_is_the_committed_result():
+    """bench/plan.py --speculative ngram: Phi-4-mini on v5e and one H100, at 1 and 16 rows; a token's
+    traffic at SmolLM2's grounded tokens a drafting step (the speculative table's batch-1 row)."""
+    plans = json.loads((ROOT / "bench" / "results" / "plan_speculative.json").read_text())["records"]
+    assert {(r["topology"], r["batch"]) for r in plans} == {("v5e:2x4", 1), ("v5e:2x4", 16), ("h100:1", 1),
+                                                            ("h100:1", 16)}
+    lines = (ROOT / "bench" / "results" / "generate.jsonl").read_text().splitlines()
+    measured = [r for r in map(json.loads, lines) if r["part"] == "speculative" and r["workload"] == "grounded"
+                and r["batch"] == 1][-1]["tokens_per_drafting_step"]
+    readme = RESULTS.read_text()
+    for r in plans:
+        assert speculative_plan_row(r, measured) in readme, speculative_plan_row(r, measured)
