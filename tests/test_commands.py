@@ -53,6 +53,10 @@ def test_help_explains_every_flag_and_names_every_exit_code(name, capsys):
     (["plan", "--model", "phi-4", "--target", "v9x:1"], "--target: 'v9x:1'"),
     (["plan", "--model", "phi-4", "--context", "lots"], "--context: 'lots' is not a token count"),
     (["export", "--model", "a", "--output", "b", "--max-shard-size", "5 parsecs"], "is not a size such as 5GB"),
+    (["generate", "--prompt", "hi", "--speculative", "ngram:0"], "speculative K (ngram:K) must be in [1, 15]"),
+    (["generate", "--prompt", "hi", "--speculative", "ngram", "--speculative-rows", "0"], "--speculative-rows must"),
+    (["serve", "--speculative", "draft"], "--speculative takes ngram, ngram:K or ngram:K:MIN_N:MAX_N"),
+    (["plan", "--model", "tiny-phi-4", "--speculative", "ngram:4:3:2"], "need 1 <= MIN_N <= MAX_N"),
 ])
 def test_usage_errors_exit_2_naming_the_flag(argv, needle, capsys):
     assert main(argv) == cli.EXIT_USAGE
