@@ -6,7 +6,6 @@ Text in, text out, over the engine (`engine/`), the weights (`checkpoints/`) and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -138,14 +137,8 @@ def _peak_memory_gb() -> float | None:
 
 def _runner(model: Phi4ForCausalLM | ModelRunner, speculative: str | Speculation | None = None) -> ModelRunner:
     """A runner of the model (a runner given as it is); with `speculative`, one that speculates so."""
-    if speculative is None:
-        return model if isinstance(model, ModelRunner) else ModelRunner(model)
-    spec = Speculation.parse(speculative) if isinstance(speculative, str) else speculative
-    if not isinstance(model, ModelRunner):
-        return ModelRunner(model, speculative=spec)
-    runner = copy.copy(model)  # (the same weights and settings)
-    runner.speculative = spec
-    return runner
+    runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
+    return runner if speculative is None else runner.speculating(speculative)
 
 
 def _outputs(engine: Engine) -> Iterator[RequestOutput]:

@@ -4,8 +4,6 @@ crossings, prompts prefilled together or in pieces, a reused prefix), slots grow
 free them, a full queue refuses without queueing anything, and a failed device call fails only the
 requests it touched."""
 
-import copy
-
 import numpy as np
 import pytest
 
@@ -153,9 +151,8 @@ def test_after_warm_up_a_fixed_length_engine_compiles_nothing_and_rows_get_their
     its lone tokens (without speculation)."""
     requests = requests_of(runner, 12, seed=5)  # (log-probabilities and penalties among them)
     want = [alone(runner, r) for r in requests]
-    speculating = copy.copy(runner)
-    speculating.speculative, speculating.speculative_rows = Speculation(3, 1, 2), 2
-    engine = Engine(speculating, max_batch=4, steps_per_call=3, prefill_tokens=32, fixed_length=64)
+    engine = Engine(runner.speculating(Speculation(3, 1, 2), rows=2), max_batch=4, steps_per_call=3,
+                    prefill_tokens=32, fixed_length=64)
     engine.warm_up([1], 4)
     compiled, got = stats.CLOCK.total, Collected()
     arrivals = iter(requests)

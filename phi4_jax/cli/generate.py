@@ -182,9 +182,9 @@ def run(args) -> int:
     from phi4_jax.api import load
     from phi4_jax.engine.runner import ModelRunner
     from phi4_jax.parallel import distributed
+    from phi4_jax.parallel.mesh import describe
 
     speculation = cli.speculation_from(args)  # (refused before the model is read)
-    from phi4_jax.parallel.mesh import describe
 
     main_process = distributed.is_main_process()
     model, tokenizer = load(args.model, dtype=args.dtype, mesh=cli.mesh_from(args), progress=main_process,

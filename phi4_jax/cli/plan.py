@@ -93,7 +93,7 @@ def plan_records(args) -> list[dict]:
     from phi4_jax.planner import plan, targets
     from phi4_jax.planner.roofline import chip_roofline
 
-    Speculation.parse(args.speculative)  # (a bad value is refused before anything compiles)
+    speculative = Speculation.parse(args.speculative)  # (a bad value is refused before anything compiles)
     for name in ("context", "batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -112,7 +112,7 @@ def plan_records(args) -> list[dict]:
         mesh = meshes.make_mesh(spec, devices[:n])
         result = plan.plan(config, mesh, args.context, args.batch, args.dtype, args.prefill_piece,
                            target=devices[0].platform if described else args.target, quantize=args.quantize,
-                           attention=args.attention, speculative=Speculation.parse(args.speculative))
+                           attention=args.attention, speculative=speculative)
         result = {"name": args.model, "mesh_spec": spec, **result}
         if described:
             result.update(topology=args.target, **chip_roofline(config, result, args.target, devices))

@@ -14,6 +14,7 @@ LongRoPE's step at the original context's end (`longrope.py`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -195,7 +196,7 @@ class ModelRunner:
         if prefill_piece is not None and prefill_piece < 1:
             raise ConfigError(f"prefill_piece must be at least 1, got {prefill_piece}")
         self.prefill_piece = prefill_piece
-        self.speculative = Speculation.parse(speculative) if isinstance(speculative, str) else speculative
+        self.speculative = Speculation.parse(speculative)
         if speculative_rows is not None and speculative_rows < 1:
             raise ConfigError(f"speculative_rows must be at least 1, got {speculative_rows}")
         self.speculative_rows = speculative_rows or model.backend.speculative_rows
@@ -205,6 +206,14 @@ class ModelRunner:
         # host reads is replicated, so every process of a multi-host run can read it.
         self.mesh = meshes.mesh_of(self.params)
         self._replicated = None if self.mesh is None else meshes.replicated(self.mesh)
+
+    def speculating(self, speculative: Speculation | str | None, rows: int | None = None) -> ModelRunner:
+        """A runner of the same weights and settings that speculates so (`rows`: its
+        `speculative_rows`; default as this one's)."""
+        runner = copy.copy(self)
+        runner.speculative = Speculation.parse(speculative)
+        runner.speculative_rows = rows or self.speculative_rows
+        return runner
 
     def piece(self, batch: int) -> int:
         """Prompt tokens per row in one prefill piece for a batch of `batch` rows."""
@@ -516,9 +525,9 @@ class Generation:
                 spec, (attended, run) = None, self._attended(min(left, RING))
             self.state, ran, tally = _decode(runner.graphdef, runner.params, self.state, runner.put(np.int32(run)),
                                              attended=attended, layout=self._layout, ring=self._ring, spec=spec)
+            ran, tally = self._sync((ran, tally))
             left -= int(ran)
-            self.drafted += jax.device_get(tally)
-            self._sync()
+            self.drafted += tally
             if allowed is not None and ran:  # (the masks were for one step: a crossing waits for the next call)
                 break
             if left > 0 and self._crossing.any():
@@ -647,9 +656,9 @@ class Generation:
         state = _resize(s, self.runner.put(np.array([row], np.int32)), length=self.length,
                         stop_width=s.stop_ids.shape[1], penalties=s.seen.shape[1],
                         layout=self.runner.cache_sharding(1, self.length))
-        copy = Generation(self.runner, state)
-        copy._seq, copy._new = [list(self._seq[row])], [[]]  # (what its first look read is this row's past)
-        return copy
+        one = Generation(self.runner, state)
+        one._seq, one._new = [list(self._seq[row])], [[]]  # (what its first look read is this row's past)
+        return one
 
     @property
     def penalties(self) -> bool:
@@ -679,20 +688,22 @@ class Generation:
         self._new, self._pending, self._seq = kept(self._new, list), kept(self._pending, list), kept(self._seq, list)
         self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, extra=None):
         """Copies what the host looks at to host memory, in one transfer: per row a few numbers and
         the ring of its newest tokens (and their log-probabilities, when asked), never the cache's
-        length of anything."""
+        length of anything; and `extra` (a call's own results), returned as host values."""
         s = self.state
         self._layout = self.runner.cache_sharding(self.batch, self.length)
         self._ring = seq_mesh(self.runner.mesh, self.length)
         crossing = longrope.crossing(self.runner.config, s.done, s.positions) if self.runner._longrope else None
         logprobs = (s.logprob_ring, s.top_ids, s.top_logprobs) if any(w is not None for w in self._wants) else None
-        self._done, self._by_token, self._generated, tokens, self._positions, self._crossing, logprobs = (
-            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs)))
+        self._done, self._by_token, self._generated, tokens, self._positions, self._crossing, logprobs, extra = (
+            jax.device_get((s.done, s.stopped_by_token, s.generated, s.tokens, s.positions, crossing, logprobs,
+                            extra)))
         if self._crossing is None:
             self._crossing = np.zeros_like(self._done)
         self._harvest(tokens, logprobs)
+        return extra
 
     def _harvest(self, tokens, logprobs) -> None:
         """Moves the tokens generated since the last look (at most RING a row) out of the rings,

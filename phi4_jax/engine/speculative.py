@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from phi4_jax.errors import ConfigError
 
 METHODS = ("ngram",)
-MAX_REST = 63  # steps a row rests after failing drafts: 1, 3, 7 .. doubling per failure in a row, at most this
+_DOUBLINGS = 6
+MAX_REST = 2**_DOUBLINGS - 1  # steps a row rests after failing drafts: 1, 3, 7 .. doubling per failure in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,11 @@ class Speculation:
                               f"{self.min_n} and {self.max_n}")
 
     @classmethod
-    def parse(cls, text: str | None) -> Speculation | None:
-        """`ngram`, `ngram:K` or `ngram:K:MIN_N:MAX_N` (None, "" or "off": none)."""
-        if text is None or text in ("", "off"):
+    def parse(cls, text: str | Speculation | None) -> Speculation | None:
+        """`ngram`, `ngram:K` or `ngram:K:MIN_N:MAX_N` (None, "" or "off": none; a Speculation as it is)."""
+        if text is None or isinstance(text, Speculation):
+            return text
+        if text in ("", "off"):
             return None
         method, *numbers = text.split(":")
         if method not in METHODS or len(numbers) not in (0, 1, 3):
@@ -88,6 +91,6 @@ def backed_off(misses: jax.Array, rest: jax.Array, proposed: jax.Array, accepted
     clears its failures. `proposed`, `running` `[B]` bool; `accepted` `[B]` int."""
     failed = proposed & (accepted == 0)
     misses = jnp.where(failed, misses + 1, jnp.where(proposed, 0, misses))
-    rest = jnp.where(failed, jnp.minimum((1 << jnp.minimum(misses, 6)) - 1, MAX_REST),
+    rest = jnp.where(failed, (1 << jnp.minimum(misses, _DOUBLINGS)) - 1,
                      jnp.where(running, jnp.maximum(rest - 1, 0), rest))
     return misses, rest
